@@ -1,0 +1,83 @@
+//! The `BlockDriver` trait: what cowbackup needs of a block device, and `BlockStatus`.
+
+use std::io;
+
+bitflags::bitflags! {
+    /// What [`BlockDriver::block_status`] says of a range.
+    ///
+    /// `DATA`: the range is allocated (has data of its own). `ZERO`: the range reads as
+    /// zeroes. An unallocated hole of a sparse file is `ZERO` without `DATA`.
+    /// Same values as `COWBACKUP_STATUS_DATA` / `COWBACKUP_STATUS_ZERO` in C.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct StatusFlags: u32 {
+        /// Allocated data.
+        const DATA = 1;
+        /// Reads as zeroes.
+        const ZERO = 2;
+    }
+}
+
+/// The status of the range `[offset, offset + len)` that starts at the queried offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// How many bytes from the queried offset have this status (at least 1, at most the queried length).
+    pub len: u64,
+    /// The status.
+    pub flags: StatusFlags,
+}
+
+/// A block device: a fixed-size array of bytes with positional, blocking I/O.
+///
+/// Every method may be called from several threads at once (the caller's hook thread
+/// and the job's worker threads), so implementations must be thread-safe; none of them
+/// is called with a lock of the library held. Errors are `std::io::Error`; the job
+/// reports them with the operation, range and device they belong to.
+pub trait BlockDriver: Send + Sync {
+    /// Size of the device in bytes. Must not change while a job uses the driver.
+    fn size(&self) -> u64;
+
+    /// Fill `buf` with the bytes at `offset`. `offset + buf.len() <= size()`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Write all of `buf` at `offset`. `offset + buf.len() <= size()`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Make `[offset, offset + len)` read as zeroes. The default writes zero buffers;
+    /// drivers that can punch holes or zero ranges cheaply override it.
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; len.min(CHUNK) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            self.write_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Make written data durable. The default does nothing (volatile devices).
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// The allocation status of the range starting at `offset`, at most `len` bytes.
+    /// The default reports everything as data.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let _ = offset;
+        Ok(BlockStatus { len, flags: StatusFlags::DATA })
+    }
+
+    /// True when the whole device reads as zeroes right now (a freshly created sparse
+    /// file or memory device). A job whose target reads zeroes does not write zero
+    /// clusters at all. The default is `false`.
+    fn reads_as_zero(&self) -> bool {
+        false
+    }
+
+    /// The identity of the storage behind the driver (`st_dev`, `st_ino`) when known,
+    /// so a job can refuse to back up a device onto itself through two handles.
+    fn storage_id(&self) -> Option<(u64, u64)> {
+        None
+    }
+}

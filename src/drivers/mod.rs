@@ -1,0 +1,4 @@
+//! The built-in drivers.
+
+pub mod file;
+pub mod memory;

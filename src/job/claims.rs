@@ -1,0 +1,271 @@
+//! Where clusters are **claimed** and **released**: the copy bitmap plus the table of
+//! in-flight claims (QEMU's CowRequest / BlockReq list).
+//!
+//! A cluster is in one of three states:
+//! - dirty and unclaimed: its bit is 1 and no claim covers it; anyone may claim it;
+//! - claimed: a hook or a worker is copying it (the bit is still 1);
+//! - clean: its old data is in the target (bit 0); the host may write it.
+//!
+//! Rules (all under `table`'s mutex, never held across I/O):
+//! - a claim is only taken on dirty, unclaimed clusters;
+//! - only the holder of a claim clears its bits (after its copy succeeded), and it
+//!   clears them *before* removing the claim, so nobody sees a copied cluster as
+//!   dirty-and-unclaimed and copies it twice;
+//! - a failed copy releases its claim with the bits still set: a waiter then copies
+//!   the clusters itself, or the background copy retries them;
+//! - every release wakes all waiters.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::bitmap::Bitmap;
+
+/// The copy bitmap and the in-flight claims of one job.
+pub(crate) struct Claims {
+    /// 1 = still to copy. Read lock-free; bits are cleared only by a claim holder,
+    /// with `table` locked.
+    bitmap: Bitmap,
+    /// Number of set bits of `bitmap`; updated with `table` locked.
+    dirty: AtomicU64,
+    /// Runs of clusters being copied right now. Protected by this mutex.
+    table: Mutex<Vec<Range<u64>>>,
+    /// Signalled (notify_all) on every release and by `wake_all`.
+    released: Condvar,
+}
+
+/// What a hook got from [`Claims::claim_or_wait`].
+pub(crate) enum HookClaim<'a> {
+    /// Every cluster of the range is clean.
+    Clean,
+    /// `stop()` became true while looking or waiting.
+    Stopped,
+    /// The deadline passed while waiting for another's claim.
+    TimedOut,
+    /// Dirty clusters claimed for this caller; copy them, then call the hook again.
+    Claimed(Vec<Claim<'a>>),
+}
+
+/// A claimed run of clusters. Dropping it without [`Claim::done`] releases it with its
+/// clusters still dirty (the copy failed or panicked), so no claim is ever leaked.
+pub(crate) struct Claim<'a> {
+    owner: &'a Claims,
+    range: Range<u64>,
+    held: bool,
+}
+
+impl Claim<'_> {
+    /// The clusters of this claim.
+    pub fn range(&self) -> Range<u64> {
+        self.range.clone()
+    }
+
+    /// The copy succeeded: clear the bits, release the claim, wake waiters.
+    pub fn done(mut self) {
+        self.owner.release(&self.range, true);
+        self.held = false;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.owner.release(&self.range, false);
+        }
+    }
+}
+
+fn claim_covering(table: &[Range<u64>], c: u64) -> Option<u64> {
+    table.iter().find(|r| r.contains(&c)).map(|r| r.end)
+}
+
+fn next_claim_start(table: &[Range<u64>], c: u64) -> u64 {
+    table.iter().map(|r| r.start).filter(|&s| s > c).min().unwrap_or(u64::MAX)
+}
+
+impl Claims {
+    /// Claims over `bitmap`, with no claim in flight.
+    pub fn new(bitmap: Bitmap) -> Claims {
+        let dirty = bitmap.count_ones();
+        Claims { bitmap, dirty: AtomicU64::new(dirty), table: Mutex::new(Vec::new()), released: Condvar::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Range<u64>>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fast path: true when every cluster of `r` is clean. No lock, Acquire loads.
+    #[inline]
+    pub fn is_clean(&self, r: Range<u64>) -> bool {
+        !self.bitmap.any_set(r)
+    }
+
+    /// Clusters still to copy (claimed or not).
+    pub fn dirty(&self) -> u64 {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// For a hook covering clusters `r`: claim every dirty, unclaimed cluster of `r`
+    /// (in runs of at most `max_run`); if there are none but some are claimed by
+    /// others, wait for a release and look again.
+    pub fn claim_or_wait(
+        &self,
+        r: Range<u64>,
+        max_run: u64,
+        deadline: Option<Instant>,
+        stop: impl Fn() -> bool,
+    ) -> HookClaim<'_> {
+        let mut table = self.lock();
+        loop {
+            if stop() {
+                return HookClaim::Stopped;
+            }
+            let mut mine = Vec::new();
+            let mut blocked = false;
+            let mut c = r.start;
+            while let Some(d) = self.bitmap.next_set(c, r.end) {
+                if let Some(end) = claim_covering(&table, d) {
+                    blocked = true;
+                    c = end;
+                    continue;
+                }
+                let limit = r.end.min(d + max_run).min(next_claim_start(&table, d));
+                let e = self.bitmap.next_clear(d, limit).unwrap_or(limit);
+                table.push(d..e);
+                mine.push(Claim { owner: self, range: d..e, held: true });
+                c = e;
+            }
+            if !mine.is_empty() {
+                return HookClaim::Claimed(mine);
+            }
+            if !blocked {
+                return HookClaim::Clean;
+            }
+            table = match deadline {
+                None => self.released.wait(table).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return HookClaim::TimedOut;
+                    }
+                    self.released.wait_timeout(table, d - now).unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
+        }
+    }
+
+    /// For a background worker: claim the next run of dirty, unclaimed clusters at
+    /// or after `from` (wrapping around once), at most `max_run` long. `None` when
+    /// every dirty cluster is claimed by someone else (or none is left).
+    pub fn claim_next(&self, from: u64, max_run: u64) -> Option<Claim<'_>> {
+        let n = self.bitmap.len();
+        let mut pos = from.min(n);
+        let mut wrapped = pos == 0;
+        loop {
+            // Search lock-free, then confirm under the lock.
+            let Some(d) = self.bitmap.next_set(pos, n) else {
+                if wrapped {
+                    return None;
+                }
+                wrapped = true;
+                pos = 0;
+                continue;
+            };
+            let mut table = self.lock();
+            if !self.bitmap.get(d) {
+                pos = d + 1;
+                continue;
+            }
+            if let Some(end) = claim_covering(&table, d) {
+                pos = end;
+                continue;
+            }
+            let limit = n.min(d + max_run).min(next_claim_start(&table, d));
+            let e = self.bitmap.next_clear(d, limit).unwrap_or(limit);
+            table.push(d..e);
+            return Some(Claim { owner: self, range: d..e, held: true });
+        }
+    }
+
+    fn release(&self, r: &Range<u64>, clean: bool) {
+        let mut table = self.lock();
+        if clean {
+            let cleared = self.bitmap.clear_range(r.clone());
+            self.dirty.fetch_sub(cleared, Ordering::AcqRel);
+        }
+        if let Some(i) = table.iter().position(|x| x == r) {
+            table.swap_remove(i);
+        }
+        drop(table);
+        self.released.notify_all();
+    }
+
+    /// Wait until some claim is released, or `timeout` passes.
+    pub fn wait_release(&self, timeout: Duration) {
+        let table = self.lock();
+        if table.is_empty() {
+            return;
+        }
+        drop(self.released.wait_timeout(table, timeout).unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Wake every waiter (after the job's state changed), without a lost wake-up.
+    pub fn wake_all(&self) {
+        drop(self.lock());
+        self.released.notify_all();
+    }
+
+    /// Mark `r` clean without copying (skipped at start, or zero in a zero target).
+    /// Only before the job runs, or with no claim on `r`. Returns clusters cleared.
+    pub fn clear_unclaimed(&self, r: Range<u64>) -> u64 {
+        let _table = self.lock();
+        let cleared = self.bitmap.clear_range(r);
+        self.dirty.fetch_sub(cleared, Ordering::AcqRel);
+        cleared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_claims_dirty_runs_and_skips_claimed_ones() {
+        let c = Claims::new(Bitmap::new(32, true));
+        let w = c.claim_next(4, 4).unwrap();
+        assert_eq!(w.range(), 4..8);
+        let HookClaim::Claimed(mine) = c.claim_or_wait(0..10, 64, None, || false) else { panic!("expected claims") };
+        let ranges: Vec<_> = mine.iter().map(|m| m.range()).collect();
+        assert_eq!(ranges, vec![0..4, 8..10]);
+        for m in mine {
+            m.done();
+        }
+        assert_eq!(c.dirty(), 32 - 6);
+        // Only the worker's claim remains: the hook must wait; with a past deadline it times out.
+        let past = Some(Instant::now());
+        assert!(matches!(c.claim_or_wait(0..10, 64, past, || false), HookClaim::TimedOut));
+        assert!(matches!(c.claim_or_wait(0..10, 64, None, || true), HookClaim::Stopped));
+        drop(w); // failed copy: released dirty
+        let HookClaim::Claimed(mine) = c.claim_or_wait(0..10, 64, None, || false) else { panic!("expected claims") };
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].range(), 4..8);
+        drop(mine);
+        assert!(!c.is_clean(0..10));
+        assert!(c.is_clean(0..4));
+    }
+
+    #[test]
+    fn claim_next_wraps_and_respects_other_claims() {
+        let c = Claims::new(Bitmap::new(10, true));
+        let a = c.claim_next(8, 100).unwrap();
+        assert_eq!(a.range(), 8..10);
+        let b = c.claim_next(9, 100).unwrap();
+        assert_eq!(b.range(), 0..8);
+        assert!(c.claim_next(0, 100).is_none());
+        a.done();
+        b.done();
+        assert_eq!(c.dirty(), 0);
+        assert!(c.claim_next(0, 100).is_none());
+    }
+}

@@ -1,0 +1,596 @@
+//! The backup job: `backup_start`, the `Job` handle, its states and progress.
+//!
+//! Data flow (see DESIGN.md):
+//! ```text
+//! host write path ─► Job::cow_before_write ─► claims.rs: claim ─► copy.rs: read, zero?, write ─► claims.rs: release (bits cleared) ─► host writes
+//! worker.rs      ─► claims.rs: next dirty run, claim ─► copy.rs ─► claims.rs: release ─► progress
+//! ```
+
+mod claims;
+mod copy;
+mod cow;
+mod options;
+mod policy;
+mod ratelimit;
+mod worker;
+
+pub use options::{
+    BackupOptions, CbwErrorAction, CompletionFn, ErrorAction, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS,
+    MIN_CLUSTER_SIZE,
+};
+
+use std::any::Any;
+use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::bitmap::Bitmap;
+use crate::buf::AlignedBuf;
+use crate::driver::{BlockDriver, StatusFlags};
+use crate::error::{Error, ErrorKind, Op, Result, Side};
+use claims::Claims;
+use copy::{Copied, Copier};
+use ratelimit::RateLimit;
+
+/// The life of a job: `Created → Running ⇄ Paused → Completed | Failed | Cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    /// Set up, not yet running (only seen for an instant).
+    Created,
+    /// Copying in the background (or, with [`SyncMode::None`], serving the hook).
+    Running,
+    /// Background copy paused; the hook keeps working.
+    Paused,
+    /// Ended with an exact point-in-time image in the target.
+    Completed,
+    /// Ended with an error; the target is not a valid image.
+    Failed,
+    /// Ended by `cancel`.
+    Cancelled,
+}
+
+impl JobState {
+    /// True for `Completed`, `Failed` and `Cancelled`.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// A snapshot of a job's state and progress (`Job::info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    /// Current state.
+    pub state: JobState,
+    /// The failure, or the error that paused the job; `None` otherwise.
+    pub error: Option<Error>,
+    /// Bytes to process: the device size.
+    pub len: u64,
+    /// Bytes done: `bytes_copied + bytes_zero + bytes_skipped + bytes_failed`.
+    pub offset: u64,
+    /// Data read from the source and written to the target.
+    pub bytes_copied: u64,
+    /// Clusters that read as zero (written as zeroes, or left alone in a zero target).
+    pub bytes_zero: u64,
+    /// Clusters the sync mode leaves out (unallocated under `Top`).
+    pub bytes_skipped: u64,
+    /// Clusters that could not be copied.
+    pub bytes_failed: u64,
+    /// Hook calls that had to copy something.
+    pub cow_requests: u64,
+    /// Bytes those hook calls copied.
+    pub cow_bytes: u64,
+    /// Current speed limit in bytes/s (0 = unlimited).
+    pub speed: u64,
+}
+
+/// Sizes in bytes and clusters of one job.
+#[derive(Debug, Clone)]
+pub(crate) struct Geometry {
+    pub size: u64,
+    pub cluster_size: u64,
+    pub shift: u32,
+    pub clusters: u64,
+    /// Longest background run, in clusters.
+    pub max_run: u64,
+}
+
+impl Geometry {
+    /// The bytes of clusters `c`, clipped to the device: (offset, len).
+    pub fn byte_range(&self, c: Range<u64>) -> (u64, u64) {
+        let start = c.start << self.shift;
+        let end = c.end.saturating_mul(self.cluster_size).min(self.size);
+        (start, end - start)
+    }
+
+    /// The clusters touched by bytes `[start, end)`, `start < end`.
+    pub fn clusters_of(&self, start: u64, end: u64) -> Range<u64> {
+        (start >> self.shift)..((end - 1) >> self.shift) + 1
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    copied: AtomicU64,
+    zero: AtomicU64,
+    skipped: AtomicU64,
+    failed: AtomicU64,
+    cow_requests: AtomicU64,
+    cow_bytes: AtomicU64,
+}
+
+impl Stats {
+    fn add(&self, c: Copied) {
+        self.copied.fetch_add(c.data, Ordering::Relaxed);
+        self.zero.fetch_add(c.zero, Ordering::Relaxed);
+    }
+}
+
+struct ControlState {
+    state: JobState,
+    paused: bool,
+    cancel: bool,
+    /// The first failure.
+    error: Option<Error>,
+    /// Set once, when the job ends.
+    result: Option<Result<()>>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Everything a job's threads share.
+pub(crate) struct JobShared {
+    id: u64,
+    source: Arc<dyn BlockDriver>,
+    target: Arc<dyn BlockDriver>,
+    geo: Geometry,
+    sync: SyncMode,
+    workers: usize,
+    target_zero: bool,
+    /// Copy bitmap and in-flight claims (own lock: see claims.rs).
+    claims: Claims,
+    stats: Stats,
+    /// The hook is a no-op from now on (cancelled or ended). Read on every hook call.
+    hook_off: CachePadded<AtomicBool>,
+    /// Workers must stop at the next chunk (cancelled or failed).
+    stop: AtomicBool,
+    /// Where the next background search starts (a hint; workers race on it harmlessly).
+    cursor: AtomicU64,
+    ratelimit: RateLimit,
+    /// State, pause and cancel requests, errors and the result. Protected by this
+    /// mutex, which is never held across I/O or a user callback.
+    control: Mutex<ControlState>,
+    /// Signalled on every change of `control` and of the speed.
+    control_cv: Condvar,
+    /// Spare hook buffers. Protected by this mutex.
+    bufs: Mutex<Vec<AlignedBuf>>,
+    on_complete: Option<CompletionFn>,
+    /// Unallocated source ranges to write as zeroes to a non-zero target (`Top`), before copying.
+    zero_target: Mutex<Vec<(u64, u64)>>,
+}
+
+fn panic_error(what: &str, payload: Box<dyn Any + Send>) -> Error {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    Error::new(ErrorKind::Io, libc::EIO, format!("{what} panicked: {msg}"))
+}
+
+impl JobShared {
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn copier(&self) -> Copier<'_> {
+        Copier { source: &*self.source, target: &*self.target, geo: &self.geo, target_zero: self.target_zero }
+    }
+
+    fn take_buf(&self) -> AlignedBuf {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
+    }
+
+    fn put_buf(&self, b: AlignedBuf) {
+        let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        if bufs.len() < 16 {
+            bufs.push(b);
+        }
+    }
+
+    /// Record a failure of the background copy: the job stops and ends `Failed`.
+    fn fail(&self, e: Error) {
+        let mut c = self.lock();
+        c.error.get_or_insert(e);
+        self.stop.store(true, Ordering::Release);
+        drop(c);
+        self.control_cv.notify_all();
+        self.claims.wake_all();
+    }
+
+    /// Block a worker while the job is paused or over its speed limit. False when the
+    /// worker must stop.
+    fn wait_runnable(&self) -> bool {
+        let mut c = self.lock();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            if c.paused {
+                c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let d = self.ratelimit.delay();
+            if d.is_zero() {
+                return true;
+            }
+            c = self.control_cv.wait_timeout(c, d).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// The job thread: prepare, run the workers, flush, set the final state.
+    fn run(self: &Arc<Self>) {
+        let result = match catch_unwind(AssertUnwindSafe(|| self.run_inner())) {
+            Ok(r) => r,
+            Err(p) => Err(panic_error("job thread", p)),
+        };
+        self.finish(result);
+    }
+
+    fn run_inner(self: &Arc<Self>) -> Result<()> {
+        let zero_target = std::mem::take(&mut *self.zero_target.lock().unwrap_or_else(|e| e.into_inner()));
+        for (off, len) in zero_target {
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            self.target
+                .write_zeroes_at(off, len)
+                .map_err(|e| Error::io(Side::Target, Op::WriteZeroes, off, len, &e))?;
+        }
+        if self.sync == SyncMode::None {
+            let mut c = self.lock();
+            while !c.cancel {
+                c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+            }
+            return Err(Error::cancelled());
+        }
+        let spawn_error = thread::scope(|scope| {
+            let mut spawn_error = None;
+            for n in 1..=self.workers {
+                let r = thread::Builder::new()
+                    .name(format!("cowbackup-{}-{}", self.id, n))
+                    .spawn_scoped(scope, || worker::run(self));
+                if let Err(e) = r {
+                    spawn_error =
+                        Some(Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start worker thread: {e}")));
+                    self.fail(spawn_error.clone().unwrap());
+                    break;
+                }
+            }
+            spawn_error
+        });
+        let c = self.lock();
+        if c.cancel {
+            return Err(Error::cancelled());
+        }
+        if let Some(e) = c.error.clone().or(spawn_error) {
+            return Err(e);
+        }
+        drop(c);
+        debug_assert_eq!(self.claims.dirty(), 0);
+        self.target.flush().map_err(|e| Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e))?;
+        if self.lock().cancel {
+            return Err(Error::cancelled());
+        }
+        Ok(())
+    }
+
+    fn finish(&self, result: Result<()>) {
+        self.hook_off.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        let mut c = self.lock();
+        c.state = match &result {
+            Ok(()) => JobState::Completed,
+            Err(e) if e.kind() == ErrorKind::Cancelled => JobState::Cancelled,
+            Err(e) => {
+                c.error.get_or_insert_with(|| e.clone());
+                JobState::Failed
+            }
+        };
+        c.result = Some(result.clone());
+        drop(c);
+        self.control_cv.notify_all();
+        self.claims.wake_all();
+        if let Some(cb) = &self.on_complete {
+            // A panicking callback must not take the library thread down with it.
+            let _ = catch_unwind(AssertUnwindSafe(|| cb(&result)));
+        }
+    }
+}
+
+/// A running backup job. All methods take `&self` and may be called from any thread;
+/// share the job with `Arc` or scoped threads. Dropping the job cancels it (if still
+/// running) and waits for its threads.
+pub struct Job {
+    shared: Arc<JobShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    thread_id: ThreadId,
+}
+
+/// Start a point-in-time backup of `source` into `target`.
+///
+/// The image in the target, once the job completes, is the source as it was when this
+/// function returned, provided the host calls [`Job::cow_before_write`] before every
+/// write to the source. Copying runs on the job's own threads (`cowbackup-<id>` and
+/// workers `cowbackup-<id>-<n>`).
+///
+/// # Errors
+/// `InvalidInput` (nothing is written) when an option is out of range, the devices
+/// differ in size or have size 0, or source and target are the same device; an I/O
+/// error when the source's `block_status` fails while the job sets up; `Io` (EAGAIN)
+/// when the job thread cannot be started.
+pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: BackupOptions) -> Result<Job> {
+    opts.validate()?;
+    if std::ptr::eq(Arc::as_ptr(&source) as *const u8, Arc::as_ptr(&target) as *const u8) {
+        return Err(Error::invalid("source and target are the same device"));
+    }
+    if let (Some(a), Some(b)) = (source.storage_id(), target.storage_id()) {
+        if a == b {
+            return Err(Error::invalid("source and target are the same file or device"));
+        }
+    }
+    let size = source.size();
+    if size == 0 {
+        return Err(Error::invalid("the source has size 0: nothing to back up"));
+    }
+    if target.size() != size {
+        return Err(Error::invalid(format!(
+            "source and target differ in size: source {} bytes, target {} bytes",
+            size,
+            target.size()
+        )));
+    }
+    let cs = opts.cluster_size;
+    let clusters = size.div_ceil(cs);
+    let geo = Geometry {
+        size,
+        cluster_size: cs,
+        shift: cs.trailing_zeros(),
+        clusters,
+        max_run: (opts.max_chunk / cs).max(1),
+    };
+    let target_zero = opts.target_is_zero || target.reads_as_zero();
+    let claims = Claims::new(Bitmap::new(clusters, true));
+    let stats = Stats::default();
+    let zero_target = scan_source(&*source, &geo, opts.sync, target_zero, &claims, &stats)?;
+
+    let shared = Arc::new(JobShared {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        source,
+        target,
+        geo,
+        sync: opts.sync,
+        workers: opts.workers,
+        target_zero,
+        claims,
+        stats,
+        hook_off: CachePadded::new(AtomicBool::new(false)),
+        stop: AtomicBool::new(false),
+        cursor: AtomicU64::new(0),
+        ratelimit: RateLimit::new(opts.speed),
+        control: Mutex::new(ControlState {
+            state: JobState::Running,
+            paused: false,
+            cancel: false,
+            error: None,
+            result: None,
+        }),
+        control_cv: Condvar::new(),
+        bufs: Mutex::new(Vec::new()),
+        on_complete: opts.on_complete,
+        zero_target: Mutex::new(zero_target),
+    });
+    let s = Arc::clone(&shared);
+    let handle = thread::Builder::new()
+        .name(format!("cowbackup-{}", shared.id))
+        .spawn(move || s.run())
+        .map_err(|e| Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start job thread: {e}")))?;
+    let thread_id = handle.thread().id();
+    Ok(Job { shared, thread: Mutex::new(Some(handle)), thread_id })
+}
+
+/// Walk the source's block status once, at start (the point in time), and mark clean
+/// what needs no copy: unallocated clusters under `Top` (skipped), and zero clusters
+/// when the target already reads zeroes. Returns byte ranges to zero in the target.
+fn scan_source(
+    source: &dyn BlockDriver,
+    geo: &Geometry,
+    sync: SyncMode,
+    target_zero: bool,
+    claims: &Claims,
+    stats: &Stats,
+) -> Result<Vec<(u64, u64)>> {
+    let mut zero_target = Vec::new();
+    if sync != SyncMode::Top && !target_zero {
+        return Ok(zero_target);
+    }
+    let size = geo.size;
+    let mut off = 0;
+    while off < size {
+        let st = source
+            .block_status(off, size - off)
+            .map_err(|e| Error::io(Side::Source, Op::BlockStatus, off, size - off, &e))?;
+        // A driver that answers 0 bytes tells nothing: treat the rest as data.
+        let (len, flags) =
+            if st.len == 0 { (size - off, StatusFlags::DATA) } else { (st.len.min(size - off), st.flags) };
+        let end = off + len;
+        // Only clusters that lie wholly inside this extent.
+        let first = off.div_ceil(geo.cluster_size);
+        let last = if end == size { geo.clusters } else { end / geo.cluster_size };
+        if first < last {
+            let (b_off, b_len) = geo.byte_range(first..last);
+            if sync == SyncMode::Top && !flags.contains(StatusFlags::DATA) {
+                claims.clear_unclaimed(first..last);
+                stats.skipped.fetch_add(b_len, Ordering::Relaxed);
+                if !target_zero && flags.contains(StatusFlags::ZERO) {
+                    match zero_target.last_mut() {
+                        Some((o, l)) if *o + *l == b_off => *l += b_len,
+                        _ => zero_target.push((b_off, b_len)),
+                    }
+                }
+            } else if target_zero && flags.contains(StatusFlags::ZERO) {
+                claims.clear_unclaimed(first..last);
+                stats.zero.fetch_add(b_len, Ordering::Relaxed);
+            }
+        }
+        off = end;
+    }
+    Ok(zero_target)
+}
+
+impl Job {
+    /// The job's id, as in its thread names `cowbackup-<id>-<n>`.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// Size of the devices in bytes.
+    pub fn len(&self) -> u64 {
+        self.shared.geo.size
+    }
+
+    /// Always false: a job's devices have a non-zero size.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.shared.geo.cluster_size
+    }
+
+    /// Pause the background copy: workers stop before their next chunk (chunks in
+    /// flight finish). The hook keeps working. Idempotent.
+    ///
+    /// # Errors
+    /// `Busy` when the job has ended.
+    pub fn pause(&self) -> Result<()> {
+        let mut c = self.shared.lock();
+        if c.state.is_terminal() {
+            return Err(Error::new(ErrorKind::Busy, libc::EBUSY, "the job has ended"));
+        }
+        c.paused = true;
+        c.state = JobState::Paused;
+        Ok(())
+    }
+
+    /// Resume a paused job. Idempotent.
+    ///
+    /// # Errors
+    /// `Busy` when the job has ended.
+    pub fn resume(&self) -> Result<()> {
+        let mut c = self.shared.lock();
+        if c.state.is_terminal() {
+            return Err(Error::new(ErrorKind::Busy, libc::EBUSY, "the job has ended"));
+        }
+        c.paused = false;
+        c.state = JobState::Running;
+        drop(c);
+        self.shared.control_cv.notify_all();
+        Ok(())
+    }
+
+    /// Cancel the job: from now on the hook is a no-op, workers stop after their current
+    /// chunk, and the job ends `Cancelled`. Returns at once; [`Job::wait`] waits for the
+    /// end. No effect on a job that has ended.
+    pub fn cancel(&self) {
+        let mut c = self.shared.lock();
+        if c.state.is_terminal() || c.cancel {
+            return;
+        }
+        c.cancel = true;
+        self.shared.hook_off.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
+        drop(c);
+        self.shared.control_cv.notify_all();
+        self.shared.claims.wake_all();
+    }
+
+    /// Change the background speed limit (bytes/s, 0 = unlimited); effective within
+    /// one 100 ms slice.
+    pub fn set_speed(&self, bytes_per_sec: u64) {
+        self.shared.ratelimit.set_speed(bytes_per_sec);
+        self.shared.control_cv.notify_all();
+    }
+
+    /// Block until the job ends and return its result: `Ok` when it completed (the
+    /// target is an exact point-in-time image), `Cancelled`, or the error that failed it.
+    pub fn wait(&self) -> Result<()> {
+        let mut c = self.shared.lock();
+        loop {
+            if let Some(r) = &c.result {
+                return r.clone();
+            }
+            c = self.shared.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Like [`Job::wait`], but give up after `timeout`: `None` when still running.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<()>> {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.shared.lock();
+        loop {
+            if let Some(r) = &c.result {
+                return Some(r.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            c = self.shared.control_cv.wait_timeout(c, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// State and progress.
+    pub fn info(&self) -> JobInfo {
+        let s = &self.shared;
+        let c = s.lock();
+        let (state, error) = (c.state, c.error.clone());
+        drop(c);
+        let st = &s.stats;
+        let copied = st.copied.load(Ordering::Relaxed);
+        let zero = st.zero.load(Ordering::Relaxed);
+        let skipped = st.skipped.load(Ordering::Relaxed);
+        let failed = st.failed.load(Ordering::Relaxed);
+        JobInfo {
+            state,
+            error,
+            len: s.geo.size,
+            offset: copied + zero + skipped + failed,
+            bytes_copied: copied,
+            bytes_zero: zero,
+            bytes_skipped: skipped,
+            bytes_failed: failed,
+            cow_requests: st.cow_requests.load(Ordering::Relaxed),
+            cow_bytes: st.cow_bytes.load(Ordering::Relaxed),
+            speed: s.ratelimit.speed(),
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.cancel();
+        let handle = self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        // Dropped from its own completion callback: the thread ends by itself.
+        if thread::current().id() != self.thread_id {
+            if let Some(h) = handle {
+                let _ = h.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `BackupOptions`: everything a job can be told at start, and their validation.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use super::policy::{CbwErrorAction, ErrorAction};
+
+use crate::error::{Error, Result};
+
+/// Which clusters the background copy processes.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SyncMode {
+    /// Every cluster of the source.
+    Full,
+    /// Only clusters the source's `block_status` reports allocated (`DATA`); the rest
+    /// are skipped (and written as zeroes on a target not known to read zeroes).
+    Top,
+    /// No background copy: the job only serves copy-before-write until cancelled
+    /// (fleecing; the target is a scratch image).
+    None,
+}
+
+/// Called once when a job ends, with its result, on a library thread.
+pub type CompletionFn = Arc<dyn Fn(&Result<()>) + Send + Sync>;
+
+/// Options of [`crate::backup_start`]. Build with `..Default::default()` so new
+/// fields do not break your code.
+#[derive(Clone)]
+pub struct BackupOptions {
+    /// Granularity of copy-before-write and of the copy bitmap: a power of two from
+    /// 4 KiB to 64 MiB. Default 64 KiB.
+    pub cluster_size: u64,
+    /// Which clusters are copied in the background. Default [`SyncMode::Full`].
+    pub sync: SyncMode,
+    /// Background copy threads, 1 to 64. Default 2 (the benchmark's best on 2 cores).
+    pub workers: usize,
+    /// Largest background copy request in bytes, 4 KiB to 1 GiB; rounded down to
+    /// whole clusters, at least one cluster. Default 1 MiB.
+    pub max_chunk: u64,
+    /// The target is known to read zeroes: zero clusters are not written at all. Also
+    /// assumed when the target driver says so ([`crate::BlockDriver::reads_as_zero`]).
+    pub target_is_zero: bool,
+    /// Background copy speed limit in bytes/s; 0 = unlimited. Never slows the hook.
+    pub speed: u64,
+    /// What a background copy does when reading the source fails. Default `Report`.
+    pub on_source_error: ErrorAction,
+    /// What a background copy does when writing (or zeroing, or flushing) the target
+    /// fails. Default `Report`.
+    pub on_target_error: ErrorAction,
+    /// What happens when the copy inside `cow_before_write` fails. Default
+    /// `BreakGuestWrite`.
+    pub on_cbw_error: CbwErrorAction,
+    /// Longest time a `cow_before_write` call may wait for clusters another thread is
+    /// copying; past it the call fails with `TimedOut` (then `on_cbw_error` applies).
+    /// `None` (default): no limit.
+    pub cbw_timeout: Option<Duration>,
+    /// Called once, from a library thread, after the job's final state is set.
+    pub on_complete: Option<CompletionFn>,
+}
+
+/// Smallest and largest cluster sizes.
+pub const MIN_CLUSTER_SIZE: u64 = 4096;
+/// Largest cluster size.
+pub const MAX_CLUSTER_SIZE: u64 = 64 << 20;
+/// Most worker threads.
+pub const MAX_WORKERS: usize = 64;
+/// Largest `max_chunk`.
+pub const MAX_CHUNK_LIMIT: u64 = 1 << 30;
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            cluster_size: 65536,
+            sync: SyncMode::Full,
+            workers: 2,
+            max_chunk: 1 << 20,
+            target_is_zero: false,
+            speed: 0,
+            on_source_error: ErrorAction::Report,
+            on_target_error: ErrorAction::Report,
+            on_cbw_error: CbwErrorAction::BreakGuestWrite,
+            cbw_timeout: None,
+            on_complete: None,
+        }
+    }
+}
+
+impl fmt::Debug for BackupOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackupOptions")
+            .field("cluster_size", &self.cluster_size)
+            .field("sync", &self.sync)
+            .field("workers", &self.workers)
+            .field("max_chunk", &self.max_chunk)
+            .field("target_is_zero", &self.target_is_zero)
+            .field("speed", &self.speed)
+            .field("on_source_error", &self.on_source_error)
+            .field("on_target_error", &self.on_target_error)
+            .field("on_cbw_error", &self.on_cbw_error)
+            .field("cbw_timeout", &self.cbw_timeout)
+            .field("on_complete", &self.on_complete.as_ref().map(|_| "Fn"))
+            .finish()
+    }
+}
+
+impl BackupOptions {
+    /// Check every field; the error names the field and the problem.
+    pub fn validate(&self) -> Result<()> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&cs) {
+            return Err(Error::invalid(format!(
+                "cluster_size {cs} is invalid: it must be a power of two from {MIN_CLUSTER_SIZE} to {MAX_CLUSTER_SIZE}"
+            )));
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(Error::invalid(format!(
+                "workers {} is invalid: it must be from 1 to {MAX_WORKERS}",
+                self.workers
+            )));
+        }
+        if !(MIN_CLUSTER_SIZE..=MAX_CHUNK_LIMIT).contains(&self.max_chunk) {
+            return Err(Error::invalid(format!(
+                "max_chunk {} is invalid: it must be from {MIN_CLUSTER_SIZE} to {MAX_CHUNK_LIMIT}",
+                self.max_chunk
+            )));
+        }
+        if self.cbw_timeout == Some(Duration::ZERO) {
+            return Err(Error::invalid("cbw_timeout must be positive (None: no limit)"));
+        }
+        Ok(())
+    }
+}
