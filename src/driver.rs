@@ -81,3 +81,32 @@ pub trait BlockDriver: Send + Sync {
         None
     }
 }
+
+/// A shared driver is a driver: wrappers (fault injection, counting, gating) can hold
+/// an `Arc` of a driver that the host keeps using too.
+impl<T: BlockDriver + ?Sized> BlockDriver for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes_at(offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        (**self).block_status(offset, len)
+    }
+    fn reads_as_zero(&self) -> bool {
+        (**self).reads_as_zero()
+    }
+    fn storage_id(&self) -> Option<(u64, u64)> {
+        (**self).storage_id()
+    }
+}
