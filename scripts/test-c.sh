@@ -18,8 +18,13 @@ fail() { echo "test-c: FAILED: $*" >&2; failed+=("$*"); }
 
 stage "tools"
 if ! command -v meson >/dev/null || ! command -v ninja >/dev/null; then
-    python3 -m pip install --quiet meson ninja || { echo "test-c: cannot install meson/ninja with pip" >&2; exit 1; }
-    export PATH="$HOME/.local/bin:$PATH"
+    # Debian's own python refuses plain pip installs (PEP 668): retry with the override,
+    # then fall back to Debian's packages.
+    python3 -m pip install --quiet meson ninja 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages meson ninja \
+        || { [ "$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq meson ninja-build >/dev/null; } \
+        || { echo "test-c: cannot install meson and ninja (pip or apt-get)" >&2; exit 1; }
+    export PATH="$HOME/.local/bin:/usr/local/bin:$PATH"
 fi
 if ! command -v valgrind >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -270,7 +270,9 @@ impl CallbackOpaque {
 /// called exactly once per job, when it ends, with what `cowbackup_job_wait` returns (0,
 /// -ECANCELED, or the job's -errno), after the final state is set. It runs on a library thread
 /// (the job's own thread), not the thread that started the job; it must not block for long.
-/// It may call `cowbackup_job_query` and `cowbackup_job_wait` (which returns at once). It is
+/// It may call `cowbackup_job_query` and `cowbackup_job_wait` (which returns at once).
+/// `cowbackup_job_wait` in another thread may return just before the callback runs;
+/// `cowbackup_job_free` returns only after it has run. It is
 /// also called, with -ECANCELED, when a running job is freed, before `cowbackup_job_free`
 /// returns. A job that fails to start never calls it. `cb` NULL removes the callback.
 /// Errors: -EINVAL (NULL `o`).
