@@ -32,6 +32,8 @@ mod buf;
 mod driver;
 pub mod drivers;
 mod error;
+#[cfg(feature = "capi")]
+pub mod ffi;
 mod job;
 mod zero;
 

@@ -1,0 +1,243 @@
+/* Bad input to every function: the documented negative errno, a message naming the function
+ * in cowbackup_last_error(), no crash, out-parameters untouched. */
+#include "common.h"
+
+#include <unistd.h>
+
+const char *test_name = "bad_input";
+
+#define BAD_PTR ((void *)0x5eed)
+#define SENTINEL 0x5a5a5a5a5a5a5a5aULL
+
+static int bad_block_status_pnum0(void *opaque, uint64_t offset, uint64_t len, uint64_t *pnum, uint32_t *status)
+{
+    (void)opaque, (void)offset, (void)len;
+    *pnum = 0;
+    *status = COWBACKUP_STATUS_DATA;
+    return 0;
+}
+
+static int bad_block_status_bits(void *opaque, uint64_t offset, uint64_t len, uint64_t *pnum, uint32_t *status)
+{
+    (void)opaque, (void)offset;
+    *pnum = len;
+    *status = 0x80;
+    return 0;
+}
+
+static int big_block_status(void *opaque, uint64_t offset, uint64_t len, uint64_t *pnum, uint32_t *status)
+{
+    (void)opaque, (void)offset;
+    *pnum = len + 1000000; /* clamped */
+    *status = COWBACKUP_STATUS_DATA;
+    return 0;
+}
+
+static void drivers(void)
+{
+    cowbackup_driver *d = BAD_PTR;
+    SAY("cowbackup_memory_new: size 0, size > 1 TiB, NULL out");
+    CHECK_ERR(cowbackup_memory_new(0, &d), EINVAL, "cowbackup_memory_new");
+    CHECK_ERR(cowbackup_memory_new(UINT64_MAX, &d), EINVAL, "cowbackup_memory_new");
+    CHECK_ERR(cowbackup_memory_new(4096, NULL), EINVAL, "cowbackup_memory_new");
+    CHECK(d == BAD_PTR);
+
+    SAY("cowbackup_file_open/create: NULL path, unknown flags, missing file, size 0, NULL out");
+    CHECK_ERR(cowbackup_file_open(NULL, 0, &d), EINVAL, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_open("/tmp", 0x80, &d), EINVAL, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_open("/nonexistent/cowbackup.img", 0, &d), ENOENT, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_open("/tmp", 0, &d), EINVAL, "not a regular file");
+    CHECK_ERR(cowbackup_file_open("/tmp/x", 0, NULL), EINVAL, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_create(NULL, 4096, 0, &d), EINVAL, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create("/tmp/cowbackup-bad-input.img", 0, 0, &d), EINVAL, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create("/tmp/cowbackup-bad-input.img", 4096, 0x10, &d), EINVAL, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create("/tmp/cowbackup-bad-input.img", 4096, 0, NULL), EINVAL, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create("/nonexistent/x.img", 4096, 0, &d), ENOENT, "cowbackup_file_create");
+    CHECK(d == BAD_PTR);
+
+    SAY("cowbackup_driver_new: NULL ops/out, bad ops_size, NULL read/write, size 0, unknown flags");
+    cmem *m = cmem_new(65536, 0);
+    cowbackup_driver_ops no_read = cmem_ops, no_write = cmem_ops;
+    no_read.read = NULL;
+    no_write.write = NULL;
+    CHECK_ERR(cowbackup_driver_new(NULL, sizeof cmem_ops, m, 65536, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, sizeof cmem_ops, m, 65536, 0, NULL), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, 0, m, 65536, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, sizeof(void *), m, 65536, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, 2 * sizeof(void *) - 1, m, 65536, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, 1 << 20, m, 65536, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&no_read, sizeof cmem_ops, m, 65536, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&no_write, sizeof cmem_ops, m, 65536, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, sizeof cmem_ops, m, 0, 0, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, sizeof cmem_ops, m, 65536, 2, &d), EINVAL, "cowbackup_driver_new");
+    CHECK_ERR(cowbackup_driver_new(&cmem_ops, sizeof cmem_ops, m, 65536, UINT32_MAX, &d), EINVAL, "cowbackup_driver_new");
+    CHECK(d == BAD_PTR);
+    CHECK(atomic_load(&m->released) == 0); /* failed creation: the caller keeps opaque */
+
+    SAY("cowbackup_driver_size/read/write: NULL driver/buf/out, past the end, overflow near UINT64_MAX");
+    cowbackup_driver *c = cmem_driver(m, 0);
+    uint64_t size = SENTINEL;
+    uint8_t buf[64];
+    CHECK_ERR(cowbackup_driver_size(NULL, &size), EINVAL, "cowbackup_driver_size");
+    CHECK_ERR(cowbackup_driver_size(c, NULL), EINVAL, "cowbackup_driver_size");
+    CHECK(size == SENTINEL);
+    CHECK_ERR(cowbackup_driver_read(NULL, 0, buf, 1), EINVAL, "cowbackup_driver_read");
+    CHECK_ERR(cowbackup_driver_read(c, 0, NULL, 1), EINVAL, "cowbackup_driver_read");
+    CHECK_ERR(cowbackup_driver_read(c, 65536 - 10, buf, 11), EINVAL, "cowbackup_driver_read");
+    CHECK_ERR(cowbackup_driver_read(c, 65537, buf, 0), EINVAL, "cowbackup_driver_read");
+    CHECK_ERR(cowbackup_driver_read(c, UINT64_MAX - 5, buf, 10), EINVAL, "cowbackup_driver_read");
+    CHECK_ERR(cowbackup_driver_read(c, UINT64_MAX, buf, 1), EINVAL, "cowbackup_driver_read");
+    CHECK_RC(cowbackup_driver_read(c, 65536, NULL, 0), 0);
+    CHECK_RC(cowbackup_driver_read(c, 65536 - 64, buf, 64), 0);
+    CHECK_ERR(cowbackup_driver_write(NULL, 0, buf, 1), EINVAL, "cowbackup_driver_write");
+    CHECK_ERR(cowbackup_driver_write(c, 0, NULL, 1), EINVAL, "cowbackup_driver_write");
+    CHECK_ERR(cowbackup_driver_write(c, 65536 - 10, buf, 11), EINVAL, "cowbackup_driver_write");
+    CHECK_ERR(cowbackup_driver_write(c, UINT64_MAX - 5, buf, 10), EINVAL, "cowbackup_driver_write");
+    CHECK(atomic_load(&m->writes) == 0);
+    cowbackup_driver_free(c);
+    CHECK(atomic_load(&m->released) == 1);
+    cmem_destroy(m);
+}
+
+static void options(void)
+{
+    SAY("every options setter: NULL options -EINVAL");
+    CHECK_ERR(cowbackup_options_set_cluster_size(NULL, 65536), EINVAL, "cowbackup_options_set_cluster_size");
+    CHECK_ERR(cowbackup_options_set_sync(NULL, 0), EINVAL, "cowbackup_options_set_sync");
+    CHECK_ERR(cowbackup_options_set_speed(NULL, 0), EINVAL, "cowbackup_options_set_speed");
+    CHECK_ERR(cowbackup_options_set_workers(NULL, 1), EINVAL, "cowbackup_options_set_workers");
+    CHECK_ERR(cowbackup_options_set_max_chunk(NULL, 65536), EINVAL, "cowbackup_options_set_max_chunk");
+    CHECK_ERR(cowbackup_options_set_on_source_error(NULL, 0), EINVAL, "cowbackup_options_set_on_source_error");
+    CHECK_ERR(cowbackup_options_set_on_target_error(NULL, 0), EINVAL, "cowbackup_options_set_on_target_error");
+    CHECK_ERR(cowbackup_options_set_on_cbw_error(NULL, 0), EINVAL, "cowbackup_options_set_on_cbw_error");
+    CHECK_ERR(cowbackup_options_set_cbw_timeout(NULL, 0), EINVAL, "cowbackup_options_set_cbw_timeout");
+    CHECK_ERR(cowbackup_options_set_target_is_zero(NULL, 0), EINVAL, "cowbackup_options_set_target_is_zero");
+    CHECK_ERR(cowbackup_options_set_completion(NULL, NULL, NULL), EINVAL, "cowbackup_options_set_completion");
+
+    SAY("bad cluster sizes, sync modes (BITMAP: -ENOTSUP), workers, max_chunk, actions, booleans");
+    cowbackup_options *o = cowbackup_options_new();
+    REQUIRE(o != NULL);
+    const uint64_t bad_clusters[] = { 0, 1, 3, 2048, 4095, 65537, 128ULL << 20, 1ULL << 63, UINT64_MAX };
+    for (size_t i = 0; i < sizeof bad_clusters / sizeof bad_clusters[0]; i++)
+        CHECK_ERR(cowbackup_options_set_cluster_size(o, bad_clusters[i]), EINVAL, "cowbackup_options_set_cluster_size");
+    CHECK_ERR(cowbackup_options_set_sync(o, 4), EINVAL, "cowbackup_options_set_sync");
+    CHECK_ERR(cowbackup_options_set_sync(o, UINT32_MAX), EINVAL, "cowbackup_options_set_sync");
+    CHECK_ERR(cowbackup_options_set_sync(o, COWBACKUP_SYNC_BITMAP), ENOTSUP, "COWBACKUP_SYNC_BITMAP");
+    CHECK_ERR(cowbackup_options_set_workers(o, 0), EINVAL, "cowbackup_options_set_workers");
+    CHECK_ERR(cowbackup_options_set_workers(o, 65), EINVAL, "cowbackup_options_set_workers");
+    CHECK_ERR(cowbackup_options_set_workers(o, UINT32_MAX), EINVAL, "cowbackup_options_set_workers");
+    CHECK_ERR(cowbackup_options_set_max_chunk(o, 0), EINVAL, "cowbackup_options_set_max_chunk");
+    CHECK_ERR(cowbackup_options_set_max_chunk(o, 4095), EINVAL, "cowbackup_options_set_max_chunk");
+    CHECK_ERR(cowbackup_options_set_max_chunk(o, (1ULL << 30) + 1), EINVAL, "cowbackup_options_set_max_chunk");
+    CHECK_ERR(cowbackup_options_set_on_source_error(o, 4), EINVAL, "cowbackup_options_set_on_source_error");
+    CHECK_ERR(cowbackup_options_set_on_target_error(o, UINT32_MAX), EINVAL, "cowbackup_options_set_on_target_error");
+    CHECK_ERR(cowbackup_options_set_on_cbw_error(o, 2), EINVAL, "cowbackup_options_set_on_cbw_error");
+    CHECK_ERR(cowbackup_options_set_target_is_zero(o, 2), EINVAL, "cowbackup_options_set_target_is_zero");
+
+    SAY("failed setters changed nothing: a job with these options runs with the defaults");
+    cowbackup_driver *s = NULL, *t = NULL;
+    REQUIRE(cowbackup_memory_new(1 << 20, &s) == 0 && cowbackup_memory_new(1 << 20, &t) == 0);
+    cowbackup_job *job = NULL;
+    CHECK_RC(cowbackup_backup_start(s, t, o, &job), 0);
+    CHECK_RC(cowbackup_job_wait(job), 0);
+    cowbackup_job_free(job);
+    cowbackup_driver_free(s);
+    cowbackup_driver_free(t);
+    cowbackup_options_free(o);
+}
+
+static void jobs(void)
+{
+    const uint64_t size = 1 << 20;
+    cowbackup_driver *s = NULL, *t = NULL, *small = NULL;
+    REQUIRE(cowbackup_memory_new(size, &s) == 0 && cowbackup_memory_new(size, &t) == 0);
+    REQUIRE(cowbackup_memory_new(size / 2, &small) == 0);
+    cowbackup_job *job = BAD_PTR;
+
+    SAY("cowbackup_backup_start: NULL source/target/out, source == target, sizes differ, same file twice");
+    CHECK_ERR(cowbackup_backup_start(NULL, t, NULL, &job), EINVAL, "cowbackup_backup_start");
+    CHECK_ERR(cowbackup_backup_start(s, NULL, NULL, &job), EINVAL, "cowbackup_backup_start");
+    CHECK_ERR(cowbackup_backup_start(s, t, NULL, NULL), EINVAL, "cowbackup_backup_start");
+    CHECK_ERR(cowbackup_backup_start(s, s, NULL, &job), EINVAL, "same device");
+    CHECK_ERR(cowbackup_backup_start(s, small, NULL, &job), EINVAL, "differ in size");
+    CHECK_ERR(cowbackup_backup_start(small, s, NULL, &job), EINVAL, "differ in size");
+    char path[] = "/tmp/cowbackup-bad-input-XXXXXX";
+    int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    close(fd);
+    cowbackup_driver *f1 = NULL, *f2 = NULL;
+    REQUIRE(cowbackup_file_create(path, size, 0, &f1) == 0);
+    REQUIRE(cowbackup_file_open(path, COWBACKUP_OPEN_WRITE, &f2) == 0);
+    CHECK_ERR(cowbackup_backup_start(f1, f2, NULL, &job), EINVAL, "same file");
+    cowbackup_driver_free(f1);
+    cowbackup_driver_free(f2);
+    unlink(path);
+    CHECK(job == BAD_PTR);
+
+    SAY("bad block_status answers: pnum 0 and unknown bits fail the start (-EIO); pnum > len is clamped");
+    cmem *m = cmem_new(size, 1);
+    cowbackup_driver_ops ops = cmem_ops;
+    cowbackup_options *top = cowbackup_options_new();
+    REQUIRE(cowbackup_options_set_sync(top, COWBACKUP_SYNC_TOP) == 0);
+    cowbackup_driver *c = NULL;
+    ops.block_status = bad_block_status_pnum0;
+    REQUIRE(cowbackup_driver_new(&ops, sizeof ops, m, size, 0, &c) == 0);
+    CHECK_ERR(cowbackup_backup_start(c, t, top, &job), EIO, "answered 0 bytes");
+    cowbackup_driver_free(c);
+    ops.block_status = bad_block_status_bits;
+    REQUIRE(cowbackup_driver_new(&ops, sizeof ops, m, size, 0, &c) == 0);
+    CHECK_ERR(cowbackup_backup_start(c, t, top, &job), EIO, "unknown status bits");
+    cowbackup_driver_free(c);
+    CHECK(job == BAD_PTR);
+    ops.block_status = big_block_status;
+    REQUIRE(cowbackup_driver_new(&ops, sizeof ops, m, size, 0, &c) == 0);
+    CHECK_RC(cowbackup_backup_start(c, t, top, &job), 0);
+    CHECK_RC(cowbackup_job_wait(job), 0);
+    CHECK(query(job).bytes_copied == size);
+    cowbackup_job_free(job);
+    cowbackup_driver_free(c);
+    CHECK(atomic_load(&m->released) == 3);
+    cmem_destroy(m);
+    cowbackup_options_free(top);
+
+    SAY("job functions with NULL job / NULL info; hook ranges past the end or overflowing");
+    CHECK_ERR(cowbackup_cow_before_write(NULL, 0, 0), EINVAL, "cowbackup_cow_before_write");
+    CHECK_ERR(cowbackup_job_pause(NULL), EINVAL, "cowbackup_job_pause");
+    CHECK_ERR(cowbackup_job_resume(NULL), EINVAL, "cowbackup_job_resume");
+    CHECK_ERR(cowbackup_job_cancel(NULL), EINVAL, "cowbackup_job_cancel");
+    CHECK_ERR(cowbackup_job_set_speed(NULL, 0), EINVAL, "cowbackup_job_set_speed");
+    CHECK_ERR(cowbackup_job_wait(NULL), EINVAL, "cowbackup_job_wait");
+    cowbackup_job_info info;
+    memset(&info, 0x5a, sizeof info);
+    CHECK_ERR(cowbackup_job_query(NULL, &info), EINVAL, "cowbackup_job_query");
+    cowbackup_options *slow = cowbackup_options_new();
+    REQUIRE(cowbackup_options_set_speed(slow, 1) == 0);
+    job = NULL;
+    REQUIRE(cowbackup_backup_start(s, t, slow, &job) == 0);
+    cowbackup_options_free(slow);
+    CHECK_ERR(cowbackup_job_query(job, NULL), EINVAL, "cowbackup_job_query");
+    CHECK(info.state == 0x5a5a5a5a && info.len == SENTINEL);
+    CHECK_ERR(cowbackup_cow_before_write(job, size - 1, 2), EINVAL, "cowbackup_cow_before_write");
+    CHECK_ERR(cowbackup_cow_before_write(job, size + 1, 0), EINVAL, "cowbackup_cow_before_write");
+    CHECK_ERR(cowbackup_cow_before_write(job, UINT64_MAX, 1), EINVAL, "cowbackup_cow_before_write");
+    CHECK_ERR(cowbackup_cow_before_write(job, 4096, UINT64_MAX - 100), EINVAL, "cowbackup_cow_before_write");
+    CHECK(query(job).cow_requests == 0);
+    CHECK_RC(cowbackup_cow_before_write(job, size, 0), 0);
+    CHECK_RC(cowbackup_cow_before_write(job, 0, 0), 0);
+    CHECK(query(job).cow_requests == 0);
+    cowbackup_job_free(job);
+
+    cowbackup_driver_free(s);
+    cowbackup_driver_free(t);
+    cowbackup_driver_free(small);
+}
+
+int main(void)
+{
+    SAY("cowbackup_last_error() is never NULL");
+    CHECK(cowbackup_last_error() != NULL);
+    drivers();
+    options();
+    jobs();
+    return test_finish();
+}

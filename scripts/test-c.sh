@@ -1,0 +1,102 @@
+#!/bin/bash
+# Build and test the C API: meson + ninja (installed with pip if missing), then
+#   1. meson test, plain build               (build/plain)
+#   2. meson test, ASan + UBSan C side       (build/sanitize, -Dsanitize=address,undefined)
+#   3. meson test under valgrind             (build/plain)
+#   4. libcowbackup.so.0 exports only cowbackup_* (nm -D), SONAME libcowbackup.so.0
+#   5. the sanitized test binaries really link ASan (__asan_init)
+# Every stage runs; the script exits non-zero when any failed. Works from a clean checkout
+# on Debian as root (installs valgrind with apt-get when missing).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+start=$(date +%s)
+failed=()
+
+stage() { echo; echo "=== $* ==="; }
+fail() { echo "test-c: FAILED: $*" >&2; failed+=("$*"); }
+
+stage "tools"
+if ! command -v meson >/dev/null || ! command -v ninja >/dev/null; then
+    # Debian's own python refuses plain pip installs (PEP 668): retry with the override,
+    # then fall back to Debian's packages.
+    python3 -m pip install --quiet meson ninja 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages meson ninja \
+        || { [ "$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq meson ninja-build >/dev/null; } \
+        || { echo "test-c: cannot install meson and ninja (pip or apt-get)" >&2; exit 1; }
+    export PATH="$HOME/.local/bin:/usr/local/bin:$PATH"
+fi
+if ! command -v valgrind >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind) >/dev/null \
+            || echo "test-c: cannot install valgrind" >&2
+    fi
+fi
+for tool in meson ninja cargo cc nm valgrind; do
+    command -v "$tool" >/dev/null || { echo "test-c: $tool is missing" >&2; exit 1; }
+done
+echo "meson $(meson --version), ninja $(ninja --version), $(cargo --version), $(cc --version | head -n1), $(valgrind --version)"
+
+# Both build dirs share one cargo target dir: the Rust library is built once, normally.
+cargo_dir="$root/build/cargo"
+setup() { # dir, extra options...
+    local dir=$1; shift
+    if [ -f "$dir/build.ninja" ]; then
+        meson setup --reconfigure "$dir" -Dcargo_target_dir="$cargo_dir" "$@" >/dev/null
+    else
+        meson setup "$dir" -Dcargo_target_dir="$cargo_dir" "$@" >/dev/null
+    fi
+}
+
+stage "build: plain"
+setup build/plain && ninja -C build/plain >/dev/null || { fail "plain build"; }
+
+stage "build: sanitize (address,undefined)"
+setup build/sanitize -Dsanitize=address,undefined && ninja -C build/sanitize >/dev/null || fail "sanitize build"
+
+stage "meson test: plain"
+meson test -C build/plain --print-errorlogs --no-rebuild || fail "meson test (plain)"
+
+stage "meson test: ASan + UBSan"
+ASAN_OPTIONS=detect_leaks=1:halt_on_error=1:abort_on_error=1 \
+UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+    meson test -C build/sanitize --print-errorlogs --no-rebuild || fail "meson test (ASan+UBSan)"
+
+stage "meson test: valgrind"
+meson test -C build/plain --print-errorlogs --no-rebuild --timeout-multiplier 10 \
+    --wrapper "valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --quiet" \
+    || fail "meson test (valgrind)"
+
+stage "exports of libcowbackup.so.0"
+so=$(ls build/plain/libcowbackup.so.0.* 2>/dev/null | head -n1)
+if [ -z "$so" ]; then
+    fail "no build/plain/libcowbackup.so.0.*"
+else
+    exports=$(nm -D --defined-only "$so" | awk '{print $NF}')
+    # The only non-cowbackup_ symbol allowed is the version node the linker defines.
+    others=$(echo "$exports" | grep -v '^cowbackup_' | grep -v '^COWBACKUP_0$' || true)
+    echo "$(echo "$exports" | grep -c '^cowbackup_') cowbackup_* functions exported; others: ${others:-none}"
+    [ -z "$others" ] || fail "libcowbackup exports more than cowbackup_*: $others"
+    soname=$(readelf -d "$so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+    echo "SONAME $soname"
+    [ "$soname" = libcowbackup.so.0 ] || fail "SONAME is '$soname', not libcowbackup.so.0"
+fi
+
+stage "ASan linked into the sanitized tests"
+n=0
+for exe in build/sanitize/test_* build/sanitize/block_layer; do
+    [ -f "$exe" ] && [ -x "$exe" ] || continue
+    n=$((n + 1))
+    nm "$exe" | grep '__asan_init' >/dev/null || fail "$exe does not link ASan (__asan_init)"
+done
+[ "$n" -gt 0 ] || fail "no sanitized test binaries"
+echo "$n sanitized binaries checked for __asan_init"
+
+end=$(date +%s)
+echo
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "test-c: ${#failed[@]} stage(s) failed in $((end - start))s:"
+    printf '  - %s\n' "${failed[@]}"
+    exit 1
+fi
+echo "test-c: all stages passed in $((end - start))s"

@@ -1,0 +1,541 @@
+//! Drivers: reference-counted handles on an `Arc<dyn BlockDriver>`, the built-in file and
+//! memory drivers, and drivers implemented in C through `cowbackup_driver_ops`.
+
+use std::ffi::{CStr, OsStr};
+use std::io;
+use std::mem::size_of;
+use std::os::raw::{c_char, c_int, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex};
+
+use super::error::{fail_io, fail_with, invalid};
+use super::{COWBACKUP_DRIVER_SERIALIZE, COWBACKUP_OPEN_DIRECT, COWBACKUP_OPEN_WRITE};
+use crate::{BlockDriver, BlockStatus, FileDriver, MemDriver, OpenFlags, StatusFlags};
+
+/// A block device handle (opaque).
+///
+/// Each handle owns one reference to the device; a job holds references of its own, so a
+/// handle may be freed with `cowbackup_driver_free` while a job still uses the device. The
+/// device itself (and, for a C driver, its `release` op) goes away with the last reference.
+/// A handle may be used from several threads at once; only its free must not race with
+/// other calls on it.
+pub struct cowbackup_driver {
+    pub(crate) inner: Arc<dyn BlockDriver>,
+}
+
+/// The operations of a block device implemented in C (`cowbackup_driver_new`).
+///
+/// Pass `sizeof(cowbackup_driver_ops)` as `ops_size` (libfuse style): a caller compiled
+/// against an older, shorter table keeps working, the ops it does not know being NULL.
+///
+/// Every op receives the `opaque` pointer given to `cowbackup_driver_new` first, returns 0
+/// on success or a negative errno (which becomes the job's or the call's error; any other
+/// value is turned into -EIO), and is only called for ranges inside the device. Ops are
+/// called from library threads (job workers) and from the threads calling
+/// `cowbackup_cow_before_write` or `cowbackup_driver_read/write`, possibly concurrently:
+/// they must be thread-safe, or the driver must be created with `COWBACKUP_DRIVER_SERIALIZE`.
+/// Buffers passed to ops are valid only during the call. No library lock is held while an op
+/// runs, but ops must not call `cowbackup_*` functions on a job using this driver.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct cowbackup_driver_ops {
+    /// Required. Fill `buf` with the `len` bytes at `offset`.
+    pub read: Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, buf: *mut c_void, len: usize) -> c_int>,
+    /// Required. Write the `len` bytes of `buf` at `offset`.
+    pub write: Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, buf: *const c_void, len: usize) -> c_int>,
+    /// Optional (may be NULL). Make `[offset, offset + len)` read as zeroes. NULL: the library
+    /// writes buffers of zeroes with `write`, at most 1 MiB at a time.
+    pub write_zeroes: Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64) -> c_int>,
+    /// Optional (may be NULL). Make written data durable; called when a job ends. NULL: nothing.
+    pub flush: Option<unsafe extern "C" fn(opaque: *mut c_void) -> c_int>,
+    /// Optional (may be NULL). Tell the status of the range starting at `offset`: write into
+    /// `*pnum` how many bytes from `offset` (1 to `len`) share one status, and into `*status`
+    /// `COWBACKUP_STATUS_DATA` and/or `COWBACKUP_STATUS_ZERO` (or 0). An answer of `*pnum == 0`
+    /// or with other status bits is an I/O error (-EIO); `*pnum > len` is clamped to `len`.
+    /// NULL: everything is DATA.
+    pub block_status: Option<
+        unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64, pnum: *mut u64, status: *mut u32) -> c_int,
+    >,
+    /// Optional (may be NULL). Called exactly once, after the last reference to the driver is
+    /// gone (the last of `cowbackup_driver_free` and `cowbackup_job_free` of the jobs using
+    /// it), on the thread that dropped it; no other op runs or will run then. Free `opaque` here.
+    pub release: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+}
+
+/// `opaque`, which the library only passes back to the ops.
+struct Opaque(*mut c_void);
+
+// SAFETY: the library never dereferences the pointer; it only passes it to the driver's ops,
+// which the caller of cowbackup_driver_new promises are callable from any thread.
+unsafe impl Send for Opaque {}
+// SAFETY: as above; concurrent calls are either allowed by the caller (thread-safe ops) or
+// serialized by the driver's mutex (COWBACKUP_DRIVER_SERIALIZE).
+unsafe impl Sync for Opaque {}
+
+/// A block device implemented by C callbacks.
+struct CDriver {
+    ops: cowbackup_driver_ops,
+    opaque: Opaque,
+    size: u64,
+    /// Held during every op when the driver was created with `COWBACKUP_DRIVER_SERIALIZE`.
+    serialize: Option<Mutex<()>>,
+}
+
+/// Largest errno accepted from an op; more negative values are garbage (-EIO).
+const MAX_ERRNO: c_int = 4095;
+
+fn op_result(op: &str, ret: c_int) -> io::Result<()> {
+    match ret {
+        0 => Ok(()),
+        r if (-MAX_ERRNO..0).contains(&r) => Err(io::Error::from_raw_os_error(-r)),
+        r => Err(io::Error::other(format!("C driver {op} op returned {r}, not 0 or a negative errno"))),
+    }
+}
+
+impl CDriver {
+    /// Run one op call, under the driver's mutex when it serializes.
+    fn call<R>(&self, f: impl FnOnce(*mut c_void) -> R) -> R {
+        let _guard = self.serialize.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
+        f(self.opaque.0)
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("range {offset}+{len} is past the end of the device ({} bytes)", self.size),
+            )),
+        }
+    }
+}
+
+impl BlockDriver for CDriver {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let read = self.ops.read.expect("checked by cowbackup_driver_new");
+        // SAFETY: `read` is the caller's op (non-NULL, checked at creation); `buf` is valid for
+        // `buf.len()` writable bytes during the call, and the range is inside the device.
+        let ret = self.call(|opaque| unsafe { read(opaque, offset, buf.as_mut_ptr().cast(), buf.len()) });
+        op_result("read", ret)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let write = self.ops.write.expect("checked by cowbackup_driver_new");
+        // SAFETY: `write` is the caller's op (non-NULL, checked at creation); `buf` is valid for
+        // `buf.len()` bytes during the call, and the range is inside the device.
+        let ret = self.call(|opaque| unsafe { write(opaque, offset, buf.as_ptr().cast(), buf.len()) });
+        op_result("write", ret)
+    }
+
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(write_zeroes) = self.ops.write_zeroes {
+            // SAFETY: the caller's op, called with a range inside the device.
+            let ret = self.call(|opaque| unsafe { write_zeroes(opaque, offset, len) });
+            return op_result("write_zeroes", ret);
+        }
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; len.min(CHUNK) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            self.write_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        match self.ops.flush {
+            // SAFETY: the caller's op; it only receives its own opaque pointer.
+            Some(flush) => op_result("flush", self.call(|opaque| unsafe { flush(opaque) })),
+            None => Ok(()),
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        self.check(offset, len)?;
+        let Some(block_status) = self.ops.block_status else {
+            return Ok(BlockStatus { len, flags: StatusFlags::DATA });
+        };
+        let mut pnum = 0u64;
+        let mut status = 0u32;
+        // SAFETY: the caller's op, called with a range inside the device; `pnum` and `status`
+        // point to live locals for the duration of the call.
+        let ret = self.call(|opaque| unsafe { block_status(opaque, offset, len, &mut pnum, &mut status) });
+        op_result("block_status", ret)?;
+        if pnum == 0 && len > 0 {
+            return Err(io::Error::other(format!(
+                "C driver block_status op answered 0 bytes for offset {offset} (length {len})"
+            )));
+        }
+        let flags = StatusFlags::from_bits(status).ok_or_else(|| {
+            io::Error::other(format!(
+                "C driver block_status op answered unknown status bits {status:#x} at offset {offset}"
+            ))
+        })?;
+        Ok(BlockStatus { len: pnum.min(len), flags })
+    }
+}
+
+impl Drop for CDriver {
+    fn drop(&mut self) {
+        if let Some(release) = self.ops.release {
+            // SAFETY: the caller's op, called exactly once: this is the last reference, so no
+            // other op runs or will run.
+            unsafe { release(self.opaque.0) }
+        }
+    }
+}
+
+/// Box a driver into a new handle and store it in `*out`.
+///
+/// # Safety
+/// `out` is non-NULL and valid for writes.
+unsafe fn new_handle(inner: Arc<dyn BlockDriver>, out: *mut *mut cowbackup_driver) -> c_int {
+    let handle = Box::into_raw(Box::new(cowbackup_driver { inner }));
+    // SAFETY: the caller checked `out` and guarantees it is valid for writes.
+    unsafe { out.write(handle) };
+    0
+}
+
+/// Biggest `ops_size` accepted (a larger value is a bug of the caller, not a newer table).
+const MAX_OPS_SIZE: usize = 4096;
+const PTR: usize = size_of::<usize>();
+
+/// Create a block device whose I/O is done by the C functions of `ops`.
+///
+/// `ops` is copied: the table need not outlive the call. `ops_size` is `sizeof(*ops)` as the
+/// caller knows it; ops not wholly inside it are treated as NULL, and a larger table from a
+/// newer caller is accepted when the ops this library does not know are all NULL (-ENOTSUP
+/// otherwise). `read` and `write` are required. `opaque` is passed to every op and never
+/// dereferenced by the library. `size` is the device size in bytes (non-zero; it must not
+/// change). `flags`: 0 or `COWBACKUP_DRIVER_SERIALIZE`.
+///
+/// On success `*out` is a new handle (free it with `cowbackup_driver_free`) and the library
+/// owns `opaque` until it calls `release` (exactly once, after the last reference is gone).
+/// On failure nothing is created, `release` is not called and the caller keeps `opaque`.
+///
+/// Errors: -EINVAL (NULL `ops` or `out`, `ops_size` too small for `read` and `write` or
+/// larger than 4096, NULL `read` or `write`, `size` 0, unknown flags); -ENOTSUP (a newer
+/// table with non-NULL ops this library does not know).
+///
+/// # Safety
+/// `ops` points to at least `ops_size` readable bytes laid out as `cowbackup_driver_ops`
+/// (valid function pointers or NULL); `out` is valid for writes; the ops are safe to call
+/// from any thread (concurrently, unless `COWBACKUP_DRIVER_SERIALIZE`) until `release`.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_new(
+    ops: *const cowbackup_driver_ops,
+    ops_size: usize,
+    opaque: *mut c_void,
+    size: u64,
+    flags: u32,
+    out: *mut *mut cowbackup_driver,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_driver_new", {
+        check_out!(out, "cowbackup_driver_new", "out");
+        if ops.is_null() {
+            return invalid("cowbackup_driver_new: ops is NULL");
+        }
+        const FULL: usize = size_of::<cowbackup_driver_ops>();
+        if !(2 * PTR..=MAX_OPS_SIZE).contains(&ops_size) {
+            return invalid(format!(
+                "cowbackup_driver_new: ops_size {ops_size} is invalid: it must be from {} (read and write) to {MAX_OPS_SIZE}; pass sizeof(cowbackup_driver_ops) ({FULL})",
+                2 * PTR
+            ));
+        }
+        if size == 0 {
+            return invalid("cowbackup_driver_new: size is 0");
+        }
+        if flags & !COWBACKUP_DRIVER_SERIALIZE != 0 {
+            return invalid(format!(
+                "cowbackup_driver_new: unknown flags {flags:#x} (only COWBACKUP_DRIVER_SERIALIZE)"
+            ));
+        }
+        if ops_size > FULL {
+            // SAFETY: the caller guarantees `ops_size` readable bytes at `ops`.
+            let tail = unsafe { std::slice::from_raw_parts(ops.cast::<u8>().add(FULL), ops_size - FULL) };
+            if tail.iter().any(|&b| b != 0) {
+                return fail_with(
+                    libc::ENOTSUP,
+                    format!("cowbackup_driver_new: the ops table has {ops_size} bytes and ops this library ({} bytes, version {}) does not know", FULL, env!("CARGO_PKG_VERSION")),
+                );
+            }
+        }
+        // Whole pointers only: an op cut by ops_size counts as absent.
+        let known = ops_size.min(FULL) / PTR * PTR;
+        let mut table = cowbackup_driver_ops {
+            read: None,
+            write: None,
+            write_zeroes: None,
+            flush: None,
+            block_status: None,
+            release: None,
+        };
+        // SAFETY: `known` <= both `ops_size` (readable, caller's guarantee) and the size of
+        // `table`; the table is all nullable function pointers, and the caller's bytes are
+        // valid function pointers or NULL.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                ops.cast::<u8>(),
+                (&mut table as *mut cowbackup_driver_ops).cast::<u8>(),
+                known,
+            )
+        };
+        if table.read.is_none() || table.write.is_none() {
+            return invalid("cowbackup_driver_new: the read and write ops are required");
+        }
+        let serialize = (flags & COWBACKUP_DRIVER_SERIALIZE != 0).then(|| Mutex::new(()));
+        let driver = CDriver { ops: table, opaque: Opaque(opaque), size, serialize };
+        // SAFETY: `out` was checked above and the caller guarantees it is writable.
+        unsafe { new_handle(Arc::new(driver), out) }
+    })
+}
+
+fn open_flags(function: &str, flags: u32) -> Result<OpenFlags, c_int> {
+    if flags & !(COWBACKUP_OPEN_WRITE | COWBACKUP_OPEN_DIRECT) != 0 {
+        return Err(invalid(format!(
+            "{function}: unknown flags {flags:#x} (only COWBACKUP_OPEN_WRITE and COWBACKUP_OPEN_DIRECT)"
+        )));
+    }
+    Ok(OpenFlags::from_bits_truncate(flags))
+}
+
+/// # Safety
+/// `path` is non-NULL and a NUL-terminated string.
+unsafe fn path_of<'a>(path: *const c_char) -> &'a OsStr {
+    // SAFETY: the caller's guarantee.
+    OsStr::from_bytes(unsafe { CStr::from_ptr(path) }.to_bytes())
+}
+
+/// Open an existing raw image file or block device. The device size is the file's length (a
+/// block device's size). `flags`: `COWBACKUP_OPEN_WRITE` to open read-write (default
+/// read-only), `COWBACKUP_OPEN_DIRECT` to use `O_DIRECT` for aligned requests.
+///
+/// On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EINVAL (NULL
+/// argument, unknown flags, not a regular file or block device); the open's errno (-ENOENT,
+/// -EACCES, ...). Thread-safe; the driver itself is thread-safe.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_file_open(
+    path: *const c_char,
+    flags: u32,
+    out: *mut *mut cowbackup_driver,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_file_open", {
+        check_out!(out, "cowbackup_file_open", "out");
+        if path.is_null() {
+            return invalid("cowbackup_file_open: path is NULL");
+        }
+        let flags = match open_flags("cowbackup_file_open", flags) {
+            Ok(f) => f,
+            Err(e) => return e,
+        };
+        // SAFETY: non-NULL, NUL-terminated (caller's guarantee).
+        let path = unsafe { path_of(path) };
+        match FileDriver::open(path, flags) {
+            // SAFETY: `out` was checked above.
+            Ok(d) => unsafe { new_handle(Arc::new(d), out) },
+            Err(e) => fail_io(&format!("cowbackup_file_open: {}", path.to_string_lossy()), &e),
+        }
+    })
+}
+
+/// Create (or truncate) a sparse raw image file of `size` bytes (non-zero) and open it
+/// read-write. The new file reads as zeroes, so a backup into it skips zero clusters.
+/// `flags`: 0, `COWBACKUP_OPEN_WRITE` (implied), `COWBACKUP_OPEN_DIRECT`.
+///
+/// On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EINVAL (NULL
+/// argument, `size` 0, unknown flags); the errno of creating or sizing the file (-EACCES,
+/// -EFBIG, ...). Thread-safe.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_file_create(
+    path: *const c_char,
+    size: u64,
+    flags: u32,
+    out: *mut *mut cowbackup_driver,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_file_create", {
+        check_out!(out, "cowbackup_file_create", "out");
+        if path.is_null() {
+            return invalid("cowbackup_file_create: path is NULL");
+        }
+        let flags = match open_flags("cowbackup_file_create", flags) {
+            Ok(f) => f | OpenFlags::WRITE,
+            Err(e) => return e,
+        };
+        if size == 0 {
+            return invalid("cowbackup_file_create: size is 0");
+        }
+        // SAFETY: non-NULL, NUL-terminated (caller's guarantee).
+        let path = unsafe { path_of(path) };
+        match FileDriver::create_with(path, size, flags) {
+            // SAFETY: `out` was checked above.
+            Ok(d) => unsafe { new_handle(Arc::new(d), out) },
+            Err(e) => fail_io(&format!("cowbackup_file_create: {}", path.to_string_lossy()), &e),
+        }
+    })
+}
+
+/// Largest memory device: its bookkeeping is allocated up front (about 50 bytes per MiB).
+const MAX_MEMORY_SIZE: u64 = 1 << 40;
+
+/// Create an in-memory device of `size` bytes (1 byte to 1 TiB) that reads as zeroes. Memory
+/// is allocated lazily, 1 MiB at a time, when written. For tests, examples and scratch targets.
+///
+/// On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EINVAL
+/// (NULL `out`, `size` 0 or over 1 TiB). Thread-safe.
+///
+/// # Safety
+/// `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_memory_new(size: u64, out: *mut *mut cowbackup_driver) -> c_int {
+    ffi_panic_boundary!("cowbackup_memory_new", {
+        check_out!(out, "cowbackup_memory_new", "out");
+        if size == 0 || size > MAX_MEMORY_SIZE {
+            return invalid(format!(
+                "cowbackup_memory_new: size {size} is invalid: it must be from 1 to {MAX_MEMORY_SIZE}"
+            ));
+        }
+        match MemDriver::new(size) {
+            // SAFETY: `out` was checked above.
+            Ok(d) => unsafe { new_handle(Arc::new(d), out) },
+            Err(e) => fail_io("cowbackup_memory_new", &e),
+        }
+    })
+}
+
+/// Store the size of the device in bytes in `*size`. Errors: -EINVAL (NULL argument).
+/// Thread-safe.
+///
+/// # Safety
+/// `d` is NULL or a live handle; `size` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_size(d: *const cowbackup_driver, size: *mut u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_driver_size", {
+        check_out!(size, "cowbackup_driver_size", "size");
+        let d = try_ref!(d, "cowbackup_driver_size", "d");
+        // SAFETY: checked non-NULL above; the caller guarantees it is writable.
+        unsafe { size.write(d.inner.size()) };
+        0
+    })
+}
+
+/// Check `offset + len <= size` without overflow.
+fn check_range(function: &str, d: &cowbackup_driver, offset: u64, len: usize) -> Result<(), c_int> {
+    let size = d.inner.size();
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(invalid(format!("{function}: range {offset}+{len} is past the end of the device ({size} bytes)"))),
+    }
+}
+
+/// Read `len` bytes at `offset` of the device into `buf`, directly (not through a job: use it
+/// to verify a target, or to read a device in a C block layer). `buf` may be NULL only when
+/// `len` is 0.
+///
+/// Errors: -EINVAL (NULL argument, range past the end of the device or overflowing); the
+/// device's -errno. On failure `buf` may have been partly written. Thread-safe.
+///
+/// # Safety
+/// `d` is NULL or a live handle; `buf` is NULL or valid for `len` bytes of writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_read(
+    d: *mut cowbackup_driver,
+    offset: u64,
+    buf: *mut c_void,
+    len: usize,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_driver_read", {
+        let d = try_ref!(d, "cowbackup_driver_read", "d");
+        if buf.is_null() && len > 0 {
+            return invalid("cowbackup_driver_read: buf is NULL");
+        }
+        if let Err(e) = check_range("cowbackup_driver_read", d, offset, len) {
+            return e;
+        }
+        if len == 0 {
+            return 0;
+        }
+        // SAFETY: non-NULL, and the caller guarantees `len` writable bytes for the call.
+        let buf = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+        match d.inner.read_at(buf, offset) {
+            Ok(()) => 0,
+            Err(e) => fail_io("cowbackup_driver_read", &e),
+        }
+    })
+}
+
+/// Write the `len` bytes of `buf` at `offset` of the device, directly. This does NOT call the
+/// copy-before-write hook of a job backing up this device: call `cowbackup_cow_before_write`
+/// first. `buf` may be NULL only when `len` is 0.
+///
+/// Errors: -EINVAL (NULL argument, range past the end of the device or overflowing); the
+/// device's -errno (-EBADF for a read-only file). Thread-safe.
+///
+/// # Safety
+/// `d` is NULL or a live handle; `buf` is NULL or valid for `len` bytes of reads.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_write(
+    d: *mut cowbackup_driver,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_driver_write", {
+        let d = try_ref!(d, "cowbackup_driver_write", "d");
+        if buf.is_null() && len > 0 {
+            return invalid("cowbackup_driver_write: buf is NULL");
+        }
+        if let Err(e) = check_range("cowbackup_driver_write", d, offset, len) {
+            return e;
+        }
+        if len == 0 {
+            return 0;
+        }
+        // SAFETY: non-NULL, and the caller guarantees `len` readable bytes for the call.
+        let buf = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) };
+        match d.inner.write_at(buf, offset) {
+            Ok(()) => 0,
+            Err(e) => fail_io("cowbackup_driver_write", &e),
+        }
+    })
+}
+
+/// Drop the caller's reference to the device and free the handle. Jobs using the device keep
+/// their own references: the device (and a C driver's `release`) goes when the last is gone.
+/// NULL: nothing. The handle must not be used afterwards, nor freed concurrently with another
+/// call on it.
+///
+/// # Safety
+/// `d` is NULL or a live handle not used by any other call during this one nor afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_free(d: *mut cowbackup_driver) {
+    ffi_panic_boundary!("cowbackup_driver_free", {
+        if !d.is_null() {
+            // SAFETY: a handle made by Box::into_raw in new_handle, freed once (caller's guarantee).
+            drop(unsafe { Box::from_raw(d) });
+        }
+    })
+}

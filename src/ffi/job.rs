@@ -1,0 +1,244 @@
+//! Jobs: `cowbackup_backup_start`, the copy-before-write hook, control, progress and free.
+
+use std::os::raw::c_int;
+
+use super::driver::cowbackup_driver;
+use super::error::{neg_errno, result};
+use super::options::cowbackup_options;
+use super::*;
+use crate::{backup_start, BackupOptions, Job, JobState};
+
+/// A running backup job (opaque). Made by `cowbackup_backup_start`, freed by
+/// `cowbackup_job_free`. Every function on a job may be called from any thread, concurrently
+/// (the hook from many host threads at once), except `cowbackup_job_free`, which must be the
+/// last call.
+pub struct cowbackup_job {
+    job: Job,
+}
+
+/// State and progress of a job (`cowbackup_job_query`). A plain struct owned by the caller.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct cowbackup_job_info {
+    /// `COWBACKUP_JOB_CREATED`, `_RUNNING`, `_PAUSED`, `_COMPLETED`, `_FAILED` or `_CANCELLED`.
+    pub state: u32,
+    /// -errno of the failure, or of the error that paused the job; 0 otherwise.
+    pub error: i32,
+    /// Bytes to process: the device size.
+    pub len: u64,
+    /// Bytes done: `bytes_copied + bytes_zero + bytes_skipped + bytes_failed`.
+    pub offset: u64,
+    /// Data read from the source and written to the target (background copy and hook).
+    pub bytes_copied: u64,
+    /// Clusters that read as zero: written as zeroes, or left alone in a target reading zeroes.
+    pub bytes_zero: u64,
+    /// Clusters the sync mode leaves out (unallocated under `COWBACKUP_SYNC_TOP`).
+    pub bytes_skipped: u64,
+    /// Clusters that could not be copied (`COWBACKUP_ERROR_IGNORE`).
+    pub bytes_failed: u64,
+    /// Calls of `cowbackup_cow_before_write` that had to copy something.
+    pub cow_requests: u64,
+    /// Bytes those calls copied.
+    pub cow_bytes: u64,
+    /// Current background speed limit in bytes/s (0 = unlimited).
+    pub speed: u64,
+    /// Reserved for future fields; set to 0.
+    pub reserved: [u64; 8],
+}
+
+/// Start a point-in-time backup of `source` into `target`.
+///
+/// When the job completes, the target holds the source exactly as it was when this function
+/// returned, provided the host calls `cowbackup_cow_before_write` before every write to the
+/// source. The job takes its own references to both drivers: the caller may free its handles
+/// at once. `opts` is copied (NULL: the defaults of `cowbackup_options_new`). The job copies
+/// on its own threads; on success `*out` is the job (free with `cowbackup_job_free`).
+///
+/// Errors (nothing is written to the target): -EINVAL (NULL `source`, `target` or `out`;
+/// source and target are the same device; sizes differ; invalid options); the source's -errno
+/// when its block_status fails during setup (`COWBACKUP_SYNC_TOP`, or a target reading
+/// zeroes); -EAGAIN when the job's thread cannot be started. Thread-safe.
+///
+/// # Safety
+/// `source`, `target` are NULL or live driver handles; `opts` is NULL or a live options
+/// object; `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_backup_start(
+    source: *mut cowbackup_driver,
+    target: *mut cowbackup_driver,
+    opts: *const cowbackup_options,
+    out: *mut *mut cowbackup_job,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_backup_start", {
+        check_out!(out, "cowbackup_backup_start", "out");
+        let source = try_ref!(source, "cowbackup_backup_start", "source");
+        let target = try_ref!(target, "cowbackup_backup_start", "target");
+        let opts = if opts.is_null() {
+            BackupOptions::default()
+        } else {
+            // SAFETY: non-NULL; the caller guarantees a live options object.
+            unsafe { &*opts }.inner.clone()
+        };
+        match backup_start(source.inner.clone(), target.inner.clone(), opts) {
+            Ok(job) => {
+                let handle = Box::into_raw(Box::new(cowbackup_job { job }));
+                // SAFETY: checked non-NULL above; the caller guarantees it is writable.
+                unsafe { out.write(handle) };
+                0
+            }
+            Err(e) => super::error::fail("cowbackup_backup_start", &e),
+        }
+    })
+}
+
+/// The copy-before-write hook: call it in the host's write path before writing
+/// `[offset, offset + bytes)` of the source, and write only when it returns 0.
+///
+/// Returns when the old contents of every cluster the range touches are in the target. Any
+/// range is accepted (unaligned, many clusters); `bytes == 0` is a no-op. Fast when the
+/// clusters are already copied (a few atomic loads, no lock); otherwise the calling thread
+/// copies them itself, or waits for the thread copying them. It runs on, and blocks, the
+/// calling thread; it keeps working while the job is paused; after the job has ended or was
+/// cancelled it is a no-op returning 0. Thread-safe: call it from every writing thread.
+///
+/// Errors: -EINVAL (NULL `job`, range past the end of the device or overflowing); with
+/// `COWBACKUP_CBW_BREAK_GUEST_WRITE` the copy's -errno (-EIO, -ENOSPC, -ETIMEDOUT): fail the
+/// guest write; the snapshot stays valid and a later call retries.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_cow_before_write(job: *mut cowbackup_job, offset: u64, bytes: u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_cow_before_write", {
+        let job = try_ref!(job, "cowbackup_cow_before_write", "job");
+        result("cowbackup_cow_before_write", job.job.cow_before_write(offset, bytes))
+    })
+}
+
+/// Pause the background copy: workers stop before their next chunk (chunks in flight finish).
+/// The hook keeps working. Idempotent. Errors: -EINVAL (NULL `job`); -EBUSY (the job has
+/// ended). Thread-safe.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_pause(job: *mut cowbackup_job) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_pause", {
+        let job = try_ref!(job, "cowbackup_job_pause", "job");
+        result("cowbackup_job_pause", job.job.pause())
+    })
+}
+
+/// Resume a paused job (paused by `cowbackup_job_pause` or by an error under a STOP policy,
+/// which is then retried). Idempotent. Errors: -EINVAL (NULL `job`); -EBUSY (the job has
+/// ended). Thread-safe.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_resume(job: *mut cowbackup_job) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_resume", {
+        let job = try_ref!(job, "cowbackup_job_resume", "job");
+        result("cowbackup_job_resume", job.job.resume())
+    })
+}
+
+/// Cancel the job: from now on the hook is a no-op, workers stop after their current chunk and
+/// the job ends `COWBACKUP_JOB_CANCELLED`. Returns at once (`cowbackup_job_wait` waits for the
+/// end). No effect, and 0, on a job that has ended. Errors: -EINVAL (NULL `job`). Thread-safe.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_cancel(job: *mut cowbackup_job) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_cancel", {
+        let job = try_ref!(job, "cowbackup_job_cancel", "job");
+        job.job.cancel();
+        0
+    })
+}
+
+/// Change the background copy speed limit (bytes/s, 0 = unlimited) of a running job;
+/// effective within 100 ms. Never slows the hook. Errors: -EINVAL (NULL `job`). Thread-safe.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_set_speed(job: *mut cowbackup_job, bytes_per_sec: u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_set_speed", {
+        let job = try_ref!(job, "cowbackup_job_set_speed", "job");
+        job.job.set_speed(bytes_per_sec);
+        0
+    })
+}
+
+/// Block until the job ends and return its result: 0 when it completed (the target is an exact
+/// point-in-time image of the source), -ECANCELED when it was cancelled, or the -errno of the
+/// error that failed it (message in `cowbackup_last_error()`). May be called several times
+/// and from several threads; returns at once when the job has ended. -EINVAL: NULL `job`.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_wait(job: *mut cowbackup_job) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_wait", {
+        let job = try_ref!(job, "cowbackup_job_wait", "job");
+        result("cowbackup_job_wait", job.job.wait())
+    })
+}
+
+/// Store the job's state and progress in `*info` (all fields, `reserved` zeroed). Errors:
+/// -EINVAL (NULL argument). Thread-safe; does not block on I/O.
+///
+/// # Safety
+/// `job` is NULL or a live job handle; `info` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_query(job: *const cowbackup_job, info: *mut cowbackup_job_info) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_query", {
+        check_out!(info, "cowbackup_job_query", "info");
+        let job = try_ref!(job, "cowbackup_job_query", "job");
+        let i = job.job.info();
+        let state = match i.state {
+            JobState::Created => COWBACKUP_JOB_CREATED,
+            JobState::Running => COWBACKUP_JOB_RUNNING,
+            JobState::Paused => COWBACKUP_JOB_PAUSED,
+            JobState::Completed => COWBACKUP_JOB_COMPLETED,
+            JobState::Failed => COWBACKUP_JOB_FAILED,
+            JobState::Cancelled => COWBACKUP_JOB_CANCELLED,
+        };
+        let c = cowbackup_job_info {
+            state,
+            error: i.error.as_ref().map_or(0, neg_errno),
+            len: i.len,
+            offset: i.offset,
+            bytes_copied: i.bytes_copied,
+            bytes_zero: i.bytes_zero,
+            bytes_skipped: i.bytes_skipped,
+            bytes_failed: i.bytes_failed,
+            cow_requests: i.cow_requests,
+            cow_bytes: i.cow_bytes,
+            speed: i.speed,
+            reserved: [0; 8],
+        };
+        // SAFETY: checked non-NULL above; the caller guarantees it is writable.
+        unsafe { info.write(c) };
+        0
+    })
+}
+
+/// Free the job. A job still running is cancelled first, and this waits for its threads to
+/// end (the completion callback, if any, runs before this returns). The job's references to
+/// its drivers are dropped (a C driver whose last reference this was is released). NULL:
+/// nothing. No other call on the job may run concurrently or follow.
+///
+/// # Safety
+/// `job` is NULL or a live job handle not used by any other call during this one nor afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_free(job: *mut cowbackup_job) {
+    ffi_panic_boundary!("cowbackup_job_free", {
+        if !job.is_null() {
+            // SAFETY: made by Box::into_raw in cowbackup_backup_start, freed once (caller's guarantee).
+            drop(unsafe { Box::from_raw(job) });
+        }
+    })
+}

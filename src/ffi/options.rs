@@ -1,0 +1,305 @@
+//! `cowbackup_options`: the options of `cowbackup_backup_start`, each setter validating its
+//! value at once.
+
+use std::os::raw::{c_int, c_void};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::error::{fail_with, invalid, neg_errno};
+use super::*;
+use crate::{
+    BackupOptions, CbwErrorAction, ErrorAction, Result, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS,
+    MIN_CLUSTER_SIZE,
+};
+
+/// Options of a backup job (opaque): cluster size, sync mode, workers, speed, error
+/// policies, completion callback. Made by `cowbackup_options_new` with the defaults, changed
+/// by the `cowbackup_options_set_*` functions (each validates its value: a failed setter
+/// changes nothing), read by `cowbackup_backup_start` (which copies them: the options may be
+/// changed or freed afterwards, and reused for other jobs). Not thread-safe: do not change
+/// one options object from two threads at once.
+pub struct cowbackup_options {
+    pub(crate) inner: BackupOptions,
+}
+
+/// New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers,
+/// max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
+/// `COWBACKUP_CBW_BREAK_GUEST_WRITE`, no copy-before-write timeout, target not known to read
+/// zeroes, no completion callback. Free with `cowbackup_options_free`. Returns NULL only on an
+/// internal error. Thread-safe.
+#[no_mangle]
+pub extern "C" fn cowbackup_options_new() -> *mut cowbackup_options {
+    ffi_panic_boundary!("cowbackup_options_new", {
+        Box::into_raw(Box::new(cowbackup_options { inner: BackupOptions::default() }))
+    })
+}
+
+/// Free options made by `cowbackup_options_new`. NULL: nothing. Jobs started with them are
+/// not affected.
+///
+/// # Safety
+/// `o` is NULL or a live options object, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_free(o: *mut cowbackup_options) {
+    ffi_panic_boundary!("cowbackup_options_free", {
+        if !o.is_null() {
+            // SAFETY: made by Box::into_raw in cowbackup_options_new, freed once (caller's guarantee).
+            drop(unsafe { Box::from_raw(o) });
+        }
+    })
+}
+
+/// Set the cluster size: the granularity of copy-before-write and of the copy bitmap, a power
+/// of two from 4096 (4 KiB) to 67108864 (64 MiB). Default 65536.
+/// Errors: -EINVAL (NULL `o`, size out of range or not a power of two).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_cluster_size(o: *mut cowbackup_options, bytes: u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_cluster_size", {
+        let o = try_mut!(o, "cowbackup_options_set_cluster_size", "o");
+        if !bytes.is_power_of_two() || !(MIN_CLUSTER_SIZE..=MAX_CLUSTER_SIZE).contains(&bytes) {
+            return invalid(format!(
+                "cowbackup_options_set_cluster_size: {bytes} is invalid: it must be a power of two from {MIN_CLUSTER_SIZE} to {MAX_CLUSTER_SIZE}"
+            ));
+        }
+        o.inner.cluster_size = bytes;
+        0
+    })
+}
+
+/// Set the sync mode: `COWBACKUP_SYNC_FULL` (default), `COWBACKUP_SYNC_TOP` or
+/// `COWBACKUP_SYNC_NONE`. Errors: -EINVAL (NULL `o`, unknown mode); -ENOTSUP for
+/// `COWBACKUP_SYNC_BITMAP`, which needs dirty bitmaps, not available in this version.
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_sync(o: *mut cowbackup_options, mode: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_sync", {
+        let o = try_mut!(o, "cowbackup_options_set_sync", "o");
+        o.inner.sync = match mode {
+            COWBACKUP_SYNC_FULL => SyncMode::Full,
+            COWBACKUP_SYNC_TOP => SyncMode::Top,
+            COWBACKUP_SYNC_NONE => SyncMode::None,
+            COWBACKUP_SYNC_BITMAP => {
+                return fail_with(
+                    libc::ENOTSUP,
+                    "cowbackup_options_set_sync: COWBACKUP_SYNC_BITMAP is not supported yet (no dirty bitmaps in this version)",
+                )
+            }
+            _ => return invalid(format!("cowbackup_options_set_sync: unknown sync mode {mode}")),
+        };
+        0
+    })
+}
+
+/// Set the background copy speed limit in bytes per second; 0 (default) = unlimited. Never
+/// slows the copy-before-write hook. Any value is valid. Errors: -EINVAL (NULL `o`).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_speed(o: *mut cowbackup_options, bytes_per_sec: u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_speed", {
+        let o = try_mut!(o, "cowbackup_options_set_speed", "o");
+        o.inner.speed = bytes_per_sec;
+        0
+    })
+}
+
+/// Set the number of background copy threads, 1 to 64. Default 2.
+/// Errors: -EINVAL (NULL `o`, `n` out of range).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_workers(o: *mut cowbackup_options, n: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_workers", {
+        let o = try_mut!(o, "cowbackup_options_set_workers", "o");
+        if n == 0 || n as usize > MAX_WORKERS {
+            return invalid(format!(
+                "cowbackup_options_set_workers: {n} is invalid: it must be from 1 to {MAX_WORKERS}"
+            ));
+        }
+        o.inner.workers = n as usize;
+        0
+    })
+}
+
+/// Set the largest background copy request in bytes, 4096 to 1073741824 (1 GiB); the job
+/// rounds it down to whole clusters, at least one cluster. Default 1 MiB.
+/// Errors: -EINVAL (NULL `o`, out of range).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_max_chunk(o: *mut cowbackup_options, bytes: u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_max_chunk", {
+        let o = try_mut!(o, "cowbackup_options_set_max_chunk", "o");
+        if !(MIN_CLUSTER_SIZE..=MAX_CHUNK_LIMIT).contains(&bytes) {
+            return invalid(format!(
+                "cowbackup_options_set_max_chunk: {bytes} is invalid: it must be from {MIN_CLUSTER_SIZE} to {MAX_CHUNK_LIMIT}"
+            ));
+        }
+        o.inner.max_chunk = bytes;
+        0
+    })
+}
+
+fn error_action(function: &str, action: u32) -> std::result::Result<ErrorAction, c_int> {
+    Ok(match action {
+        COWBACKUP_ERROR_REPORT => ErrorAction::Report,
+        COWBACKUP_ERROR_IGNORE => ErrorAction::Ignore,
+        COWBACKUP_ERROR_STOP => ErrorAction::Stop,
+        COWBACKUP_ERROR_ENOSPC => ErrorAction::Enospc,
+        _ => return Err(invalid(format!("{function}: unknown error action {action}"))),
+    })
+}
+
+/// Set what the background copy does when reading the source fails: `COWBACKUP_ERROR_REPORT`
+/// (default), `COWBACKUP_ERROR_IGNORE`, `COWBACKUP_ERROR_STOP` or `COWBACKUP_ERROR_ENOSPC`.
+/// Errors: -EINVAL (NULL `o`, unknown action).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_on_source_error(o: *mut cowbackup_options, action: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_on_source_error", {
+        let o = try_mut!(o, "cowbackup_options_set_on_source_error", "o");
+        match error_action("cowbackup_options_set_on_source_error", action) {
+            Ok(a) => o.inner.on_source_error = a,
+            Err(e) => return e,
+        }
+        0
+    })
+}
+
+/// Set what the background copy does when writing, zeroing or flushing the target fails:
+/// `COWBACKUP_ERROR_REPORT` (default), `COWBACKUP_ERROR_IGNORE`, `COWBACKUP_ERROR_STOP` or
+/// `COWBACKUP_ERROR_ENOSPC`. Errors: -EINVAL (NULL `o`, unknown action).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_on_target_error(o: *mut cowbackup_options, action: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_on_target_error", {
+        let o = try_mut!(o, "cowbackup_options_set_on_target_error", "o");
+        match error_action("cowbackup_options_set_on_target_error", action) {
+            Ok(a) => o.inner.on_target_error = a,
+            Err(e) => return e,
+        }
+        0
+    })
+}
+
+/// Set what happens when the copy inside `cowbackup_cow_before_write` fails:
+/// `COWBACKUP_CBW_BREAK_GUEST_WRITE` (default: the hook returns the error and the host fails
+/// its write) or `COWBACKUP_CBW_BREAK_SNAPSHOT` (the hook returns 0, the job fails).
+/// Errors: -EINVAL (NULL `o`, unknown action).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_on_cbw_error(o: *mut cowbackup_options, action: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_on_cbw_error", {
+        let o = try_mut!(o, "cowbackup_options_set_on_cbw_error", "o");
+        o.inner.on_cbw_error = match action {
+            COWBACKUP_CBW_BREAK_GUEST_WRITE => CbwErrorAction::BreakGuestWrite,
+            COWBACKUP_CBW_BREAK_SNAPSHOT => CbwErrorAction::BreakSnapshot,
+            _ => return invalid(format!("cowbackup_options_set_on_cbw_error: unknown action {action}")),
+        };
+        0
+    })
+}
+
+/// Set the longest time in milliseconds a `cowbackup_cow_before_write` call may wait for
+/// clusters another thread is copying; past it the call fails with -ETIMEDOUT (then the
+/// `on_cbw_error` action applies). 0 (default) = no limit. Errors: -EINVAL (NULL `o`).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_cbw_timeout(o: *mut cowbackup_options, ms: u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_cbw_timeout", {
+        let o = try_mut!(o, "cowbackup_options_set_cbw_timeout", "o");
+        o.inner.cbw_timeout = (ms != 0).then(|| Duration::from_millis(ms));
+        0
+    })
+}
+
+/// Tell whether the target is known to read zeroes (1) or not (0, default): with 1, clusters
+/// that read as zero are not written to the target at all. (A target made by
+/// `cowbackup_file_create` or `cowbackup_memory_new` is detected by itself.) Use 1 only when
+/// it is true: otherwise the backup is wrong where the target held data.
+/// Errors: -EINVAL (NULL `o`, a value other than 0 or 1).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_target_is_zero(o: *mut cowbackup_options, is_zero: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_target_is_zero", {
+        let o = try_mut!(o, "cowbackup_options_set_target_is_zero", "o");
+        o.inner.target_is_zero = match is_zero {
+            0 => false,
+            1 => true,
+            _ => return invalid(format!("cowbackup_options_set_target_is_zero: {is_zero} is not 0 or 1")),
+        };
+        0
+    })
+}
+
+/// `opaque` of a completion callback, only passed back to it.
+struct CallbackOpaque(*mut c_void);
+
+// SAFETY: never dereferenced by the library, only passed to the callback, which the caller of
+// cowbackup_options_set_completion promises may run on any thread.
+unsafe impl Send for CallbackOpaque {}
+// SAFETY: as above; the callback gets the pointer by value.
+unsafe impl Sync for CallbackOpaque {}
+
+impl CallbackOpaque {
+    /// The pointer. A method, so that closures capture the whole (Send) wrapper.
+    fn get(&self) -> *mut c_void {
+        self.0
+    }
+}
+
+/// Set the completion callback of the jobs started with these options: `cb(opaque, ret)` is
+/// called exactly once per job, when it ends, with what `cowbackup_job_wait` returns (0,
+/// -ECANCELED, or the job's -errno), after the final state is set. It runs on a library thread
+/// (the job's own thread), not the thread that started the job; it must not block for long.
+/// It may call `cowbackup_job_query` and `cowbackup_job_wait` (which returns at once).
+/// `cowbackup_job_wait` in another thread may return just before the callback runs;
+/// `cowbackup_job_free` returns only after it has run. It is
+/// also called, with -ECANCELED, when a running job is freed, before `cowbackup_job_free`
+/// returns. A job that fails to start never calls it. `cb` NULL removes the callback.
+/// Errors: -EINVAL (NULL `o`).
+///
+/// # Safety
+/// `o` is NULL or a live options object. `cb`, when not NULL, is safe to call from any thread
+/// with `opaque`, until every job started with these options has ended.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_completion(
+    o: *mut cowbackup_options,
+    cb: Option<unsafe extern "C" fn(opaque: *mut c_void, ret: c_int)>,
+    opaque: *mut c_void,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_completion", {
+        let o = try_mut!(o, "cowbackup_options_set_completion", "o");
+        o.inner.on_complete = cb.map(|cb| {
+            let opaque = CallbackOpaque(opaque);
+            Arc::new(move |r: &Result<()>| {
+                let ret = match r {
+                    Ok(()) => 0,
+                    Err(e) => neg_errno(e),
+                };
+                // SAFETY: the caller's callback with its own opaque pointer; it may run on any
+                // thread (caller's guarantee).
+                unsafe { cb(opaque.get(), ret) }
+            }) as crate::CompletionFn
+        });
+        0
+    })
+}
