@@ -112,12 +112,9 @@ fn hook_after_cancel_is_a_noop_and_none_keeps_hooked_old_data() {
     let orig = rng.bytes(4 * MIB as usize);
     let source = mem(&orig);
     let target = Arc::new(MemDriver::new(4 * MIB).unwrap());
-    let job = backup_start(
-        source.clone(),
-        target.clone(),
-        BackupOptions { sync: SyncMode::None, ..Default::default() },
-    )
-    .unwrap();
+    let job =
+        backup_start(source.clone(), target.clone(), BackupOptions { sync: SyncMode::None, ..Default::default() })
+            .unwrap();
     // Fleecing: only hooked clusters reach the target.
     job.cow_before_write(100 * KIB, 10).unwrap(); // cluster [64K, 128K)
     source.write_at(&[1; 10], 100 * KIB).unwrap();
@@ -131,7 +128,11 @@ fn hook_after_cancel_is_a_noop_and_none_keeps_hooked_old_data() {
     job.cow_before_write(0, 64 * KIB).unwrap();
     source.write_at(&[2; 64 * KIB as usize], 0).unwrap();
     let t = target.to_vec();
-    assert_same("hooked cluster", &t[64 * KIB as usize..128 * KIB as usize], &orig[64 * KIB as usize..128 * KIB as usize]);
+    assert_same(
+        "hooked cluster",
+        &t[64 * KIB as usize..128 * KIB as usize],
+        &orig[64 * KIB as usize..128 * KIB as usize],
+    );
     assert!(t[..64 * KIB as usize].iter().all(|&b| b == 0), "cluster 0 was hooked after cancel");
     assert!(t[128 * KIB as usize..].iter().all(|&b| b == 0));
     assert_eq!(job.info().cow_requests, 1);
@@ -171,7 +172,8 @@ fn top_on_a_sparse_file_keeps_the_target_sparse() {
     let source = Arc::new(src);
     let tp = dir.path().join("target.img");
     let target = Arc::new(FileDriver::create(&tp, size).unwrap());
-    let job = backup_start(source, target.clone(), BackupOptions { sync: SyncMode::Top, ..Default::default() }).unwrap();
+    let job =
+        backup_start(source, target.clone(), BackupOptions { sync: SyncMode::Top, ..Default::default() }).unwrap();
     job.wait().unwrap();
     let info = job.info();
     assert_same("target", &contents(&*target), &snapshot);
