@@ -40,6 +40,19 @@ impl Bitmap {
         b
     }
 
+    /// Like [`Bitmap::new`], but `None` instead of aborting when the memory cannot be had.
+    pub fn try_new(len: u64, set: bool) -> Option<Bitmap> {
+        let nwords = usize::try_from(len.div_ceil(64)).ok()?;
+        let mut v: Vec<AtomicU64> = Vec::new();
+        v.try_reserve_exact(nwords).ok()?;
+        v.extend((0..nwords).map(|_| AtomicU64::new(0)));
+        let b = Bitmap { words: v.into_boxed_slice(), len };
+        if set {
+            b.set_range(0..len);
+        }
+        Some(b)
+    }
+
     /// Number of bits.
     pub fn len(&self) -> u64 {
         self.len

@@ -16,8 +16,10 @@ pub enum ErrorKind {
     Cancelled,
     /// A copy-before-write call waited longer than the job's `cbw_timeout`.
     TimedOut,
-    /// The operation does not fit the job's current state (e.g. resume of a job that is not paused).
+    /// The operation does not fit the job's current state (e.g. pause of a job that has ended).
     Busy,
+    /// Memory for the job's bookkeeping (the copy bitmap) could not be allocated.
+    OutOfMemory,
 }
 
 /// Which device of a job an I/O error came from.

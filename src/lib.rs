@@ -35,10 +35,12 @@ mod error;
 #[cfg(feature = "capi")]
 pub mod ffi;
 mod job;
+mod trace;
 mod zero;
 
 pub use buf::{AlignedBuf, IO_ALIGN};
 pub use driver::{BlockDriver, BlockStatus, StatusFlags};
+pub use drivers::fault::{FaultDriver, FaultOp, FaultRule, RuleId};
 pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
@@ -46,4 +48,5 @@ pub use job::{
     backup_start, BackupOptions, CbwErrorAction, CompletionFn, ErrorAction, Job, JobInfo, JobState, SyncMode,
     MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
+pub use trace::{TraceAction, TraceEvent, TraceFn};
 pub use zero::buffer_is_zero;

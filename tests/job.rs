@@ -29,31 +29,41 @@ fn unaligned_device_and_hook_ranges() {
     let orig = rng.bytes(4097);
     let source = mem(&orig);
     let target = Arc::new(MemDriver::new(4097).unwrap());
-    let gate = Gate::new(target.clone(), true); // hold the background copy
-    let opts = BackupOptions { cluster_size: 4096, workers: 1, ..Default::default() };
-    let job = backup_start(source.clone(), gate.clone(), opts).unwrap();
+    let gate = Gate::new(source.clone(), true); // hold the background copy back
+    let opts = BackupOptions { cluster_size: 4096, workers: 1, max_chunk: 4096, ..Default::default() };
+    let job = backup_start(gate.clone(), target.clone(), opts).unwrap();
+    // The worker has claimed cluster 0 and waits at the gate.
+    while gate.held.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // Hook on the last byte only: copies the partial last cluster.
     job.cow_before_write(4096, 1).unwrap();
     source.write_at(&[0xAA], 4096).unwrap();
-    // An unaligned range in the first cluster.
-    job.cow_before_write(100, 3000).unwrap();
-    source.write_at(&[0xBB; 3000], 100).unwrap();
-    // The whole device, now already copied: fast path.
+    assert_eq!((job.info().cow_requests, job.info().cow_bytes), (1, 1));
+    std::thread::scope(|s| {
+        // An unaligned range in cluster 0: waits for the worker copying it, copies nothing.
+        let hook = s.spawn(|| {
+            job.cow_before_write(100, 3000).unwrap();
+            source.write_at(&[0xBB; 3000], 100).unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!hook.is_finished(), "the hook must wait for the cluster being copied");
+        gate.open();
+    });
+    // The whole device, now copied: fast path.
     job.cow_before_write(0, 4097).unwrap();
     source.write_at(&[0xCC; 4097], 0).unwrap();
-    assert_eq!(job.info().cow_requests, 2);
-    assert_eq!(job.info().cow_bytes, 4097);
+    assert_eq!((job.info().cow_requests, job.info().cow_bytes), (1, 1));
     // Past the end or overflowing: rejected, nothing copied.
     assert_eq!(job.cow_before_write(4097, 1).unwrap_err().kind(), ErrorKind::InvalidInput);
     assert_eq!(job.cow_before_write(1, u64::MAX).unwrap_err().kind(), ErrorKind::InvalidInput);
     assert_eq!(job.cow_before_write(u64::MAX, 2).unwrap_err().kind(), ErrorKind::InvalidInput);
     assert!(job.cow_before_write(4097, 0).is_ok(), "empty range at the end is a no-op");
-    gate.open();
     job.wait().unwrap();
     assert_same("4097-byte target", &target.to_vec(), &orig);
     // After completion the hook is a no-op and bad ranges are still errors.
     job.cow_before_write(0, 4097).unwrap();
-    assert_eq!(job.info().cow_requests, 2);
+    assert_eq!(job.info().cow_requests, 1);
     assert!(job.cow_before_write(0, 4098).is_err());
 }
 
@@ -64,8 +74,8 @@ fn hook_over_many_clusters_and_the_partial_last_one() {
     let orig = rng.bytes(size as usize);
     let source = mem(&orig);
     let target = Arc::new(MemDriver::new(size).unwrap());
-    let gate = Gate::new(target.clone(), true);
-    let job = backup_start(source.clone(), gate.clone(), BackupOptions { workers: 3, ..Default::default() }).unwrap();
+    let gate = Gate::new(source.clone(), true); // hold the background copy back
+    let job = backup_start(gate.clone(), target.clone(), BackupOptions { workers: 3, ..Default::default() }).unwrap();
     // 5 MiB + a bit, unaligned at both ends, to the very end of the device.
     let off = size - 5 * MIB - 777;
     job.cow_before_write(off, size - off).unwrap();

@@ -43,12 +43,20 @@ impl MemDriver {
         if size == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "device size must not be 0"));
         }
-        let nseg = usize::try_from(size.div_ceil(SEGMENT))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "device size too large"))?;
+        let no_memory = || {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate the bookkeeping of a {size}-byte memory device"),
+            )
+        };
+        let nseg = usize::try_from(size.div_ceil(SEGMENT)).map_err(|_| no_memory())?;
+        let mut segments = Vec::new();
+        segments.try_reserve_exact(nseg).map_err(|_| no_memory())?;
+        segments.extend((0..nseg).map(|_| RwLock::new(None)));
         Ok(MemDriver {
             size,
-            segments: (0..nseg).map(|_| RwLock::new(None)).collect(),
-            written: Bitmap::new(size.div_ceil(BLOCK), false),
+            segments: segments.into_boxed_slice(),
+            written: Bitmap::try_new(size.div_ceil(BLOCK), false).ok_or_else(no_memory)?,
             ever_written: AtomicBool::new(false),
         })
     }
@@ -184,5 +192,6 @@ mod tests {
         assert!(d.read_at(&mut [0u8; 2], d.size() - 1).is_err());
         assert!(d.write_at(&[0u8; 1], u64::MAX).is_err());
         assert!(MemDriver::new(0).is_err());
+        assert_eq!(MemDriver::new(u64::MAX).err().unwrap().kind(), io::ErrorKind::OutOfMemory);
     }
 }

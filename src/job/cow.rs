@@ -1,10 +1,16 @@
 //! The copy-before-write hook: `Job::cow_before_write`.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use super::claims::HookClaim;
-use super::{Job, JobShared};
-use crate::error::{Error, Result};
+use super::{panic_error, Job, JobShared};
+use crate::error::{Error, ErrorKind, Result};
+use crate::job::CbwErrorAction;
+use crate::trace::{TraceAction, TraceEvent};
 
 impl Job {
     /// Call before writing `[offset, offset + len)` of the source. Returns when the old
@@ -18,9 +24,11 @@ impl Job {
     /// copying them. After the job has ended or been cancelled, this is a no-op.
     ///
     /// # Errors
-    /// `InvalidInput` when the range overflows or ends past the device. The I/O error
-    /// of the copy otherwise: the host must then fail its write; the clusters stay
-    /// dirty, so the snapshot stays valid and a later call retries them.
+    /// `InvalidInput` when the range overflows or ends past the device. When the copy
+    /// fails (or waits longer than `cbw_timeout`: `TimedOut`), `on_cbw_error` decides:
+    /// `BreakGuestWrite` returns the error (the host must fail its write; the clusters
+    /// stay dirty, so the snapshot stays valid and a later call retries them);
+    /// `BreakSnapshot` returns `Ok` and fails the job.
     #[inline]
     pub fn cow_before_write(&self, offset: u64, len: u64) -> Result<()> {
         self.shared.cow_before_write(offset, len)
@@ -29,7 +37,7 @@ impl Job {
 
 impl JobShared {
     #[inline]
-    pub(crate) fn cow_before_write(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn cow_before_write(self: &Arc<Self>, offset: u64, len: u64) -> Result<()> {
         let size = self.geo.size;
         let end = match offset.checked_add(len) {
             Some(end) if end <= size => end,
@@ -46,19 +54,62 @@ impl JobShared {
         if self.claims.is_clean(clusters.clone()) {
             return Ok(());
         }
-        self.cow_slow(clusters)
+        self.cow_slow(offset, len, clusters)
     }
 
     #[cold]
-    fn cow_slow(&self, clusters: std::ops::Range<u64>) -> Result<()> {
+    fn cow_slow(self: &Arc<Self>, offset: u64, len: u64, clusters: Range<u64>) -> Result<()> {
+        let start = Instant::now();
+        self.trace(|| TraceEvent::HookBegin { job: self.id, offset, len });
+        let result = match self.cbw_timeout {
+            None => self.cow_copy(clusters),
+            Some(t) => self.cow_copy_timed(clusters, t),
+        };
+        let result = match result {
+            Ok(copied) => Ok(copied),
+            Err(e) => self.on_cbw_error(e).map(|()| 0),
+        };
+        self.trace(|| TraceEvent::HookEnd {
+            job: self.id,
+            offset,
+            len,
+            waited: start.elapsed(),
+            copied: *result.as_ref().unwrap_or(&0),
+            errno: result.as_ref().err().map_or(0, |e| e.errno()),
+        });
+        result.map(|_| ())
+    }
+
+    /// The copy failed or timed out: apply `on_cbw_error`.
+    fn on_cbw_error(&self, e: Error) -> Result<()> {
+        match self.on_cbw_error {
+            CbwErrorAction::BreakSnapshot => {
+                self.trace(|| TraceEvent::Error { job: self.id, error: e.clone(), action: TraceAction::BreakSnapshot });
+                // Later hooks are no-ops; the job ends Failed.
+                self.hook_off.store(true, Ordering::Release);
+                self.fail(e);
+                Ok(())
+            }
+            _ => {
+                self.trace(|| TraceEvent::Error {
+                    job: self.id,
+                    error: e.clone(),
+                    action: TraceAction::BreakGuestWrite,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Copy (or wait for) every dirty cluster of `clusters`; returns the bytes this call copied.
+    fn cow_copy(&self, clusters: Range<u64>) -> Result<u64> {
         let copier = self.copier();
         let mut buf = self.take_buf();
         let mut copied = 0u64;
         let stop = || self.hook_off.load(Ordering::Acquire);
         let result = loop {
             match self.claims.claim_or_wait(clusters.clone(), self.geo.max_run, None, stop) {
-                HookClaim::Clean | HookClaim::Stopped => break Ok(()),
-                HookClaim::TimedOut => unreachable!("no deadline was given"),
+                HookClaim::Clean | HookClaim::Stopped | HookClaim::TimedOut => break Ok(copied),
                 HookClaim::Claimed(mine) => {
                     let mut failed = None;
                     for claim in mine {
@@ -66,11 +117,19 @@ impl JobShared {
                         if failed.is_some() {
                             continue;
                         }
+                        let (off, len) = self.geo.byte_range(claim.range());
                         match copier.copy(claim.range(), &mut buf) {
                             Ok(done) => {
                                 claim.done();
                                 self.stats.add(done);
                                 copied += done.data + done.zero;
+                                self.trace(|| TraceEvent::ChunkCopied {
+                                    job: self.id,
+                                    offset: off,
+                                    len,
+                                    data: done.data,
+                                    hook: true,
+                                });
                             }
                             Err(e) => failed = Some(e),
                         }
@@ -87,5 +146,43 @@ impl JobShared {
             self.stats.cow_bytes.fetch_add(copied, Ordering::Relaxed);
         }
         result
+    }
+
+    /// `cow_copy` on a helper thread `cowbackup-<id>-h`, waiting at most `timeout`. On
+    /// time-out the copy goes on in the background (its claims stay valid); the caller
+    /// gets `TimedOut`.
+    fn cow_copy_timed(self: &Arc<Self>, clusters: Range<u64>, timeout: Duration) -> Result<u64> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job = Arc::clone(self);
+        let c = clusters.clone();
+        *self.helpers.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let spawned = thread::Builder::new().name(format!("cowbackup-{}-h", self.id)).spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.cow_copy(c)))
+                .unwrap_or_else(|p| Err(panic_error("copy-before-write helper", p)));
+            let _ = tx.send(r);
+            let mut n = job.helpers.lock().unwrap_or_else(|e| e.into_inner());
+            *n -= 1;
+            drop(n);
+            job.helpers_cv.notify_all();
+        });
+        if spawned.is_err() {
+            // No thread to be had: copy here, without the time limit.
+            *self.helpers.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            return self.cow_copy(clusters);
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let (off, len) = self.geo.byte_range(clusters);
+                Err(Error::new(
+                    ErrorKind::TimedOut,
+                    libc::ETIMEDOUT,
+                    format!("copy-before-write of {len} bytes at offset {off} did not finish within {timeout:?}"),
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Error::new(ErrorKind::Io, libc::EIO, "copy-before-write helper thread ended without a result"))
+            }
+        }
     }
 }

@@ -33,8 +33,10 @@ use crate::bitmap::Bitmap;
 use crate::buf::AlignedBuf;
 use crate::driver::{BlockDriver, StatusFlags};
 use crate::error::{Error, ErrorKind, Op, Result, Side};
+use crate::trace::{TraceAction, TraceEvent, TraceFn};
 use claims::Claims;
 use copy::{Copied, Copier};
+use policy::Reaction;
 use ratelimit::RateLimit;
 
 /// The life of a job: `Created → Running ⇄ Paused → Completed | Failed | Cancelled`.
@@ -134,10 +136,14 @@ struct ControlState {
     state: JobState,
     paused: bool,
     cancel: bool,
-    /// The first failure.
+    /// The failure, or the error that paused the job (policy `Stop`).
     error: Option<Error>,
+    /// The first error given up on under policy `Ignore`: the job's result at the end.
+    ignored: Option<Error>,
     /// Set once, when the job ends.
     result: Option<Result<()>>,
+    /// The completion callback has returned (or there is none).
+    callback_done: bool,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -169,6 +175,17 @@ pub(crate) struct JobShared {
     /// Spare hook buffers. Protected by this mutex.
     bufs: Mutex<Vec<AlignedBuf>>,
     on_complete: Option<CompletionFn>,
+    on_source_error: ErrorAction,
+    on_target_error: ErrorAction,
+    on_cbw_error: CbwErrorAction,
+    cbw_timeout: Option<Duration>,
+    trace: Option<TraceFn>,
+    /// Byte ranges given up under `Ignore`, merged, in order of failure. Protected by this mutex.
+    failed: Mutex<Vec<(u64, u64)>>,
+    /// Hook helper threads still running (with `cbw_timeout`). Protected by this mutex.
+    helpers: Mutex<usize>,
+    /// Signalled when `helpers` drops.
+    helpers_cv: Condvar,
     /// Unallocated source ranges to write as zeroes to a non-zero target (`Top`), before copying.
     zero_target: Mutex<Vec<(u64, u64)>>,
 }
@@ -199,6 +216,96 @@ impl JobShared {
         let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
         if bufs.len() < 16 {
             bufs.push(b);
+        }
+    }
+
+    /// Emit a trace event; the event is built only when there is a sink.
+    #[inline]
+    fn trace(&self, event: impl FnOnce() -> TraceEvent) {
+        if let Some(sink) = &self.trace {
+            sink(&event());
+        }
+    }
+
+    /// Change the state under the lock; the trace event follows once the caller unlocks.
+    fn set_state(&self, c: &mut ControlState, to: JobState) -> Option<TraceEvent> {
+        let from = std::mem::replace(&mut c.state, to);
+        (from != to && self.trace.is_some()).then_some(TraceEvent::StateChanged { job: self.id, from, to })
+    }
+
+    fn emit(&self, event: Option<TraceEvent>) {
+        if let (Some(sink), Some(e)) = (&self.trace, event) {
+            sink(&e);
+        }
+    }
+
+    /// The background policy for an error: by the side it came from.
+    fn reaction(&self, e: &Error) -> Reaction {
+        let action = match e.context().map(|c| c.side) {
+            Some(Side::Source) => self.on_source_error,
+            _ => self.on_target_error,
+        };
+        let r = action.react(e);
+        let t = match r {
+            Reaction::Report => TraceAction::Report,
+            Reaction::Ignore => TraceAction::Ignore,
+            Reaction::Stop => TraceAction::Stop,
+        };
+        self.trace(|| TraceEvent::Error { job: self.id, error: e.clone(), action: t });
+        r
+    }
+
+    /// Policy `Stop`: pause the job with the error; `resume` retries.
+    fn stop_on_error(&self, e: Error) {
+        let mut c = self.lock();
+        if c.cancel || c.state.is_terminal() {
+            return;
+        }
+        c.paused = true;
+        c.error = Some(e);
+        let ev = self.set_state(&mut c, JobState::Paused);
+        drop(c);
+        self.emit(ev);
+        self.control_cv.notify_all();
+    }
+
+    /// Policy `Ignore`: clusters given up. The job goes on and ends `Failed` with the first such error.
+    fn record_failed(&self, off: u64, len: u64, e: Error) {
+        self.stats.failed.fetch_add(len, Ordering::Relaxed);
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match f.last_mut() {
+            Some((o, l)) if *o + *l == off => *l += len,
+            _ => f.push((off, len)),
+        }
+        drop(f);
+        self.lock().ignored.get_or_insert(e);
+    }
+
+    /// Wait while paused (e.g. by `Stop`); false when the job is stopping instead.
+    fn wait_resumed(&self) -> bool {
+        let mut c = self.lock();
+        while c.paused && !self.stop.load(Ordering::Acquire) {
+            c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        !self.stop.load(Ordering::Acquire)
+    }
+
+    /// Run one target-side operation of the job thread (zeroing, flush) under the
+    /// target policy: `Stop` pauses and retries on resume, anything else fails the job.
+    fn target_op(&self, mut op: impl FnMut() -> Result<()>) -> Result<()> {
+        loop {
+            match op() {
+                Ok(()) => return Ok(()),
+                Err(e) => match self.reaction(&e) {
+                    Reaction::Stop => {
+                        self.stop_on_error(e.clone());
+                        if !self.wait_resumed() {
+                            return Err(e);
+                        }
+                    }
+                    _ => return Err(e),
+                },
+            }
         }
     }
 
@@ -247,9 +354,11 @@ impl JobShared {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
-            self.target
-                .write_zeroes_at(off, len)
-                .map_err(|e| Error::io(Side::Target, Op::WriteZeroes, off, len, &e))?;
+            self.target_op(|| {
+                self.target
+                    .write_zeroes_at(off, len)
+                    .map_err(|e| Error::io(Side::Target, Op::WriteZeroes, off, len, &e))
+            })?;
         }
         if self.sync == SyncMode::None {
             let mut c = self.lock();
@@ -282,32 +391,44 @@ impl JobShared {
         }
         drop(c);
         debug_assert_eq!(self.claims.dirty(), 0);
-        self.target.flush().map_err(|e| Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e))?;
-        if self.lock().cancel {
+        self.target_op(|| self.target.flush().map_err(|e| Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e)))?;
+        let c = self.lock();
+        if c.cancel {
             return Err(Error::cancelled());
         }
-        Ok(())
+        // Under `Ignore`, clusters were given up: not a point-in-time image.
+        match c.ignored.clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn finish(&self, result: Result<()>) {
         self.hook_off.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);
         let mut c = self.lock();
-        c.state = match &result {
+        let state = match &result {
             Ok(()) => JobState::Completed,
             Err(e) if e.kind() == ErrorKind::Cancelled => JobState::Cancelled,
-            Err(e) => {
-                c.error.get_or_insert_with(|| e.clone());
-                JobState::Failed
-            }
+            Err(_) => JobState::Failed,
         };
+        c.error = match &result {
+            Err(e) if state == JobState::Failed => Some(e.clone()),
+            _ => None,
+        };
+        c.paused = false;
+        let ev = self.set_state(&mut c, state);
         c.result = Some(result.clone());
+        c.callback_done = self.on_complete.is_none();
         drop(c);
+        self.emit(ev);
         self.control_cv.notify_all();
         self.claims.wake_all();
         if let Some(cb) = &self.on_complete {
             // A panicking callback must not take the library thread down with it.
             let _ = catch_unwind(AssertUnwindSafe(|| cb(&result)));
+            self.lock().callback_done = true;
+            self.control_cv.notify_all();
         }
     }
 }
@@ -364,7 +485,14 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
         max_run: (opts.max_chunk / cs).max(1),
     };
     let target_zero = opts.target_is_zero || target.reads_as_zero();
-    let claims = Claims::new(Bitmap::new(clusters, true));
+    let bitmap = Bitmap::try_new(clusters, true).ok_or_else(|| {
+        Error::new(
+            ErrorKind::OutOfMemory,
+            libc::ENOMEM,
+            format!("cannot allocate the copy bitmap of {clusters} clusters (device of {size} bytes)"),
+        )
+    })?;
+    let claims = Claims::new(bitmap);
     let stats = Stats::default();
     let zero_target = scan_source(&*source, &geo, opts.sync, target_zero, &claims, &stats)?;
 
@@ -387,11 +515,21 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
             paused: false,
             cancel: false,
             error: None,
+            ignored: None,
             result: None,
+            callback_done: false,
         }),
         control_cv: Condvar::new(),
         bufs: Mutex::new(Vec::new()),
         on_complete: opts.on_complete,
+        on_source_error: opts.on_source_error,
+        on_target_error: opts.on_target_error,
+        on_cbw_error: opts.on_cbw_error,
+        cbw_timeout: opts.cbw_timeout,
+        trace: opts.trace.or_else(crate::trace::from_env),
+        failed: Mutex::new(Vec::new()),
+        helpers: Mutex::new(0),
+        helpers_cv: Condvar::new(),
         zero_target: Mutex::new(zero_target),
     });
     let s = Arc::clone(&shared);
@@ -484,11 +622,14 @@ impl Job {
             return Err(Error::new(ErrorKind::Busy, libc::EBUSY, "the job has ended"));
         }
         c.paused = true;
-        c.state = JobState::Paused;
+        let ev = self.shared.set_state(&mut c, JobState::Paused);
+        drop(c);
+        self.shared.emit(ev);
         Ok(())
     }
 
-    /// Resume a paused job. Idempotent.
+    /// Resume a paused job, also one paused by an error under policy `Stop`: the error
+    /// is cleared and the failed clusters are retried. Idempotent.
     ///
     /// # Errors
     /// `Busy` when the job has ended.
@@ -498,10 +639,18 @@ impl Job {
             return Err(Error::new(ErrorKind::Busy, libc::EBUSY, "the job has ended"));
         }
         c.paused = false;
-        c.state = JobState::Running;
+        c.error = None;
+        let ev = self.shared.set_state(&mut c, JobState::Running);
         drop(c);
+        self.shared.emit(ev);
         self.shared.control_cv.notify_all();
         Ok(())
+    }
+
+    /// Byte ranges `(offset, len)` given up under the `Ignore` policy: what the target
+    /// lacks. Empty when nothing failed.
+    pub fn failed_ranges(&self) -> Vec<(u64, u64)> {
+        self.shared.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Cancel the job: from now on the hook is a no-op, workers stop after their current
@@ -529,14 +678,22 @@ impl Job {
 
     /// Block until the job ends and return its result: `Ok` when it completed (the
     /// target is an exact point-in-time image), `Cancelled`, or the error that failed it.
+    /// The completion callback has returned when this does (except when called from
+    /// the callback itself).
     pub fn wait(&self) -> Result<()> {
         let mut c = self.shared.lock();
         loop {
-            if let Some(r) = &c.result {
-                return r.clone();
+            if let Some(r) = self.ended(&c) {
+                return r;
             }
             c = self.shared.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// The result, once the job has ended and its callback has returned (or we are in it).
+    fn ended(&self, c: &ControlState) -> Option<Result<()>> {
+        let r = c.result.as_ref()?;
+        (c.callback_done || thread::current().id() == self.thread_id).then(|| r.clone())
     }
 
     /// Like [`Job::wait`], but give up after `timeout`: `None` when still running.
@@ -544,8 +701,8 @@ impl Job {
         let deadline = Instant::now() + timeout;
         let mut c = self.shared.lock();
         loop {
-            if let Some(r) = &c.result {
-                return Some(r.clone());
+            if let Some(r) = self.ended(&c) {
+                return Some(r);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -591,6 +748,13 @@ impl Drop for Job {
             if let Some(h) = handle {
                 let _ = h.join();
             }
+        }
+        // Hook helpers (cbw_timeout) still copying hold the drivers: wait for them so no
+        // driver call happens after the job is gone.
+        let s = &self.shared;
+        let mut n = s.helpers.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = s.helpers_cv.wait(n).unwrap_or_else(|e| e.into_inner());
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 pub use super::policy::{CbwErrorAction, ErrorAction};
 
 use crate::error::{Error, Result};
+use crate::trace::TraceFn;
 
 /// Which clusters the background copy processes.
 #[non_exhaustive]
@@ -58,6 +59,9 @@ pub struct BackupOptions {
     pub cbw_timeout: Option<Duration>,
     /// Called once, from a library thread, after the job's final state is set.
     pub on_complete: Option<CompletionFn>,
+    /// Trace sink (see [`crate::TraceEvent`]); `None`: no tracing, unless
+    /// `COWBACKUP_TRACE=1` is in the environment (then events go to stderr).
+    pub trace: Option<TraceFn>,
 }
 
 /// Smallest and largest cluster sizes.
@@ -83,6 +87,7 @@ impl Default for BackupOptions {
             on_cbw_error: CbwErrorAction::BreakGuestWrite,
             cbw_timeout: None,
             on_complete: None,
+            trace: None,
         }
     }
 }
@@ -101,6 +106,7 @@ impl fmt::Debug for BackupOptions {
             .field("on_cbw_error", &self.on_cbw_error)
             .field("cbw_timeout", &self.cbw_timeout)
             .field("on_complete", &self.on_complete.as_ref().map(|_| "Fn"))
+            .field("trace", &self.trace.as_ref().map(|_| "Fn"))
             .finish()
     }
 }

@@ -1,13 +1,19 @@
 //! The background copy: each worker thread claims the next run of dirty clusters,
-//! copies it, releases it, and reports progress, until nothing is left.
+//! copies it, releases it, and reports progress, until nothing is left. A failed copy
+//! goes through the error policy (policy.rs): fail the job, pause it, or give up the
+//! bad clusters and go on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::claims::Claim;
+use super::copy::{Copied, Copier};
+use super::policy::Reaction;
 use super::{panic_error, JobShared};
 use crate::buf::AlignedBuf;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::trace::TraceEvent;
 
 /// Body of a worker thread `cowbackup-<id>-<n>`. A failure or a panic fails the job.
 pub(crate) fn run(job: &JobShared) {
@@ -35,10 +41,68 @@ fn work(job: &JobShared, buf: &mut AlignedBuf) -> Result<()> {
             continue;
         };
         job.cursor.store(claim.range().end, Ordering::Relaxed);
-        // On error the claim is dropped: released with its clusters still dirty.
-        let done = copier.copy(claim.range(), buf)?;
-        claim.done();
-        job.stats.add(done);
-        job.ratelimit.account(done.data + done.zero);
+        match copier.copy(claim.range(), buf) {
+            Ok(done) => finish(job, claim, done),
+            Err(e) => on_error(job, &copier, claim, e, buf)?,
+        }
+    }
+}
+
+/// Release a copied claim and count it.
+fn finish(job: &JobShared, claim: Claim<'_>, done: Copied) {
+    let (off, len) = job.geo.byte_range(claim.range());
+    claim.done();
+    job.stats.add(done);
+    job.ratelimit.account(len);
+    job.trace(|| TraceEvent::ChunkCopied { job: job.id, offset: off, len, data: done.data, hook: false });
+}
+
+/// Apply the error policy to a failed background copy. `Err` fails the job.
+fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, buf: &mut AlignedBuf) -> Result<()> {
+    match job.reaction(&e) {
+        // The claim is dropped: its clusters stay dirty.
+        Reaction::Report => Err(e),
+        Reaction::Stop => {
+            drop(claim);
+            job.stop_on_error(e);
+            Ok(())
+        }
+        Reaction::Ignore => {
+            let r = claim.range();
+            if r.end - r.start == 1 {
+                let (off, len) = job.geo.byte_range(r);
+                job.record_failed(off, len, e);
+                claim.done();
+                return Ok(());
+            }
+            // Retry cluster by cluster so only the bad clusters are lost. Counted only
+            // once the whole claim is settled, so a non-Ignore error on a retry leaves
+            // the claim dirty and the counts exact.
+            let mut total = Copied::default();
+            let mut lost = Vec::new();
+            for c in r.clone() {
+                match copier.copy(c..c + 1, buf) {
+                    Ok(done) => {
+                        total.data += done.data;
+                        total.zero += done.zero;
+                    }
+                    Err(e) => match job.reaction(&e) {
+                        Reaction::Ignore => lost.push((c, e)),
+                        Reaction::Report => return Err(e),
+                        Reaction::Stop => {
+                            drop(claim);
+                            job.stop_on_error(e);
+                            return Ok(());
+                        }
+                    },
+                }
+            }
+            for (c, e) in lost {
+                let (off, len) = job.geo.byte_range(c..c + 1);
+                job.record_failed(off, len, e);
+            }
+            finish(job, claim, total);
+            Ok(())
+        }
     }
 }

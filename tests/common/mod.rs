@@ -151,3 +151,18 @@ pub fn assert_allocated(what: &str, allocated: u64, want: u64) {
         "{what}: {allocated} bytes allocated, want {want} (+ at most 64 KiB of metadata)"
     );
 }
+
+/// Options whose single background worker copies 64 KiB at a time: with a closed
+/// [`Gate`] on the source it parks holding cluster 0 only.
+pub fn one_parked_worker() -> cowbackup::BackupOptions {
+    cowbackup::BackupOptions { workers: 1, max_chunk: 64 * 1024, ..Default::default() }
+}
+
+/// Wait until the job's worker is parked at the gate.
+pub fn wait_parked<D: BlockDriver>(gate: &Gate<D>) {
+    let t = std::time::Instant::now();
+    while gate.held.load(Ordering::SeqCst) == 0 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "the worker never reached the gate");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}

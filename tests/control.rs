@@ -1,0 +1,425 @@
+//! Job control and error policies under the operator's hand and failing disks
+//! (ported from QEMU iotests 055, 056, 124 and the copy-before-write tests).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{assert_same, one_parked_worker, wait_parked, Gate, Rng};
+use cowbackup::{
+    backup_start, BackupOptions, BlockDriver, CbwErrorAction, ErrorAction, ErrorKind, FaultDriver, FaultOp, FaultRule,
+    Job, JobState, MemDriver, TraceAction, TraceEvent,
+};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+
+fn random_mem(size: u64, seed: u64) -> (Arc<MemDriver>, Vec<u8>) {
+    let data = Rng::new(seed).bytes(size as usize);
+    (Arc::new(MemDriver::from_bytes(&data).unwrap()), data)
+}
+
+/// Poll until `f` holds; panics after 10 s.
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn paused(job: &Job) -> bool {
+    job.info().state == JobState::Paused
+}
+
+/// iotest 055: pause, progress stays still, the hook works, resume, exact.
+#[test]
+fn iotest_055_pause_and_resume() {
+    let size = 64 * MIB;
+    let (source, data) = random_mem(size, 1);
+    let target = Arc::new(MemDriver::new(size).unwrap());
+    let opts = BackupOptions { speed: 32 * MIB, max_chunk: 256 * KIB, ..Default::default() };
+    let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    job.pause().unwrap();
+    assert_eq!(job.info().state, JobState::Paused);
+    thread::sleep(Duration::from_millis(100)); // chunks in flight finish
+    let before = job.info().offset;
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(job.info().offset, before, "progress while paused");
+    assert!(before < size);
+    // The hook keeps working while paused: it copies an uncopied cluster.
+    job.cow_before_write(size - 100, 10).unwrap();
+    source.write_at(&[0xFF; 10], size - 100).unwrap();
+    assert_eq!(job.info().cow_requests, 1);
+    job.resume().unwrap();
+    job.set_speed(0);
+    job.wait().unwrap();
+    assert_same("target", &target.to_vec(), &data);
+}
+
+/// iotest 056: a target write error once, with `Stop`: paused with EIO, resume completes.
+#[test]
+fn iotest_056_target_error_stop_then_resume() {
+    let size = 16 * MIB;
+    let (source, data) = random_mem(size, 2);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    let rule = target.add(FaultRule::new(FaultOp::Write).range(5 * MIB, 1).errno(libc::EIO).times(1));
+    let opts = BackupOptions { on_target_error: ErrorAction::Stop, ..Default::default() };
+    let job = backup_start(source, target.clone(), opts).unwrap();
+    until("pause on error", || paused(&job));
+    let info = job.info();
+    assert_eq!(info.error.as_ref().map(|e| e.errno()), Some(libc::EIO), "{info:?}");
+    assert_eq!(target.fired(rule), 1);
+    job.resume().unwrap();
+    job.wait().unwrap();
+    assert!(job.info().error.is_none());
+    assert_same("target", &target.inner().to_vec(), &data);
+}
+
+/// iotest 124: a source read error with `Report` fails the job; with `Ignore` only
+/// the bad cluster is lost (a rescue copy).
+#[test]
+fn iotest_124_source_error_report_and_ignore() {
+    let size = 8 * MIB;
+    let bad = 5 * MIB + 3 * 64 * KIB; // one 64 KiB cluster
+    for action in [ErrorAction::Report, ErrorAction::Ignore] {
+        let (data_src, data) = random_mem(size, 3);
+        let source = Arc::new(FaultDriver::new(data_src));
+        source.add(FaultRule::new(FaultOp::Read).range(bad + 100, 1).errno(libc::EIO).forever());
+        let target = Arc::new(MemDriver::new(size).unwrap());
+        let opts = BackupOptions { on_source_error: action, ..Default::default() };
+        let job = backup_start(source, target.clone(), opts).unwrap();
+        let e = job.wait().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        let ctx = e.context().unwrap();
+        assert_eq!(ctx.side, cowbackup::Side::Source);
+        let info = job.info();
+        assert_eq!(info.state, JobState::Failed);
+        assert_eq!(info.error.as_ref().unwrap().errno(), libc::EIO);
+        if action == ErrorAction::Ignore {
+            assert_eq!(info.bytes_failed, 64 * KIB);
+            assert_eq!(info.offset, size);
+            assert_eq!(job.failed_ranges(), vec![(bad, 64 * KIB)]);
+            let got = target.to_vec();
+            let b = bad as usize;
+            assert_same("before the bad cluster", &got[..b], &data[..b]);
+            assert_same("after the bad cluster", &got[b + 65536..], &data[b + 65536..]);
+        } else {
+            assert!(info.offset < size);
+            assert!(job.failed_ranges().is_empty());
+        }
+    }
+}
+
+#[test]
+fn enospc_stops_on_enospc_and_reports_other_errors() {
+    let size = 4 * MIB;
+    for (errno, want) in [(libc::ENOSPC, JobState::Paused), (libc::EIO, JobState::Failed)] {
+        let (source, data) = random_mem(size, 4);
+        let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+        target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(errno).times(1));
+        let opts = BackupOptions { on_target_error: ErrorAction::Enospc, ..Default::default() };
+        let job = backup_start(source, target.clone(), opts).unwrap();
+        until("the policy's state", || job.info().state == want);
+        assert_eq!(job.info().error.unwrap().errno(), errno);
+        if want == JobState::Paused {
+            job.resume().unwrap();
+            job.wait().unwrap();
+            assert_same("target", &target.inner().to_vec(), &data);
+        } else {
+            assert_eq!(job.wait().unwrap_err().errno(), libc::EIO);
+        }
+    }
+}
+
+/// A copy-before-write error: `BreakGuestWrite` fails the write and keeps the
+/// snapshot; `BreakSnapshot` lets the write go and fails the job.
+#[test]
+fn cbw_error_policies() {
+    let size = 2 * MIB;
+    // BreakGuestWrite.
+    let (data_src, data) = random_mem(size, 5);
+    let source = Gate::new(data_src, true); // hold the background copy back
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    let rule = target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).forever());
+    let job = backup_start(source.clone(), target.clone(), one_parked_worker()).unwrap();
+    wait_parked(&source);
+    let e = job.cow_before_write(MIB, 4096).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert_eq!(job.info().state, JobState::Running);
+    target.remove(rule); // the fault clears; the host retries its write
+    job.cow_before_write(MIB, 4096).unwrap();
+    source.inner.write_at(&[9; 4096], MIB).unwrap();
+    source.open();
+    job.wait().unwrap();
+    assert_same("target", &target.inner().to_vec(), &data);
+
+    // BreakSnapshot.
+    let (data_src, _) = random_mem(size, 6);
+    let source = Gate::new(data_src, true);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).forever());
+    let opts = BackupOptions { on_cbw_error: CbwErrorAction::BreakSnapshot, ..one_parked_worker() };
+    let job = backup_start(source.clone(), target, opts).unwrap();
+    wait_parked(&source);
+    job.cow_before_write(MIB, 4096).unwrap();
+    let before = job.info().cow_requests;
+    job.cow_before_write(0, 4096).unwrap(); // a no-op now
+    assert_eq!(job.info().cow_requests, before);
+    source.open();
+    assert_eq!(job.wait().unwrap_err().errno(), libc::EIO);
+    assert_eq!(job.info().state, JobState::Failed);
+}
+
+#[test]
+fn cbw_timeout_returns_timed_out_in_time() {
+    let size = 2 * MIB;
+    let (source, data) = random_mem(size, 7);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(0).delay(Duration::from_secs(2)).times(1));
+    let opts = BackupOptions { cbw_timeout: Some(Duration::from_millis(500)), ..Default::default() };
+    let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    let t = Instant::now();
+    let r = job.cow_before_write(MIB, 4096);
+    let took = t.elapsed();
+    // Either this hook copied the cluster itself (delayed 2 s) or waited for the worker
+    // that is: both exceed the limit.
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert_eq!(e.errno(), libc::ETIMEDOUT);
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(1500), "took {took:?}");
+    // The copy goes on; the snapshot stays valid; the retried hook succeeds.
+    until("the delayed copy", || job.cow_before_write(MIB, 4096).is_ok());
+    source.write_at(&[1; 4096], MIB).unwrap();
+    job.wait().unwrap();
+    assert_same("target", &target.inner().to_vec(), &data);
+}
+
+#[test]
+fn cancel_while_stopped_on_error() {
+    let size = 4 * MIB;
+    let (source, _) = random_mem(size, 8);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    target.add(FaultRule::new(FaultOp::Write).errno(libc::EIO).forever());
+    let opts = BackupOptions { on_target_error: ErrorAction::Stop, ..Default::default() };
+    let job = backup_start(source, target, opts).unwrap();
+    until("pause on error", || paused(&job));
+    job.cancel();
+    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert_eq!(job.info().state, JobState::Cancelled);
+}
+
+#[test]
+fn cancel_while_a_hook_waits_on_a_claimed_cluster() {
+    let size = 2 * MIB;
+    let (data_src, _) = random_mem(size, 9);
+    let source = Arc::new(FaultDriver::new(data_src));
+    // The worker's first read (cluster 0) takes 1 s.
+    source.add(FaultRule::new(FaultOp::Read).range(0, 1).errno(0).delay(Duration::from_secs(1)).times(1));
+    let target = Arc::new(MemDriver::new(size).unwrap());
+    let opts = BackupOptions { workers: 1, max_chunk: 64 * KIB, ..Default::default() };
+    let job = backup_start(source.clone(), target, opts).unwrap();
+    until("the worker's slow read", || source.injected() == 1);
+    thread::scope(|s| {
+        let hook = s.spawn(|| {
+            let t = Instant::now();
+            job.cow_before_write(0, 4096).unwrap();
+            t.elapsed()
+        });
+        thread::sleep(Duration::from_millis(100));
+        job.cancel();
+        let waited = hook.join().unwrap();
+        assert!(waited < Duration::from_millis(800), "the hook returned only after {waited:?}");
+    });
+    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+}
+
+#[test]
+fn completion_callback_once_for_each_end_state() {
+    let size = 2 * MIB;
+    for end in [JobState::Completed, JobState::Failed, JobState::Cancelled] {
+        let (data_src, _) = random_mem(size, 10);
+        let source = Arc::new(FaultDriver::new(data_src));
+        if end == JobState::Failed {
+            source.add(FaultRule::new(FaultOp::Read).errno(libc::EIO).forever());
+        }
+        let target = Arc::new(MemDriver::new(size).unwrap());
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let c = calls.clone();
+        let opts = BackupOptions {
+            speed: if end == JobState::Cancelled { 64 * KIB } else { 0 },
+            on_complete: Some(Arc::new(move |r: &cowbackup::Result<()>| {
+                c.lock().unwrap().push(r.as_ref().map_err(|e| e.errno()).copied());
+            })),
+            ..Default::default()
+        };
+        let job = backup_start(source, target, opts).unwrap();
+        if end == JobState::Cancelled {
+            job.cancel();
+        }
+        let r = job.wait();
+        // wait returns after the callback has returned.
+        let got = calls.lock().unwrap().clone();
+        let want = match end {
+            JobState::Completed => Ok(()),
+            JobState::Failed => Err(libc::EIO),
+            _ => Err(libc::ECANCELED),
+        };
+        assert_eq!(got, vec![want], "{end:?}");
+        assert_eq!(r.map_err(|e| e.errno()), want);
+        assert_eq!(job.info().state, end);
+        drop(job);
+        assert_eq!(calls.lock().unwrap().len(), 1);
+    }
+}
+
+/// Offset after `t` of running, measured from a start sample.
+fn rate(job: &Job, over: Duration) -> f64 {
+    let (t0, o0) = (Instant::now(), job.info().offset);
+    thread::sleep(over);
+    (job.info().offset - o0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+#[test]
+fn speed_limit_holds_and_changes_while_running() {
+    let size = 256 * MIB;
+    let source = Arc::new(MemDriver::from_bytes(&vec![0x11; size as usize]).unwrap());
+    let target = Arc::new(MemDriver::new(size).unwrap());
+    let opts = BackupOptions { speed: 8 * MIB, max_chunk: 64 * KIB, ..Default::default() };
+    let job = backup_start(source, target, opts).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let r = rate(&job, Duration::from_secs(2)) / MIB as f64;
+    assert!((7.2..=8.8).contains(&r), "throttled at 8 MiB/s, copied {r:.2} MiB/s");
+    job.set_speed(16 * MIB);
+    assert_eq!(job.info().speed, 16 * MIB);
+    thread::sleep(Duration::from_millis(300));
+    let r = rate(&job, Duration::from_secs(2)) / MIB as f64;
+    assert!((14.4..=17.6).contains(&r), "throttled at 16 MiB/s, copied {r:.2} MiB/s");
+    // The hook is never throttled: 8 MiB through it at once.
+    let t = Instant::now();
+    job.cow_before_write(size - 8 * MIB, 8 * MIB).unwrap();
+    assert!(t.elapsed() < Duration::from_millis(400), "hook throttled: {:?}", t.elapsed());
+    job.cancel();
+}
+
+#[test]
+fn trace_events_reach_the_sink() {
+    let size = 2 * MIB;
+    let (data_src, _) = random_mem(size, 11);
+    let source = Gate::new(data_src, true);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).times(1));
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let opts = BackupOptions {
+        trace: Some(Arc::new(move |e: &TraceEvent| ev.lock().unwrap().push(e.clone()))),
+        ..one_parked_worker()
+    };
+    let job = backup_start(source.clone(), target, opts).unwrap();
+    wait_parked(&source);
+    assert!(job.cow_before_write(MIB, 10).is_err());
+    job.cow_before_write(MIB, 10).unwrap();
+    job.cow_before_write(MIB, 10).unwrap(); // fast path: no event
+    job.pause().unwrap();
+    job.resume().unwrap();
+    source.open();
+    job.wait().unwrap();
+    let ev = events.lock().unwrap();
+    let lines: Vec<String> = ev.iter().map(|e| e.to_string()).collect();
+    let count = |f: &dyn Fn(&TraceEvent) -> bool| ev.iter().filter(|e| f(e)).count();
+    assert_eq!(count(&|e| matches!(e, TraceEvent::HookBegin { .. })), 2, "{lines:#?}");
+    assert_eq!(count(&|e| matches!(e, TraceEvent::HookEnd { errno: libc::EIO, .. })), 1, "{lines:#?}");
+    assert_eq!(
+        count(&|e| matches!(e, TraceEvent::Error { action: TraceAction::BreakGuestWrite, .. })),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(count(&|e| matches!(e, TraceEvent::ChunkCopied { hook: true, .. })), 1);
+    assert!(count(&|e| matches!(e, TraceEvent::ChunkCopied { hook: false, .. })) >= 1);
+    let states: Vec<(JobState, JobState)> = ev
+        .iter()
+        .filter_map(|e| match e {
+            TraceEvent::StateChanged { from, to, .. } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            (JobState::Running, JobState::Paused),
+            (JobState::Paused, JobState::Running),
+            (JobState::Running, JobState::Completed)
+        ]
+    );
+    assert!(lines.iter().any(|l| l.starts_with("cbw_end job=") && l.contains("errno=5")), "{lines:#?}");
+}
+
+/// Chaos: writers through the hook, random pauses, resumes and speed changes, and
+/// transient target errors with `Stop` plus an operator that resumes; exact at the end.
+#[test]
+fn stress_with_pauses_speed_changes_and_transient_errors() {
+    for round in 0..3u64 {
+        let size = 24 * MIB + 4097;
+        let (source, data) = random_mem(size, 100 + round);
+        let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+        target.add(FaultRule::new(FaultOp::Write).range(size / 2, 1).errno(libc::EIO).times(1));
+        let opts = BackupOptions {
+            cluster_size: [4096, 65536, MIB][round as usize],
+            workers: 1 + round as usize,
+            on_target_error: ErrorAction::Stop,
+            on_source_error: ErrorAction::Stop,
+            speed: 48 * MIB,
+            ..Default::default()
+        };
+        let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+        let done = AtomicBool::new(false);
+        let hook_errors = AtomicU64::new(0);
+        thread::scope(|s| {
+            for w in 0..3u64 {
+                let (job, source, done, hook_errors) = (&job, &source, &done, &hook_errors);
+                s.spawn(move || {
+                    let mut rng = Rng::new(round * 10 + w);
+                    while !done.load(Ordering::Relaxed) {
+                        let len = 1 + rng.below(200 * KIB);
+                        let off = rng.below(size - len + 1);
+                        // A failed hook fails the guest write: retry it, write only after Ok.
+                        while let Err(e) = job.cow_before_write(off, len) {
+                            assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+                            hook_errors.fetch_add(1, Ordering::Relaxed);
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                        source.write_at(&rng.bytes(len as usize), off).unwrap();
+                    }
+                });
+            }
+            // The operator: pauses, resumes, speed changes, faults; resumes after errors.
+            let (job, target, done) = (&job, &target, &done);
+            s.spawn(move || {
+                let mut rng = Rng::new(999 + round);
+                while job.wait_timeout(Duration::from_millis(20)).is_none() {
+                    match rng.below(6) {
+                        0 => job.pause().unwrap(),
+                        1 | 2 => {
+                            let _ = job.resume();
+                        }
+                        3 => job.set_speed(rng.below(4) * 32 * MIB),
+                        _ => {
+                            // Somewhere the copy has probably not reached yet.
+                            let done = job.info().offset.min(size - 1);
+                            let off = done + rng.below(size - done);
+                            target.add(FaultRule::new(FaultOp::Any).range(off, 1).errno(libc::EIO).times(1));
+                        }
+                    }
+                }
+                done.store(true, Ordering::Relaxed);
+            });
+        });
+        job.wait().unwrap();
+        assert!(target.injected() > 0, "no fault was injected");
+        assert_same("target", &target.inner().to_vec(), &data);
+    }
+}
