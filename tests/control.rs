@@ -423,3 +423,22 @@ fn stress_with_pauses_speed_changes_and_transient_errors() {
         assert_same("target", &target.inner().to_vec(), &data);
     }
 }
+
+/// Fleecing (`sync=None`) ends `Failed` when a hook breaks the snapshot.
+#[test]
+fn sync_none_fails_on_break_snapshot() {
+    let size = MIB;
+    let (source, _) = random_mem(size, 12);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    target.add(FaultRule::new(FaultOp::Write).errno(libc::EIO).forever());
+    let opts = BackupOptions {
+        sync: cowbackup::SyncMode::None,
+        on_cbw_error: CbwErrorAction::BreakSnapshot,
+        ..Default::default()
+    };
+    let job = backup_start(source, target, opts).unwrap();
+    job.cow_before_write(0, 10).unwrap();
+    let e = job.wait_timeout(Duration::from_secs(5)).expect("the job must end").unwrap_err();
+    assert_eq!(e.errno(), libc::EIO);
+    assert_eq!(job.info().state, JobState::Failed);
+}

@@ -361,11 +361,12 @@ impl JobShared {
             })?;
         }
         if self.sync == SyncMode::None {
+            // Serve the hook until cancelled, or failed by a hook under BreakSnapshot.
             let mut c = self.lock();
-            while !c.cancel {
+            while !c.cancel && c.error.is_none() {
                 c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
             }
-            return Err(Error::cancelled());
+            return Err(if c.cancel { Error::cancelled() } else { c.error.clone().expect("checked above") });
         }
         let spawn_error = thread::scope(|scope| {
             let mut spawn_error = None;
