@@ -138,6 +138,17 @@ static void source_eio_ignore(void)
     CHECK(info.offset == size);
     CHECK(first_diff(s.tm->data, s.sm->data, MiB) == -1);
     CHECK(first_diff(s.tm->data + MiB + 64 * KiB, s.sm->data + MiB + 64 * KiB, size - MiB - 64 * KiB) == -1);
+    /* The failed ranges: count first, then the list. */
+    size_t count = 99;
+    CHECK_RC(cowbackup_job_failed_ranges(s.job, NULL, 0, &count), 0);
+    CHECK(count == 1);
+    cowbackup_range ranges[2] = {{7, 7}, {7, 7}};
+    CHECK_RC(cowbackup_job_failed_ranges(s.job, ranges, 2, &count), 0);
+    CHECK(count == 1 && ranges[0].offset == MiB && ranges[0].len == 64 * KiB);
+    CHECK(ranges[1].offset == 7 && ranges[1].len == 7);
+    CHECK_ERR(cowbackup_job_failed_ranges(s.job, NULL, 1, &count), EINVAL, "ranges is NULL");
+    CHECK_ERR(cowbackup_job_failed_ranges(s.job, ranges, 2, NULL), EINVAL, "count");
+    CHECK_ERR(cowbackup_job_failed_ranges(NULL, ranges, 2, &count), EINVAL, "job");
     teardown(&s);
 }
 

@@ -276,6 +276,20 @@ typedef struct cowbackup_job_info {
   uint64_t reserved[8];
 } cowbackup_job_info;
 
+/*
+ A byte range of a device.
+ */
+typedef struct cowbackup_range {
+  /*
+   First byte.
+   */
+  uint64_t offset;
+  /*
+   Length in bytes.
+   */
+  uint64_t len;
+} cowbackup_range;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -524,6 +538,24 @@ int cowbackup_job_wait(struct cowbackup_job *job);
 int cowbackup_job_query(const struct cowbackup_job *job, struct cowbackup_job_info *info);
 
 /*
+ List the byte ranges the job gave up on under `COWBACKUP_ERROR_IGNORE` (what the target
+ lacks, e.g. the unreadable parts of a failing source): writes the first `max` ranges, in
+ order of failure with neighbours merged, into `ranges` and the total number of ranges into
+ `*count` (which may exceed `max`: call again with a larger array). `ranges` may be NULL
+ when `max` is 0, to ask for the count. Errors: -EINVAL (NULL `job` or `count`, or NULL
+ `ranges` with `max > 0`); nothing is written then. Thread-safe; the list only grows while
+ the job runs.
+
+ # Safety
+ `job` is NULL or a live job handle; `ranges` is NULL or valid for `max` writes; `count` is
+ NULL or valid for a write.
+ */
+int cowbackup_job_failed_ranges(const struct cowbackup_job *job,
+                                struct cowbackup_range *ranges,
+                                size_t max,
+                                size_t *count);
+
+/*
  Free the job. A job still running is cancelled first, and this waits for its threads to
  end (the completion callback, if any, runs before this returns). The job's references to
  its drivers are dropped (a C driver whose last reference this was is released). NULL:
@@ -632,9 +664,14 @@ int cowbackup_options_set_on_target_error(struct cowbackup_options *o, uint32_t 
 int cowbackup_options_set_on_cbw_error(struct cowbackup_options *o, uint32_t action);
 
 /*
- Set the longest time in milliseconds a `cowbackup_cow_before_write` call may wait for
- clusters another thread is copying; past it the call fails with -ETIMEDOUT (then the
- `on_cbw_error` action applies). 0 (default) = no limit. Errors: -EINVAL (NULL `o`).
+ Set the longest time in milliseconds a `cowbackup_cow_before_write` call may take to get
+ the old data of its clusters into the target, whether it copies them itself or waits for
+ another thread copying them. Past it the call returns -ETIMEDOUT (then the `on_cbw_error`
+ action applies) while the copy goes on in the background on a library thread
+ (`cowbackup-<id>-h`); the clusters stay protected, so a later call for them succeeds once
+ the copy is done. With a limit set, a hook call that has to copy runs the copy on such a
+ thread (QEMU's cbw-timeout). 0 (default) = no limit: the copy runs on the calling thread.
+ Errors: -EINVAL (NULL `o`).
 
  # Safety
  `o` is NULL or a live options object.

@@ -226,6 +226,51 @@ pub unsafe extern "C" fn cowbackup_job_query(job: *const cowbackup_job, info: *m
     })
 }
 
+/// A byte range of a device.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct cowbackup_range {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// List the byte ranges the job gave up on under `COWBACKUP_ERROR_IGNORE` (what the target
+/// lacks, e.g. the unreadable parts of a failing source): writes the first `max` ranges, in
+/// order of failure with neighbours merged, into `ranges` and the total number of ranges into
+/// `*count` (which may exceed `max`: call again with a larger array). `ranges` may be NULL
+/// when `max` is 0, to ask for the count. Errors: -EINVAL (NULL `job` or `count`, or NULL
+/// `ranges` with `max > 0`); nothing is written then. Thread-safe; the list only grows while
+/// the job runs.
+///
+/// # Safety
+/// `job` is NULL or a live job handle; `ranges` is NULL or valid for `max` writes; `count` is
+/// NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_failed_ranges(
+    job: *const cowbackup_job,
+    ranges: *mut cowbackup_range,
+    max: usize,
+    count: *mut usize,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_failed_ranges", {
+        check_out!(count, "cowbackup_job_failed_ranges", "count");
+        let job = try_ref!(job, "cowbackup_job_failed_ranges", "job");
+        if ranges.is_null() && max > 0 {
+            return super::error::invalid("cowbackup_job_failed_ranges: ranges is NULL but max is not 0");
+        }
+        let failed = job.job.failed_ranges();
+        for (i, &(offset, len)) in failed.iter().take(max).enumerate() {
+            // SAFETY: i < max, and the caller guarantees `ranges` holds `max` writable elements.
+            unsafe { ranges.add(i).write(cowbackup_range { offset, len }) };
+        }
+        // SAFETY: checked non-NULL above; the caller guarantees it is writable.
+        unsafe { count.write(failed.len()) };
+        0
+    })
+}
+
 /// Free the job. A job still running is cancelled first, and this waits for its threads to
 /// end (the completion callback, if any, runs before this returns). The job's references to
 /// its drivers are dropped (a C driver whose last reference this was is released). NULL:

@@ -214,9 +214,14 @@ pub unsafe extern "C" fn cowbackup_options_set_on_cbw_error(o: *mut cowbackup_op
     })
 }
 
-/// Set the longest time in milliseconds a `cowbackup_cow_before_write` call may wait for
-/// clusters another thread is copying; past it the call fails with -ETIMEDOUT (then the
-/// `on_cbw_error` action applies). 0 (default) = no limit. Errors: -EINVAL (NULL `o`).
+/// Set the longest time in milliseconds a `cowbackup_cow_before_write` call may take to get
+/// the old data of its clusters into the target, whether it copies them itself or waits for
+/// another thread copying them. Past it the call returns -ETIMEDOUT (then the `on_cbw_error`
+/// action applies) while the copy goes on in the background on a library thread
+/// (`cowbackup-<id>-h`); the clusters stay protected, so a later call for them succeeds once
+/// the copy is done. With a limit set, a hook call that has to copy runs the copy on such a
+/// thread (QEMU's cbw-timeout). 0 (default) = no limit: the copy runs on the calling thread.
+/// Errors: -EINVAL (NULL `o`).
 ///
 /// # Safety
 /// `o` is NULL or a live options object.

@@ -53,9 +53,12 @@ pub struct BackupOptions {
     /// What happens when the copy inside `cow_before_write` fails. Default
     /// `BreakGuestWrite`.
     pub on_cbw_error: CbwErrorAction,
-    /// Longest time a `cow_before_write` call may wait for clusters another thread is
-    /// copying; past it the call fails with `TimedOut` (then `on_cbw_error` applies).
-    /// `None` (default): no limit.
+    /// Longest time a `cow_before_write` call may take to get the old data of its clusters
+    /// into the target (copying them itself, or waiting for another thread copying them).
+    /// Past it the call fails with `TimedOut` (then `on_cbw_error` applies) while the copy
+    /// goes on in the background on a helper thread `cowbackup-<id>-h`; the clusters stay
+    /// protected. With a limit set, hook copies run on such helper threads (QEMU's
+    /// cbw-timeout). `None` (default): no limit, the copy runs on the calling thread.
     pub cbw_timeout: Option<Duration>,
     /// Called once, from a library thread, after the job's final state is set.
     pub on_complete: Option<CompletionFn>,
