@@ -14,6 +14,16 @@ test -f "$COWBACKUP_LIB" || { echo "error: $COWBACKUP_LIB was not built" >&2; ex
 
 have_pytest() { "$1" -c 'import pytest' >/dev/null 2>&1; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+apt_updated=""
+apt_install() {
+    command -v apt-get >/dev/null || return 1
+    if [ -z "$apt_updated" ]; then as_root apt-get update -q || return 1; apt_updated=1; fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+if ! command -v python3 >/dev/null; then
+    apt_install python3 python3-venv
+fi
 
 python=""
 if [ -x .venv/bin/python ] && have_pytest .venv/bin/python; then
@@ -24,7 +34,7 @@ else
         if ! python3 -m venv .venv; then
             rm -rf .venv
             # Debian ships venv's ensurepip separately.
-            if command -v apt-get >/dev/null && as_root apt-get install -y -q python3-venv; then
+            if apt_install python3-venv; then
                 python3 -m venv .venv || rm -rf .venv
             fi
         fi
@@ -37,13 +47,14 @@ else
         echo "--- no venv: using the system python3"
         python=python3
         if ! have_pytest python3; then
-            if ! python3 -m pip --version >/dev/null 2>&1 && command -v apt-get >/dev/null; then
-                as_root apt-get install -y -q python3-pip || true
+            if ! python3 -m pip --version >/dev/null 2>&1; then
+                apt_install python3-pip || true
             fi
             python3 -m pip install -q --user pytest \
                 || python3 -m pip install -q --user --break-system-packages pytest \
                 || python3 -m pip install -q --break-system-packages pytest \
-                || { command -v apt-get >/dev/null && as_root apt-get install -y -q python3-pytest; }
+                || apt_install python3-pytest \
+                || true
         fi
     fi
 fi
