@@ -633,15 +633,15 @@ class Driver:
 
     def __init__(self, _ptr: int, _kind: str) -> None:
         """Internal: use the class methods."""
-        self._h = _Handle(_ptr, f"cowbackup.Driver ({_kind})")
-        self._kind = _kind
         size = c_uint64()
         try:
             _check(_driver_size(_ptr, ctypes.byref(size)), "cowbackup_driver_size")
         except BaseException:
-            _driver_free(_ptr)
+            _driver_free(_ptr)  # no _h yet: __del__ will not free it again
             raise
         self._size = size.value
+        self._kind = _kind
+        self._h = _Handle(_ptr, f"cowbackup.Driver ({_kind})")
         _live_drivers.add(self)
 
     @classmethod

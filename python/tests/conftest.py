@@ -7,12 +7,10 @@ import os
 import sys
 import threading
 import time
-from typing import Optional, Set, Tuple
+from typing import Optional, Set
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-import cowbackup  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))  # import cowbackup from python/
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from conftest import HERE, KiB, MiB, PyDisk
+from conftest import HERE, MiB, PyDisk
 
 import cowbackup
 from cowbackup import CowbackupError, Driver
