@@ -1,0 +1,1204 @@
+"""Python binding of cowbackup: point-in-time backups of live block devices.
+
+A backup job copies a *source* device to a *target* device in the background while the
+source stays in use. Before the program writes to the source it calls the job's
+copy-before-write hook, :meth:`Job.cow_before_write`, which first copies the old contents
+of the touched clusters to the target. When the job completes, the target holds the source
+exactly as it was when the job started.
+
+This module wraps the C ABI of ``libcowbackup`` (``include/cowbackup.h``) with ctypes; it
+needs nothing but the standard library::
+
+    import cowbackup
+
+    with cowbackup.Driver.open("disk.img", write=True) as disk, \\
+         cowbackup.Driver.create("backup.img", disk.size) as backup, \\
+         cowbackup.backup_start(disk, backup) as job:
+        # the program's write path, on any thread, while the job runs:
+        job.cow_before_write(offset, len(data))   # old data of these clusters is now safe
+        disk.write(offset, data)
+        job.wait()      # backup.img is disk.img as it was at backup_start
+
+Finding the library: ``$COWBACKUP_LIB`` (a path; when set, only it is tried), then
+``libcowbackup.so`` next to this file, then ``../target/release/libcowbackup.so`` relative
+to this file (a cargo build of the repository), then the system's ``libcowbackup``
+(``ctypes.util.find_library``). :class:`ImportError` names every place tried.
+
+Threads: every call into the library releases the GIL (ctypes ``CDLL``), so the hook,
+``wait`` and driver I/O of many Python threads run in parallel, and the library's own
+threads can call Python drivers and ``on_complete`` meanwhile (ctypes takes the GIL for
+them). Drivers, jobs and their methods may be used from any thread.
+
+Errors: a failed library call raises :class:`CowbackupError`, an :class:`OSError` whose
+``errno`` is the library's errno and whose message is the library's description of what
+failed (``cowbackup_last_error``). It is also the built-in subclass Python would pick for
+that errno (``TimeoutError`` for ETIMEDOUT, ``FileNotFoundError`` for ENOENT, ...), and, for
+EINVAL, a :class:`ValueError`. Arguments Python can check itself raise ``TypeError`` or
+``ValueError`` before the library is called. A cancelled job's :meth:`Job.wait` raises
+:class:`JobCancelled` (errno ECANCELED).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import ctypes.util
+import dataclasses
+import enum
+import errno as _errno
+import logging
+import math
+import operator
+import os
+import threading
+import weakref
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    c_char_p,
+    c_int,
+    c_int32,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+
+__all__ = [
+    "ABI_MAJOR",
+    "CowbackupError",
+    "Driver",
+    "Job",
+    "JobCancelled",
+    "JobInfo",
+    "JobState",
+    "STATUS_DATA",
+    "STATUS_ZERO",
+    "backup_start",
+    "library_path",
+    "library_version",
+]
+
+log = logging.getLogger("cowbackup")
+
+#: The major version of libcowbackup this binding was written for (the ABI it declares).
+ABI_MAJOR = 0
+#: The minor version it was written against (informational: 0.x minors only add functions).
+ABI_MINOR = 1
+
+U64_MAX = 2**64 - 1
+
+# --- constants of include/cowbackup.h -------------------------------------------------
+
+_SYNC = {"full": 0, "top": 1, "none": 2}
+_ERROR_ACTION = {"report": 0, "ignore": 1, "stop": 2, "enospc": 3}
+_CBW_ACTION = {"break-guest-write": 0, "break-snapshot": 1}
+
+#: Block status bit (``block_status`` of a Python driver): the range has data of its own.
+STATUS_DATA = 1
+#: Block status bit: the range reads as zeroes (a hole is ZERO without DATA).
+STATUS_ZERO = 2
+
+_OPEN_WRITE = 1
+_OPEN_DIRECT = 2
+_DRIVER_SERIALIZE = 1
+
+
+class JobState(enum.IntEnum):
+    """State of a job (``COWBACKUP_JOB_*``)."""
+
+    CREATED = 0
+    RUNNING = 1
+    PAUSED = 2
+    COMPLETED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def ended(self) -> bool:
+        """True for COMPLETED, FAILED and CANCELLED."""
+        return self >= JobState.COMPLETED
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+class CowbackupError(OSError):
+    """A failed library call: ``errno`` is the errno, the message says what failed and why.
+
+    Instances are made by :func:`_error` and are also of the built-in ``OSError`` subclass
+    Python maps the errno to (``TimeoutError``, ``PermissionError``, ...), and of
+    ``ValueError`` for EINVAL (bad arguments found by the library).
+    """
+
+
+class JobCancelled(CowbackupError):
+    """:meth:`Job.wait` of a job that was cancelled (errno ECANCELED)."""
+
+
+class _InvalidArgument(CowbackupError, ValueError):
+    """EINVAL from the library: a bad argument (also a ``ValueError``)."""
+
+
+_error_classes: Dict[int, Type[CowbackupError]] = {
+    _errno.EINVAL: _InvalidArgument,
+    _errno.ECANCELED: JobCancelled,
+}
+_error_classes_lock = threading.Lock()
+
+
+def _error_class(err: int) -> Type[CowbackupError]:
+    """The exception class for a positive errno (cached)."""
+    cls = _error_classes.get(err)
+    if cls is not None:
+        return cls
+    builtin = type(OSError(err, ""))  # Python's own errno -> subclass mapping
+    if builtin is OSError:
+        cls = CowbackupError
+    else:
+        cls = type("Cowbackup" + builtin.__name__, (CowbackupError, builtin), {
+            "__doc__": f"A library error with errno {_errno.errorcode.get(err, err)}.",
+            "__module__": __name__,
+        })
+    with _error_classes_lock:
+        return _error_classes.setdefault(err, cls)
+
+
+def _error(ret: int, what: str) -> CowbackupError:
+    """The exception for a negative errno ``ret`` just returned by the library call ``what``.
+
+    Reads ``cowbackup_last_error()``: call it on the thread that made the call, right after.
+    """
+    err = -ret if ret < 0 else _errno.EIO
+    msg = _last_error() or f"{what}: {os.strerror(err)}"
+    return _error_class(err)(err, msg)
+
+
+# --- loading the library ---------------------------------------------------------------
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _candidates() -> List[Tuple[str, str]]:
+    """(description, path) pairs to try, in order."""
+    env = os.environ.get("COWBACKUP_LIB")
+    if env:
+        return [("$COWBACKUP_LIB", env)]
+    out = [
+        ("next to the module", os.path.join(_HERE, "libcowbackup.so")),
+        ("the repository's cargo build",
+         os.path.normpath(os.path.join(_HERE, "..", "target", "release", "libcowbackup.so"))),
+    ]
+    system = ctypes.util.find_library("cowbackup")
+    out.append(("the system (ctypes.util.find_library('cowbackup'))", system or ""))
+    return out
+
+
+def _load() -> Tuple[ctypes.CDLL, str]:
+    tried = []
+    for where, path in _candidates():
+        if not path:
+            tried.append(f"  {where}: not found")
+            continue
+        # A bare soname from find_library is resolved by the dynamic loader.
+        if os.sep in path and not os.path.exists(path):
+            tried.append(f"  {where}: {path}: no such file")
+            continue
+        try:
+            return ctypes.CDLL(path), path
+        except OSError as e:
+            tried.append(f"  {where}: {path}: {e}")
+    raise ImportError(
+        "cowbackup: libcowbackup not found; looked in:\n" + "\n".join(tried)
+        + "\nBuild it with `cargo build --release --lib` or set COWBACKUP_LIB to its path."
+    )
+
+
+_lib, _lib_path = _load()
+
+
+def _declare(name: str, restype: Any, argtypes: List[Any]) -> Any:
+    try:
+        fn = getattr(_lib, name)
+    except AttributeError:
+        raise ImportError(
+            f"cowbackup: {_lib_path} has no function {name}: it is not a libcowbackup "
+            f"{ABI_MAJOR}.x this binding can use"
+        ) from None
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
+_version = _declare("cowbackup_version", c_char_p, [])
+_last_error_fn = _declare("cowbackup_last_error", c_char_p, [])
+
+_VERSION = (_version() or b"").decode("utf-8", "replace")
+try:
+    _vparts = tuple(int(p) for p in _VERSION.split("-")[0].split(".")[:3])
+except ValueError:
+    _vparts = ()
+if len(_vparts) != 3 or _vparts[0] != ABI_MAJOR:
+    raise ImportError(
+        f"cowbackup: {_lib_path} is libcowbackup version {_VERSION!r}; this binding was "
+        f"written for version {ABI_MAJOR}.{ABI_MINOR} (major {ABI_MAJOR} required)"
+    )
+
+
+def _last_error() -> str:
+    raw = _last_error_fn()
+    return raw.decode("utf-8", "replace") if raw else ""
+
+
+def library_path() -> str:
+    """The path (or soname) of the loaded libcowbackup."""
+    return _lib_path
+
+
+def library_version() -> str:
+    """The version of the loaded library, ``cowbackup_version()``, e.g. ``"0.1.0"``."""
+    return _VERSION
+
+
+# Callback types (cowbackup_driver_ops and the completion callback).
+_READ_FN = CFUNCTYPE(c_int, c_void_p, c_uint64, c_void_p, c_size_t)
+_WRITE_FN = CFUNCTYPE(c_int, c_void_p, c_uint64, c_void_p, c_size_t)
+_WRITE_ZEROES_FN = CFUNCTYPE(c_int, c_void_p, c_uint64, c_uint64)
+_FLUSH_FN = CFUNCTYPE(c_int, c_void_p)
+_BLOCK_STATUS_FN = CFUNCTYPE(c_int, c_void_p, c_uint64, c_uint64, POINTER(c_uint64),
+                             POINTER(c_uint32))
+_RELEASE_FN = CFUNCTYPE(None, c_void_p)
+_COMPLETION_FN = CFUNCTYPE(None, c_void_p, c_int)
+
+
+class _DriverOps(Structure):
+    _fields_ = [
+        ("read", _READ_FN),
+        ("write", _WRITE_FN),
+        ("write_zeroes", _WRITE_ZEROES_FN),
+        ("flush", _FLUSH_FN),
+        ("block_status", _BLOCK_STATUS_FN),
+        ("release", _RELEASE_FN),
+    ]
+
+
+class _JobInfoC(Structure):
+    _fields_ = [
+        ("state", c_uint32),
+        ("error", c_int32),
+        ("len", c_uint64),
+        ("offset", c_uint64),
+        ("bytes_copied", c_uint64),
+        ("bytes_zero", c_uint64),
+        ("bytes_skipped", c_uint64),
+        ("bytes_failed", c_uint64),
+        ("cow_requests", c_uint64),
+        ("cow_bytes", c_uint64),
+        ("speed", c_uint64),
+        ("reserved", c_uint64 * 8),
+    ]
+
+
+_P = c_void_p  # opaque handles
+_PP = POINTER(c_void_p)  # out-params for handles
+
+_driver_new = _declare("cowbackup_driver_new", c_int,
+                       [POINTER(_DriverOps), c_size_t, c_void_p, c_uint64, c_uint32, _PP])
+_file_open = _declare("cowbackup_file_open", c_int, [c_char_p, c_uint32, _PP])
+_file_create = _declare("cowbackup_file_create", c_int, [c_char_p, c_uint64, c_uint32, _PP])
+_memory_new = _declare("cowbackup_memory_new", c_int, [c_uint64, _PP])
+_driver_size = _declare("cowbackup_driver_size", c_int, [_P, POINTER(c_uint64)])
+_driver_read = _declare("cowbackup_driver_read", c_int, [_P, c_uint64, c_void_p, c_size_t])
+_driver_write = _declare("cowbackup_driver_write", c_int, [_P, c_uint64, c_void_p, c_size_t])
+_driver_free = _declare("cowbackup_driver_free", None, [_P])
+_backup_start = _declare("cowbackup_backup_start", c_int, [_P, _P, _P, _PP])
+_cow_before_write = _declare("cowbackup_cow_before_write", c_int, [_P, c_uint64, c_uint64])
+_job_pause = _declare("cowbackup_job_pause", c_int, [_P])
+_job_resume = _declare("cowbackup_job_resume", c_int, [_P])
+_job_cancel = _declare("cowbackup_job_cancel", c_int, [_P])
+_job_set_speed = _declare("cowbackup_job_set_speed", c_int, [_P, c_uint64])
+_job_wait = _declare("cowbackup_job_wait", c_int, [_P])
+_job_query = _declare("cowbackup_job_query", c_int, [_P, POINTER(_JobInfoC)])
+_job_free = _declare("cowbackup_job_free", None, [_P])
+_options_new = _declare("cowbackup_options_new", _P, [])
+_options_free = _declare("cowbackup_options_free", None, [_P])
+_opt_cluster_size = _declare("cowbackup_options_set_cluster_size", c_int, [_P, c_uint64])
+_opt_sync = _declare("cowbackup_options_set_sync", c_int, [_P, c_uint32])
+_opt_speed = _declare("cowbackup_options_set_speed", c_int, [_P, c_uint64])
+_opt_workers = _declare("cowbackup_options_set_workers", c_int, [_P, c_uint32])
+_opt_max_chunk = _declare("cowbackup_options_set_max_chunk", c_int, [_P, c_uint64])
+_opt_on_source_error = _declare("cowbackup_options_set_on_source_error", c_int, [_P, c_uint32])
+_opt_on_target_error = _declare("cowbackup_options_set_on_target_error", c_int, [_P, c_uint32])
+_opt_on_cbw_error = _declare("cowbackup_options_set_on_cbw_error", c_int, [_P, c_uint32])
+_opt_cbw_timeout = _declare("cowbackup_options_set_cbw_timeout", c_int, [_P, c_uint64])
+_opt_target_is_zero = _declare("cowbackup_options_set_target_is_zero", c_int, [_P, c_uint32])
+_opt_completion = _declare("cowbackup_options_set_completion", c_int,
+                           [_P, _COMPLETION_FN, c_void_p])
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        raise _error(ret, what)
+
+
+# --- argument checks -------------------------------------------------------------------
+
+
+def _u64(value: Any, name: str) -> int:
+    """``value`` as an int in 0..2**64-1: TypeError for non-integers, ValueError else."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if v < 0:
+        raise ValueError(f"{name} must not be negative (got {v})")
+    if v > U64_MAX:
+        raise ValueError(f"{name} must be at most 2**64-1 (got {v})")
+    return v
+
+
+def _choice(value: Any, table: Dict[str, int], name: str) -> int:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {sorted(table)}")
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {sorted(table)}") from None
+
+
+def _path_arg(path: Any) -> bytes:
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be str, bytes or os.PathLike, not {type(path).__name__}")
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise ValueError("path must not contain NUL bytes")
+    if not raw:
+        raise ValueError("path must not be empty")
+    return raw
+
+
+# --- handles shared by threads ---------------------------------------------------------
+
+_tls = threading.local()  # in_callback: a Python driver op runs; in_completion: job ids
+
+
+class _Handle:
+    """A C handle used by many threads and freed once: ``close`` waits for calls in flight.
+
+    The C rule is that a free must not race with other calls on the handle; this enforces it
+    from Python, so closing from one thread while another uses the object cannot crash.
+    """
+
+    __slots__ = ("ptr", "what", "_users", "_cond", "_closing")
+
+    def __init__(self, ptr: int, what: str) -> None:
+        self.ptr = ptr
+        self.what = what
+        self._users = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._closing = False
+
+    def acquire(self) -> int:
+        with self._cond:
+            if self._closing:
+                raise ValueError(f"{self.what} is closed")
+            self._users += 1
+            return self.ptr
+
+    def release(self) -> None:
+        with self._cond:
+            self._users -= 1
+            if self._users == 0 and self._closing:
+                self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def begin_close(self) -> Optional[int]:
+        """Refuse new calls; the pointer, or None when already closing."""
+        with self._cond:
+            if self._closing:
+                return None
+            self._closing = True
+            return self.ptr
+
+    def drain(self) -> None:
+        """Wait until no call is in flight."""
+        with self._cond:
+            while self._users:
+                self._cond.wait()
+
+
+# --- Python drivers: module-level thunks, per-driver objects in a registry ---------------
+#
+# The C functions the library calls are the module-level CFUNCTYPE objects below: they live
+# as long as the module, so the library can never call freed code. Each Python driver is an
+# entry of _py_drivers keyed by the `opaque` integer; the entry (the user's object) is kept
+# until the library calls `release`, which may be long after the Driver wrapper is closed or
+# collected (a job holds its own reference to the device).
+
+_py_drivers: Dict[int, "_PyDriver"] = {}
+_next_key = 1
+_key_lock = threading.Lock()
+
+
+def _new_key() -> int:
+    global _next_key
+    with _key_lock:
+        key = _next_key
+        _next_key += 1
+        return key
+
+
+class _PyDriver:
+    __slots__ = ("obj", "size", "name", "__weakref__")
+
+    def __init__(self, obj: Any, size: int) -> None:
+        self.obj = obj
+        self.size = size
+        self.name = type(obj).__name__
+
+
+def _op_errno(exc: BaseException, op: str, drv: Optional[_PyDriver], where: str) -> int:
+    """Log an exception raised by a Python driver op; the negative errno to return."""
+    err = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if not isinstance(err, int) or err <= 0:
+        err = _errno.EIO
+    name = drv.name if drv is not None else "?"
+    log.error("cowbackup: Python driver %s.%s(%s) failed (returning -%s): %r", name, op,
+              where, _errno.errorcode.get(err, err), exc,
+              exc_info=(type(exc), exc, exc.__traceback__))
+    return -err
+
+
+def _enter_callback() -> bool:
+    prev = getattr(_tls, "in_callback", False)
+    _tls.in_callback = True
+    return prev
+
+
+def _thunk_read(key: Optional[int], offset: int, buf: Optional[int], n: int) -> int:
+    drv = _py_drivers.get(key or 0)
+    prev = _enter_callback()
+    try:
+        if drv is None:
+            raise RuntimeError(f"no Python driver with key {key}")
+        data = drv.obj.read(offset, n)
+        if not isinstance(data, bytes):
+            data = bytes(memoryview(data))
+        if len(data) != n:
+            raise ValueError(f"read returned {len(data)} bytes, {n} were asked")
+        if n:
+            ctypes.memmove(buf, data, n)
+        return 0
+    except BaseException as e:  # never let anything unwind into C
+        return _op_errno(e, "read", drv, f"{offset}, {n}")
+    finally:
+        _tls.in_callback = prev
+
+
+def _thunk_write(key: Optional[int], offset: int, buf: Optional[int], n: int) -> int:
+    drv = _py_drivers.get(key or 0)
+    prev = _enter_callback()
+    try:
+        if drv is None:
+            raise RuntimeError(f"no Python driver with key {key}")
+        # A copy: the C buffer is valid only during the call, the object may keep `data`.
+        data = ctypes.string_at(buf, n) if n else b""
+        drv.obj.write(offset, data)
+        return 0
+    except BaseException as e:
+        return _op_errno(e, "write", drv, f"{offset}, <{n} bytes>")
+    finally:
+        _tls.in_callback = prev
+
+
+def _thunk_write_zeroes(key: Optional[int], offset: int, n: int) -> int:
+    drv = _py_drivers.get(key or 0)
+    prev = _enter_callback()
+    try:
+        if drv is None:
+            raise RuntimeError(f"no Python driver with key {key}")
+        drv.obj.write_zeroes(offset, n)
+        return 0
+    except BaseException as e:
+        return _op_errno(e, "write_zeroes", drv, f"{offset}, {n}")
+    finally:
+        _tls.in_callback = prev
+
+
+def _thunk_flush(key: Optional[int]) -> int:
+    drv = _py_drivers.get(key or 0)
+    prev = _enter_callback()
+    try:
+        if drv is None:
+            raise RuntimeError(f"no Python driver with key {key}")
+        drv.obj.flush()
+        return 0
+    except BaseException as e:
+        return _op_errno(e, "flush", drv, "")
+    finally:
+        _tls.in_callback = prev
+
+
+def _thunk_block_status(key: Optional[int], offset: int, n: int, pnum: Any, pstatus: Any) -> int:
+    drv = _py_drivers.get(key or 0)
+    prev = _enter_callback()
+    try:
+        if drv is None:
+            raise RuntimeError(f"no Python driver with key {key}")
+        result = drv.obj.block_status(offset, n)
+        try:
+            num, flags = result
+            num = _u64(num, "block_status count")
+            flags = operator.index(flags)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"block_status must return (int count, int flags), got {result!r}: {e}") from None
+        if not 0 <= flags <= 0xFFFFFFFF:
+            raise ValueError(f"block_status flags {flags:#x} out of range")
+        pnum[0] = num
+        pstatus[0] = flags
+        return 0
+    except BaseException as e:
+        return _op_errno(e, "block_status", drv, f"{offset}, {n}")
+    finally:
+        _tls.in_callback = prev
+
+
+def _thunk_release(key: Optional[int]) -> None:
+    try:
+        _py_drivers.pop(key or 0, None)
+    except BaseException:  # pragma: no cover - dict.pop does not fail
+        pass
+
+
+_c_read = _READ_FN(_thunk_read)
+_c_write = _WRITE_FN(_thunk_write)
+_c_write_zeroes = _WRITE_ZEROES_FN(_thunk_write_zeroes)
+_c_flush = _FLUSH_FN(_thunk_flush)
+_c_block_status = _BLOCK_STATUS_FN(_thunk_block_status)
+_c_release = _RELEASE_FN(_thunk_release)
+
+
+# --- drivers ---------------------------------------------------------------------------
+
+_live_drivers: "weakref.WeakSet[Driver]" = weakref.WeakSet()
+_live_jobs: "weakref.WeakSet[Job]" = weakref.WeakSet()
+
+
+def _out_handle(fn: Callable[..., int], what: str, *args: Any) -> int:
+    out = c_void_p()
+    _check(fn(*args, ctypes.byref(out)), what)
+    if not out.value:  # pragma: no cover - the ABI writes a handle on success
+        raise CowbackupError(_errno.EIO, f"{what} returned no handle")
+    return out.value
+
+
+def _buffer_arg(data: Any) -> Tuple[Any, int]:
+    """A (pointer-compatible object, length) for bytes-like ``data``, copying only if needed."""
+    if isinstance(data, bytes):
+        return data, len(data)
+    if isinstance(data, str):
+        raise TypeError("data must be bytes-like, not str (encode it first)")
+    try:
+        memoryview(data)
+    except TypeError:
+        raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
+    mv = memoryview(data)
+    if mv.readonly or not mv.c_contiguous:
+        raw = mv.tobytes()
+        return raw, len(raw)
+    flat = mv.cast("B")
+    if flat.nbytes == 0:
+        return b"", 0
+    return (ctypes.c_char * flat.nbytes).from_buffer(flat), flat.nbytes
+
+
+class Driver:
+    """A block device: a handle on a library driver (memory, file, or implemented in Python).
+
+    Make one with :meth:`memory`, :meth:`open`, :meth:`create` or :meth:`from_python`; close
+    it with :meth:`close` or a ``with`` block. A job started on a driver holds its own
+    reference to the device: the driver may be closed right after :func:`backup_start`.
+    Thread-safe: methods may be called from several threads at once (``close`` waits for
+    calls in flight). I/O releases the GIL.
+    """
+
+    __slots__ = ("_h", "_size", "_kind", "__weakref__")
+
+    def __init__(self, _ptr: int, _kind: str) -> None:
+        """Internal: use the class methods."""
+        size = c_uint64()
+        try:
+            _check(_driver_size(_ptr, ctypes.byref(size)), "cowbackup_driver_size")
+        except BaseException:
+            _driver_free(_ptr)  # no _h yet: __del__ will not free it again
+            raise
+        self._size = size.value
+        self._kind = _kind
+        self._h = _Handle(_ptr, f"cowbackup.Driver ({_kind})")
+        _live_drivers.add(self)
+
+    @classmethod
+    def memory(cls, size: int) -> "Driver":
+        """A new in-memory device of ``size`` bytes (1 byte to 1 TiB) reading as zeroes.
+
+        Memory is allocated lazily when written. Raises ValueError (also for size 0 or
+        over 1 TiB, found by the library: a :class:`CowbackupError` with errno EINVAL).
+        """
+        size = _u64(size, "size")
+        return cls(_out_handle(_memory_new, "cowbackup_memory_new", size), "memory")
+
+    @classmethod
+    def open(cls, path: Union[str, bytes, "os.PathLike[Any]"], write: bool = False,
+             direct: bool = False) -> "Driver":
+        """Open an existing raw image file or block device (read-only unless ``write``).
+
+        ``direct`` uses O_DIRECT for aligned requests. Raises :class:`CowbackupError` with
+        the open's errno (a ``FileNotFoundError`` for a missing file, ...).
+        """
+        raw = _path_arg(path)
+        flags = (_OPEN_WRITE if write else 0) | (_OPEN_DIRECT if direct else 0)
+        return cls(_out_handle(_file_open, "cowbackup_file_open", raw, flags), "file")
+
+    @classmethod
+    def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,
+               direct: bool = False) -> "Driver":
+        """Create (or truncate) a sparse raw image of ``size`` bytes, opened read-write.
+
+        The new file reads as zeroes, so a backup into it skips zero clusters.
+        """
+        raw = _path_arg(path)
+        size = _u64(size, "size")
+        flags = _OPEN_DIRECT if direct else 0
+        return cls(_out_handle(_file_create, "cowbackup_file_create", raw, size, flags), "file")
+
+    @classmethod
+    def from_python(cls, obj: Any, size: int, serialize: bool = False) -> "Driver":
+        """A device whose I/O is done by the Python object ``obj``.
+
+        ``obj`` has the methods ``read(offset, n) -> bytes`` (exactly ``n`` bytes) and
+        ``write(offset, data: bytes)``, and optionally ``write_zeroes(offset, n)``,
+        ``flush()`` and ``block_status(offset, n) -> (count, flags)`` (``count`` 1..n bytes
+        sharing the status ``flags``, a combination of :data:`STATUS_DATA` and
+        :data:`STATUS_ZERO`). Missing optional methods get the library's defaults (zero
+        buffers through ``write``; nothing; everything DATA).
+
+        The methods are called on library threads (job workers) and on the threads calling
+        the hook or :meth:`read`/:meth:`write`, concurrently unless ``serialize`` is true
+        (then one at a time). They must not call methods of a job using this device.
+        An exception in a method is logged on the ``cowbackup`` logger and returned to the
+        library as an error: the ``errno`` of an ``OSError``, else EIO.
+
+        The library keeps ``obj`` alive until it drops its last reference to the device
+        (this driver closed and every job using it closed), then forgets it.
+        """
+        if not callable(getattr(obj, "read", None)) or not callable(getattr(obj, "write", None)):
+            raise TypeError("a Python driver needs callable read(offset, n) and write(offset, data)")
+        size = _u64(size, "size")
+        if size == 0:
+            raise ValueError("size must be positive")
+        ops = _DriverOps()
+        ops.read = _c_read
+        ops.write = _c_write
+        if callable(getattr(obj, "write_zeroes", None)):
+            ops.write_zeroes = _c_write_zeroes
+        if callable(getattr(obj, "flush", None)):
+            ops.flush = _c_flush
+        if callable(getattr(obj, "block_status", None)):
+            ops.block_status = _c_block_status
+        ops.release = _c_release
+        key = _new_key()
+        _py_drivers[key] = _PyDriver(obj, size)
+        try:
+            ptr = _out_handle(_driver_new, "cowbackup_driver_new", ctypes.byref(ops),
+                              ctypes.sizeof(ops), key, size,
+                              _DRIVER_SERIALIZE if serialize else 0)
+        except BaseException:
+            _py_drivers.pop(key, None)  # failed: the library does not call release
+            raise
+        return cls(ptr, "python")
+
+    @property
+    def size(self) -> int:
+        """The device size in bytes."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._h.closed
+
+    def _ptr(self) -> int:
+        """Acquire the handle for one call (pair with ``self._h.release()``)."""
+        return self._h.acquire()
+
+    def _check_range(self, offset: int, n: int) -> None:
+        if offset + n > self._size:
+            raise ValueError(f"range {offset}+{n} is past the end of the device ({self._size} bytes)")
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Read ``n`` bytes at ``offset`` directly from the device (not through a job).
+
+        Raises ValueError for a range past the end, :class:`CowbackupError` for I/O errors.
+        Releases the GIL during the I/O.
+        """
+        offset = _u64(offset, "offset")
+        n = _u64(n, "n")
+        self._check_range(offset, n)
+        buf = ctypes.create_string_buffer(n)
+        ptr = self._ptr()
+        try:
+            _check(_driver_read(ptr, offset, buf, n), "cowbackup_driver_read")
+        finally:
+            self._h.release()
+        return buf.raw
+
+    def readinto(self, offset: int, buffer: Any) -> None:
+        """Read ``len(buffer)`` bytes at ``offset`` into the writable bytes-like ``buffer``."""
+        offset = _u64(offset, "offset")
+        mv = memoryview(buffer)
+        if mv.readonly or not mv.c_contiguous:
+            raise TypeError("buffer must be a writable, contiguous bytes-like object")
+        flat = mv.cast("B")
+        n = flat.nbytes
+        self._check_range(offset, n)
+        cbuf = (ctypes.c_char * n).from_buffer(flat) if n else None
+        ptr = self._ptr()
+        try:
+            _check(_driver_read(ptr, offset, cbuf, n), "cowbackup_driver_read")
+        finally:
+            self._h.release()
+
+    def write(self, offset: int, data: Any) -> None:
+        """Write the bytes-like ``data`` at ``offset`` directly to the device.
+
+        This does NOT call the hook of a job backing up this device: call
+        :meth:`Job.cow_before_write` first. Releases the GIL during the I/O.
+        """
+        offset = _u64(offset, "offset")
+        buf, n = _buffer_arg(data)
+        self._check_range(offset, n)
+        ptr = self._ptr()
+        try:
+            _check(_driver_write(ptr, offset, buf if n else None, n), "cowbackup_driver_write")
+        finally:
+            self._h.release()
+
+    def close(self) -> None:
+        """Drop this handle (jobs using the device keep it alive). Idempotent."""
+        ptr = self._h.begin_close()
+        if ptr is None:
+            return
+        self._h.drain()
+        _live_drivers.discard(self)
+        _driver_free(ptr)
+
+    def __enter__(self) -> "Driver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if _shutting_down or not hasattr(self, "_h"):
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self._size} bytes"
+        return f"<cowbackup.Driver {self._kind}, {state}>"
+
+
+# --- jobs ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class JobInfo:
+    """State and progress of a job (:meth:`Job.info`).
+
+    ``error`` is the negative errno of the failure, or of the error that paused the job
+    (0 otherwise); ``len`` the bytes to process (the device size); ``offset`` the bytes
+    done (``bytes_copied + bytes_zero + bytes_skipped + bytes_failed``).
+    """
+
+    state: JobState
+    error: int
+    len: int
+    offset: int
+    bytes_copied: int
+    bytes_zero: int
+    bytes_skipped: int
+    bytes_failed: int
+    cow_requests: int
+    cow_bytes: int
+    speed: int
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the work done, 0.0 to 1.0."""
+        return min(1.0, self.offset / self.len) if self.len else 1.0
+
+    @property
+    def ended(self) -> bool:
+        """True when the job is COMPLETED, FAILED or CANCELLED."""
+        return self.state >= JobState.COMPLETED
+
+
+class _Completion:
+    """What the completion thunk needs: the user's callback and the event ``wait`` uses."""
+
+    __slots__ = ("on_complete", "event", "ret", "job_id")
+
+    def __init__(self, on_complete: Optional[Callable[[int], Any]], job_id: int) -> None:
+        self.on_complete = on_complete
+        self.event = threading.Event()
+        self.ret: Optional[int] = None
+        self.job_id = job_id
+
+
+_completions: Dict[int, _Completion] = {}
+
+
+def _thunk_completion(key: Optional[int], ret: int) -> None:
+    comp = _completions.pop(key or 0, None)
+    if comp is None:
+        return
+    active = getattr(_tls, "in_completion", None)
+    if active is None:
+        active = _tls.in_completion = set()
+    active.add(comp.job_id)
+    try:
+        comp.ret = ret
+        if comp.on_complete is not None:
+            try:
+                comp.on_complete(ret)
+            except BaseException as e:
+                log.error("cowbackup: on_complete(%d) raised %r", ret, e,
+                          exc_info=(type(e), e, e.__traceback__))
+    finally:
+        active.discard(comp.job_id)
+        comp.event.set()  # after on_complete: Job.wait returns once it has run
+
+
+_c_completion = _COMPLETION_FN(_thunk_completion)
+
+
+class Job:
+    """A running backup job (:func:`backup_start`).
+
+    A context manager: leaving the ``with`` block cancels the job if it is still running,
+    waits for its threads and frees it. Every method may be called from any thread,
+    concurrently (the hook from every writing thread); blocking calls release the GIL.
+    Use after :meth:`close` raises ``ValueError``.
+    """
+
+    __slots__ = ("_h", "_completion", "_id", "__weakref__")
+
+    def __init__(self, _ptr: int, _completion: _Completion) -> None:
+        """Internal: use :func:`backup_start`."""
+        self._id = _completion.job_id
+        self._h = _Handle(_ptr, f"cowbackup.Job {self._id}")
+        self._completion = _completion
+        _live_jobs.add(self)
+
+    def _enter(self, what: str, blocking: bool = False) -> int:
+        if blocking and getattr(_tls, "in_callback", False):
+            raise RuntimeError(f"Job.{what} must not be called from a Python driver method")
+        return self._h.acquire()
+
+    def cow_before_write(self, offset: int, length: int) -> None:
+        """The copy-before-write hook: call it before writing ``[offset, offset+length)``.
+
+        Write to the source only after it returned. It returns once the old contents of
+        every cluster the range touches are in the target (copying them on this thread, or
+        waiting for the thread copying them); for clusters already copied it costs a few
+        atomic loads. Any range is accepted; ``length`` 0 is a no-op. It keeps working while
+        the job is paused and is a no-op after the job ended. The GIL is released while it
+        runs: call it from every writing thread.
+
+        Raises :class:`CowbackupError`: errno EINVAL (also a ValueError) for a range past
+        the end; with ``on_cbw_error="break-guest-write"`` the copy's errno (EIO, ENOSPC,
+        ETIMEDOUT): fail the write, the snapshot stays valid and a later call retries.
+        """
+        offset = _u64(offset, "offset")
+        length = _u64(length, "length")
+        ptr = self._enter("cow_before_write", blocking=True)
+        try:
+            _check(_cow_before_write(ptr, offset, length), "cowbackup_cow_before_write")
+        finally:
+            self._h.release()
+
+    def _simple(self, fn: Callable[..., int], what: str, *args: Any) -> None:
+        ptr = self._enter(what)
+        try:
+            _check(fn(ptr, *args), what)
+        finally:
+            self._h.release()
+
+    def pause(self) -> None:
+        """Pause the background copy (the hook keeps working). Idempotent.
+
+        Raises :class:`CowbackupError` (errno EBUSY) when the job has ended.
+        """
+        self._simple(_job_pause, "cowbackup_job_pause")
+
+    def resume(self) -> None:
+        """Resume a paused job (paused by :meth:`pause` or by an error under a "stop" or
+        "enospc" policy, which is then retried). Idempotent. EBUSY when the job has ended.
+        """
+        self._simple(_job_resume, "cowbackup_job_resume")
+
+    def cancel(self) -> None:
+        """Cancel the job: the hook becomes a no-op, the job ends CANCELLED. Returns at once.
+
+        No effect on a job that has ended.
+        """
+        self._simple(_job_cancel, "cowbackup_job_cancel")
+
+    def set_speed(self, bytes_per_sec: int) -> None:
+        """Change the background copy speed limit (bytes/s, 0 = unlimited); never slows the hook."""
+        self._simple(_job_set_speed, "cowbackup_job_set_speed", _u64(bytes_per_sec, "bytes_per_sec"))
+
+    def info(self) -> JobInfo:
+        """The job's state and progress, a :class:`JobInfo` (does not block on I/O)."""
+        cinfo = _JobInfoC()
+        ptr = self._enter("info")
+        try:
+            _check(_job_query(ptr, ctypes.byref(cinfo)), "cowbackup_job_query")
+        finally:
+            self._h.release()
+        try:
+            state: JobState = JobState(cinfo.state)
+        except ValueError:  # a newer library's state: keep the number
+            state = cinfo.state  # type: ignore[assignment]
+        return JobInfo(state, cinfo.error, cinfo.len, cinfo.offset, cinfo.bytes_copied,
+                       cinfo.bytes_zero, cinfo.bytes_skipped, cinfo.bytes_failed,
+                       cinfo.cow_requests, cinfo.cow_bytes, cinfo.speed)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the work done, 0.0 to 1.0 (``info().progress``)."""
+        return self.info().progress
+
+    @property
+    def state(self) -> JobState:
+        """The current state (``info().state``)."""
+        return self.info().state
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._h.closed
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until the job ends, at most ``timeout`` seconds (None: no limit).
+
+        Returns None when the job completed: the target is then the exact point-in-time
+        image of the source, and ``on_complete`` has run. Raises :class:`JobCancelled`
+        (errno ECANCELED) when it was cancelled, the job's :class:`CowbackupError` (errno
+        of the failure, the library's message) when it failed, and the built-in
+        ``TimeoutError`` (not a CowbackupError, no errno) when ``timeout`` expired first.
+        May be called several times and from several threads. Releases the GIL while it
+        waits; interruptible by KeyboardInterrupt.
+        """
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise TypeError("timeout must be a number of seconds or None")
+            if math.isnan(timeout) or timeout < 0:
+                raise ValueError("timeout must be >= 0")
+        ptr = self._enter("wait", blocking=True)
+        try:
+            in_own_completion = self._id in getattr(_tls, "in_completion", ())
+            if not in_own_completion and not self._completion.event.wait(timeout):
+                raise TimeoutError(f"cowbackup job {self._id} still running after {timeout} s")
+            ret = _job_wait(ptr)  # returns at once now, with the result and its message
+            if ret != 0:
+                raise _error(ret, "cowbackup_job_wait")
+        finally:
+            self._h.release()
+
+    def close(self) -> None:
+        """Cancel the job if it is still running, wait for its threads, free it. Idempotent.
+
+        Calls in flight on other threads finish first (a ``wait`` returns, cancelled).
+        Must not be called from the job's ``on_complete`` or from a Python driver method.
+        """
+        if self._id in getattr(_tls, "in_completion", ()):
+            raise RuntimeError("a job must not be closed from its own on_complete callback")
+        if getattr(_tls, "in_callback", False):
+            raise RuntimeError("Job.close must not be called from a Python driver method")
+        ptr = self._h.begin_close()
+        if ptr is None:
+            return
+        _job_cancel(ptr)  # no effect when ended; makes waits in flight return
+        self._h.drain()
+        _live_jobs.discard(self)
+        _job_free(ptr)  # joins the job's threads; on_complete has run when it returns
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if _shutting_down or not hasattr(self, "_h") or self._h.closed:
+            return
+        if getattr(_tls, "in_callback", False) or getattr(_tls, "in_completion", None):
+            # Collected on a library thread: freeing here could join this very thread.
+            threading.Thread(target=self.close, name="cowbackup-job-free", daemon=True).start()
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<cowbackup.Job {self._id} closed>"
+        i = self.info()
+        return f"<cowbackup.Job {self._id} {i.state.name if isinstance(i.state, JobState) else i.state} {i.progress:.0%}>"
+
+
+def backup_start(
+    source: Driver,
+    target: Driver,
+    *,
+    cluster_size: Optional[int] = None,
+    sync: str = "full",
+    speed: int = 0,
+    workers: Optional[int] = None,
+    max_chunk: Optional[int] = None,
+    on_source_error: str = "report",
+    on_target_error: str = "report",
+    on_cbw_error: str = "break-guest-write",
+    cbw_timeout: Optional[float] = None,
+    target_is_zero: bool = False,
+    on_complete: Optional[Callable[[int], Any]] = None,
+) -> Job:
+    """Start a point-in-time backup of ``source`` into ``target`` (same size).
+
+    When the job completes, ``target`` holds ``source`` exactly as it was when this returned,
+    provided every write to the source is preceded by :meth:`Job.cow_before_write`.
+
+    Options (None: the library's default):
+
+    - ``cluster_size``: power of two, 4096 to 64 MiB (default 65536): the copy granularity.
+    - ``sync``: ``"full"`` (every cluster), ``"top"`` (only clusters the source reports
+      allocated), ``"none"`` (no background copy: the job serves the hook until cancelled).
+    - ``speed``: background copy limit in bytes/s, 0 = unlimited (the hook is never slowed).
+    - ``workers``: background copy threads, 1 to 64 (default 2).
+    - ``max_chunk``: largest background request in bytes (default 1 MiB).
+    - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
+      (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
+      (pause with ``info().error``; :meth:`Job.resume` retries), ``"enospc"`` (stop on
+      ENOSPC, report otherwise).
+    - ``on_cbw_error``: ``"break-guest-write"`` (the hook raises, fail the write) or
+      ``"break-snapshot"`` (the hook returns, the job fails).
+    - ``cbw_timeout``: longest wait of the hook for clusters another thread copies, in
+      seconds (rounded up to whole milliseconds); past it the hook fails with ETIMEDOUT.
+    - ``target_is_zero``: the target is known to read zeroes (only when true!).
+    - ``on_complete(ret)``: called once when the job ends, on a library thread, with 0,
+      ``-errno.ECANCELED`` or the job's negative errno; exceptions are logged. It must not
+      close the job; :meth:`Job.wait` returns only after it ran.
+
+    The job holds its own references to the drivers: they may be closed afterwards.
+    Raises TypeError/ValueError for bad arguments, :class:`CowbackupError` when the library
+    refuses (EINVAL, also a ValueError: sizes differ, same device, bad option values).
+    """
+    if not isinstance(source, Driver) or not isinstance(target, Driver):
+        raise TypeError("source and target must be cowbackup.Driver objects")
+    sync_v = _choice(sync, _SYNC, "sync")
+    src_act = _choice(on_source_error, _ERROR_ACTION, "on_source_error")
+    tgt_act = _choice(on_target_error, _ERROR_ACTION, "on_target_error")
+    cbw_act = _choice(on_cbw_error, _CBW_ACTION, "on_cbw_error")
+    speed_v = _u64(speed, "speed")
+    cs = None if cluster_size is None else _u64(cluster_size, "cluster_size")
+    mc = None if max_chunk is None else _u64(max_chunk, "max_chunk")
+    wk = None
+    if workers is not None:
+        wk = _u64(workers, "workers")
+        if wk > 0xFFFFFFFF:
+            raise ValueError(f"workers out of range (got {wk})")
+    timeout_ms = 0
+    if cbw_timeout is not None:
+        if isinstance(cbw_timeout, bool) or not isinstance(cbw_timeout, (int, float)):
+            raise TypeError("cbw_timeout must be a number of seconds or None")
+        if not (cbw_timeout > 0) or math.isinf(cbw_timeout):
+            raise ValueError(f"cbw_timeout must be a positive, finite number of seconds (got {cbw_timeout})")
+        timeout_ms = max(1, math.ceil(cbw_timeout * 1000))
+        if timeout_ms > U64_MAX:
+            raise ValueError("cbw_timeout too large")
+    if not isinstance(target_is_zero, bool):
+        raise TypeError("target_is_zero must be a bool")
+    if on_complete is not None and not callable(on_complete):
+        raise TypeError("on_complete must be callable or None")
+
+    opts = _options_new()
+    if not opts:
+        raise CowbackupError(_errno.ENOMEM, _last_error() or "cowbackup_options_new failed")
+    key = _new_key()
+    comp = _Completion(on_complete, key)
+    try:
+        if cs is not None:
+            _check(_opt_cluster_size(opts, cs), "cowbackup_options_set_cluster_size")
+        _check(_opt_sync(opts, sync_v), "cowbackup_options_set_sync")
+        _check(_opt_speed(opts, speed_v), "cowbackup_options_set_speed")
+        if wk is not None:
+            _check(_opt_workers(opts, wk), "cowbackup_options_set_workers")
+        if mc is not None:
+            _check(_opt_max_chunk(opts, mc), "cowbackup_options_set_max_chunk")
+        _check(_opt_on_source_error(opts, src_act), "cowbackup_options_set_on_source_error")
+        _check(_opt_on_target_error(opts, tgt_act), "cowbackup_options_set_on_target_error")
+        _check(_opt_on_cbw_error(opts, cbw_act), "cowbackup_options_set_on_cbw_error")
+        if timeout_ms:
+            _check(_opt_cbw_timeout(opts, timeout_ms), "cowbackup_options_set_cbw_timeout")
+        _check(_opt_target_is_zero(opts, 1 if target_is_zero else 0),
+               "cowbackup_options_set_target_is_zero")
+        _check(_opt_completion(opts, _c_completion, key), "cowbackup_options_set_completion")
+        src = source._ptr()
+        try:
+            tgt = target._ptr()
+            try:
+                _completions[key] = comp
+                out = c_void_p()
+                ret = _backup_start(src, tgt, opts, ctypes.byref(out))
+                if ret != 0:
+                    _completions.pop(key, None)  # a job that fails to start never calls it
+                    raise _error(ret, "cowbackup_backup_start")
+            finally:
+                target._h.release()
+        finally:
+            source._h.release()
+    finally:
+        _options_free(opts)
+    return Job(out.value, comp)
+
+
+# --- interpreter exit ------------------------------------------------------------------
+
+_shutting_down = False
+
+
+@atexit.register
+def _shutdown() -> None:
+    """Close live jobs and drivers before the interpreter goes away.
+
+    Library threads call Python (drivers, on_complete); they must be done before Python
+    is torn down. Jobs are cancelled and joined, then the drivers dropped.
+    """
+    global _shutting_down
+    for job in list(_live_jobs):
+        try:
+            job.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.exception("cowbackup: closing a job at exit")
+    for drv in list(_live_drivers):
+        try:
+            drv.close()
+        except Exception:  # pragma: no cover
+            log.exception("cowbackup: closing a driver at exit")
+    _shutting_down = True
