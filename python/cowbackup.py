@@ -301,6 +301,10 @@ class _JobInfoC(Structure):
     ]
 
 
+class _RangeC(Structure):
+    _fields_ = [("offset", c_uint64), ("len", c_uint64)]
+
+
 _P = c_void_p  # opaque handles
 _PP = POINTER(c_void_p)  # out-params for handles
 
@@ -322,6 +326,8 @@ _job_set_speed = _declare("cowbackup_job_set_speed", c_int, [_P, c_uint64])
 _job_wait = _declare("cowbackup_job_wait", c_int, [_P])
 _job_query = _declare("cowbackup_job_query", c_int, [_P, POINTER(_JobInfoC)])
 _job_free = _declare("cowbackup_job_free", None, [_P])
+_job_failed_ranges = _declare("cowbackup_job_failed_ranges", c_int,
+                              [_P, POINTER(_RangeC), c_size_t, POINTER(c_size_t)])
 _options_new = _declare("cowbackup_options_new", _P, [])
 _options_free = _declare("cowbackup_options_free", None, [_P])
 _opt_cluster_size = _declare("cowbackup_options_set_cluster_size", c_int, [_P, c_uint64])
@@ -980,6 +986,22 @@ class Job:
         return JobInfo(state, cinfo.error, cinfo.len, cinfo.offset, cinfo.bytes_copied,
                        cinfo.bytes_zero, cinfo.bytes_skipped, cinfo.bytes_failed,
                        cinfo.cow_requests, cinfo.cow_bytes, cinfo.speed)
+
+    def failed_ranges(self) -> list[tuple[int, int]]:
+        """The ``(offset, length)`` byte ranges given up under ``on_*_error="ignore"``:
+        what the target lacks (e.g. the unreadable parts of a failing disk). Empty when
+        nothing failed."""
+        count = c_size_t(0)
+        ptr = self._enter("failed_ranges")
+        try:
+            while True:
+                n = count.value
+                arr = (_RangeC * max(n, 1))()
+                _check(_job_failed_ranges(ptr, arr, n, ctypes.byref(count)), "cowbackup_job_failed_ranges")
+                if count.value <= n:  # the list only grows: got it all
+                    return [(arr[i].offset, arr[i].len) for i in range(count.value)]
+        finally:
+            self._h.release()
 
     @property
     def progress(self) -> float:
