@@ -145,6 +145,62 @@
 #define COWBACKUP_DRIVER_SERIALIZE 1
 
 /*
+ Event kind: the job's state changed (`from_state` → `to_state`).
+ */
+#define COWBACKUP_TRACE_STATE 0
+
+/*
+ Event kind: a run of clusters was copied (`offset`, `len`, `data` bytes of it written as
+ data, `hook` 1 when the hook copied it).
+ */
+#define COWBACKUP_TRACE_CHUNK 1
+
+/*
+ Event kind: a run of clusters read as zero (`offset`, `len`).
+ */
+#define COWBACKUP_TRACE_ZERO 2
+
+/*
+ Event kind: a hook call starts copying or waiting (`offset`, `len` of the write).
+ */
+#define COWBACKUP_TRACE_HOOK_BEGIN 3
+
+/*
+ Event kind: that hook call returns (`wait_ns`, `data` = bytes it copied, `error`).
+ */
+#define COWBACKUP_TRACE_HOOK_END 4
+
+/*
+ Event kind: a copy failed (`error`, `offset`, `len`, `action`).
+ */
+#define COWBACKUP_TRACE_ERROR 5
+
+/*
+ Action of an error event: the job fails.
+ */
+#define COWBACKUP_TRACE_ACTION_REPORT 0
+
+/*
+ Action of an error event: the clusters are given up, the job goes on.
+ */
+#define COWBACKUP_TRACE_ACTION_IGNORE 1
+
+/*
+ Action of an error event: the job pauses with the error.
+ */
+#define COWBACKUP_TRACE_ACTION_STOP 2
+
+/*
+ Action of an error event: the hook returns the error to the host.
+ */
+#define COWBACKUP_TRACE_ACTION_BREAK_GUEST_WRITE 3
+
+/*
+ Action of an error event: the hook returns 0 and the job fails.
+ */
+#define COWBACKUP_TRACE_ACTION_BREAK_SNAPSHOT 4
+
+/*
  A block device handle (opaque).
 
  Each handle owns one reference to the device; a job holds references of its own, so a
@@ -289,6 +345,61 @@ typedef struct cowbackup_range {
    */
   uint64_t len;
 } cowbackup_range;
+
+/*
+ One trace event (`cowbackup_options_set_trace`). Fields a kind does not use are 0.
+ The struct and `message` are valid only during the callback.
+ */
+typedef struct cowbackup_trace_event {
+  /*
+   `COWBACKUP_TRACE_*`.
+   */
+  uint32_t kind;
+  /*
+   `-errno` of a failed hook call or of an error event; 0 otherwise.
+   */
+  int32_t error;
+  /*
+   The job's id (as in its thread names `cowbackup-<id>-<n>`).
+   */
+  uint64_t job;
+  /*
+   Byte offset of the run or of the write.
+   */
+  uint64_t offset;
+  /*
+   Length in bytes of the run or of the write.
+   */
+  uint64_t len;
+  /*
+   CHUNK: bytes written as data; HOOK_END: bytes the call copied.
+   */
+  uint64_t data;
+  /*
+   HOOK_END: how long the call took, in nanoseconds.
+   */
+  uint64_t wait_ns;
+  /*
+   STATE: old and new `COWBACKUP_JOB_*` state.
+   */
+  uint32_t from_state;
+  /*
+   STATE: the new state.
+   */
+  uint32_t to_state;
+  /*
+   ERROR: `COWBACKUP_TRACE_ACTION_*`.
+   */
+  uint32_t action;
+  /*
+   CHUNK: 1 when copied by the hook, 0 by a background worker.
+   */
+  uint32_t hook;
+  /*
+   The event as one line of text (what `COWBACKUP_TRACE=1` prints); never NULL.
+   */
+  const char *message;
+} cowbackup_trace_event;
 
 #ifdef __cplusplus
 extern "C" {
@@ -696,8 +807,8 @@ int cowbackup_options_set_target_is_zero(struct cowbackup_options *o, uint32_t i
  -ECANCELED, or the job's -errno), after the final state is set. It runs on a library thread
  (the job's own thread), not the thread that started the job; it must not block for long.
  It may call `cowbackup_job_query` and `cowbackup_job_wait` (which returns at once).
- `cowbackup_job_wait` in another thread may return just before the callback runs;
- `cowbackup_job_free` returns only after it has run. It is
+ `cowbackup_job_wait` in other threads and `cowbackup_job_free` return only after it has
+ returned. It is
  also called, with -ECANCELED, when a running job is freed, before `cowbackup_job_free`
  returns. A job that fails to start never calls it. `cb` NULL removes the callback.
  Errors: -EINVAL (NULL `o`).
@@ -709,6 +820,24 @@ int cowbackup_options_set_target_is_zero(struct cowbackup_options *o, uint32_t i
 int cowbackup_options_set_completion(struct cowbackup_options *o,
                                      void (*cb)(void *opaque, int ret),
                                      void *opaque);
+
+/*
+ Set the trace callback of the jobs started with these options: `cb(opaque, event)` is
+ called for every event of a job (state changes, chunks copied, zero runs, hook calls
+ that copy or wait, errors with the action taken). It runs on the thread that caused the
+ event: a job's library threads or a thread inside `cowbackup_cow_before_write`, possibly
+ concurrently, never with a library lock held; `event` and its `message` are valid only
+ during the call. It must be thread-safe and quick. The hook's fast path (clusters already
+ copied) emits nothing. `cb` NULL removes the callback (then `COWBACKUP_TRACE=1` in the
+ environment prints events to stderr). Errors: -EINVAL (NULL `o`).
+
+ # Safety
+ `o` is NULL or a live options object. `cb`, when not NULL, is safe to call from any thread
+ with `opaque`, until every job started with these options has been freed.
+ */
+int cowbackup_options_set_trace(struct cowbackup_options *o,
+                                void (*cb)(void *opaque, const struct cowbackup_trace_event *event),
+                                void *opaque);
 
 #ifdef __cplusplus
 }  // extern "C"

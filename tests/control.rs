@@ -310,6 +310,7 @@ fn speed_limit_holds_and_changes_while_running() {
 fn trace_events_reach_the_sink() {
     let size = 2 * MIB;
     let (data_src, _) = random_mem(size, 11);
+    data_src.write_at(&vec![0; 128 * KIB as usize], size - 128 * KIB).unwrap(); // two zero clusters
     let source = Gate::new(data_src, true);
     let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
     target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).times(1));
@@ -339,6 +340,16 @@ fn trace_events_reach_the_sink() {
         "{lines:#?}"
     );
     assert_eq!(count(&|e| matches!(e, TraceEvent::ChunkCopied { hook: true, .. })), 1);
+    let zero: Vec<(u64, u64)> = ev
+        .iter()
+        .filter_map(|e| match e {
+            TraceEvent::ZeroClusters { offset, len, .. } => Some((*offset, *len)),
+            _ => None,
+        })
+        .collect();
+    // The two zero clusters, in one event or one per chunk.
+    assert_eq!(zero.iter().map(|z| z.1).sum::<u64>(), 128 * KIB, "{lines:#?}");
+    assert!(zero.iter().all(|&(o, l)| o >= size - 128 * KIB && o + l <= size), "{lines:#?}");
     assert!(count(&|e| matches!(e, TraceEvent::ChunkCopied { hook: false, .. })) >= 1);
     let states: Vec<(JobState, JobState)> = ev
         .iter()

@@ -22,11 +22,13 @@ pub mod driver;
 pub mod error;
 pub mod job;
 pub mod options;
+pub mod trace;
 
 pub use driver::*;
 pub use error::*;
 pub use job::*;
 pub use options::*;
+pub use trace::*;
 
 /// Sync mode `FULL` (the default): copy every cluster of the source.
 pub const COWBACKUP_SYNC_FULL: u32 = 0;

@@ -256,7 +256,7 @@ pub unsafe extern "C" fn cowbackup_options_set_target_is_zero(o: *mut cowbackup_
 }
 
 /// `opaque` of a completion callback, only passed back to it.
-struct CallbackOpaque(*mut c_void);
+pub(crate) struct CallbackOpaque(pub(crate) *mut c_void);
 
 // SAFETY: never dereferenced by the library, only passed to the callback, which the caller of
 // cowbackup_options_set_completion promises may run on any thread.
@@ -266,7 +266,7 @@ unsafe impl Sync for CallbackOpaque {}
 
 impl CallbackOpaque {
     /// The pointer. A method, so that closures capture the whole (Send) wrapper.
-    fn get(&self) -> *mut c_void {
+    pub(crate) fn get(&self) -> *mut c_void {
         self.0
     }
 }
@@ -276,8 +276,8 @@ impl CallbackOpaque {
 /// -ECANCELED, or the job's -errno), after the final state is set. It runs on a library thread
 /// (the job's own thread), not the thread that started the job; it must not block for long.
 /// It may call `cowbackup_job_query` and `cowbackup_job_wait` (which returns at once).
-/// `cowbackup_job_wait` in another thread may return just before the callback runs;
-/// `cowbackup_job_free` returns only after it has run. It is
+/// `cowbackup_job_wait` in other threads and `cowbackup_job_free` return only after it has
+/// returned. It is
 /// also called, with -ECANCELED, when a running job is freed, before `cowbackup_job_free`
 /// returns. A job that fails to start never calls it. `cb` NULL removes the callback.
 /// Errors: -EINVAL (NULL `o`).

@@ -7,6 +7,7 @@ use std::ops::Range;
 use crate::buf::AlignedBuf;
 use crate::error::{Error, Op, Result, Side};
 use crate::job::Geometry;
+use crate::trace::{TraceEvent, TraceFn};
 use crate::zero::buffer_is_zero;
 use crate::BlockDriver;
 
@@ -26,6 +27,9 @@ pub(crate) struct Copier<'a> {
     pub geo: &'a Geometry,
     /// The target reads zeroes wherever the job has not written yet.
     pub target_zero: bool,
+    /// The job's trace sink and id, for `ZeroClusters` events.
+    pub trace: Option<&'a TraceFn>,
+    pub job: u64,
 }
 
 impl Copier<'_> {
@@ -54,6 +58,9 @@ impl Copier<'_> {
                         .map_err(|e| Error::io(Side::Target, Op::WriteZeroes, at, n, &e))?;
                 }
                 out.zero += n;
+                if let Some(sink) = self.trace {
+                    sink(&TraceEvent::ZeroClusters { job: self.job, offset: at, len: n });
+                }
             } else {
                 self.target.write_at(&data[pos..end], at).map_err(|e| Error::io(Side::Target, Op::Write, at, n, &e))?;
                 out.data += n;

@@ -205,7 +205,14 @@ impl JobShared {
     }
 
     fn copier(&self) -> Copier<'_> {
-        Copier { source: &*self.source, target: &*self.target, geo: &self.geo, target_zero: self.target_zero }
+        Copier {
+            source: &*self.source,
+            target: &*self.target,
+            geo: &self.geo,
+            target_zero: self.target_zero,
+            trace: self.trace.as_ref(),
+            job: self.id,
+        }
     }
 
     fn take_buf(&self) -> AlignedBuf {
