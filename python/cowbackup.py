@@ -488,77 +488,52 @@ def _enter_callback() -> bool:
     return prev
 
 
-def _thunk_read(key: Optional[int], offset: int, buf: Optional[int], n: int) -> int:
+def _run_op(key: Optional[int], op: str, args: str, body: Callable[[Any], None]) -> int:
+    """Run one driver op of the Python driver `key`: 0, or the negative errno of whatever it
+    raised (logged). Nothing ever unwinds into C."""
     drv = _py_drivers.get(key or 0)
     prev = _enter_callback()
     try:
         if drv is None:
             raise RuntimeError(f"no Python driver with key {key}")
-        data = drv.obj.read(offset, n)
+        body(drv.obj)
+        return 0
+    except BaseException as e:
+        return _op_errno(e, op, drv, args)
+    finally:
+        _tls.in_callback = prev
+
+
+def _thunk_read(key: Optional[int], offset: int, buf: Optional[int], n: int) -> int:
+    def body(obj: Any) -> None:
+        data = obj.read(offset, n)
         if not isinstance(data, bytes):
             data = bytes(memoryview(data))
         if len(data) != n:
             raise ValueError(f"read returned {len(data)} bytes, {n} were asked")
         if n:
             ctypes.memmove(buf, data, n)
-        return 0
-    except BaseException as e:  # never let anything unwind into C
-        return _op_errno(e, "read", drv, f"{offset}, {n}")
-    finally:
-        _tls.in_callback = prev
+
+    return _run_op(key, "read", f"{offset}, {n}", body)
 
 
 def _thunk_write(key: Optional[int], offset: int, buf: Optional[int], n: int) -> int:
-    drv = _py_drivers.get(key or 0)
-    prev = _enter_callback()
-    try:
-        if drv is None:
-            raise RuntimeError(f"no Python driver with key {key}")
-        # A copy: the C buffer is valid only during the call, the object may keep `data`.
-        data = ctypes.string_at(buf, n) if n else b""
-        drv.obj.write(offset, data)
-        return 0
-    except BaseException as e:
-        return _op_errno(e, "write", drv, f"{offset}, <{n} bytes>")
-    finally:
-        _tls.in_callback = prev
+    # A copy: the C buffer is valid only during the call, the object may keep `data`.
+    return _run_op(key, "write", f"{offset}, <{n} bytes>",
+                   lambda obj: obj.write(offset, ctypes.string_at(buf, n) if n else b""))
 
 
 def _thunk_write_zeroes(key: Optional[int], offset: int, n: int) -> int:
-    drv = _py_drivers.get(key or 0)
-    prev = _enter_callback()
-    try:
-        if drv is None:
-            raise RuntimeError(f"no Python driver with key {key}")
-        drv.obj.write_zeroes(offset, n)
-        return 0
-    except BaseException as e:
-        return _op_errno(e, "write_zeroes", drv, f"{offset}, {n}")
-    finally:
-        _tls.in_callback = prev
+    return _run_op(key, "write_zeroes", f"{offset}, {n}", lambda obj: obj.write_zeroes(offset, n))
 
 
 def _thunk_flush(key: Optional[int]) -> int:
-    drv = _py_drivers.get(key or 0)
-    prev = _enter_callback()
-    try:
-        if drv is None:
-            raise RuntimeError(f"no Python driver with key {key}")
-        drv.obj.flush()
-        return 0
-    except BaseException as e:
-        return _op_errno(e, "flush", drv, "")
-    finally:
-        _tls.in_callback = prev
+    return _run_op(key, "flush", "", lambda obj: obj.flush())
 
 
 def _thunk_block_status(key: Optional[int], offset: int, n: int, pnum: Any, pstatus: Any) -> int:
-    drv = _py_drivers.get(key or 0)
-    prev = _enter_callback()
-    try:
-        if drv is None:
-            raise RuntimeError(f"no Python driver with key {key}")
-        result = drv.obj.block_status(offset, n)
+    def body(obj: Any) -> None:
+        result = obj.block_status(offset, n)
         try:
             num, flags = result
             num = _u64(num, "block_status count")
@@ -569,11 +544,8 @@ def _thunk_block_status(key: Optional[int], offset: int, n: int, pnum: Any, psta
             raise ValueError(f"block_status flags {flags:#x} out of range")
         pnum[0] = num
         pstatus[0] = flags
-        return 0
-    except BaseException as e:
-        return _op_errno(e, "block_status", drv, f"{offset}, {n}")
-    finally:
-        _tls.in_callback = prev
+
+    return _run_op(key, "block_status", f"{offset}, {n}", body)
 
 
 def _thunk_release(key: Optional[int]) -> None:
