@@ -219,22 +219,36 @@ fn measure(a: &Args, dir: &Path, data: Data, confs: &[CowConf], disk: bool) -> R
     };
     let cold = || if disk { drop_caches() } else { true };
     let alloc = |p: &Path| allocated_bytes(p).unwrap_or(0);
+    // Contender k of n: 0 = dd, 1 = qemu-img, 2.. = the cowbackup configurations. The
+    // order rotates from run to run, so no contender always runs first (after the
+    // source was written) or always follows another.
+    let n = 2 + confs.len();
     for run in 0..a.runs {
-        cold();
-        s.dd.push(run_dd(&src, &dst)?);
-        s.alloc_dd = alloc(&dst);
-        cold();
-        s.qemu.push(run_qemu(&src, &dst, a.size)?);
-        s.alloc_qemu = alloc(&dst);
-        for (i, (c, v)) in s.cow.iter_mut().enumerate() {
+        for k in (0..n).map(|k| (k + run) % n) {
             let _ = std::fs::remove_file(&dst);
             cold();
-            v.push(run_cow(&src, &dst, *c)?);
-            if i == 0 {
-                s.alloc_cow = alloc(&dst);
-                if run == 0 {
-                    if let Some(at) = first_difference(&src, &dst).map_err(|e| e.to_string())? {
-                        return Err(format!("VERIFY FAILED: {} differs from the source at {at}", dst.display()));
+            match k {
+                0 => {
+                    s.dd.push(run_dd(&src, &dst)?);
+                    s.alloc_dd = alloc(&dst);
+                }
+                1 => {
+                    s.qemu.push(run_qemu(&src, &dst, a.size)?);
+                    s.alloc_qemu = alloc(&dst);
+                }
+                _ => {
+                    let (c, v) = &mut s.cow[k - 2];
+                    v.push(run_cow(&src, &dst, *c)?);
+                    if k == 2 {
+                        s.alloc_cow = alloc(&dst);
+                        if run == 0 {
+                            if let Some(at) = first_difference(&src, &dst).map_err(|e| e.to_string())? {
+                                return Err(format!(
+                                    "VERIFY FAILED: {} differs from the source at {at}",
+                                    dst.display()
+                                ));
+                            }
+                        }
                     }
                 }
             }
