@@ -60,6 +60,9 @@ impl JobShared {
                 HookClaim::Clean | HookClaim::Stopped => break Ok(()),
                 HookClaim::TimedOut => unreachable!("no deadline was given"),
                 HookClaim::Claimed(mine) => {
+                    // Hook copies first: workers start no new chunk while this copies.
+                    // Not held while waiting for others' claims, so no worker waits for us.
+                    let _pass = self.hook_gate.enter();
                     let mut failed = None;
                     for claim in mine {
                         // After a failure the remaining claims are dropped: released dirty.

@@ -11,6 +11,7 @@ mod copy;
 mod cow;
 mod options;
 mod policy;
+mod priority;
 mod ratelimit;
 mod worker;
 
@@ -35,6 +36,7 @@ use crate::driver::{BlockDriver, StatusFlags};
 use crate::error::{Error, ErrorKind, Op, Result, Side};
 use claims::Claims;
 use copy::{Copied, Copier};
+use priority::HookGate;
 use ratelimit::RateLimit;
 
 /// The life of a job: `Created → Running ⇄ Paused → Completed | Failed | Cancelled`.
@@ -166,6 +168,8 @@ pub(crate) struct JobShared {
     control: Mutex<ControlState>,
     /// Signalled on every change of `control` and of the speed.
     control_cv: Condvar,
+    /// Hook calls copying now: workers start no new chunk meanwhile (see priority.rs).
+    hook_gate: HookGate,
     /// Spare hook buffers. Protected by this mutex.
     bufs: Mutex<Vec<AlignedBuf>>,
     on_complete: Option<CompletionFn>,
@@ -390,6 +394,7 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
             result: None,
         }),
         control_cv: Condvar::new(),
+        hook_gate: HookGate::default(),
         bufs: Mutex::new(Vec::new()),
         on_complete: opts.on_complete,
         zero_target: Mutex::new(zero_target),
