@@ -101,7 +101,20 @@ pub fn make_sparse_spread(path: &Path, size: u64, data: u64) -> io::Result<()> {
     f.sync_all()
 }
 
-/// First differing offset of two files, `None` when they are equal.
+/// The next offset at or after `off` where `f` has data (`SEEK_DATA`); `len` when none.
+fn next_data(f: &File, off: u64, len: u64) -> u64 {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; we only use positional reads on it.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        // ENXIO: no data after off. Anything else: cannot tell, assume data.
+        return if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) { len } else { off };
+    }
+    r as u64
+}
+
+/// First differing offset of two files, `None` when they are equal. Ranges that are
+/// holes in both files are skipped (`SEEK_DATA`), so a sparse 1 TiB pair is quick.
 pub fn first_difference(a: &Path, b: &Path) -> io::Result<Option<u64>> {
     let (fa, fb) = (File::open(a)?, File::open(b)?);
     let (la, lb) = (fa.metadata()?.len(), fb.metadata()?.len());
@@ -111,6 +124,10 @@ pub fn first_difference(a: &Path, b: &Path) -> io::Result<Option<u64>> {
     let (mut ba, mut bb) = (vec![0u8; 4 * MIB as usize], vec![0u8; 4 * MIB as usize]);
     let mut off = 0;
     while off < la {
+        off = next_data(&fa, off, la).min(next_data(&fb, off, la)) / 4096 * 4096;
+        if off >= la {
+            break;
+        }
         let n = (la - off).min(4 * MIB) as usize;
         fa.read_exact_at(&mut ba[..n], off)?;
         fb.read_exact_at(&mut bb[..n], off)?;
@@ -174,10 +191,10 @@ pub fn fmt_ns(ns: f64) -> String {
 }
 
 pub fn fmt_bytes(b: u64) -> String {
-    if b >= GIB && b % GIB == 0 {
-        format!("{} GiB", b / GIB)
-    } else if b >= 1 << 40 && b % (1 << 40) == 0 {
+    if b >= 1 << 40 && b % (1 << 40) == 0 {
         format!("{} TiB", b >> 40)
+    } else if b >= GIB && b % GIB == 0 {
+        format!("{} GiB", b / GIB)
     } else if b >= MIB {
         format!("{} MiB", b / MIB)
     } else {
