@@ -80,6 +80,15 @@ pub trait BlockDriver: Send + Sync {
     fn storage_id(&self) -> Option<(u64, u64)> {
         None
     }
+
+    /// The [`FileDriver`](crate::FileDriver) behind this driver, when it is one: a job
+    /// copying between two of them uses copy offload ([`FileDriver::copy_range_to`](crate::FileDriver::copy_range_to):
+    /// `copy_file_range`, an in-kernel copy or a reflink clone) instead of reading into
+    /// and writing from its buffers. Wrappers that must see every read and write (fault
+    /// injection, counting) keep the default `None`.
+    fn as_file_driver(&self) -> Option<&crate::FileDriver> {
+        None
+    }
 }
 
 /// A shared driver is a driver: wrappers (fault injection, counting, gating) can hold
@@ -108,5 +117,8 @@ impl<T: BlockDriver + ?Sized> BlockDriver for std::sync::Arc<T> {
     }
     fn storage_id(&self) -> Option<(u64, u64)> {
         (**self).storage_id()
+    }
+    fn as_file_driver(&self) -> Option<&crate::FileDriver> {
+        (**self).as_file_driver()
     }
 }
