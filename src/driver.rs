@@ -45,15 +45,7 @@ pub trait BlockDriver: Send + Sync {
     /// Make `[offset, offset + len)` read as zeroes. The default writes zero buffers;
     /// drivers that can punch holes or zero ranges cheaply override it.
     fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; len.min(CHUNK) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK) as usize;
-            self.write_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zero_buffers(self, offset, len)
     }
 
     /// Make written data durable. The default does nothing (volatile devices).
@@ -80,6 +72,29 @@ pub trait BlockDriver: Send + Sync {
     fn storage_id(&self) -> Option<(u64, u64)> {
         None
     }
+
+    /// The [`FileDriver`](crate::FileDriver) behind this driver, when it is one: a job
+    /// copying between two of them uses copy offload ([`FileDriver::copy_range_to`](crate::FileDriver::copy_range_to):
+    /// `copy_file_range`, an in-kernel copy or a reflink clone) instead of reading into
+    /// and writing from its buffers. Wrappers that must see every read and write (fault
+    /// injection, counting) keep the default `None`.
+    fn as_file_driver(&self) -> Option<&crate::FileDriver> {
+        None
+    }
+}
+
+/// Make `[offset, offset + len)` of `d` read as zeroes by writing zero buffers of at most
+/// 1 MiB with `write_at`: the fallback of drivers that cannot zero a range cheaply.
+pub fn write_zero_buffers<D: BlockDriver + ?Sized>(d: &D, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; len.min(CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        d.write_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A shared driver is a driver: wrappers (fault injection, counting, gating) can hold
@@ -108,5 +123,8 @@ impl<T: BlockDriver + ?Sized> BlockDriver for std::sync::Arc<T> {
     }
     fn storage_id(&self) -> Option<(u64, u64)> {
         (**self).storage_id()
+    }
+    fn as_file_driver(&self) -> Option<&crate::FileDriver> {
+        (**self).as_file_driver()
     }
 }

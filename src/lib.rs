@@ -39,7 +39,7 @@ mod trace;
 mod zero;
 
 pub use buf::{AlignedBuf, IO_ALIGN};
-pub use driver::{BlockDriver, BlockStatus, StatusFlags};
+pub use driver::{write_zero_buffers, BlockDriver, BlockStatus, StatusFlags};
 pub use drivers::fault::{FaultDriver, FaultOp, FaultRule, RuleId};
 pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;

@@ -131,6 +131,55 @@ impl FileDriver {
         }
     }
 
+    /// Copy `[offset, offset + len)` of this file to the same range of `target`
+    /// inside the kernel with `copy_file_range` (a reflink clone where the filesystem
+    /// shares extents, e.g. XFS or Btrfs), without passing the bytes through user memory.
+    ///
+    /// # Errors
+    /// `Unsupported` (errno `EXDEV`, `EOPNOTSUPP`, `ENOSYS` or `EINVAL`) when the kernel
+    /// or the filesystems cannot (block devices, different filesystems on old kernels):
+    /// read and write instead. `InvalidInput` for a range past the end; the I/O error
+    /// of the copy otherwise.
+    pub fn copy_range_to(&self, target: &FileDriver, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        target.check(offset, len)?;
+        if self.is_blockdev || target.is_blockdev {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        target.fresh.store(false, Ordering::Release);
+        let (mut src_off, mut dst_off) = (offset as libc::loff_t, offset as libc::loff_t);
+        let end = offset + len;
+        while (src_off as u64) < end {
+            let want = (end - src_off as u64).min(1 << 30) as usize;
+            // SAFETY: both descriptors are ours and open; the offsets are valid pointers to
+            // locals; copy_file_range does not touch the descriptors' file positions then.
+            let n = unsafe {
+                libc::copy_file_range(
+                    self.file.as_raw_fd(),
+                    &mut src_off,
+                    target.file.as_raw_fd(),
+                    &mut dst_off,
+                    want,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "copy_file_range copied nothing"));
+            }
+        }
+        Ok(())
+    }
+
     fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
         // SAFETY: lseek on an fd we own; all I/O is positional so moving the offset is harmless.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
@@ -142,8 +191,9 @@ impl FileDriver {
     }
 }
 
-fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL))
+/// The operation cannot be done this way here (fall back to another).
+pub(crate) fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EXDEV))
 }
 
 impl BlockDriver for FileDriver {
@@ -227,6 +277,10 @@ impl BlockDriver for FileDriver {
     fn storage_id(&self) -> Option<(u64, u64)> {
         Some(self.storage_id)
     }
+
+    fn as_file_driver(&self) -> Option<&FileDriver> {
+        (!self.is_blockdev).then_some(self)
+    }
 }
 
 /// Bytes of disk actually allocated to a file (`st_blocks * 512`): how sparse it is.
@@ -262,6 +316,25 @@ mod tests {
         let ro = FileDriver::open(&p, OpenFlags::empty()).unwrap();
         assert_eq!(ro.storage_id(), d.storage_id());
         assert!(ro.write_at(&[1], 0).is_err());
+    }
+
+    #[test]
+    fn copy_range_to_copies_in_the_kernel_and_marks_the_target_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FileDriver::create(dir.path().join("a"), 4 << 20).unwrap();
+        let b = FileDriver::create(dir.path().join("b"), 4 << 20).unwrap();
+        let data: Vec<u8> = (0..3 << 20).map(|i| (i * 7 + i / 4093) as u8).collect();
+        a.write_at(&data, 12345).unwrap();
+        assert!(b.reads_as_zero());
+        a.copy_range_to(&b, 4096, 2 << 20).unwrap();
+        assert!(!b.reads_as_zero());
+        let mut back = vec![0u8; 4 << 20];
+        b.read_at(&mut back, 0).unwrap();
+        let mut want = vec![0u8; 4 << 20];
+        a.read_at(&mut want[4096..4096 + (2 << 20)], 4096).unwrap();
+        assert_eq!(back, want);
+        assert!(a.copy_range_to(&b, 3 << 20, 2 << 20).is_err());
+        assert!(a.as_file_driver().is_some());
     }
 
     #[test]

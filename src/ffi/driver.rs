@@ -149,15 +149,7 @@ impl BlockDriver for CDriver {
             let ret = self.call(|opaque| unsafe { write_zeroes(opaque, offset, len) });
             return op_result("write_zeroes", ret);
         }
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; len.min(CHUNK) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK) as usize;
-            self.write_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        crate::driver::write_zero_buffers(self, offset, len)
     }
 
     fn flush(&self) -> io::Result<()> {

@@ -111,6 +111,9 @@ impl JobShared {
             match self.claims.claim_or_wait(clusters.clone(), self.geo.max_run, None, stop) {
                 HookClaim::Clean | HookClaim::Stopped | HookClaim::TimedOut => break Ok(copied),
                 HookClaim::Claimed(mine) => {
+                    // Hook copies first: workers start no new chunk while this copies.
+                    // Not held while waiting for others' claims, so no worker waits for us.
+                    let _pass = self.hook_gate.enter();
                     let mut failed = None;
                     for claim in mine {
                         // After a failure the remaining claims are dropped: released dirty.

@@ -11,6 +11,7 @@ mod copy;
 mod cow;
 mod options;
 mod policy;
+mod priority;
 mod ratelimit;
 mod worker;
 
@@ -37,6 +38,7 @@ use crate::trace::{TraceAction, TraceEvent, TraceFn};
 use claims::Claims;
 use copy::{Copied, Copier};
 use policy::Reaction;
+use priority::HookGate;
 use ratelimit::RateLimit;
 
 /// The life of a job: `Created → Running ⇄ Paused → Completed | Failed | Cancelled`.
@@ -172,6 +174,8 @@ pub(crate) struct JobShared {
     control: Mutex<ControlState>,
     /// Signalled on every change of `control` and of the speed.
     control_cv: Condvar,
+    /// Hook calls copying now: workers start no new chunk meanwhile (see priority.rs).
+    hook_gate: HookGate,
     /// Spare hook buffers. Protected by this mutex.
     bufs: Mutex<Vec<AlignedBuf>>,
     on_complete: Option<CompletionFn>,
@@ -528,6 +532,7 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
             callback_done: false,
         }),
         control_cv: Condvar::new(),
+        hook_gate: HookGate::default(),
         bufs: Mutex::new(Vec::new()),
         on_complete: opts.on_complete,
         on_source_error: opts.on_source_error,

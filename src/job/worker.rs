@@ -31,6 +31,8 @@ fn work(job: &JobShared, buf: &mut AlignedBuf) -> Result<()> {
         if !job.wait_runnable() {
             return Ok(());
         }
+        // Hook copies first: no new chunk while one is copying (bounded, see priority.rs).
+        job.hook_gate.yield_to_hooks(super::priority::MAX_YIELD);
         let Some(claim) = job.claims.claim_next(job.cursor.load(Ordering::Relaxed), job.geo.max_run) else {
             if job.claims.dirty() == 0 {
                 return Ok(());
