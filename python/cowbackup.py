@@ -74,6 +74,7 @@ __all__ = [
     "JobCancelled",
     "JobInfo",
     "JobState",
+    "TraceEvent",
     "STATUS_DATA",
     "STATUS_ZERO",
     "backup_start",
@@ -273,6 +274,26 @@ _RELEASE_FN = CFUNCTYPE(None, c_void_p)
 _COMPLETION_FN = CFUNCTYPE(None, c_void_p, c_int)
 
 
+class _TraceEventC(Structure):
+    _fields_ = [
+        ("kind", c_uint32),
+        ("error", c_int32),
+        ("job", c_uint64),
+        ("offset", c_uint64),
+        ("len", c_uint64),
+        ("data", c_uint64),
+        ("wait_ns", c_uint64),
+        ("from_state", c_uint32),
+        ("to_state", c_uint32),
+        ("action", c_uint32),
+        ("hook", c_uint32),
+        ("message", c_char_p),
+    ]
+
+
+_TRACE_FN = CFUNCTYPE(None, c_void_p, POINTER(_TraceEventC))
+
+
 class _DriverOps(Structure):
     _fields_ = [
         ("read", _READ_FN),
@@ -342,6 +363,7 @@ _opt_cbw_timeout = _declare("cowbackup_options_set_cbw_timeout", c_int, [_P, c_u
 _opt_target_is_zero = _declare("cowbackup_options_set_target_is_zero", c_int, [_P, c_uint32])
 _opt_completion = _declare("cowbackup_options_set_completion", c_int,
                            [_P, _COMPLETION_FN, c_void_p])
+_opt_trace = _declare("cowbackup_options_set_trace", c_int, [_P, _TRACE_FN, c_void_p])
 
 
 def _check(ret: int, what: str) -> None:
@@ -796,6 +818,56 @@ class Driver:
 # --- jobs ------------------------------------------------------------------------------
 
 
+_TRACE_KINDS = ("state", "chunk", "zero", "hook_begin", "hook_end", "error")
+_TRACE_ACTIONS = ("report", "ignore", "stop", "break-guest-write", "break-snapshot")
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceEvent:
+    """One event of a job, for ``backup_start(trace=...)``. Fields a kind does not use are 0.
+
+    ``kind``: ``"state"`` (``from_state`` → ``to_state``), ``"chunk"`` (a run copied:
+    ``offset``, ``len``, ``data`` bytes of it written as data, ``hook`` True when the hook
+    copied it), ``"zero"`` (a run that read as zero), ``"hook_begin"`` / ``"hook_end"`` (a
+    hook call that had to copy or wait: ``wait_ns``, ``data`` = bytes it copied, ``error``),
+    ``"error"`` (a failed copy: ``error``, ``action`` taken). ``error`` is a negative errno or
+    0; ``message`` the event as one line of text.
+    """
+
+    kind: str
+    job: int
+    offset: int
+    len: int
+    data: int
+    wait_ns: int
+    error: int
+    from_state: int
+    to_state: int
+    action: str
+    hook: bool
+    message: str
+
+
+_traces: Dict[int, Callable[[TraceEvent], Any]] = {}
+
+
+def _thunk_trace(key: Optional[int], ev: Any) -> None:
+    fn = _traces.get(key or 0)
+    if fn is None:
+        return
+    try:
+        e = ev[0]
+        kind = _TRACE_KINDS[e.kind] if e.kind < len(_TRACE_KINDS) else str(e.kind)
+        action = _TRACE_ACTIONS[e.action] if kind == "error" and e.action < len(_TRACE_ACTIONS) else ""
+        fn(TraceEvent(kind, e.job, e.offset, e.len, e.data, e.wait_ns, e.error, e.from_state, e.to_state,
+                      action, bool(e.hook), (e.message or b"").decode("utf-8", "replace")))
+    except BaseException as exc:  # never let anything unwind into C
+        log.error("cowbackup: trace callback raised %r", exc, exc_info=(type(exc), exc, exc.__traceback__))
+
+
+_c_trace = _TRACE_FN(_thunk_trace)
+
+
 @dataclasses.dataclass(frozen=True)
 class JobInfo:
     """State and progress of a job (:meth:`Job.info`).
@@ -1034,6 +1106,7 @@ class Job:
         self._h.drain()
         _live_jobs.discard(self)
         _job_free(ptr)  # joins the job's threads; on_complete has run when it returns
+        _traces.pop(self._id, None)  # no thread of the job is left to emit an event
 
     def __enter__(self) -> "Job":
         return self
@@ -1072,6 +1145,7 @@ def backup_start(
     cbw_timeout: Optional[float] = None,
     target_is_zero: bool = False,
     on_complete: Optional[Callable[[int], Any]] = None,
+    trace: Optional[Callable[[TraceEvent], Any]] = None,
 ) -> Job:
     """Start a point-in-time backup of ``source`` into ``target`` (same size).
 
@@ -1092,12 +1166,17 @@ def backup_start(
       ENOSPC, report otherwise).
     - ``on_cbw_error``: ``"break-guest-write"`` (the hook raises, fail the write) or
       ``"break-snapshot"`` (the hook returns, the job fails).
-    - ``cbw_timeout``: longest wait of the hook for clusters another thread copies, in
-      seconds (rounded up to whole milliseconds); past it the hook fails with ETIMEDOUT.
+    - ``cbw_timeout``: longest time a hook call may take to get its clusters' old data into
+      the target (copying or waiting), in seconds (rounded up to whole milliseconds); past it
+      the hook fails with ETIMEDOUT while the copy goes on in the background.
     - ``target_is_zero``: the target is known to read zeroes (only when true!).
     - ``on_complete(ret)``: called once when the job ends, on a library thread, with 0,
       ``-errno.ECANCELED`` or the job's negative errno; exceptions are logged. It must not
       close the job; :meth:`Job.wait` returns only after it ran.
+    - ``trace(event)``: called with a :class:`TraceEvent` for every event of the job (state
+      changes, chunks, zero runs, hook calls that copy or wait, errors and the action
+      taken), on the thread that caused it, possibly concurrently; exceptions are logged.
+      Keep it quick: it runs inside the copy path.
 
     The job holds its own references to the drivers: they may be closed afterwards.
     Raises TypeError/ValueError for bad arguments, :class:`CowbackupError` when the library
@@ -1130,6 +1209,8 @@ def backup_start(
         raise TypeError("target_is_zero must be a bool")
     if on_complete is not None and not callable(on_complete):
         raise TypeError("on_complete must be callable or None")
+    if trace is not None and not callable(trace):
+        raise TypeError("trace must be callable or None")
 
     opts = _options_new()
     if not opts:
@@ -1153,15 +1234,20 @@ def backup_start(
         _check(_opt_target_is_zero(opts, 1 if target_is_zero else 0),
                "cowbackup_options_set_target_is_zero")
         _check(_opt_completion(opts, _c_completion, key), "cowbackup_options_set_completion")
+        if trace is not None:
+            _check(_opt_trace(opts, _c_trace, key), "cowbackup_options_set_trace")
         src = source._ptr()
         try:
             tgt = target._ptr()
             try:
                 _completions[key] = comp
+                if trace is not None:
+                    _traces[key] = trace
                 out = c_void_p()
                 ret = _backup_start(src, tgt, opts, ctypes.byref(out))
                 if ret != 0:
                     _completions.pop(key, None)  # a job that fails to start never calls it
+                    _traces.pop(key, None)
                     raise _error(ret, "cowbackup_backup_start")
             finally:
                 target._h.release()

@@ -340,3 +340,50 @@ def test_serialize_runs_ops_one_at_a_time():
 
     assert run(True) == 1
     assert run(False) > 1  # 4 workers call Python concurrently (sleep releases the GIL)
+
+
+def test_trace_events_reach_python():
+    """Every kind of event arrives as a TraceEvent, from library threads and the hook."""
+    size = 2 * MiB
+    events: list = []
+    lock = threading.Lock()
+
+    def on_event(e: cowbackup.TraceEvent) -> None:
+        with lock:
+            events.append(e)
+
+    with Driver.memory(size) as s, Driver.memory(size) as t:
+        s.write(0, random.Random(3).randbytes(size - 128 * KiB))  # the last 128 KiB read as zero
+        with cowbackup.backup_start(s, t, speed=1, workers=1, max_chunk=64 * KiB, trace=on_event) as job:
+            job.cow_before_write(MiB, 4096)  # copies one cluster itself
+            s.write(MiB, b"x" * 4096)
+            job.cow_before_write(MiB, 4096)  # fast path: no event
+            job.pause()
+            job.resume()
+            job.set_speed(0)
+            job.wait(timeout=30)
+    kinds = [e.kind for e in events]
+    assert kinds.count("hook_begin") == 1 and kinds.count("hook_end") == 1, kinds
+    end = next(e for e in events if e.kind == "hook_end")
+    assert end.error == 0 and end.data == 64 * KiB and end.wait_ns > 0
+    assert any(e.kind == "chunk" and e.hook and e.offset == MiB for e in events)
+    assert sum(e.len for e in events if e.kind == "zero") == 128 * KiB
+    states = [(JobState(e.from_state), JobState(e.to_state)) for e in events if e.kind == "state"]
+    assert states == [(JobState.RUNNING, JobState.PAUSED), (JobState.PAUSED, JobState.RUNNING),
+                      (JobState.RUNNING, JobState.COMPLETED)]
+    assert all(e.message for e in events)
+    assert any(e.message.startswith("backup_chunk_copied job=") for e in events)
+
+
+def test_trace_callback_that_raises_is_logged(caplog):
+    def boom(e):
+        raise ValueError("trace bug")
+
+    with Driver.memory(MiB) as s, Driver.memory(MiB) as t:
+        with cowbackup.backup_start(s, t, trace=boom) as job:
+            job.wait(timeout=30)
+            assert job.info().state == JobState.COMPLETED
+    assert "trace callback raised" in caplog.text
+    with pytest.raises(TypeError):
+        with Driver.memory(MiB) as s, Driver.memory(MiB) as t:
+            cowbackup.backup_start(s, t, trace=42)

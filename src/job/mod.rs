@@ -506,10 +506,14 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
     })?;
     let claims = Claims::new(bitmap);
     let stats = Stats::default();
-    let zero_target = scan_source(&*source, &geo, opts.sync, target_zero, &claims, &stats)?;
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let trace = opts.trace.or_else(crate::trace::from_env);
+    let scan =
+        Scan { geo: &geo, sync: opts.sync, target_zero, claims: &claims, stats: &stats, trace: trace.as_ref(), id };
+    let zero_target = scan.run(&*source)?;
 
     let shared = Arc::new(JobShared {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        id,
         source,
         target,
         geo,
@@ -539,7 +543,7 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
         on_target_error: opts.on_target_error,
         on_cbw_error: opts.on_cbw_error,
         cbw_timeout: opts.cbw_timeout,
-        trace: opts.trace.or_else(crate::trace::from_env),
+        trace,
         failed: Mutex::new(Vec::new()),
         helpers: Mutex::new(0),
         helpers_cv: Condvar::new(),
@@ -554,53 +558,64 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
     Ok(Job { shared, thread: Mutex::new(Some(handle)), thread_id })
 }
 
-/// Walk the source's block status once, at start (the point in time), and mark clean
-/// what needs no copy: unallocated clusters under `Top` (skipped), and zero clusters
-/// when the target already reads zeroes. Returns byte ranges to zero in the target.
-fn scan_source(
-    source: &dyn BlockDriver,
-    geo: &Geometry,
+/// What the start-up scan of the source needs.
+struct Scan<'a> {
+    geo: &'a Geometry,
     sync: SyncMode,
     target_zero: bool,
-    claims: &Claims,
-    stats: &Stats,
-) -> Result<Vec<(u64, u64)>> {
-    let mut zero_target = Vec::new();
-    if sync != SyncMode::Top && !target_zero {
-        return Ok(zero_target);
-    }
-    let size = geo.size;
-    let mut off = 0;
-    while off < size {
-        let st = source
-            .block_status(off, size - off)
-            .map_err(|e| Error::io(Side::Source, Op::BlockStatus, off, size - off, &e))?;
-        // A driver that answers 0 bytes tells nothing: treat the rest as data.
-        let (len, flags) =
-            if st.len == 0 { (size - off, StatusFlags::DATA) } else { (st.len.min(size - off), st.flags) };
-        let end = off + len;
-        // Only clusters that lie wholly inside this extent.
-        let first = off.div_ceil(geo.cluster_size);
-        let last = if end == size { geo.clusters } else { end / geo.cluster_size };
-        if first < last {
-            let (b_off, b_len) = geo.byte_range(first..last);
-            if sync == SyncMode::Top && !flags.contains(StatusFlags::DATA) {
-                claims.clear_unclaimed(first..last);
-                stats.skipped.fetch_add(b_len, Ordering::Relaxed);
-                if !target_zero && flags.contains(StatusFlags::ZERO) {
-                    match zero_target.last_mut() {
-                        Some((o, l)) if *o + *l == b_off => *l += b_len,
-                        _ => zero_target.push((b_off, b_len)),
+    claims: &'a Claims,
+    stats: &'a Stats,
+    trace: Option<&'a TraceFn>,
+    id: u64,
+}
+
+impl Scan<'_> {
+    /// Walk the source's block status once, at start (the point in time), and mark clean
+    /// what needs no copy: unallocated clusters under `Top` (skipped), and zero clusters
+    /// when the target already reads zeroes (traced as `ZeroClusters`). Returns byte
+    /// ranges to zero in the target.
+    fn run(&self, source: &dyn BlockDriver) -> Result<Vec<(u64, u64)>> {
+        let (geo, sync, target_zero) = (self.geo, self.sync, self.target_zero);
+        let mut zero_target = Vec::new();
+        if sync != SyncMode::Top && !target_zero {
+            return Ok(zero_target);
+        }
+        let size = geo.size;
+        let mut off = 0;
+        while off < size {
+            let st = source
+                .block_status(off, size - off)
+                .map_err(|e| Error::io(Side::Source, Op::BlockStatus, off, size - off, &e))?;
+            // A driver that answers 0 bytes tells nothing: treat the rest as data.
+            let (len, flags) =
+                if st.len == 0 { (size - off, StatusFlags::DATA) } else { (st.len.min(size - off), st.flags) };
+            let end = off + len;
+            // Only clusters that lie wholly inside this extent.
+            let first = off.div_ceil(geo.cluster_size);
+            let last = if end == size { geo.clusters } else { end / geo.cluster_size };
+            if first < last {
+                let (b_off, b_len) = geo.byte_range(first..last);
+                if sync == SyncMode::Top && !flags.contains(StatusFlags::DATA) {
+                    self.claims.clear_unclaimed(first..last);
+                    self.stats.skipped.fetch_add(b_len, Ordering::Relaxed);
+                    if !target_zero && flags.contains(StatusFlags::ZERO) {
+                        match zero_target.last_mut() {
+                            Some((o, l)) if *o + *l == b_off => *l += b_len,
+                            _ => zero_target.push((b_off, b_len)),
+                        }
+                    }
+                } else if target_zero && flags.contains(StatusFlags::ZERO) {
+                    self.claims.clear_unclaimed(first..last);
+                    self.stats.zero.fetch_add(b_len, Ordering::Relaxed);
+                    if let Some(sink) = self.trace {
+                        sink(&TraceEvent::ZeroClusters { job: self.id, offset: b_off, len: b_len });
                     }
                 }
-            } else if target_zero && flags.contains(StatusFlags::ZERO) {
-                claims.clear_unclaimed(first..last);
-                stats.zero.fetch_add(b_len, Ordering::Relaxed);
             }
+            off = end;
         }
-        off = end;
+        Ok(zero_target)
     }
-    Ok(zero_target)
 }
 
 impl Job {
