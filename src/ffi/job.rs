@@ -198,16 +198,8 @@ pub unsafe extern "C" fn cowbackup_job_query(job: *const cowbackup_job, info: *m
         check_out!(info, "cowbackup_job_query", "info");
         let job = try_ref!(job, "cowbackup_job_query", "job");
         let i = job.job.info();
-        let state = match i.state {
-            JobState::Created => COWBACKUP_JOB_CREATED,
-            JobState::Running => COWBACKUP_JOB_RUNNING,
-            JobState::Paused => COWBACKUP_JOB_PAUSED,
-            JobState::Completed => COWBACKUP_JOB_COMPLETED,
-            JobState::Failed => COWBACKUP_JOB_FAILED,
-            JobState::Cancelled => COWBACKUP_JOB_CANCELLED,
-        };
         let c = cowbackup_job_info {
-            state,
+            state: state_code(i.state),
             error: i.error.as_ref().map_or(0, neg_errno),
             len: i.len,
             offset: i.offset,
@@ -224,6 +216,18 @@ pub unsafe extern "C" fn cowbackup_job_query(job: *const cowbackup_job, info: *m
         unsafe { info.write(c) };
         0
     })
+}
+
+/// The `COWBACKUP_JOB_*` code of a state.
+pub(crate) fn state_code(s: JobState) -> u32 {
+    match s {
+        JobState::Created => COWBACKUP_JOB_CREATED,
+        JobState::Running => COWBACKUP_JOB_RUNNING,
+        JobState::Paused => COWBACKUP_JOB_PAUSED,
+        JobState::Completed => COWBACKUP_JOB_COMPLETED,
+        JobState::Failed => COWBACKUP_JOB_FAILED,
+        JobState::Cancelled => COWBACKUP_JOB_CANCELLED,
+    }
 }
 
 /// A byte range of a device.

@@ -5,9 +5,9 @@ use std::os::raw::{c_char, c_int, c_void};
 use std::sync::Arc;
 
 use super::error::neg_errno;
+use super::job::state_code;
 use super::options::{cowbackup_options, CallbackOpaque};
-use super::*;
-use crate::{JobState, TraceAction, TraceEvent};
+use crate::{TraceAction, TraceEvent};
 
 /// Event kind: the job's state changed (`from_state` → `to_state`).
 pub const COWBACKUP_TRACE_STATE: u32 = 0;
@@ -65,17 +65,6 @@ pub struct cowbackup_trace_event {
     pub message: *const c_char,
 }
 
-fn state(s: JobState) -> u32 {
-    match s {
-        JobState::Created => COWBACKUP_JOB_CREATED,
-        JobState::Running => COWBACKUP_JOB_RUNNING,
-        JobState::Paused => COWBACKUP_JOB_PAUSED,
-        JobState::Completed => COWBACKUP_JOB_COMPLETED,
-        JobState::Failed => COWBACKUP_JOB_FAILED,
-        JobState::Cancelled => COWBACKUP_JOB_CANCELLED,
-    }
-}
-
 /// The C view of an event (without `message`).
 fn flatten(e: &TraceEvent) -> cowbackup_trace_event {
     let mut c = cowbackup_trace_event {
@@ -96,8 +85,8 @@ fn flatten(e: &TraceEvent) -> cowbackup_trace_event {
         TraceEvent::StateChanged { job, from, to } => {
             c.kind = COWBACKUP_TRACE_STATE;
             c.job = *job;
-            c.from_state = state(*from);
-            c.to_state = state(*to);
+            c.from_state = state_code(*from);
+            c.to_state = state_code(*to);
         }
         TraceEvent::ChunkCopied { job, offset, len, data, hook } => {
             c.kind = COWBACKUP_TRACE_CHUNK;
