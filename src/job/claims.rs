@@ -18,7 +18,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::bitmap::Bitmap;
 
@@ -41,8 +41,6 @@ pub(crate) enum HookClaim<'a> {
     Clean,
     /// `stop()` became true while looking or waiting.
     Stopped,
-    /// The deadline passed while waiting for another's claim.
-    TimedOut,
     /// Dirty clusters claimed for this caller; copy them, then call the hook again.
     Claimed(Vec<Claim<'a>>),
 }
@@ -109,13 +107,7 @@ impl Claims {
     /// For a hook covering clusters `r`: claim every dirty, unclaimed cluster of `r`
     /// (in runs of at most `max_run`); if there are none but some are claimed by
     /// others, wait for a release and look again.
-    pub fn claim_or_wait(
-        &self,
-        r: Range<u64>,
-        max_run: u64,
-        deadline: Option<Instant>,
-        stop: impl Fn() -> bool,
-    ) -> HookClaim<'_> {
+    pub fn claim_or_wait(&self, r: Range<u64>, max_run: u64, stop: impl Fn() -> bool) -> HookClaim<'_> {
         let mut table = self.lock();
         loop {
             if stop() {
@@ -142,16 +134,7 @@ impl Claims {
             if !blocked {
                 return HookClaim::Clean;
             }
-            table = match deadline {
-                None => self.released.wait(table).unwrap_or_else(|e| e.into_inner()),
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return HookClaim::TimedOut;
-                    }
-                    self.released.wait_timeout(table, d - now).unwrap_or_else(|e| e.into_inner()).0
-                }
-            };
+            table = self.released.wait(table).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -235,19 +218,17 @@ mod tests {
         let c = Claims::new(Bitmap::new(32, true));
         let w = c.claim_next(4, 4).unwrap();
         assert_eq!(w.range(), 4..8);
-        let HookClaim::Claimed(mine) = c.claim_or_wait(0..10, 64, None, || false) else { panic!("expected claims") };
+        let HookClaim::Claimed(mine) = c.claim_or_wait(0..10, 64, || false) else { panic!("expected claims") };
         let ranges: Vec<_> = mine.iter().map(|m| m.range()).collect();
         assert_eq!(ranges, vec![0..4, 8..10]);
         for m in mine {
             m.done();
         }
         assert_eq!(c.dirty(), 32 - 6);
-        // Only the worker's claim remains: the hook must wait; with a past deadline it times out.
-        let past = Some(Instant::now());
-        assert!(matches!(c.claim_or_wait(0..10, 64, past, || false), HookClaim::TimedOut));
-        assert!(matches!(c.claim_or_wait(0..10, 64, None, || true), HookClaim::Stopped));
+        // Only the worker's claim remains: a hook that must stop does not wait for it.
+        assert!(matches!(c.claim_or_wait(0..10, 64, || true), HookClaim::Stopped));
         drop(w); // failed copy: released dirty
-        let HookClaim::Claimed(mine) = c.claim_or_wait(0..10, 64, None, || false) else { panic!("expected claims") };
+        let HookClaim::Claimed(mine) = c.claim_or_wait(0..10, 64, || false) else { panic!("expected claims") };
         assert_eq!(mine.len(), 1);
         assert_eq!(mine[0].range(), 4..8);
         drop(mine);

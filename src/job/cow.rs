@@ -82,23 +82,18 @@ impl JobShared {
 
     /// The copy failed or timed out: apply `on_cbw_error`.
     fn on_cbw_error(&self, e: Error) -> Result<()> {
-        match self.on_cbw_error {
-            CbwErrorAction::BreakSnapshot => {
-                self.trace(|| TraceEvent::Error { job: self.id, error: e.clone(), action: TraceAction::BreakSnapshot });
-                // Later hooks are no-ops; the job ends Failed.
-                self.hook_off.store(true, Ordering::Release);
-                self.fail(e);
-                Ok(())
-            }
-            _ => {
-                self.trace(|| TraceEvent::Error {
-                    job: self.id,
-                    error: e.clone(),
-                    action: TraceAction::BreakGuestWrite,
-                });
-                Err(e)
-            }
+        let action = match self.on_cbw_error {
+            CbwErrorAction::BreakSnapshot => TraceAction::BreakSnapshot,
+            _ => TraceAction::BreakGuestWrite,
+        };
+        self.trace(|| TraceEvent::Error { job: self.id, error: e.clone(), action });
+        if action == TraceAction::BreakGuestWrite {
+            return Err(e);
         }
+        // BreakSnapshot: later hooks are no-ops; the job ends Failed.
+        self.hook_off.store(true, Ordering::Release);
+        self.fail(e);
+        Ok(())
     }
 
     /// Copy (or wait for) every dirty cluster of `clusters`; returns the bytes this call copied.
@@ -108,8 +103,8 @@ impl JobShared {
         let mut copied = 0u64;
         let stop = || self.hook_off.load(Ordering::Acquire);
         let result = loop {
-            match self.claims.claim_or_wait(clusters.clone(), self.geo.max_run, None, stop) {
-                HookClaim::Clean | HookClaim::Stopped | HookClaim::TimedOut => break Ok(copied),
+            match self.claims.claim_or_wait(clusters.clone(), self.geo.max_run, stop) {
+                HookClaim::Clean | HookClaim::Stopped => break Ok(copied),
                 HookClaim::Claimed(mine) => {
                     // Hook copies first: workers start no new chunk while this copies.
                     // Not held while waiting for others' claims, so no worker waits for us.

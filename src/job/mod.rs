@@ -150,6 +150,15 @@ struct ControlState {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Append the byte range `(off, len)` to `ranges`, merged into the last one when it
+/// follows it directly.
+fn push_merged(ranges: &mut Vec<(u64, u64)>, off: u64, len: u64) {
+    match ranges.last_mut() {
+        Some((o, l)) if *o + *l == off => *l += len,
+        _ => ranges.push((off, len)),
+    }
+}
+
 /// Everything a job's threads share.
 pub(crate) struct JobShared {
     id: u64,
@@ -245,8 +254,8 @@ impl JobShared {
     }
 
     fn emit(&self, event: Option<TraceEvent>) {
-        if let (Some(sink), Some(e)) = (&self.trace, event) {
-            sink(&e);
+        if let Some(e) = event {
+            self.trace(|| e);
         }
     }
 
@@ -283,12 +292,7 @@ impl JobShared {
     /// Policy `Ignore`: clusters given up. The job goes on and ends `Failed` with the first such error.
     fn record_failed(&self, off: u64, len: u64, e: Error) {
         self.stats.failed.fetch_add(len, Ordering::Relaxed);
-        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        match f.last_mut() {
-            Some((o, l)) if *o + *l == off => *l += len,
-            _ => f.push((off, len)),
-        }
-        drop(f);
+        push_merged(&mut self.failed.lock().unwrap_or_else(|e| e.into_inner()), off, len);
         self.lock().ignored.get_or_insert(e);
     }
 
@@ -599,10 +603,7 @@ impl Scan<'_> {
                     self.claims.clear_unclaimed(first..last);
                     self.stats.skipped.fetch_add(b_len, Ordering::Relaxed);
                     if !target_zero && flags.contains(StatusFlags::ZERO) {
-                        match zero_target.last_mut() {
-                            Some((o, l)) if *o + *l == b_off => *l += b_len,
-                            _ => zero_target.push((b_off, b_len)),
-                        }
+                        push_merged(&mut zero_target, b_off, b_len);
                     }
                 } else if target_zero && flags.contains(StatusFlags::ZERO) {
                     self.claims.clear_unclaimed(first..last);
