@@ -33,6 +33,8 @@ pub(crate) struct Claims {
     table: Mutex<Vec<Range<u64>>>,
     /// Signalled (notify_all) on every release and by `wake_all`.
     released: Condvar,
+    /// Times a hook waited for clusters claimed by another thread (statistics).
+    waits: AtomicU64,
 }
 
 /// What a hook got from [`Claims::claim_or_wait`].
@@ -86,7 +88,13 @@ impl Claims {
     /// Claims over `bitmap`, with no claim in flight.
     pub fn new(bitmap: Bitmap) -> Claims {
         let dirty = bitmap.count_ones();
-        Claims { bitmap, dirty: AtomicU64::new(dirty), table: Mutex::new(Vec::new()), released: Condvar::new() }
+        Claims {
+            bitmap,
+            dirty: AtomicU64::new(dirty),
+            table: Mutex::new(Vec::new()),
+            released: Condvar::new(),
+            waits: AtomicU64::new(0),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Range<u64>>> {
@@ -97,6 +105,11 @@ impl Claims {
     #[inline]
     pub fn is_clean(&self, r: Range<u64>) -> bool {
         !self.bitmap.any_set(r)
+    }
+
+    /// Times a hook waited for another thread's claim.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
     }
 
     /// Clusters still to copy (claimed or not).
@@ -134,6 +147,7 @@ impl Claims {
             if !blocked {
                 return HookClaim::Clean;
             }
+            self.waits.fetch_add(1, Ordering::Relaxed);
             table = self.released.wait(table).unwrap_or_else(|e| e.into_inner());
         }
     }

@@ -88,6 +88,9 @@ pub struct JobInfo {
     pub cow_requests: u64,
     /// Bytes those hook calls copied.
     pub cow_bytes: u64,
+    /// Times a hook call waited for clusters another thread (a worker or another hook)
+    /// was copying. Rust only (not in `cowbackup_job_info`).
+    pub cow_waits: u64,
     /// Current speed limit in bytes/s (0 = unlimited).
     pub speed: u64,
 }
@@ -763,6 +766,7 @@ impl Job {
             bytes_failed: failed,
             cow_requests: st.cow_requests.load(Ordering::Relaxed),
             cow_bytes: st.cow_bytes.load(Ordering::Relaxed),
+            cow_waits: s.claims.waits(),
             speed: s.ratelimit.speed(),
         }
     }
