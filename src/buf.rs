@@ -7,6 +7,10 @@ use std::ptr::NonNull;
 /// on any logical block size up to 4 KiB.
 pub const IO_ALIGN: usize = 4096;
 
+/// The allocator could not provide a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocFailed;
+
 /// A zero-initialised, `IO_ALIGN`-aligned byte buffer that can grow.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -32,18 +36,29 @@ impl AlignedBuf {
     }
 
     /// Make room for `len` bytes (rounded up to `IO_ALIGN`); old contents are not kept.
+    /// Aborts when memory cannot be had: the library's copy paths call
+    /// [`AlignedBuf::try_reserve`] first, so this never allocates for them.
     pub fn reserve(&mut self, len: usize) {
-        if len <= self.cap {
-            return;
+        if self.try_reserve(len).is_err() {
+            alloc::handle_alloc_error(Layout::from_size_align(len.max(1), IO_ALIGN).unwrap_or(Layout::new::<u8>()));
         }
-        let cap = len.div_ceil(IO_ALIGN) * IO_ALIGN;
-        let layout = Layout::from_size_align(cap, IO_ALIGN).expect("buffer size overflows");
+    }
+
+    /// Make room for `len` bytes (rounded up to `IO_ALIGN`; old contents are not kept),
+    /// or fail without aborting when the memory cannot be had.
+    pub fn try_reserve(&mut self, len: usize) -> Result<(), AllocFailed> {
+        if len <= self.cap {
+            return Ok(());
+        }
+        let cap = len.checked_next_multiple_of(IO_ALIGN).ok_or(AllocFailed)?;
+        let layout = Layout::from_size_align(cap, IO_ALIGN).map_err(|_| AllocFailed)?;
         // SAFETY: the layout has a non-zero size (len > cap >= 0).
         let p = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(p) = NonNull::new(p) else { alloc::handle_alloc_error(layout) };
+        let p = NonNull::new(p).ok_or(AllocFailed)?;
         self.free();
         self.ptr = p;
         self.cap = cap;
+        Ok(())
     }
 
     /// The first `len` bytes, growing the buffer as needed.
@@ -93,5 +108,16 @@ mod tests {
         let s = b.slice_mut(1 << 20);
         assert_eq!(s.len(), 1 << 20);
         assert_eq!(s.as_ptr() as usize % IO_ALIGN, 0);
+    }
+
+    #[test]
+    #[cfg_attr(miri, ignore = "asks the allocator for more memory than exists")]
+    fn impossible_sizes_fail_without_aborting() {
+        let mut b = AlignedBuf::new();
+        assert!(b.try_reserve(usize::MAX).is_err());
+        assert!(b.try_reserve(usize::MAX / 2).is_err());
+        assert!(b.try_reserve(1 << 40 << 10).is_err());
+        assert!(b.try_reserve(4096).is_ok());
+        assert_eq!(b.slice_mut(4096).len(), 4096);
     }
 }

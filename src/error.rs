@@ -18,8 +18,11 @@ pub enum ErrorKind {
     TimedOut,
     /// The operation does not fit the job's current state (e.g. pause of a job that has ended).
     Busy,
-    /// Memory for the job's bookkeeping (the copy bitmap) could not be allocated.
+    /// Memory could not be allocated (the copy bitmap, copy buffers): ENOMEM.
     OutOfMemory,
+    /// The call was made from a place where it could only wait for itself (for example
+    /// `wait` from inside one of the job's own callbacks): EDEADLK.
+    Deadlock,
 }
 
 /// Which device of a job an I/O error came from.

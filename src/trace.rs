@@ -126,7 +126,12 @@ impl fmt::Display for TraceEvent {
 /// The sink of `COWBACKUP_TRACE=1`: one line per event on stderr.
 pub(crate) fn from_env() -> Option<TraceFn> {
     match std::env::var_os("COWBACKUP_TRACE") {
-        Some(v) if v == "1" => Some(Arc::new(|e: &TraceEvent| eprintln!("cowbackup: {e}"))),
+        // Never `eprintln!`: it panics when stderr is gone (a closed pipe in a daemon
+        // that ignores SIGPIPE). A trace line that cannot be written is dropped.
+        Some(v) if v == "1" => Some(Arc::new(|e: &TraceEvent| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "cowbackup: {e}");
+        })),
         _ => None,
     }
 }

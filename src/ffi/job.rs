@@ -176,6 +176,8 @@ pub unsafe extern "C" fn cowbackup_job_set_speed(job: *mut cowbackup_job, bytes_
 /// point-in-time image of the source), -ECANCELED when it was cancelled, or the -errno of the
 /// error that failed it (message in `cowbackup_last_error()`). May be called several times
 /// and from several threads; returns at once when the job has ended. -EINVAL: NULL `job`.
+/// -EDEADLK: called before the job ended from inside one of its own callbacks or driver
+/// operations (it would wait for itself); from the completion callback it returns the result.
 ///
 /// # Safety
 /// `job` is NULL or a live job handle.
@@ -277,17 +279,30 @@ pub unsafe extern "C" fn cowbackup_job_failed_ranges(
 
 /// Free the job. A job still running is cancelled first, and this waits for its threads to
 /// end (the completion callback, if any, runs before this returns). The job's references to
-/// its drivers are dropped (a C driver whose last reference this was is released). NULL:
-/// nothing. No other call on the job may run concurrently or follow.
+/// its drivers are dropped (a C driver whose last reference this was is released before this
+/// returns). NULL: nothing. No other call on the job may run concurrently or follow.
+///
+/// Refused when called from inside one of this job's own callbacks or driver operations (a
+/// driver op or trace callback on a job thread or inside `cowbackup_cow_before_write`, or the
+/// completion callback): the job is cancelled, but not freed, and `cowbackup_last_error()`
+/// says why (EDEADLK); the handle stays valid: free it once the callback has returned. In a
+/// `fork`ed child (where the job's threads do not exist) this does nothing and touches none
+/// of the job's state; the parent still owns the job.
 ///
 /// # Safety
 /// `job` is NULL or a live job handle not used by any other call during this one nor afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn cowbackup_job_free(job: *mut cowbackup_job) {
     ffi_panic_boundary!("cowbackup_job_free", {
-        if !job.is_null() {
-            // SAFETY: made by Box::into_raw in cowbackup_backup_start, freed once (caller's guarantee).
-            drop(unsafe { Box::from_raw(job) });
+        if job.is_null() {
+            return;
         }
+        // SAFETY: non-NULL; the caller guarantees a live job handle.
+        if let Err(e) = unsafe { &*job }.job.check_free() {
+            super::error::set_last_error(format!("cowbackup_job_free: {e}; the job was cancelled, not freed"));
+            return;
+        }
+        // SAFETY: made by Box::into_raw in cowbackup_backup_start, freed once (caller's guarantee).
+        drop(unsafe { Box::from_raw(job) });
     })
 }

@@ -7,7 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::claims::HookClaim;
-use super::{panic_error, Job, JobShared};
+use super::{panic_error, reentry, Job, JobShared};
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::CbwErrorAction;
 use crate::trace::{TraceAction, TraceEvent};
@@ -59,6 +59,12 @@ impl JobShared {
 
     #[cold]
     fn cow_slow(self: &Arc<Self>, offset: u64, len: u64, clusters: Range<u64>) -> Result<()> {
+        if reentry::inside(self.id) {
+            // From a driver op or trace callback of this job: the clusters may be claimed
+            // by this very thread, and a wait for them would never end.
+            return Err(reentry::deadlock(self.id, "cow_before_write of uncopied clusters"));
+        }
+        let _inside = reentry::enter(self.id);
         let start = Instant::now();
         self.trace(|| TraceEvent::HookBegin { job: self.id, offset, len });
         let result = match self.cbw_timeout {
@@ -99,7 +105,9 @@ impl JobShared {
     /// Copy (or wait for) every dirty cluster of `clusters`; returns the bytes this call copied.
     fn cow_copy(&self, clusters: Range<u64>) -> Result<u64> {
         let copier = self.copier();
-        let mut buf = self.take_buf();
+        let run = (self.geo.max_run * self.geo.cluster_size).min(self.geo.size);
+        let (first, last) = (clusters.start << self.geo.shift, clusters.end.saturating_mul(self.geo.cluster_size));
+        let mut buf = self.take_buf(run.min(last - first))?;
         let mut copied = 0u64;
         let stop = || self.hook_off.load(Ordering::Acquire);
         let result = loop {
@@ -152,20 +160,23 @@ impl JobShared {
     fn cow_copy_timed(self: &Arc<Self>, clusters: Range<u64>, timeout: Duration) -> Result<u64> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job = Arc::clone(self);
+        let helpers = Arc::clone(&self.helpers);
         let c = clusters.clone();
-        *self.helpers.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        helpers.enter();
         let spawned = thread::Builder::new().name(format!("cowbackup-{}-h", self.id)).spawn(move || {
+            let inside = reentry::enter(job.id);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.cow_copy(c)))
                 .unwrap_or_else(|p| Err(panic_error("copy-before-write helper", p)));
             let _ = tx.send(r);
-            let mut n = job.helpers.lock().unwrap_or_else(|e| e.into_inner());
-            *n -= 1;
-            drop(n);
-            job.helpers_cv.notify_all();
+            drop(inside);
+            // The job (and so the drivers) must be let go of before the count drops:
+            // freeing the job waits for the count, and then no driver may outlive it.
+            drop(job);
+            helpers.leave();
         });
         if spawned.is_err() {
             // No thread to be had: copy here, without the time limit.
-            *self.helpers.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            self.helpers.leave();
             return self.cow_copy(clusters);
         }
         match rx.recv_timeout(timeout) {

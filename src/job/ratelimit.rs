@@ -34,11 +34,14 @@ impl RateLimit {
         self.speed.load(Ordering::Relaxed)
     }
 
-    /// Change the limit; takes effect for the next chunk.
+    /// Change the limit; takes effect for the next chunk. The debt owed under the old
+    /// limit is forgiven (one slice of burst); setting the same limit again changes
+    /// nothing, so re-applying a limit cannot be used to exceed it.
     pub fn set_speed(&self, speed: u64) {
         let mut clock = self.clock.lock().unwrap_or_else(|e| e.into_inner());
-        self.speed.store(speed, Ordering::Relaxed);
-        *clock = idle_clock();
+        if self.speed.swap(speed, Ordering::Relaxed) != speed {
+            *clock = idle_clock();
+        }
     }
 
     /// How long to wait before the next request may start (zero: go now).
@@ -80,6 +83,8 @@ mod tests {
         r.account(3 << 20); // 300 ms more
         let d = r.delay();
         assert!(d > Duration::from_millis(250) && d <= Duration::from_millis(300), "{d:?}");
+        r.set_speed(10 << 20); // the same limit again: the debt stays
+        assert!(r.delay() > Duration::from_millis(200));
         r.set_speed(0);
         assert_eq!(r.delay(), Duration::ZERO);
     }

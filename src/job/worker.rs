@@ -15,9 +15,10 @@ use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::trace::TraceEvent;
 
-/// Body of a worker thread `cowbackup-<id>-<n>`. A failure or a panic fails the job.
-pub(crate) fn run(job: &JobShared) {
-    let mut buf = AlignedBuf::new();
+/// Body of a worker thread `cowbackup-<id>-<n>`, with its copy buffer (allocated at
+/// start for the longest run). A failure or a panic fails the job.
+pub(crate) fn run(job: &JobShared, mut buf: AlignedBuf) {
+    let _inside = super::reentry::enter(job.id);
     match catch_unwind(AssertUnwindSafe(|| work(job, &mut buf))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => job.fail(e),

@@ -1,0 +1,360 @@
+//! The job's state machine, in one place: states, pause and stop errors, fatal errors,
+//! cancel, and the end-of-job rule.
+//!
+//! ```text
+//! Created ─► Running ⇄ Paused ─► Completed | Failed | Cancelled
+//! ```
+//!
+//! Rules:
+//! - A **pause error** (policy `Stop`) pauses the job; `resume` clears it and retries.
+//! - A **fatal error** (policy `Report`, a hook under `BreakSnapshot`, a panic, a failed
+//!   flush) is final: it stops the job, switches the hook off, and nothing clears it. The
+//!   first fatal error wins, also over an earlier pause error.
+//! - **Cancel** and a fatal error: whichever comes first decides. A cancel after a fatal
+//!   error changes nothing; an error after a cancel (a chunk or a flush failing because
+//!   the job is stopping) leaves the job `Cancelled`.
+//! - The job ends `Completed` only when no fatal error and no cancel happened, the target
+//!   was flushed after the last write, and **no cluster of the copy set is dirty** —
+//!   checked in every build, not only in debug builds. Otherwise it ends `Failed`.
+//! - Every way of ending (normal, error, panic) goes through [`JobShared::finish`]: the
+//!   result is stored, waiters are woken and the completion callback runs exactly once.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+
+use super::policy::Reaction;
+use super::{panic_error, reentry, worker, JobShared, JobState, SyncMode};
+use crate::error::{Error, ErrorKind, Op, Result, Side};
+use crate::trace::TraceEvent;
+
+/// Everything about a job's control that changes over its life. Protected by
+/// `JobShared::control`, which is never held across I/O or a user callback.
+pub(crate) struct ControlState {
+    /// The state callers see.
+    pub state: JobState,
+    /// Background copy paused (by `pause`, or by a `Stop` error: then `pause_error` is set).
+    pub paused: bool,
+    /// `cancel` was called before any fatal error.
+    pub cancel: bool,
+    /// The error that paused the job under policy `Stop`; `resume` clears it.
+    pub pause_error: Option<Error>,
+    /// The first fatal error. Final: never cleared.
+    pub fatal: Option<Error>,
+    /// The first error given up on under policy `Ignore`: the job's result at the end.
+    pub ignored: Option<Error>,
+    /// The target was flushed after the last background write.
+    pub flushed: bool,
+    /// Set once, when the job ends.
+    pub result: Option<Result<()>>,
+    /// The completion callback has returned (or there is none).
+    pub callback_done: bool,
+}
+
+impl ControlState {
+    pub fn new() -> ControlState {
+        ControlState {
+            state: JobState::Running,
+            paused: false,
+            cancel: false,
+            pause_error: None,
+            fatal: None,
+            ignored: None,
+            flushed: false,
+            result: None,
+            callback_done: false,
+        }
+    }
+
+    /// Why `pause`/`resume` no longer apply: the job has ended or is ending.
+    fn ending(&self) -> Option<Error> {
+        let why = if self.state.is_terminal() {
+            "the job has ended".to_string()
+        } else if let Some(e) = &self.fatal {
+            format!("the job is failing: {e}")
+        } else if self.cancel {
+            "the job is being cancelled".to_string()
+        } else {
+            return None;
+        };
+        Some(Error::new(ErrorKind::Busy, libc::EBUSY, why))
+    }
+
+    /// The error `info()` shows: the failure, or the error that paused the job.
+    pub fn shown_error(&self) -> Option<Error> {
+        match &self.result {
+            Some(Err(e)) if self.state == JobState::Failed => Some(e.clone()),
+            Some(_) => None,
+            None => self.fatal.clone().or_else(|| self.pause_error.clone()),
+        }
+    }
+}
+
+impl JobShared {
+    /// Change the state under the lock; the trace event follows once the caller unlocks.
+    pub(super) fn set_state(&self, c: &mut ControlState, to: JobState) -> Option<TraceEvent> {
+        let from = std::mem::replace(&mut c.state, to);
+        (from != to && self.trace.is_some()).then_some(TraceEvent::StateChanged { job: self.id, from, to })
+    }
+
+    pub(super) fn emit(&self, event: Option<TraceEvent>) {
+        if let Some(e) = event {
+            self.trace(|| e);
+        }
+    }
+
+    /// Policy `Stop`: pause the job with the error; `resume` retries. No effect on a
+    /// job that is ending.
+    pub(super) fn stop_on_error(&self, e: Error) {
+        let mut c = self.lock();
+        if c.ending().is_some() {
+            return;
+        }
+        c.paused = true;
+        c.pause_error = Some(e);
+        let ev = self.set_state(&mut c, JobState::Paused);
+        drop(c);
+        self.control_cv.notify_all();
+        self.emit(ev);
+    }
+
+    /// Policy `Ignore`: clusters given up. The job goes on and ends `Failed` with the first such error.
+    pub(super) fn record_failed(&self, off: u64, len: u64, e: Error) {
+        self.stats.failed.fetch_add(len, Ordering::Relaxed);
+        super::push_merged(&mut self.failed.lock().unwrap_or_else(|e| e.into_inner()), off, len);
+        self.lock().ignored.get_or_insert(e);
+    }
+
+    /// A fatal error: the job stops and ends `Failed` with the first such error, unless
+    /// it was cancelled first (then it ends `Cancelled`). Final: `resume` does not clear it.
+    pub(super) fn fail(&self, e: Error) {
+        let mut c = self.lock();
+        if !c.cancel && c.fatal.is_none() && !c.state.is_terminal() {
+            c.fatal = Some(e);
+        }
+        self.hook_off.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        drop(c);
+        self.control_cv.notify_all();
+        self.claims.wake_all();
+    }
+
+    /// Pause the background copy. `Busy` when the job has ended or is ending.
+    pub(super) fn pause(&self) -> Result<()> {
+        let mut c = self.lock();
+        if let Some(e) = c.ending() {
+            return Err(e);
+        }
+        c.paused = true;
+        let ev = self.set_state(&mut c, JobState::Paused);
+        drop(c);
+        self.emit(ev);
+        Ok(())
+    }
+
+    /// Resume a paused job; a pause error is cleared (and retried), a fatal error never.
+    pub(super) fn resume(&self) -> Result<()> {
+        let mut c = self.lock();
+        if let Some(e) = c.ending() {
+            return Err(e);
+        }
+        c.paused = false;
+        c.pause_error = None;
+        let ev = self.set_state(&mut c, JobState::Running);
+        drop(c);
+        self.control_cv.notify_all();
+        self.emit(ev);
+        Ok(())
+    }
+
+    /// Cancel: no effect on a job that has ended or already failed.
+    pub(super) fn cancel(&self) {
+        let mut c = self.lock();
+        if c.state.is_terminal() || c.cancel || c.fatal.is_some() {
+            return;
+        }
+        c.cancel = true;
+        self.hook_off.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        drop(c);
+        self.control_cv.notify_all();
+        self.claims.wake_all();
+    }
+
+    /// Change the speed limit. Under the control lock, so a worker between computing
+    /// its delay and waiting cannot miss the wake-up.
+    pub(super) fn set_speed(&self, bytes_per_sec: u64) {
+        let c = self.lock();
+        self.ratelimit.set_speed(bytes_per_sec);
+        drop(c);
+        self.control_cv.notify_all();
+    }
+
+    /// Wait while paused (e.g. by `Stop`); false when the job is stopping instead.
+    pub(super) fn wait_resumed(&self) -> bool {
+        let mut c = self.lock();
+        while c.paused && !self.stop.load(Ordering::Acquire) {
+            c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        !self.stop.load(Ordering::Acquire)
+    }
+
+    /// Block a worker while the job is paused or over its speed limit. False when the
+    /// worker must stop. The delay is computed and waited for under the control lock,
+    /// so `set_speed`, `resume` and `cancel` always wake it.
+    pub(super) fn wait_runnable(&self) -> bool {
+        let mut c = self.lock();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            if c.paused {
+                c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let d = self.ratelimit.delay();
+            if d.is_zero() {
+                return true;
+            }
+            c = self.control_cv.wait_timeout(c, d).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Run one target-side operation of the job thread (zeroing, flush) under the
+    /// target policy: `Stop` pauses and retries on resume, anything else fails the job.
+    fn target_op(&self, mut op: impl FnMut() -> Result<()>) -> Result<()> {
+        loop {
+            match op() {
+                Ok(()) => return Ok(()),
+                Err(e) => match self.reaction(&e) {
+                    Reaction::Stop => {
+                        self.stop_on_error(e.clone());
+                        if !self.wait_resumed() {
+                            return Err(e);
+                        }
+                    }
+                    _ => return Err(e),
+                },
+            }
+        }
+    }
+
+    /// The job thread `cowbackup-<id>`: prepare, run the workers, flush, end.
+    pub(super) fn run(self: &Arc<Self>) {
+        let _inside = reentry::enter(self.id);
+        match catch_unwind(AssertUnwindSafe(|| self.run_inner())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.fail(e),
+            Err(p) => self.fail(panic_error("job thread", p)),
+        }
+        self.finish();
+    }
+
+    /// Returns `Ok` when there is nothing more to do; whether the job completed is
+    /// decided by [`JobShared::outcome`].
+    fn run_inner(self: &Arc<Self>) -> Result<()> {
+        let zero_target = std::mem::take(&mut *self.zero_target.lock().unwrap_or_else(|e| e.into_inner()));
+        for (off, len) in zero_target {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            self.target_op(|| {
+                self.target
+                    .write_zeroes_at(off, len)
+                    .map_err(|e| Error::io(Side::Target, Op::WriteZeroes, off, len, &e))
+            })?;
+        }
+        if self.sync == SyncMode::None {
+            // Serve the hook until cancelled, or failed by a hook under BreakSnapshot.
+            let mut c = self.lock();
+            while !c.cancel && c.fatal.is_none() {
+                c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+            }
+            return Ok(());
+        }
+        thread::scope(|scope| {
+            for n in 1..=self.workers {
+                let buf = self.worker_bufs.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+                let r = thread::Builder::new()
+                    .name(format!("cowbackup-{}-{}", self.id, n))
+                    .spawn_scoped(scope, move || worker::run(self, buf));
+                if let Err(e) = r {
+                    self.fail(Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start worker thread: {e}")));
+                    break;
+                }
+            }
+        });
+        if self.stop.load(Ordering::Acquire) {
+            // Cancelled or failed: outcome() says which.
+            return Ok(());
+        }
+        self.target_op(|| self.target.flush().map_err(|e| Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e)))?;
+        self.lock().flushed = true;
+        Ok(())
+    }
+
+    /// The end-of-job rule (see the module doc).
+    fn outcome(&self, c: &ControlState) -> Result<()> {
+        if let Some(e) = &c.fatal {
+            return Err(e.clone());
+        }
+        if c.cancel {
+            return Err(Error::cancelled());
+        }
+        let dirty = self.claims.dirty();
+        if dirty != 0 {
+            return Err(Error::new(
+                ErrorKind::Io,
+                libc::EIO,
+                format!(
+                    "internal error: the job ended with {dirty} of {} clusters not copied; \
+                     the target is not a point-in-time image",
+                    self.geo.clusters
+                ),
+            ));
+        }
+        if !c.flushed {
+            return Err(Error::new(
+                ErrorKind::Io,
+                libc::EIO,
+                "internal error: the job ended without flushing the target",
+            ));
+        }
+        // Under `Ignore`, clusters were given up: not a point-in-time image.
+        match &c.ignored {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// End the job: store the result, wake every waiter, run the completion callback
+    /// once. Nothing here can unwind: user code (trace, callback) runs under
+    /// `catch_unwind`, and only after the result is stored.
+    fn finish(&self) {
+        self.hook_off.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        let mut c = self.lock();
+        let result = self.outcome(&c);
+        let state = match &result {
+            Ok(()) => JobState::Completed,
+            Err(e) if e.kind() == ErrorKind::Cancelled => JobState::Cancelled,
+            Err(_) => JobState::Failed,
+        };
+        c.paused = false;
+        c.pause_error = None;
+        let ev = self.set_state(&mut c, state);
+        c.result = Some(result.clone());
+        c.callback_done = self.on_complete.is_none();
+        drop(c);
+        self.control_cv.notify_all();
+        self.claims.wake_all();
+        self.emit(ev);
+        if let Some(cb) = &self.on_complete {
+            // A panicking callback must not take the library thread down with it.
+            let _ = catch_unwind(AssertUnwindSafe(|| cb(&result)));
+            self.lock().callback_done = true;
+            self.control_cv.notify_all();
+        }
+    }
+}
