@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same, one_parked_worker, wait_parked, Gate, Rng};
+use common::{assert_same, one_parked_worker, until, wait_end, wait_parked, Gate, Rng};
 use cowbackup::{
     backup_start, BackupOptions, BlockDriver, CbwErrorAction, ErrorAction, ErrorKind, FaultDriver, FaultOp, FaultRule,
     Job, JobState, MemDriver, TraceAction, TraceEvent,
@@ -16,19 +16,12 @@ use cowbackup::{
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
+/// Longest a test waits for a job to end before it fails.
+const END: Duration = Duration::from_secs(60);
 
 fn random_mem(size: u64, seed: u64) -> (Arc<MemDriver>, Vec<u8>) {
     let data = Rng::new(seed).bytes(size as usize);
     (Arc::new(MemDriver::from_bytes(&data).unwrap()), data)
-}
-
-/// Poll until `f` holds; panics after 10 s.
-fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn paused(job: &Job) -> bool {
@@ -147,6 +140,7 @@ fn cbw_error_policies() {
     let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
     let rule = target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).forever());
     let job = backup_start(source.clone(), target.clone(), one_parked_worker()).unwrap();
+    let _open = source.open_on_drop(); // a failing assertion must not leave the worker parked
     wait_parked(&source);
     let e = job.cow_before_write(MIB, 4096).unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
@@ -155,7 +149,7 @@ fn cbw_error_policies() {
     job.cow_before_write(MIB, 4096).unwrap();
     source.inner.write_at(&[9; 4096], MIB).unwrap();
     source.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("target", &target.inner().to_vec(), &data);
 
     // BreakSnapshot.
@@ -165,13 +159,14 @@ fn cbw_error_policies() {
     target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).forever());
     let opts = BackupOptions { on_cbw_error: CbwErrorAction::BreakSnapshot, ..one_parked_worker() };
     let job = backup_start(source.clone(), target, opts).unwrap();
+    let _open2 = source.open_on_drop();
     wait_parked(&source);
     job.cow_before_write(MIB, 4096).unwrap();
     let before = job.info().cow_requests;
     job.cow_before_write(0, 4096).unwrap(); // a no-op now
     assert_eq!(job.info().cow_requests, before);
     source.open();
-    assert_eq!(job.wait().unwrap_err().errno(), libc::EIO);
+    assert_eq!(wait_end(&job, END).unwrap_err().errno(), libc::EIO);
     assert_eq!(job.info().state, JobState::Failed);
 }
 
@@ -321,6 +316,7 @@ fn trace_events_reach_the_sink() {
         ..one_parked_worker()
     };
     let job = backup_start(source.clone(), target, opts).unwrap();
+    let _open = source.open_on_drop();
     wait_parked(&source);
     assert!(job.cow_before_write(MIB, 10).is_err());
     job.cow_before_write(MIB, 10).unwrap();
@@ -328,7 +324,7 @@ fn trace_events_reach_the_sink() {
     job.pause().unwrap();
     job.resume().unwrap();
     source.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     let ev = events.lock().unwrap();
     let lines: Vec<String> = ev.iter().map(|e| e.to_string()).collect();
     let count = |f: &dyn Fn(&TraceEvent) -> bool| ev.iter().filter(|e| f(e)).count();

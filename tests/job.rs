@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{assert_allocated, assert_same, contents, data_bytes, qemu_img, Gate, Rng};
+use common::{
+    assert_allocated, assert_same, contents, data_bytes, join_within, qemu_img, until, wait_end, wait_parked,
+    wait_parked_n, Gate, Rng,
+};
 use cowbackup::{
     allocated_bytes, backup_start, BackupOptions, BlockDriver, ErrorKind, FileDriver, JobState, MemDriver, OpenFlags,
     SyncMode,
@@ -17,6 +20,8 @@ use cowbackup::{
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
+/// Longest a test waits for a job to end before it fails.
+const END: Duration = Duration::from_secs(60);
 
 fn mem(data: &[u8]) -> Arc<MemDriver> {
     Arc::new(MemDriver::from_bytes(data).unwrap())
@@ -32,23 +37,25 @@ fn unaligned_device_and_hook_ranges() {
     let gate = Gate::new(source.clone(), true); // hold the background copy back
     let opts = BackupOptions { cluster_size: 4096, workers: 1, max_chunk: 4096, ..Default::default() };
     let job = backup_start(gate.clone(), target.clone(), opts).unwrap();
-    // The worker has claimed cluster 0 and waits at the gate.
-    while gate.held.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let _open = gate.open_on_drop(); // a failing assertion must not leave the worker parked
+                                     // The worker has claimed cluster 0 and waits at the gate.
+    wait_parked(&gate);
     // Hook on the last byte only: copies the partial last cluster.
     job.cow_before_write(4096, 1).unwrap();
     source.write_at(&[0xAA], 4096).unwrap();
     assert_eq!((job.info().cow_requests, job.info().cow_bytes), (1, 1));
     std::thread::scope(|s| {
-        // An unaligned range in cluster 0: waits for the worker copying it, copies nothing.
+        let _open = gate.open_on_drop(); // before the scope joins the hook
+                                         // An unaligned range in cluster 0: waits for the worker copying it, copies nothing.
         let hook = s.spawn(|| {
             job.cow_before_write(100, 3000).unwrap();
             source.write_at(&[0xBB; 3000], 100).unwrap();
         });
+        until("the hook to wait on the worker's claim", || job.info().cow_waits >= 1);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!hook.is_finished(), "the hook must wait for the cluster being copied");
         gate.open();
+        join_within("the hook after the worker's copy", hook, Duration::from_secs(10));
     });
     // The whole device, now copied: fast path.
     job.cow_before_write(0, 4097).unwrap();
@@ -59,7 +66,7 @@ fn unaligned_device_and_hook_ranges() {
     assert_eq!(job.cow_before_write(1, u64::MAX).unwrap_err().kind(), ErrorKind::InvalidInput);
     assert_eq!(job.cow_before_write(u64::MAX, 2).unwrap_err().kind(), ErrorKind::InvalidInput);
     assert!(job.cow_before_write(4097, 0).is_ok(), "empty range at the end is a no-op");
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("4097-byte target", &target.to_vec(), &orig);
     // After completion the hook is a no-op and bad ranges are still errors.
     job.cow_before_write(0, 4097).unwrap();
@@ -76,12 +83,13 @@ fn hook_over_many_clusters_and_the_partial_last_one() {
     let target = Arc::new(MemDriver::new(size).unwrap());
     let gate = Gate::new(source.clone(), true); // hold the background copy back
     let job = backup_start(gate.clone(), target.clone(), BackupOptions { workers: 3, ..Default::default() }).unwrap();
+    let _open = gate.open_on_drop();
     // 5 MiB + a bit, unaligned at both ends, to the very end of the device.
     let off = size - 5 * MIB - 777;
     job.cow_before_write(off, size - off).unwrap();
     source.write_at(&vec![0x5A; (size - off) as usize], off).unwrap();
     gate.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("target", &target.to_vec(), &orig);
     let info = job.info();
     assert_eq!(info.cow_requests, 1);
@@ -97,10 +105,9 @@ fn iotest_056_overlapping_writes() {
     let target = Arc::new(MemDriver::new(2 * MIB).unwrap());
     let opts = BackupOptions { cluster_size: 64 * KIB, workers: 1, max_chunk: 64 * KIB, ..Default::default() };
     let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    let _open = source.open_on_drop();
     // Hold the background copy back: its first read waits at the gate.
-    while source.held.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_parked(&source);
     let middle = MIB + 64 * KIB;
     job.cow_before_write(middle, 64 * KIB).unwrap();
     source.inner.write_at(&[0x23; 64 * KIB as usize], middle).unwrap();
@@ -111,7 +118,7 @@ fn iotest_056_overlapping_writes() {
     assert_eq!(info.cow_bytes, MIB, "the second write copied [1 MiB, 2 MiB) except the middle cluster");
     assert_eq!(source.reads_overlapping(middle, 64 * KIB), 1, "the middle cluster was read once");
     source.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_eq!(target.to_vec(), vec![0x42; 2 * MIB as usize]);
     assert_eq!(source.reads_overlapping(middle, 64 * KIB), 1);
 }
@@ -331,9 +338,8 @@ fn threads_are_named() {
     let target = Arc::new(MemDriver::new(4 * MIB).unwrap());
     let opts = BackupOptions { workers: 2, max_chunk: 64 * KIB, ..Default::default() };
     let job = backup_start(source.clone(), target, opts).unwrap();
-    while source.held.load(Ordering::SeqCst) < 2 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let _open = source.open_on_drop();
+    wait_parked_n(&source, 2);
     let names: Vec<String> = std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("comm")).ok())
@@ -344,7 +350,7 @@ fn threads_are_named() {
         assert!(names.contains(&want), "no thread {want} in {names:?}");
     }
     source.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
 }
 
 /// Real files, real writers, checked by a real peer: `qemu-img compare`.
