@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same, one_parked_worker, until, wait_end, wait_parked, Gate, Rng};
+use common::{assert_same, join_within, one_parked_worker, until, wait_end, wait_parked, Gate, Rng};
 use cowbackup::{
     backup_start, BackupOptions, BlockDriver, CbwErrorAction, ErrorAction, ErrorKind, FaultDriver, FaultOp, FaultRule,
     Job, JobState, MemDriver, TraceAction, TraceEvent,
@@ -212,25 +212,34 @@ fn cancel_while_stopped_on_error() {
 fn cancel_while_a_hook_waits_on_a_claimed_cluster() {
     let size = 2 * MIB;
     let (data_src, _) = random_mem(size, 9);
-    let source = Arc::new(FaultDriver::new(data_src));
-    // The worker's first read (cluster 0) takes 1 s.
-    source.add(FaultRule::new(FaultOp::Read).range(0, 1).errno(0).delay(Duration::from_secs(1)).times(1));
+    // The worker claims cluster 0 and its read is held at the gate until the test opens it.
+    let source = Gate::new(data_src, true);
     let target = Arc::new(MemDriver::new(size).unwrap());
     let opts = BackupOptions { workers: 1, max_chunk: 64 * KIB, ..Default::default() };
     let job = backup_start(source.clone(), target, opts).unwrap();
-    until("the worker's slow read", || source.injected() == 1);
+    let _open = source.open_on_drop(); // a failing assertion must not leave the worker parked
+    wait_parked(&source);
+    assert_eq!(source.parked(), vec![(0, 64 * KIB)]);
     thread::scope(|s| {
+        let _open = source.open_on_drop(); // before the scope joins the hook
         let hook = s.spawn(|| {
             let t = Instant::now();
             job.cow_before_write(0, 4096).unwrap();
             t.elapsed()
         });
+        // The hook really waits on the worker's claim before the cancel.
+        until("the hook to wait on the worker's claim of cluster 0", || job.info().cow_waits >= 1);
         thread::sleep(Duration::from_millis(100));
+        assert!(!hook.is_finished(), "the hook returned while cluster 0 was being copied");
         job.cancel();
-        let waited = hook.join().unwrap();
+        let waited = join_within("the waiting hook to return after cancel", hook, Duration::from_secs(5));
         assert!(waited < Duration::from_millis(800), "the hook returned only after {waited:?}");
+        // Released by the cancel: the worker's read is still held.
+        assert_eq!(source.parked(), vec![(0, 64 * KIB)], "the hook returned because the copy ended");
+        assert_eq!(job.info().cow_requests, 0, "the cancelled hook copied nothing");
+        source.open();
     });
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert_eq!(wait_end(&job, END).unwrap_err().kind(), ErrorKind::Cancelled);
 }
 
 #[test]

@@ -158,15 +158,42 @@ fn hook_after_cancel_is_a_noop_and_none_keeps_hooked_old_data() {
 #[test]
 fn cancel_of_a_full_backup_and_hooks_waiting_on_it() {
     let size = 64 * MIB;
-    let source = mem(&Rng::new(4).bytes(size as usize));
+    let source = Gate::new(MemDriver::from_bytes(&Rng::new(4).bytes(size as usize)).unwrap(), false);
     let target = Arc::new(MemDriver::new(size).unwrap());
-    let job = backup_start(source, target, BackupOptions { speed: 8 * MIB, ..Default::default() }).unwrap();
+    let job = backup_start(source.clone(), target, BackupOptions { speed: 8 * MIB, ..Default::default() }).unwrap();
+    let _open = source.open_on_drop();
     std::thread::sleep(Duration::from_millis(150));
-    job.cancel();
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    until("background progress", || job.info().offset > 0);
+    // Hold the workers' next reads: each parks holding the chunk it claimed.
+    source.close();
+    wait_parked_n(&source, 2);
+    let parked = source.parked();
+    std::thread::scope(|s| {
+        let _open = source.open_on_drop(); // before the scope joins the hooks
+                                           // A hook inside each parked chunk: it must wait for the worker copying it.
+        let hooks: Vec<_> = parked
+            .iter()
+            .map(|&(off, len)| {
+                let job = &job;
+                s.spawn(move || job.cow_before_write(off + len / 2, 10))
+            })
+            .collect();
+        until("the hooks to wait on the workers' claims", || job.info().cow_waits >= parked.len() as u64);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(hooks.iter().all(|h| !h.is_finished()), "a hook returned while its clusters were being copied");
+        job.cancel();
+        // Cancel releases the waiting hooks at once, while the workers are still parked.
+        for h in hooks {
+            join_within("a waiting hook to return after cancel", h, Duration::from_secs(5)).unwrap();
+        }
+        assert_eq!(source.parked(), parked, "the hooks returned because of cancel, not because the copy ended");
+        source.open();
+    });
+    assert_eq!(wait_end(&job, END).unwrap_err().kind(), ErrorKind::Cancelled);
     let info = job.info();
     assert_eq!(info.state, JobState::Cancelled);
     assert!(info.offset < size);
+    assert_eq!(info.cow_requests, 0, "the cancelled hooks copied nothing: {info:?}");
     let before = info.cow_requests;
     job.cow_before_write(size - MIB, MIB).unwrap();
     assert_eq!(job.info().cow_requests, before);

@@ -51,6 +51,7 @@ pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y).or(if a.len() != b.len() { Some(a.len().min(b.len())) } else { None })
 }
 
+#[track_caller]
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     if let Some(i) = first_diff(got, want) {
         panic!("{what}: differs at byte {i} (got {:#x?}, want {:#x?})", got.get(i), want.get(i));
@@ -263,11 +264,13 @@ impl<D: BlockDriver> BlockDriver for Recorder<D> {
 }
 
 /// Poll until `f` holds; fails the test with `what` after 10 s.
+#[track_caller]
 pub fn until(what: &str, f: impl FnMut() -> bool) {
     until_for(what, Duration::from_secs(10), f)
 }
 
 /// Poll until `f` holds; fails the test with `what` after `timeout`.
+#[track_caller]
 pub fn until_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -277,6 +280,7 @@ pub fn until_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// The job's result; fails the test (with the job's state) when it has not ended within `timeout`.
+#[track_caller]
 pub fn wait_end(job: &Job, timeout: Duration) -> cowbackup::Result<()> {
     match job.wait_timeout(timeout) {
         Some(r) => r,
@@ -285,6 +289,7 @@ pub fn wait_end(job: &Job, timeout: Duration) -> cowbackup::Result<()> {
 }
 
 /// Wait for a scoped thread, at most `timeout`; fails the test when it is still running.
+#[track_caller]
 pub fn join_within<T>(what: &str, h: std::thread::ScopedJoinHandle<'_, T>, timeout: Duration) -> T {
     until_for(what, timeout, || h.is_finished());
     match h.join() {
@@ -327,11 +332,13 @@ pub fn one_parked_worker() -> cowbackup::BackupOptions {
 }
 
 /// Wait until a job's worker is parked at the gate (fails the test after 10 s).
+#[track_caller]
 pub fn wait_parked<D: BlockDriver>(gate: &Gate<D>) {
     wait_parked_n(gate, 1);
 }
 
 /// Wait until `n` job-thread reads are parked at the gate now (fails the test after 10 s).
+#[track_caller]
 pub fn wait_parked_n<D: BlockDriver>(gate: &Gate<D>, n: usize) {
     until(&format!("{n} worker(s) parked at the gate"), || gate.parked().len() >= n);
 }
