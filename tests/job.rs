@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     assert_allocated, assert_same, contents, data_bytes, join_within, qemu_img, until, wait_end, wait_parked,
-    wait_parked_n, Gate, Rng,
+    wait_parked_n, Gate, Rec, Recorder, Rng,
 };
 use cowbackup::{
     allocated_bytes, backup_start, BackupOptions, BlockDriver, ErrorKind, FileDriver, JobState, MemDriver, OpenFlags,
@@ -199,6 +199,74 @@ fn cancel_of_a_full_backup_and_hooks_waiting_on_it() {
     assert_eq!(job.info().cow_requests, before);
     job.cancel(); // twice: no effect
     assert!(job.pause().is_err(), "pause of an ended job is refused");
+}
+
+/// DESIGN "At the end the job flushes the target": once, after the last write of the
+/// background copy and of the hooks, before the completion callback runs and `wait`
+/// returns. Sync Full and Top, into a dirty target (zero clusters and holes are written
+/// as zeroes), with hook copies while the job runs.
+#[test]
+fn the_target_is_flushed_once_after_the_last_write_before_the_end() {
+    let size = 4 * MIB + 4097;
+    for sync in [SyncMode::Full, SyncMode::Top] {
+        let mut rng = Rng::new(20);
+        // Data extents with zeroed data inside, and holes (unallocated: skipped by Top).
+        let source = Arc::new(MemDriver::new(size).unwrap());
+        for (i, off) in (0..size).step_by(256 * KIB as usize).enumerate() {
+            let len = (128 * KIB).min(size - off);
+            match i % 3 {
+                0 => source.write_at(&rng.bytes(len as usize), off).unwrap(),
+                1 => source.write_at(&vec![0; len as usize], off).unwrap(),
+                _ => {}
+            }
+        }
+        source.write_at(&[0x77; 4097], size - 4097).unwrap();
+        let before = source.to_vec();
+        let target = Recorder::new(MemDriver::from_bytes(&vec![0xEE; size as usize]).unwrap());
+        let t = target.clone();
+        let opts = BackupOptions {
+            sync,
+            speed: 16 * MIB,
+            max_chunk: 256 * KIB,
+            on_complete: Some(Arc::new(move |r: &cowbackup::Result<()>| {
+                t.mark(if r.is_ok() { "callback: ok" } else { "callback: error" })
+            })),
+            ..Default::default()
+        };
+        let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+        for _ in 0..32 {
+            let off = rng.below(size - 8192);
+            job.cow_before_write(off, 8192).unwrap();
+            source.write_at(&rng.bytes(8192), off).unwrap();
+        }
+        wait_end(&job, END).unwrap();
+        target.mark("wait returned");
+        let log = target.log();
+        let info = job.info();
+        assert!(info.cow_requests > 0, "{sync:?}: no hook copied: {info:?}");
+        assert!(info.bytes_zero > 0, "{sync:?}: no zero clusters: {info:?}");
+        let flushes: Vec<usize> = log.iter().enumerate().filter(|(_, r)| **r == Rec::Flush).map(|(i, _)| i).collect();
+        assert_eq!(flushes.len(), 1, "{sync:?}: the target must be flushed exactly once; log tail: {:?}", tail(&log));
+        let flush = flushes[0];
+        let last_write = log.iter().rposition(|r| matches!(r, Rec::Write(..) | Rec::WriteZeroes(..)));
+        let last_write = last_write.expect("the job wrote the target");
+        assert!(
+            last_write < flush,
+            "{sync:?}: a write after the final flush (write #{last_write}, flush #{flush}): {:?}",
+            tail(&log)
+        );
+        assert!(log.iter().any(|r| matches!(r, Rec::WriteZeroes(..))), "{sync:?}: no write_zeroes");
+        assert_eq!(
+            &log[flush..],
+            &[Rec::Flush, Rec::Mark("callback: ok"), Rec::Mark("wait returned")],
+            "{sync:?}: flush, then the completion callback, then wait returns"
+        );
+        assert_same("target", &target.inner.to_vec(), &before);
+    }
+}
+
+fn tail(log: &[Rec]) -> &[Rec] {
+    &log[log.len().saturating_sub(6)..]
 }
 
 #[test]
