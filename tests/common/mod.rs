@@ -78,6 +78,8 @@ pub struct Gate<D> {
     inflight: Mutex<Vec<(u64, u64)>>,
     /// Hold only reads overlapping this byte range; `None`: every read of a job thread.
     only: Mutex<Option<(u64, u64)>>,
+    /// Microseconds every job-thread read takes at least (so others can catch it in flight).
+    slow_us: AtomicU64,
 }
 
 /// Opens its gate when dropped (see [`Gate::open_on_drop`]).
@@ -112,6 +114,7 @@ impl<D: BlockDriver> Gate<D> {
             parked: Mutex::new(Vec::new()),
             inflight: Mutex::new(Vec::new()),
             only: Mutex::new(None),
+            slow_us: AtomicU64::new(0),
         })
     }
     pub fn open(&self) {
@@ -129,6 +132,10 @@ impl<D: BlockDriver> Gate<D> {
     /// Hold only job-thread reads overlapping `[offset, offset + len)`.
     pub fn hold_only(&self, offset: u64, len: u64) {
         *self.only.lock().unwrap() = Some((offset, len));
+    }
+    /// Make every job-thread read take at least `d`.
+    pub fn slow_job_reads(&self, d: Duration) {
+        self.slow_us.store(d.as_micros() as u64, Ordering::Relaxed);
     }
     /// Job-thread reads waiting at the gate now.
     pub fn parked(&self) -> Vec<(u64, u64)> {
@@ -175,6 +182,10 @@ impl<D: BlockDriver> BlockDriver for Gate<D> {
         }
         self.pass(r);
         self.reads.lock().unwrap().push(r);
+        let slow = self.slow_us.load(Ordering::Relaxed);
+        if on_job_thread && slow > 0 {
+            std::thread::sleep(Duration::from_micros(slow));
+        }
         let res = self.inner.read_at(buf, offset);
         if on_job_thread {
             remove_one(&self.inflight, r);
