@@ -50,7 +50,7 @@ fn iotest_055_pause_and_resume() {
     assert_eq!(job.info().cow_requests, 1);
     job.resume().unwrap();
     job.set_speed(0);
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("target", &target.to_vec(), &data);
 }
 
@@ -68,7 +68,7 @@ fn iotest_056_target_error_stop_then_resume() {
     assert_eq!(info.error.as_ref().map(|e| e.errno()), Some(libc::EIO), "{info:?}");
     assert_eq!(target.fired(rule), 1);
     job.resume().unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert!(job.info().error.is_none());
     assert_same("target", &target.inner().to_vec(), &data);
 }
@@ -86,7 +86,7 @@ fn iotest_124_source_error_report_and_ignore() {
         let target = Arc::new(MemDriver::new(size).unwrap());
         let opts = BackupOptions { on_source_error: action, ..Default::default() };
         let job = backup_start(source, target.clone(), opts).unwrap();
-        let e = job.wait().unwrap_err();
+        let e = wait_end(&job, END).unwrap_err();
         assert_eq!(e.errno(), libc::EIO);
         let ctx = e.context().unwrap();
         assert_eq!(ctx.side, cowbackup::Side::Source);
@@ -121,10 +121,10 @@ fn enospc_stops_on_enospc_and_reports_other_errors() {
         assert_eq!(job.info().error.unwrap().errno(), errno);
         if want == JobState::Paused {
             job.resume().unwrap();
-            job.wait().unwrap();
+            wait_end(&job, END).unwrap();
             assert_same("target", &target.inner().to_vec(), &data);
         } else {
-            assert_eq!(job.wait().unwrap_err().errno(), libc::EIO);
+            assert_eq!(wait_end(&job, END).unwrap_err().errno(), libc::EIO);
         }
     }
 }
@@ -190,7 +190,7 @@ fn cbw_timeout_returns_timed_out_in_time() {
     // The copy goes on; the snapshot stays valid; the retried hook succeeds.
     until("the delayed copy", || job.cow_before_write(MIB, 4096).is_ok());
     source.write_at(&[1; 4096], MIB).unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("target", &target.inner().to_vec(), &data);
 }
 
@@ -204,7 +204,7 @@ fn cancel_while_stopped_on_error() {
     let job = backup_start(source, target, opts).unwrap();
     until("pause on error", || paused(&job));
     job.cancel();
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert_eq!(wait_end(&job, END).unwrap_err().kind(), ErrorKind::Cancelled);
     assert_eq!(job.info().state, JobState::Cancelled);
 }
 
@@ -265,7 +265,8 @@ fn completion_callback_once_for_each_end_state() {
         if end == JobState::Cancelled {
             job.cancel();
         }
-        let r = job.wait();
+        // Job::wait itself, bounded: on another thread, joined within END.
+        let r = thread::scope(|s| join_within("Job::wait", s.spawn(|| job.wait()), END));
         // wait returns after the callback has returned.
         let got = calls.lock().unwrap().clone();
         let want = match end {
@@ -434,7 +435,7 @@ fn stress_with_pauses_speed_changes_and_transient_errors() {
                 done.store(true, Ordering::Relaxed);
             });
         });
-        job.wait().unwrap();
+        wait_end(&job, END).unwrap();
         assert!(target.injected() > 0, "no fault was injected");
         assert_same("target", &target.inner().to_vec(), &data);
     }

@@ -139,7 +139,7 @@ fn hook_after_cancel_is_a_noop_and_none_keeps_hooked_old_data() {
     assert_eq!(job.info().state, JobState::Running);
     assert_eq!(job.info().bytes_copied, 64 * KIB, "sync=None copies nothing in the background");
     job.cancel();
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert_eq!(wait_end(&job, END).unwrap_err().kind(), ErrorKind::Cancelled);
     assert_eq!(job.info().state, JobState::Cancelled);
     // After cancel the hook copies nothing.
     job.cow_before_write(0, 64 * KIB).unwrap();
@@ -286,7 +286,7 @@ fn top_on_a_sparse_file_keeps_the_target_sparse() {
     let target = Arc::new(FileDriver::create(&tp, size).unwrap());
     let job =
         backup_start(source, target.clone(), BackupOptions { sync: SyncMode::Top, ..Default::default() }).unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     let info = job.info();
     assert_same("target", &contents(&*target), &snapshot);
     // 3 MiB of data; the unaligned extent touches one more 64 KiB cluster.
@@ -305,7 +305,7 @@ fn top_into_a_dirty_target_zeroes_the_holes() {
     let target = mem(&vec![0xEE; size as usize]);
     let job = backup_start(source.clone(), target.clone(), BackupOptions { sync: SyncMode::Top, ..Default::default() })
         .unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("target", &target.to_vec(), &source.to_vec());
     assert_eq!(job.info().bytes_skipped, size - 64 * KIB);
 }
@@ -329,7 +329,7 @@ fn zero_clusters_become_holes() {
     let tp = dir.path().join("fresh.img");
     let target = Arc::new(FileDriver::create(&tp, size).unwrap());
     let job = backup_start(source.clone(), target.clone(), BackupOptions::default()).unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("fresh target", &contents(&*target), &data);
     assert_eq!(job.info().bytes_zero, size / 2);
     assert_eq!(job.info().bytes_copied, size / 2);
@@ -341,7 +341,7 @@ fn zero_clusters_become_holes() {
     std::fs::write(&tp2, vec![0xEE; size as usize]).unwrap();
     let target2 = Arc::new(FileDriver::open(&tp2, OpenFlags::WRITE).unwrap());
     let job = backup_start(source, target2.clone(), BackupOptions::default()).unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("dirty target", &contents(&*target2), &data);
     assert_eq!(data_bytes(&*target2), size / 2);
     assert_allocated("dirty target", allocated_bytes(&tp2).unwrap(), size / 2);
@@ -418,7 +418,7 @@ fn a_panicking_driver_fails_the_job() {
         ..Default::default()
     };
     let job = backup_start(source, target, opts).unwrap();
-    let e = job.wait().unwrap_err();
+    let e = wait_end(&job, END).unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
     assert!(e.to_string().contains("panicked"), "{e}");
     assert_eq!(job.info().state, JobState::Failed);
@@ -479,7 +479,7 @@ fn qemu_img_compare_agrees() {
             }
         });
     });
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert!(job.info().cow_requests > 0);
     let cmp = |a: &std::path::Path, b: &std::path::Path| {
         Command::new(&qemu_img).args(["compare", "-q", "-f", "raw", "-F", "raw"]).arg(a).arg(b).status().unwrap()
