@@ -459,3 +459,117 @@ fn sync_none_fails_on_break_snapshot() {
     assert_eq!(e.errno(), libc::EIO);
     assert_eq!(job.info().state, JobState::Failed);
 }
+
+/// The errno the fault rules of the tests below inject: unusual enough that a failure
+/// with it is the injected one, not some other error.
+const INJECTED: i32 = libc::EREMOTEIO;
+
+/// How a job gets its fatal error in [`failing_while_busy`].
+#[derive(Debug, Clone, Copy)]
+enum Fatal {
+    /// A background target write fails under `Report`.
+    Report,
+    /// A hook's copy fails under `BreakSnapshot`.
+    BreakSnapshot,
+}
+
+/// A job with a fatal error recorded while a worker is still busy (its read held at the
+/// gate), so the job has not ended yet. Dropping it opens the gate before the job.
+struct Busy {
+    _open: common::GateGuard<Arc<MemDriver>>,
+    job: Job,
+    gate: Arc<Gate<Arc<MemDriver>>>,
+}
+
+fn failing_while_busy(cause: Fatal) -> Busy {
+    let size = 4 * MIB;
+    let (data_src, _) = random_mem(size, 30);
+    let gate = Gate::new(data_src, true);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    let mut opts = BackupOptions { workers: 2, max_chunk: 64 * KIB, ..Default::default() };
+    match cause {
+        Fatal::Report => {
+            // One worker parks on cluster 0; the other copies cluster 1 and fails.
+            gate.hold_only(0, 64 * KIB);
+            target.add(FaultRule::new(FaultOp::Write).range(64 * KIB, 1).errno(INJECTED).forever());
+        }
+        Fatal::BreakSnapshot => {
+            // Both workers park (clusters 0 and 1); a hook's copy of cluster 16 fails.
+            opts.on_cbw_error = CbwErrorAction::BreakSnapshot;
+            target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(INJECTED).forever());
+        }
+    }
+    let job = backup_start(gate.clone(), target, opts).unwrap();
+    let open = gate.open_on_drop();
+    match cause {
+        Fatal::Report => wait_parked(&gate),
+        Fatal::BreakSnapshot => {
+            common::wait_parked_n(&gate, 2);
+            job.cow_before_write(MIB, 4096).expect("BreakSnapshot: the hook returns Ok and fails the job");
+        }
+    }
+    until("the fatal error", || job.info().error.is_some());
+    let info = job.info();
+    assert_eq!(info.error.as_ref().map(|e| e.errno()), Some(INJECTED), "{cause:?}: {info:?}");
+    assert!(!info.state.is_terminal(), "{cause:?}: a worker is still busy, the job cannot have ended: {info:?}");
+    assert!(!gate.parked().is_empty());
+    Busy { _open: open, job, gate }
+}
+
+/// A fatal error is final: `resume` (which retries after a `Stop` error) must not clear
+/// it, even while a worker is still busy, and the job ends `Failed` with it — not
+/// `Completed` with clusters missing.
+#[test]
+fn resume_after_a_fatal_error_while_a_worker_is_busy_keeps_the_failure() {
+    let mut problems = Vec::new(); // both causes run; every problem is reported
+    for cause in [Fatal::Report, Fatal::BreakSnapshot] {
+        let b = failing_while_busy(cause);
+        let _ = b.job.resume(); // refused or not: either way the failure stands
+        let after_resume = b.job.info();
+        b.gate.open();
+        let r = wait_end(&b.job, END).map_err(|e| e.errno());
+        let info = b.job.info();
+        if r != Err(INJECTED) || info.state != JobState::Failed {
+            problems.push(format!("{cause:?}: ended {r:?}, not Err({INJECTED}) (Failed): {info:?}"));
+        }
+        if info.state == JobState::Completed && info.offset < info.len {
+            problems.push(format!("{cause:?}: Completed with {} of {} bytes done", info.offset, info.len));
+        }
+        if after_resume.error.as_ref().map(|e| e.errno()) != Some(INJECTED) {
+            problems.push(format!("{cause:?}: resume cleared the fatal error: {after_resume:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "a fatal error must stay final through resume:\n{}", problems.join("\n"));
+}
+
+/// `cancel` has no effect on a job that has failed: its result stays the failure, both
+/// once it has ended and while a worker is still finishing.
+#[test]
+fn cancel_of_a_failed_job_keeps_the_failure() {
+    // Ended.
+    let size = 2 * MIB;
+    let (data_src, _) = random_mem(size, 31);
+    let source = Arc::new(FaultDriver::new(data_src));
+    source.add(FaultRule::new(FaultOp::Read).range(MIB, 1).errno(INJECTED).forever());
+    let job = backup_start(source, Arc::new(MemDriver::new(size).unwrap()), BackupOptions::default()).unwrap();
+    assert_eq!(wait_end(&job, END).map_err(|e| e.errno()), Err(INJECTED));
+    job.cancel();
+    assert_eq!(wait_end(&job, END).map_err(|e| e.errno()), Err(INJECTED), "cancel changed an ended job's result");
+    let info = job.info();
+    assert_eq!(info.state, JobState::Failed);
+    assert_eq!(info.error.as_ref().map(|e| e.errno()), Some(INJECTED), "{info:?}");
+
+    // Failed, a worker still busy.
+    let mut problems = Vec::new(); // both causes run; every problem is reported
+    for cause in [Fatal::Report, Fatal::BreakSnapshot] {
+        let b = failing_while_busy(cause);
+        b.job.cancel();
+        b.gate.open();
+        let r = wait_end(&b.job, END).map_err(|e| e.errno());
+        let info = b.job.info();
+        if r != Err(INJECTED) || info.state != JobState::Failed {
+            problems.push(format!("{cause:?}: ended {r:?}, not Err({INJECTED}) (Failed): {info:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "a job that has failed must not end cancelled:\n{}", problems.join("\n"));
+}
