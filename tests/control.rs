@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_same, join_within, one_parked_worker, until, wait_end, wait_parked, Gate, Rng};
+use common::{assert_same, join_within, one_parked_worker, until, wait_end, wait_parked, Gate, Rng, SetOnDrop};
 use cowbackup::{
     backup_start, BackupOptions, BlockDriver, CbwErrorAction, ErrorAction, ErrorKind, FaultDriver, FaultOp, FaultRule,
     Job, JobState, MemDriver, TraceAction, TraceEvent,
@@ -572,4 +572,204 @@ fn cancel_of_a_failed_job_keeps_the_failure() {
         }
     }
     assert!(problems.is_empty(), "a job that has failed must not end cancelled:\n{}", problems.join("\n"));
+}
+
+/// Errnos the chaos test injects (ENOSPC: so `Enospc` stops on some and reports others).
+const CHAOS_ERRNOS: [i32; 2] = [INJECTED, libc::ENOSPC];
+
+/// Chaos with every policy: per round random `on_source_error` / `on_target_error`
+/// (Report, Stop, Ignore, Enospc) and `on_cbw_error` (BreakGuestWrite, BreakSnapshot), sync
+/// Full or Top, writers through the hook, faults injected at random (reads, writes,
+/// write_zeroes, flushes; background copy and hooks), and an operator who pauses,
+/// resumes, changes the speed and in some rounds cancels, at random times; in half the
+/// rounds an automated operator also resumes as soon as it sees an error. Whatever
+/// happens: a job that reports success produced the exact point-in-time image; a job
+/// that failed did so with an injected errno, or was cancelled after a cancel.
+///
+/// The seed is random per run (printed in every failure); `COWBACKUP_CHAOS_SEED` replays
+/// one, `COWBACKUP_CHAOS_ROUNDS` (default 12) sets the number of rounds.
+#[test]
+fn chaos_every_policy_with_an_operator() {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let seed = env("COWBACKUP_CHAOS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    let rounds = env("COWBACKUP_CHAOS_ROUNDS").unwrap_or(12);
+    eprintln!("chaos: COWBACKUP_CHAOS_SEED={seed} COWBACKUP_CHAOS_ROUNDS={rounds}");
+    let mut outcomes = Vec::new();
+    for round in 0..rounds {
+        outcomes.push(chaos_round(seed.wrapping_add(round)));
+    }
+    eprintln!("chaos: outcomes {outcomes:#?}");
+}
+
+fn chaos_round(seed: u64) -> String {
+    let mut rng = Rng::new(seed);
+    let size = 4 * MIB + 4097;
+    let pick = |rng: &mut Rng| {
+        [ErrorAction::Report, ErrorAction::Stop, ErrorAction::Ignore, ErrorAction::Enospc][rng.below(4) as usize]
+    };
+    let opts = BackupOptions {
+        cluster_size: [4096, 16 * KIB, 64 * KIB][rng.below(3) as usize],
+        workers: 1 + rng.below(3) as usize,
+        max_chunk: [64 * KIB, 256 * KIB, MIB][rng.below(3) as usize],
+        sync: [cowbackup::SyncMode::Full, cowbackup::SyncMode::Top][rng.below(2) as usize],
+        speed: [2 * MIB, 4 * MIB, 8 * MIB][rng.below(3) as usize],
+        on_source_error: pick(&mut rng),
+        on_target_error: pick(&mut rng),
+        on_cbw_error: [CbwErrorAction::BreakGuestWrite, CbwErrorAction::BreakSnapshot][rng.below(2) as usize],
+        ..Default::default()
+    };
+    let opts_summary = (opts.on_source_error, opts.on_target_error, opts.on_cbw_error, opts.workers);
+    let will_cancel = rng.below(4) == 0;
+    let auto_resume = rng.below(2) == 0;
+    let what =
+        format!("COWBACKUP_CHAOS_SEED={seed} (one round): {opts:?}, cancel {will_cancel}, auto-resume {auto_resume}");
+
+    // The source: random data, some zero clusters and holes (unallocated: skipped by Top).
+    let (mem, _) = random_mem(size, seed);
+    for _ in 0..8 {
+        let off = rng.below(size / (64 * KIB)) * 64 * KIB;
+        mem.write_zeroes_at(off, (64 * KIB * (1 + rng.below(4))).min(size - off)).unwrap();
+        // and zeroes written as data
+        let off = rng.below(size / (64 * KIB)) * 64 * KIB;
+        mem.write_at(&vec![0; (64 * KIB).min(size - off) as usize], off).unwrap();
+    }
+    let data = mem.to_vec();
+    // Job reads take a little time: other workers are busy when one fails.
+    let slow = Gate::new(mem.clone(), false);
+    slow.slow_job_reads(Duration::from_millis(1));
+    let source = Arc::new(FaultDriver::new(slow));
+    let target = Arc::new(FaultDriver::new(if rng.below(2) == 0 {
+        MemDriver::new(size).unwrap()
+    } else {
+        MemDriver::from_bytes(&vec![0xEE; size as usize]).unwrap()
+    }));
+    let start = Instant::now();
+    let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    let cancelled = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let result = thread::scope(|s| {
+        let _done = SetOnDrop(&done);
+        let (job, source, target, done, cancelled, what, mem) =
+            (&job, &source, &target, &done, &cancelled, &what, &mem);
+        for w in 0..2u64 {
+            s.spawn(move || {
+                let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(w));
+                while !done.load(Ordering::Relaxed) {
+                    // Paced, so the background copy (and its faults) does most of the work.
+                    thread::sleep(Duration::from_millis(2 + rng.below(10)));
+                    let len = 1 + rng.below(16 * KIB);
+                    let off = rng.below(size - len + 1);
+                    // A failed hook fails the guest write: retry it, write only after Ok.
+                    let mut ok = false;
+                    while !done.load(Ordering::Relaxed) {
+                        match job.cow_before_write(off, len) {
+                            Ok(()) => {
+                                ok = true;
+                                break;
+                            }
+                            Err(e) => {
+                                assert!(CHAOS_ERRNOS.contains(&e.errno()), "{what}: hook failed with {e}");
+                                thread::sleep(Duration::from_millis(1));
+                            }
+                        }
+                    }
+                    if ok {
+                        mem.write_at(&rng.bytes(len as usize), off).unwrap();
+                    }
+                }
+            });
+        }
+        if auto_resume {
+            s.spawn(move || {
+                while !done.load(Ordering::Relaxed) && job.wait_timeout(Duration::from_micros(200)).is_none() {
+                    if job.info().error.is_some() {
+                        let _ = job.resume();
+                    }
+                }
+            });
+        }
+        // The operator.
+        s.spawn(move || {
+            let mut rng = Rng::new(seed ^ 0x0123_4567_89ab_cdef);
+            let start = Instant::now();
+            let cancel_at = Duration::from_millis(rng.below(500));
+            let mut faults = 0;
+            while !done.load(Ordering::Relaxed) && job.wait_timeout(Duration::from_millis(1 + rng.below(8))).is_none() {
+                if will_cancel && start.elapsed() >= cancel_at && !cancelled.load(Ordering::Relaxed) {
+                    cancelled.store(true, Ordering::SeqCst);
+                    job.cancel();
+                }
+                if start.elapsed() > Duration::from_secs(3) {
+                    // Enough: let it finish.
+                    let _ = job.resume();
+                    job.set_speed(0);
+                    continue;
+                }
+                match rng.below(10) {
+                    0 => {
+                        let _ = job.pause();
+                    }
+                    1 | 2 => {
+                        let _ = job.resume();
+                    }
+                    3 if rng.below(4) == 0 => job.set_speed([2 * MIB, 4 * MIB, 8 * MIB][rng.below(3) as usize]),
+                    4 | 5 if faults < 4 => {
+                        faults += 1;
+                        let errno = CHAOS_ERRNOS[rng.below(2) as usize];
+                        // Mostly where the copy has probably not been yet.
+                        let progress = job.info().offset.min(size - 1);
+                        let off =
+                            if rng.below(4) == 0 { rng.below(size) } else { progress + rng.below(size - progress) };
+                        match rng.below(10) {
+                            0..=3 => source.add(FaultRule::new(FaultOp::Read).range(off, 1).errno(errno).times(1)),
+                            4..=8 => target.add(FaultRule::new(FaultOp::Any).range(off, 1).errno(errno).times(1)),
+                            _ => target.add(FaultRule::new(FaultOp::Flush).errno(errno).times(1)),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let r = wait_end(job, END);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    let info = job.info();
+    let outcome = format!(
+        "{} in {:?}, {} faults fired, {} hook copies ({:?}/{:?}/{:?}, {} workers, auto-resume {auto_resume})",
+        match &result {
+            Ok(()) => "completed".to_string(),
+            Err(e) => e.to_string(),
+        },
+        start.elapsed(),
+        source.injected() + target.injected(),
+        info.cow_requests,
+        opts_summary.0,
+        opts_summary.1,
+        opts_summary.2,
+        opts_summary.3,
+    );
+    match result {
+        Ok(()) => {
+            assert_same(
+                &format!("{what}: completed ({info:?}), so the target must be the point in time"),
+                &target.inner().to_vec(),
+                &data,
+            );
+            assert_eq!(info.state, JobState::Completed, "{what}: {info:?}");
+            assert_eq!(info.offset, size, "{what}: {info:?}");
+        }
+        Err(e) if e.kind() == ErrorKind::Cancelled => {
+            assert!(cancelled.load(Ordering::SeqCst), "{what}: cancelled, but nobody cancelled: {info:?}");
+            assert_eq!(info.state, JobState::Cancelled, "{what}: {info:?}");
+        }
+        Err(e) => {
+            assert!(CHAOS_ERRNOS.contains(&e.errno()), "{what}: failed with {e}, not with an injected error");
+            assert_eq!(info.state, JobState::Failed, "{what}: {info:?}");
+            assert!(source.injected() + target.injected() > 0, "{what}: failed without a fault: {e}");
+        }
+    }
+    outcome
 }

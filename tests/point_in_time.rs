@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{assert_same, contents, join_within, until, wait_end, wait_parked, Gate, Rng};
+use common::{assert_same, contents, join_within, until, wait_end, wait_parked, Gate, Rng, SetOnDrop};
 use cowbackup::{backup_start, BackupOptions, BlockDriver, FileDriver, JobState, MemDriver, OpenFlags, SyncMode};
 
 const KIB: u64 = 1024;
@@ -180,15 +180,6 @@ fn stress<D: BlockDriver + 'static>(source: Arc<Gate<D>>, target: Arc<dyn BlockD
         assert!(info.bytes_skipped > 0, "{what}: Top skipped no hole: {info:?}");
     } else {
         assert_eq!(info.bytes_skipped, 0, "{what}: {info:?}");
-    }
-}
-
-/// Sets the flag when dropped: writer threads stop also when the test fails.
-struct SetOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
     }
 }
 

@@ -274,6 +274,15 @@ impl<D: BlockDriver> BlockDriver for Recorder<D> {
     }
 }
 
+/// Sets the flag when dropped: helper threads of a test stop also when it fails.
+pub struct SetOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Poll until `f` holds; fails the test with `what` after 10 s.
 #[track_caller]
 pub fn until(what: &str, f: impl FnMut() -> bool) {
