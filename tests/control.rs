@@ -311,6 +311,26 @@ fn speed_limit_holds_and_changes_while_running() {
     job.cancel();
 }
 
+/// `set_speed` called again and again (an operator's control loop re-applying its limit)
+/// must not lift the limit: each call may not grant a fresh burst.
+#[test]
+fn repeated_set_speed_keeps_the_limit() {
+    let size = 256 * MIB;
+    let source = Arc::new(MemDriver::from_bytes(&vec![0x11; size as usize]).unwrap());
+    let target = Arc::new(MemDriver::new(size).unwrap());
+    let opts = BackupOptions { speed: 8 * MIB, max_chunk: 64 * KIB, ..Default::default() };
+    let job = backup_start(source, target, opts).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let (t0, o0) = (Instant::now(), job.info().offset);
+    while t0.elapsed() < Duration::from_secs(2) {
+        job.set_speed(8 * MIB);
+        thread::sleep(Duration::from_millis(10));
+    }
+    let r = (job.info().offset - o0) as f64 / t0.elapsed().as_secs_f64() / MIB as f64;
+    job.cancel();
+    assert!(r <= 10.0, "limited to 8 MiB/s, re-applied every 10 ms: copied {r:.1} MiB/s");
+}
+
 #[test]
 fn trace_events_reach_the_sink() {
     let size = 2 * MIB;
