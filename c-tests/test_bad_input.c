@@ -1,12 +1,53 @@
 /* Bad input to every function: the documented negative errno, a message naming the function
- * in cowbackup_last_error(), no crash, out-parameters untouched. */
+ * in cowbackup_last_error(), no crash, out-parameters untouched. Every path is under a fresh
+ * temporary directory (mkdtemp), "missing" ones included: nothing is assumed absent (a machine
+ * had a /nonexistent), nothing is created outside it, and it is removed at the end. */
 #include "common.h"
 
+#include <dirent.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 const char *test_name = "bad_input";
 
 #define BAD_PTR ((void *)0x5eed)
+
+/* The test's temporary directory (made by main, under $TMPDIR or /tmp) and paths inside it. */
+static char tmpdir[1024];
+
+static const char *in_tmp(const char *name)
+{
+    static char paths[8][2048];
+    static int next;
+    char *p = paths[next++ % 8];
+    int n = snprintf(p, sizeof paths[0], "%s/%s", tmpdir, name);
+    REQUIRE(n > 0 && (size_t)n < sizeof paths[0]);
+    return p;
+}
+
+static int exists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+/* Remove the temporary directory; every entry left in it is reported (a refused call must
+ * not have created a file) and removed. */
+static void remove_tmpdir(void)
+{
+    DIR *d = opendir(tmpdir);
+    REQUIRE(d != NULL);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        fprintf(stderr, "FAIL: %s/%s was left behind\n", tmpdir, e->d_name);
+        test_failures++;
+        unlinkat(dirfd(d), e->d_name, 0);
+    }
+    closedir(d);
+    CHECK(rmdir(tmpdir) == 0);
+}
 #define SENTINEL 0x5a5a5a5a5a5a5a5aULL
 
 static int bad_block_status_pnum0(void *opaque, uint64_t offset, uint64_t len, uint64_t *pnum, uint32_t *status)
@@ -43,17 +84,25 @@ static void drivers(void)
     CHECK(d == BAD_PTR);
 
     SAY("cowbackup_file_open/create: NULL path, unknown flags, missing file, size 0, NULL out");
+    const char *missing_dir = in_tmp("missing");          /* never created */
+    const char *missing_file = in_tmp("missing.img");     /* never created */
+    const char *in_missing_dir = in_tmp("missing/x.img"); /* its directory does not exist */
+    const char *refused = in_tmp("refused.img");          /* every create of it is refused */
+    CHECK(!exists(missing_dir) && !exists(missing_file));
     CHECK_ERR(cowbackup_file_open(NULL, 0, &d), EINVAL, "cowbackup_file_open");
-    CHECK_ERR(cowbackup_file_open("/tmp", 0x80, &d), EINVAL, "cowbackup_file_open");
-    CHECK_ERR(cowbackup_file_open("/nonexistent/cowbackup.img", 0, &d), ENOENT, "cowbackup_file_open");
-    CHECK_ERR(cowbackup_file_open("/tmp", 0, &d), EINVAL, "not a regular file");
-    CHECK_ERR(cowbackup_file_open("/tmp/x", 0, NULL), EINVAL, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_open(tmpdir, 0x80, &d), EINVAL, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_open(missing_file, 0, &d), ENOENT, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_open(in_missing_dir, 0, &d), ENOENT, "cowbackup_file_open");
+    CHECK_ERR(cowbackup_file_open(tmpdir, 0, &d), EINVAL, "not a regular file");
+    CHECK_ERR(cowbackup_file_open(missing_file, 0, NULL), EINVAL, "cowbackup_file_open");
     CHECK_ERR(cowbackup_file_create(NULL, 4096, 0, &d), EINVAL, "cowbackup_file_create");
-    CHECK_ERR(cowbackup_file_create("/tmp/cowbackup-bad-input.img", 0, 0, &d), EINVAL, "cowbackup_file_create");
-    CHECK_ERR(cowbackup_file_create("/tmp/cowbackup-bad-input.img", 4096, 0x10, &d), EINVAL, "cowbackup_file_create");
-    CHECK_ERR(cowbackup_file_create("/tmp/cowbackup-bad-input.img", 4096, 0, NULL), EINVAL, "cowbackup_file_create");
-    CHECK_ERR(cowbackup_file_create("/nonexistent/x.img", 4096, 0, &d), ENOENT, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create(refused, 0, 0, &d), EINVAL, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create(refused, 4096, 0x10, &d), EINVAL, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create(refused, 4096, 0, NULL), EINVAL, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create(in_missing_dir, 4096, 0, &d), ENOENT, "cowbackup_file_create");
     CHECK(d == BAD_PTR);
+    SAY("the refused calls created nothing");
+    CHECK(!exists(refused) && !exists(missing_file) && !exists(missing_dir));
 
     SAY("cowbackup_driver_new: NULL ops/out, bad ops_size, NULL read/write, size 0, unknown flags");
     cmem *m = cmem_new(65536, 0);
@@ -161,7 +210,9 @@ static void jobs(void)
     CHECK_ERR(cowbackup_backup_start(s, s, NULL, &job), EINVAL, "same device");
     CHECK_ERR(cowbackup_backup_start(s, small, NULL, &job), EINVAL, "differ in size");
     CHECK_ERR(cowbackup_backup_start(small, s, NULL, &job), EINVAL, "differ in size");
-    char path[] = "/tmp/cowbackup-bad-input-XXXXXX";
+    char path[2048];
+    int n = snprintf(path, sizeof path, "%s/same-XXXXXX", tmpdir);
+    REQUIRE(n > 0 && (size_t)n < sizeof path);
     int fd = mkstemp(path);
     REQUIRE(fd >= 0);
     close(fd);
@@ -171,7 +222,7 @@ static void jobs(void)
     CHECK_ERR(cowbackup_backup_start(f1, f2, NULL, &job), EINVAL, "same file");
     cowbackup_driver_free(f1);
     cowbackup_driver_free(f2);
-    unlink(path);
+    CHECK(unlink(path) == 0);
     CHECK(job == BAD_PTR);
 
     SAY("bad block_status answers: pnum 0 and unknown bits fail the start (-EIO); pnum > len is clamped");
@@ -234,10 +285,16 @@ static void jobs(void)
 
 int main(void)
 {
+    const char *base = getenv("TMPDIR");
+    int n = snprintf(tmpdir, sizeof tmpdir, "%s/cowbackup-bad-input-XXXXXX", base && *base ? base : "/tmp");
+    REQUIRE(n > 0 && (size_t)n < sizeof tmpdir);
+    REQUIRE(mkdtemp(tmpdir) != NULL);
     SAY("cowbackup_last_error() is never NULL");
     CHECK(cowbackup_last_error() != NULL);
     drivers();
     options();
     jobs();
+    SAY("the temporary directory %s holds nothing left behind; removed", tmpdir);
+    remove_tmpdir();
     return test_finish();
 }

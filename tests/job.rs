@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{assert_allocated, assert_same, contents, data_bytes, qemu_img, Gate, Rng};
+use common::{
+    assert_allocated, assert_same, contents, data_bytes, join_within, qemu_img, until, wait_end, wait_parked,
+    wait_parked_n, Gate, Rec, Recorder, Rng,
+};
 use cowbackup::{
     allocated_bytes, backup_start, BackupOptions, BlockDriver, ErrorKind, FileDriver, JobState, MemDriver, OpenFlags,
     SyncMode,
@@ -17,6 +20,8 @@ use cowbackup::{
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
+/// Longest a test waits for a job to end before it fails.
+const END: Duration = Duration::from_secs(60);
 
 fn mem(data: &[u8]) -> Arc<MemDriver> {
     Arc::new(MemDriver::from_bytes(data).unwrap())
@@ -32,23 +37,25 @@ fn unaligned_device_and_hook_ranges() {
     let gate = Gate::new(source.clone(), true); // hold the background copy back
     let opts = BackupOptions { cluster_size: 4096, workers: 1, max_chunk: 4096, ..Default::default() };
     let job = backup_start(gate.clone(), target.clone(), opts).unwrap();
-    // The worker has claimed cluster 0 and waits at the gate.
-    while gate.held.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let _open = gate.open_on_drop(); // a failing assertion must not leave the worker parked
+                                     // The worker has claimed cluster 0 and waits at the gate.
+    wait_parked(&gate);
     // Hook on the last byte only: copies the partial last cluster.
     job.cow_before_write(4096, 1).unwrap();
     source.write_at(&[0xAA], 4096).unwrap();
     assert_eq!((job.info().cow_requests, job.info().cow_bytes), (1, 1));
     std::thread::scope(|s| {
-        // An unaligned range in cluster 0: waits for the worker copying it, copies nothing.
+        let _open = gate.open_on_drop(); // before the scope joins the hook
+                                         // An unaligned range in cluster 0: waits for the worker copying it, copies nothing.
         let hook = s.spawn(|| {
             job.cow_before_write(100, 3000).unwrap();
             source.write_at(&[0xBB; 3000], 100).unwrap();
         });
+        until("the hook to wait on the worker's claim", || job.info().cow_waits >= 1);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!hook.is_finished(), "the hook must wait for the cluster being copied");
         gate.open();
+        join_within("the hook after the worker's copy", hook, Duration::from_secs(10));
     });
     // The whole device, now copied: fast path.
     job.cow_before_write(0, 4097).unwrap();
@@ -59,7 +66,7 @@ fn unaligned_device_and_hook_ranges() {
     assert_eq!(job.cow_before_write(1, u64::MAX).unwrap_err().kind(), ErrorKind::InvalidInput);
     assert_eq!(job.cow_before_write(u64::MAX, 2).unwrap_err().kind(), ErrorKind::InvalidInput);
     assert!(job.cow_before_write(4097, 0).is_ok(), "empty range at the end is a no-op");
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("4097-byte target", &target.to_vec(), &orig);
     // After completion the hook is a no-op and bad ranges are still errors.
     job.cow_before_write(0, 4097).unwrap();
@@ -76,12 +83,13 @@ fn hook_over_many_clusters_and_the_partial_last_one() {
     let target = Arc::new(MemDriver::new(size).unwrap());
     let gate = Gate::new(source.clone(), true); // hold the background copy back
     let job = backup_start(gate.clone(), target.clone(), BackupOptions { workers: 3, ..Default::default() }).unwrap();
+    let _open = gate.open_on_drop();
     // 5 MiB + a bit, unaligned at both ends, to the very end of the device.
     let off = size - 5 * MIB - 777;
     job.cow_before_write(off, size - off).unwrap();
     source.write_at(&vec![0x5A; (size - off) as usize], off).unwrap();
     gate.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("target", &target.to_vec(), &orig);
     let info = job.info();
     assert_eq!(info.cow_requests, 1);
@@ -97,10 +105,9 @@ fn iotest_056_overlapping_writes() {
     let target = Arc::new(MemDriver::new(2 * MIB).unwrap());
     let opts = BackupOptions { cluster_size: 64 * KIB, workers: 1, max_chunk: 64 * KIB, ..Default::default() };
     let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    let _open = source.open_on_drop();
     // Hold the background copy back: its first read waits at the gate.
-    while source.held.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_parked(&source);
     let middle = MIB + 64 * KIB;
     job.cow_before_write(middle, 64 * KIB).unwrap();
     source.inner.write_at(&[0x23; 64 * KIB as usize], middle).unwrap();
@@ -111,7 +118,7 @@ fn iotest_056_overlapping_writes() {
     assert_eq!(info.cow_bytes, MIB, "the second write copied [1 MiB, 2 MiB) except the middle cluster");
     assert_eq!(source.reads_overlapping(middle, 64 * KIB), 1, "the middle cluster was read once");
     source.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_eq!(target.to_vec(), vec![0x42; 2 * MIB as usize]);
     assert_eq!(source.reads_overlapping(middle, 64 * KIB), 1);
 }
@@ -132,7 +139,7 @@ fn hook_after_cancel_is_a_noop_and_none_keeps_hooked_old_data() {
     assert_eq!(job.info().state, JobState::Running);
     assert_eq!(job.info().bytes_copied, 64 * KIB, "sync=None copies nothing in the background");
     job.cancel();
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert_eq!(wait_end(&job, END).unwrap_err().kind(), ErrorKind::Cancelled);
     assert_eq!(job.info().state, JobState::Cancelled);
     // After cancel the hook copies nothing.
     job.cow_before_write(0, 64 * KIB).unwrap();
@@ -151,20 +158,115 @@ fn hook_after_cancel_is_a_noop_and_none_keeps_hooked_old_data() {
 #[test]
 fn cancel_of_a_full_backup_and_hooks_waiting_on_it() {
     let size = 64 * MIB;
-    let source = mem(&Rng::new(4).bytes(size as usize));
+    let source = Gate::new(MemDriver::from_bytes(&Rng::new(4).bytes(size as usize)).unwrap(), false);
     let target = Arc::new(MemDriver::new(size).unwrap());
-    let job = backup_start(source, target, BackupOptions { speed: 8 * MIB, ..Default::default() }).unwrap();
+    let job = backup_start(source.clone(), target, BackupOptions { speed: 8 * MIB, ..Default::default() }).unwrap();
+    let _open = source.open_on_drop();
     std::thread::sleep(Duration::from_millis(150));
-    job.cancel();
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    until("background progress", || job.info().offset > 0);
+    // Hold the workers' next reads: each parks holding the chunk it claimed.
+    source.close();
+    wait_parked_n(&source, 2);
+    let parked = source.parked();
+    std::thread::scope(|s| {
+        let _open = source.open_on_drop(); // before the scope joins the hooks
+                                           // A hook inside each parked chunk: it must wait for the worker copying it.
+        let hooks: Vec<_> = parked
+            .iter()
+            .map(|&(off, len)| {
+                let job = &job;
+                s.spawn(move || job.cow_before_write(off + len / 2, 10))
+            })
+            .collect();
+        until("the hooks to wait on the workers' claims", || job.info().cow_waits >= parked.len() as u64);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(hooks.iter().all(|h| !h.is_finished()), "a hook returned while its clusters were being copied");
+        job.cancel();
+        // Cancel releases the waiting hooks at once, while the workers are still parked.
+        for h in hooks {
+            join_within("a waiting hook to return after cancel", h, Duration::from_secs(5)).unwrap();
+        }
+        assert_eq!(source.parked(), parked, "the hooks returned because of cancel, not because the copy ended");
+        source.open();
+    });
+    assert_eq!(wait_end(&job, END).unwrap_err().kind(), ErrorKind::Cancelled);
     let info = job.info();
     assert_eq!(info.state, JobState::Cancelled);
     assert!(info.offset < size);
+    assert_eq!(info.cow_requests, 0, "the cancelled hooks copied nothing: {info:?}");
     let before = info.cow_requests;
     job.cow_before_write(size - MIB, MIB).unwrap();
     assert_eq!(job.info().cow_requests, before);
     job.cancel(); // twice: no effect
     assert!(job.pause().is_err(), "pause of an ended job is refused");
+}
+
+/// DESIGN "At the end the job flushes the target": once, after the last write of the
+/// background copy and of the hooks, before the completion callback runs and `wait`
+/// returns. Sync Full and Top, into a dirty target (zero clusters and holes are written
+/// as zeroes), with hook copies while the job runs.
+#[test]
+fn the_target_is_flushed_once_after_the_last_write_before_the_end() {
+    let size = 4 * MIB + 4097;
+    for sync in [SyncMode::Full, SyncMode::Top] {
+        let mut rng = Rng::new(20);
+        // Data extents with zeroed data inside, and holes (unallocated: skipped by Top).
+        let source = Arc::new(MemDriver::new(size).unwrap());
+        for (i, off) in (0..size).step_by(256 * KIB as usize).enumerate() {
+            let len = (128 * KIB).min(size - off);
+            match i % 3 {
+                0 => source.write_at(&rng.bytes(len as usize), off).unwrap(),
+                1 => source.write_at(&vec![0; len as usize], off).unwrap(),
+                _ => {}
+            }
+        }
+        source.write_at(&[0x77; 4097], size - 4097).unwrap();
+        let before = source.to_vec();
+        let target = Recorder::new(MemDriver::from_bytes(&vec![0xEE; size as usize]).unwrap());
+        let t = target.clone();
+        let opts = BackupOptions {
+            sync,
+            speed: 16 * MIB,
+            max_chunk: 256 * KIB,
+            on_complete: Some(Arc::new(move |r: &cowbackup::Result<()>| {
+                t.mark(if r.is_ok() { "callback: ok" } else { "callback: error" })
+            })),
+            ..Default::default()
+        };
+        let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+        for _ in 0..32 {
+            let off = rng.below(size - 8192);
+            job.cow_before_write(off, 8192).unwrap();
+            source.write_at(&rng.bytes(8192), off).unwrap();
+        }
+        wait_end(&job, END).unwrap();
+        target.mark("wait returned");
+        let log = target.log();
+        let info = job.info();
+        assert!(info.cow_requests > 0, "{sync:?}: no hook copied: {info:?}");
+        assert!(info.bytes_zero > 0, "{sync:?}: no zero clusters: {info:?}");
+        let flushes: Vec<usize> = log.iter().enumerate().filter(|(_, r)| **r == Rec::Flush).map(|(i, _)| i).collect();
+        assert_eq!(flushes.len(), 1, "{sync:?}: the target must be flushed exactly once; log tail: {:?}", tail(&log));
+        let flush = flushes[0];
+        let last_write = log.iter().rposition(|r| matches!(r, Rec::Write(..) | Rec::WriteZeroes(..)));
+        let last_write = last_write.expect("the job wrote the target");
+        assert!(
+            last_write < flush,
+            "{sync:?}: a write after the final flush (write #{last_write}, flush #{flush}): {:?}",
+            tail(&log)
+        );
+        assert!(log.iter().any(|r| matches!(r, Rec::WriteZeroes(..))), "{sync:?}: no write_zeroes");
+        assert_eq!(
+            &log[flush..],
+            &[Rec::Flush, Rec::Mark("callback: ok"), Rec::Mark("wait returned")],
+            "{sync:?}: flush, then the completion callback, then wait returns"
+        );
+        assert_same("target", &target.inner.to_vec(), &before);
+    }
+}
+
+fn tail(log: &[Rec]) -> &[Rec] {
+    &log[log.len().saturating_sub(6)..]
 }
 
 #[test]
@@ -184,7 +286,7 @@ fn top_on_a_sparse_file_keeps_the_target_sparse() {
     let target = Arc::new(FileDriver::create(&tp, size).unwrap());
     let job =
         backup_start(source, target.clone(), BackupOptions { sync: SyncMode::Top, ..Default::default() }).unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     let info = job.info();
     assert_same("target", &contents(&*target), &snapshot);
     // 3 MiB of data; the unaligned extent touches one more 64 KiB cluster.
@@ -203,7 +305,7 @@ fn top_into_a_dirty_target_zeroes_the_holes() {
     let target = mem(&vec![0xEE; size as usize]);
     let job = backup_start(source.clone(), target.clone(), BackupOptions { sync: SyncMode::Top, ..Default::default() })
         .unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("target", &target.to_vec(), &source.to_vec());
     assert_eq!(job.info().bytes_skipped, size - 64 * KIB);
 }
@@ -227,7 +329,7 @@ fn zero_clusters_become_holes() {
     let tp = dir.path().join("fresh.img");
     let target = Arc::new(FileDriver::create(&tp, size).unwrap());
     let job = backup_start(source.clone(), target.clone(), BackupOptions::default()).unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("fresh target", &contents(&*target), &data);
     assert_eq!(job.info().bytes_zero, size / 2);
     assert_eq!(job.info().bytes_copied, size / 2);
@@ -239,7 +341,7 @@ fn zero_clusters_become_holes() {
     std::fs::write(&tp2, vec![0xEE; size as usize]).unwrap();
     let target2 = Arc::new(FileDriver::open(&tp2, OpenFlags::WRITE).unwrap());
     let job = backup_start(source, target2.clone(), BackupOptions::default()).unwrap();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert_same("dirty target", &contents(&*target2), &data);
     assert_eq!(data_bytes(&*target2), size / 2);
     assert_allocated("dirty target", allocated_bytes(&tp2).unwrap(), size / 2);
@@ -316,7 +418,7 @@ fn a_panicking_driver_fails_the_job() {
         ..Default::default()
     };
     let job = backup_start(source, target, opts).unwrap();
-    let e = job.wait().unwrap_err();
+    let e = wait_end(&job, END).unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
     assert!(e.to_string().contains("panicked"), "{e}");
     assert_eq!(job.info().state, JobState::Failed);
@@ -331,9 +433,8 @@ fn threads_are_named() {
     let target = Arc::new(MemDriver::new(4 * MIB).unwrap());
     let opts = BackupOptions { workers: 2, max_chunk: 64 * KIB, ..Default::default() };
     let job = backup_start(source.clone(), target, opts).unwrap();
-    while source.held.load(Ordering::SeqCst) < 2 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let _open = source.open_on_drop();
+    wait_parked_n(&source, 2);
     let names: Vec<String> = std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.unwrap().path().join("comm")).ok())
@@ -344,7 +445,7 @@ fn threads_are_named() {
         assert!(names.contains(&want), "no thread {want} in {names:?}");
     }
     source.open();
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
 }
 
 /// Real files, real writers, checked by a real peer: `qemu-img compare`.
@@ -378,7 +479,7 @@ fn qemu_img_compare_agrees() {
             }
         });
     });
-    job.wait().unwrap();
+    wait_end(&job, END).unwrap();
     assert!(job.info().cow_requests > 0);
     let cmp = |a: &std::path::Path, b: &std::path::Path| {
         Command::new(&qemu_img).args(["compare", "-q", "-f", "raw", "-F", "raw"]).arg(a).arg(b).status().unwrap()
