@@ -1,5 +1,6 @@
 #!/bin/bash
-# Build and test the C API: meson + ninja (installed with pip if missing), then
+# Build and test the C API: meson + ninja (when missing, installed with pip into the
+# gitignored venv .venv, never into the system's Python), then
 #   1. meson test, plain build               (build/plain)
 #   2. meson test, ASan + UBSan C side       (build/sanitize, -Dsanitize=address,undefined)
 #   3. meson test under valgrind             (build/plain)
@@ -18,13 +19,30 @@ fail() { echo "test-c: FAILED: $*" >&2; failed+=("$*"); }
 
 stage "tools"
 if ! command -v meson >/dev/null || ! command -v ninja >/dev/null; then
-    # Debian's own python refuses plain pip installs (PEP 668): retry with the override,
-    # then fall back to Debian's packages.
-    python3 -m pip install --quiet meson ninja 2>/dev/null \
-        || python3 -m pip install --quiet --break-system-packages meson ninja \
-        || { [ "$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq meson ninja-build >/dev/null; } \
-        || { echo "test-c: cannot install meson and ninja (pip or apt-get)" >&2; exit 1; }
-    export PATH="$HOME/.local/bin:/usr/local/bin:$PATH"
+    # meson and ninja from PyPI into the repository's venv (.venv, gitignored, shared with
+    # scripts/test-python.sh): nothing is installed into the system's Python. Debian ships
+    # venv's ensurepip separately (python3-venv); Debian's own meson is the last resort.
+    venv="$root/.venv"
+    if [ ! -x "$venv/bin/meson" ] || [ ! -x "$venv/bin/ninja" ]; then
+        if [ ! -x "$venv/bin/python" ]; then
+            python3 -m venv "$venv" 2>/dev/null || {
+                rm -rf "$venv"
+                [ "$(id -u)" = 0 ] && apt-get update -qq \
+                    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+                    && python3 -m venv "$venv"
+            } || rm -rf "$venv"
+        fi
+        [ -x "$venv/bin/python" ] && "$venv/bin/python" -m pip install --quiet meson ninja \
+            || echo "test-c: cannot install meson and ninja into $venv" >&2
+    fi
+    if [ -x "$venv/bin/meson" ] && [ -x "$venv/bin/ninja" ]; then
+        export PATH="$venv/bin:$PATH"
+    elif [ "$(id -u)" = 0 ] && apt-get update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq meson ninja-build >/dev/null; then
+        :
+    else
+        echo "test-c: cannot install meson and ninja (venv with pip, or apt-get)" >&2; exit 1
+    fi
 fi
 if ! command -v valgrind >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
