@@ -6,6 +6,9 @@
 #   3. meson test under valgrind             (build/plain)
 #   4. libcowbackup.so.0 exports only cowbackup_* (nm -D), SONAME libcowbackup.so.0
 #   5. the sanitized test binaries really link ASan (__asan_init)
+#   6. the README's C snippet is capi/examples/quickstart.c's, and that program builds and runs
+#      with the README's pkg-config commands, against the build dir (build/plain) and against a
+#      `meson install` into a temporary prefix
 # Every stage runs; the script exits non-zero when any failed. Works from a clean checkout
 # on Debian as root (installs valgrind with apt-get when missing).
 set -uo pipefail
@@ -109,6 +112,39 @@ for exe in build/sanitize/test_* build/sanitize/block_layer; do
 done
 [ "$n" -gt 0 ] || fail "no sanitized test binaries"
 echo "$n sanitized binaries checked for __asan_init"
+
+stage "pkg-config: the README's commands, against the build dir and an install"
+python3 - README.md capi/examples/quickstart.c <<'PY' || fail "README's C snippet is not capi/examples/quickstart.c's"
+import sys
+readme, example = (open(p).read() for p in sys.argv[1:3])
+snippet = readme.split("## C\n", 1)[1].split("```c\n", 1)[1].split("```", 1)[0]
+body = example.split("/* README begin */\n", 1)[1].split("/* README end */", 1)[0]
+if snippet != body:
+    sys.exit("README.md's C snippet differs from capi/examples/quickstart.c between the README markers")
+print("README.md's C snippet == capi/examples/quickstart.c (README part)")
+PY
+pc_tmp=$(mktemp -d /tmp/cowbackup-pkgconfig-XXXXXX)
+(   # In a subshell: the exports stay here. The commands are the README's (build dir "build/plain").
+    set -e
+    cd "$pc_tmp"
+    cp "$root/capi/examples/quickstart.c" app.c
+    export PKG_CONFIG_PATH=$root/build/plain/meson-uninstalled
+    cc -pthread app.c $(pkg-config --cflags --libs cowbackup) -o app
+    LD_LIBRARY_PATH=$root/build/plain ./app
+) || fail "building and running against the build dir with pkg-config"
+(
+    set -e
+    setup "$root/build/install" --prefix="$pc_tmp/prefix" --libdir=lib -Dtests=false
+    meson install -C "$root/build/install" >/dev/null
+    cd "$pc_tmp"
+    export PKG_CONFIG_PATH=$pc_tmp/prefix/lib/pkgconfig
+    cc -pthread app.c $(pkg-config --cflags --libs cowbackup) -Wl,-rpath,$(pkg-config --variable=libdir cowbackup) -o app-installed
+    ./app-installed
+    # The installed header and library, not the source tree's.
+    [ "$(pkg-config --variable=includedir cowbackup)" = "$pc_tmp/prefix/include" ]
+    ldd ./app-installed | grep -F "$pc_tmp/prefix/lib/libcowbackup.so.0"
+) || fail "building and running against an install with pkg-config"
+rm -rf "$pc_tmp"
 
 end=$(date +%s)
 echo
