@@ -70,6 +70,7 @@ __all__ = [
     "ABI_MAJOR",
     "CowbackupError",
     "Driver",
+    "InvalidArgument",
     "Job",
     "JobCancelled",
     "JobInfo",
@@ -104,6 +105,7 @@ STATUS_ZERO = 2
 
 _OPEN_WRITE = 1
 _OPEN_DIRECT = 2
+_CREATE_OVERWRITE = 4
 _DRIVER_SERIALIZE = 1
 
 
@@ -139,12 +141,15 @@ class JobCancelled(CowbackupError):
     """:meth:`Job.wait` of a job that was cancelled (errno ECANCELED)."""
 
 
-class _InvalidArgument(CowbackupError, ValueError):
+class InvalidArgument(CowbackupError, ValueError):
     """EINVAL from the library: a bad argument (also a ``ValueError``)."""
 
 
+#: The old, private-looking name of :class:`InvalidArgument` (kept as an alias).
+_InvalidArgument = InvalidArgument
+
 _error_classes: Dict[int, Type[CowbackupError]] = {
-    _errno.EINVAL: _InvalidArgument,
+    _errno.EINVAL: InvalidArgument,
     _errno.ECANCELED: JobCancelled,
 }
 _error_classes_lock = threading.Lock()
@@ -668,15 +673,29 @@ class Driver:
 
     @classmethod
     def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,
-               direct: bool = False) -> "Driver":
-        """Create (or truncate) a sparse raw image of ``size`` bytes, opened read-write.
+               direct: bool = False, overwrite: bool = False) -> "Driver":
+        """Create a new sparse raw image of ``size`` bytes, opened read-write.
 
-        The new file reads as zeroes, so a backup into it skips zero clusters.
+        The new file reads as zeroes, so a backup into it skips zero clusters. An existing
+        ``path`` is never replaced unless ``overwrite`` is true: it raises
+        ``FileExistsError`` (a :class:`CowbackupError`, errno EEXIST) and the file is left as
+        it was, so a backup pointed at the wrong path cannot wipe it. ``overwrite=True``
+        replaces (truncates) an existing regular file; anything else is refused
+        (:class:`InvalidArgument`).
         """
         raw = _path_arg(path)
         size = _u64(size, "size")
-        flags = _OPEN_DIRECT if direct else 0
-        return cls(_out_handle(_file_create, "cowbackup_file_create", raw, size, flags), "file")
+        if not isinstance(overwrite, bool):
+            raise TypeError("overwrite must be a bool")
+        flags = (_OPEN_DIRECT if direct else 0) | (_CREATE_OVERWRITE if overwrite else 0)
+        try:
+            ptr = _out_handle(_file_create, "cowbackup_file_create", raw, size, flags)
+        except CowbackupError as e:
+            if e.errno == _errno.EEXIST:  # say it in Python's terms
+                e.strerror = e.strerror.replace("pass COWBACKUP_CREATE_OVERWRITE", "pass overwrite=True")
+                e.args = (e.errno, e.strerror)
+            raise
+        return cls(ptr, "file")
 
     @classmethod
     def from_python(cls, obj: Any, size: int, serialize: bool = False) -> "Driver":
