@@ -21,8 +21,11 @@ needs nothing but the standard library::
 
 Finding the library: ``$COWBACKUP_LIB`` (a path; when set, only it is tried), then
 ``libcowbackup.so`` next to this file, then ``../target/release/libcowbackup.so`` relative
-to this file (a cargo build of the repository), then the system's ``libcowbackup``
-(``ctypes.util.find_library``). :class:`ImportError` names every place tried.
+to this file (a cargo build, when the module is imported from the repository's source tree),
+then an installed one: ``ctypes.util.find_library("cowbackup")``, then ``libcowbackup.so.0``
+on the dynamic loader's path (``LD_LIBRARY_PATH``, the ldconfig cache, /usr/lib...).
+:class:`ImportError` names every place tried. ``pip install ./python`` installs this module
+alone (not the library).
 
 Threads: every call into the library releases the GIL (ctypes ``CDLL``), so the hook,
 ``wait`` and driver I/O of many Python threads run in parallel, and the library's own
@@ -198,7 +201,11 @@ def _candidates() -> List[Tuple[str, str]]:
          os.path.normpath(os.path.join(_HERE, "..", "target", "release", "libcowbackup.so"))),
     ]
     system = ctypes.util.find_library("cowbackup")
-    out.append(("the system (ctypes.util.find_library('cowbackup'))", system or ""))
+    out.append(("installed (ctypes.util.find_library('cowbackup'))", system or ""))
+    # What find_library misses (e.g. a prefix in LD_LIBRARY_PATH but not in the ldconfig
+    # cache): the soname, resolved by the dynamic loader itself.
+    if system != "libcowbackup.so.0":
+        out.append(("installed (the dynamic loader's path)", "libcowbackup.so.0"))
     return out
 
 
@@ -218,7 +225,8 @@ def _load() -> Tuple[ctypes.CDLL, str]:
             tried.append(f"  {where}: {path}: {e}")
     raise ImportError(
         "cowbackup: libcowbackup not found; looked in:\n" + "\n".join(tried)
-        + "\nBuild it with `cargo build --release --lib` or set COWBACKUP_LIB to its path."
+        + "\nBuild it (`cargo build --release --lib` in the repository, or meson: see README.md), "
+        "install it (`meson install`), or set COWBACKUP_LIB to its path."
     )
 
 
