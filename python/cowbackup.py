@@ -38,7 +38,20 @@ failed (``cowbackup_last_error``). It is also the built-in subclass Python would
 that errno (``TimeoutError`` for ETIMEDOUT, ``FileNotFoundError`` for ENOENT, ...), and, for
 EINVAL, a :class:`ValueError`. Arguments Python can check itself raise ``TypeError`` or
 ``ValueError`` before the library is called. A cancelled job's :meth:`Job.wait` raises
-:class:`JobCancelled` (errno ECANCELED).
+:class:`JobCancelled` (errno ECANCELED). Public exception classes: :class:`CowbackupError`,
+:class:`InvalidArgument` (EINVAL), :class:`JobCancelled` (ECANCELED).
+
+KeyboardInterrupt and SystemExit raised in Python code the library calls (a Python driver's
+method, ``trace``, ``on_complete``): the library gets EINTR from that call. When it ran on the
+Python thread that made the library call (Ctrl-C lands on the main thread, inside the method
+the library called from :meth:`Driver.read` or :meth:`Job.cow_before_write`), the exception
+is raised again in that thread as soon as the library call returns. When it ran on a library
+thread (a job worker), the job's error policy handles the EINTR and :meth:`Job.wait` of a job
+using that driver (or that job's callback) raises the exception; it is also logged.
+
+fork(): handles made before ``fork()`` belong to the parent. In the child they raise
+``RuntimeError`` when used, and closing them (``close``, ``__del__``, the exit-time cleanup)
+does nothing: the child must not free what the parent's library threads use.
 """
 
 from __future__ import annotations
@@ -463,23 +476,49 @@ def _path_arg(path: Any) -> bytes:
 
 
 
+# The process's pid, updated in a child after fork(): handles remember the pid that made them.
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Handle:
     """A C handle used by many threads and freed once: ``close`` waits for calls in flight.
 
     The C rule is that a free must not race with other calls on the handle; this enforces it
     from Python, so closing from one thread while another uses the object cannot crash.
+
+    A handle belongs to the process that made it: in a child after ``fork()`` (where the
+    library's threads do not exist) using it raises RuntimeError and closing it does nothing.
     """
 
-    __slots__ = ("ptr", "what", "_users", "_cond", "_closing")
+    __slots__ = ("ptr", "what", "pid", "_users", "_cond", "_closing")
 
     def __init__(self, ptr: int, what: str) -> None:
         self.ptr = ptr
         self.what = what
+        self.pid = _pid
         self._users = 0
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
 
+    @property
+    def foreign(self) -> bool:
+        """True in a child process after fork(): the handle is the parent's."""
+        return self.pid != _pid
+
     def acquire(self) -> int:
+        if self.foreign:
+            raise RuntimeError(
+                f"{self.what} was made by process {self.pid} before fork(); it cannot be used "
+                f"in the child process {_pid} (make new drivers and jobs in the child)")
         with self._cond:
             if self._closing:
                 raise ValueError(f"{self.what} is closed")
@@ -497,7 +536,10 @@ class _Handle:
         return self._closing
 
     def begin_close(self) -> Optional[int]:
-        """Refuse new calls; the pointer, or None when already closing."""
+        """Refuse new calls; the pointer, or None when already closing or when the handle is
+        the parent's (in a child after fork(): nothing is freed there)."""
+        if self.foreign:
+            return None
         with self._cond:
             if self._closing:
                 return None
