@@ -202,15 +202,15 @@ fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
             .collect();
         // Progress: one updating line on a terminal, a line a second otherwise (logs, pipes).
         let tty = std::io::stdout().is_terminal();
-        let mut last_line = Instant::now();
+        let mut last_line: Option<Instant> = None;
         let result = loop {
             if let Some(r) = job.wait_timeout(Duration::from_millis(100)) {
                 break r;
             }
-            if !tty && last_line.elapsed() < Duration::from_secs(1) {
+            if !tty && last_line.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
                 continue;
             }
-            last_line = Instant::now();
+            last_line = Some(Instant::now());
             let i = job.info();
             let pct = i.offset as f64 * 100.0 / i.len as f64;
             let bar = (pct / 5.0) as usize;
