@@ -217,7 +217,7 @@ static void jobs(void)
     REQUIRE(fd >= 0);
     close(fd);
     cowbackup_driver *f1 = NULL, *f2 = NULL;
-    REQUIRE(cowbackup_file_create(path, size, 0, &f1) == 0);
+    REQUIRE(cowbackup_file_create(path, size, COWBACKUP_CREATE_OVERWRITE, &f1) == 0);
     REQUIRE(cowbackup_file_open(path, COWBACKUP_OPEN_WRITE, &f2) == 0);
     CHECK_ERR(cowbackup_backup_start(f1, f2, NULL, &job), EINVAL, "same file");
     cowbackup_driver_free(f1);

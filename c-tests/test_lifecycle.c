@@ -87,7 +87,9 @@ static void options_and_drivers(void)
     REQUIRE(fd >= 0);
     close(fd);
     cowbackup_driver *f = NULL;
-    CHECK_RC(cowbackup_file_create(path, 3 << 20, 0, &f), 0);
+    /* mkstemp made the file: replacing it needs COWBACKUP_CREATE_OVERWRITE (-EEXIST otherwise) */
+    CHECK_ERR(cowbackup_file_create(path, 3 << 20, 0, &f), EEXIST, "cowbackup_file_create");
+    CHECK_RC(cowbackup_file_create(path, 3 << 20, COWBACKUP_CREATE_OVERWRITE, &f), 0);
     CHECK_RC(cowbackup_driver_write(f, 4096, buf, sizeof buf), 0);
     cowbackup_driver_free(f);
     f = NULL;

@@ -139,6 +139,13 @@
 #define COWBACKUP_OPEN_DIRECT 2
 
 /*
+ `cowbackup_file_create` flag: replace (truncate) an existing regular file. Without it,
+ `cowbackup_file_create` on an existing path fails with `-EEXIST` and changes nothing.
+ `cowbackup_file_open` refuses it (`-EINVAL`).
+ */
+#define COWBACKUP_CREATE_OVERWRITE 4
+
+/*
  `cowbackup_driver_new` flag: the library calls this driver's ops one at a time (under a
  mutex of the driver), for ops that are not thread-safe.
  */
@@ -440,9 +447,14 @@ int cowbackup_driver_new(const struct cowbackup_driver_ops *ops,
  block device's size). `flags`: `COWBACKUP_OPEN_WRITE` to open read-write (default
  read-only), `COWBACKUP_OPEN_DIRECT` to use `O_DIRECT` for aligned requests.
 
+ Only regular files and block devices are opened: a FIFO, socket, directory or character
+ device is refused with -EINVAL at once (the file type is checked without blocking, so a
+ FIFO with no writer does not hang the call).
+
  On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EINVAL (NULL
- argument, unknown flags, not a regular file or block device); the open's errno (-ENOENT,
- -EACCES, ...). Thread-safe; the driver itself is thread-safe.
+ argument, unknown flags or `COWBACKUP_CREATE_OVERWRITE`, not a regular file or block
+ device); the open's errno (-ENOENT, -EACCES, ...). The message names the path.
+ Thread-safe; the driver itself is thread-safe.
 
  # Safety
  `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
@@ -450,13 +462,21 @@ int cowbackup_driver_new(const struct cowbackup_driver_ops *ops,
 int cowbackup_file_open(const char *path, uint32_t flags, struct cowbackup_driver **out);
 
 /*
- Create (or truncate) a sparse raw image file of `size` bytes (non-zero) and open it
- read-write. The new file reads as zeroes, so a backup into it skips zero clusters.
- `flags`: 0, `COWBACKUP_OPEN_WRITE` (implied), `COWBACKUP_OPEN_DIRECT`.
+ Create a new sparse raw image file of `size` bytes (non-zero) and open it read-write. The
+ new file reads as zeroes, so a backup into it skips zero clusters.
 
- On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EINVAL (NULL
- argument, `size` 0, unknown flags); the errno of creating or sizing the file (-EACCES,
- -EFBIG, ...). Thread-safe.
+ An existing `path` is **not** replaced: the call fails with -EEXIST and the file is left
+ as it was (a target pointed at the source's path by mistake must not wipe the source).
+ The file is created with `O_CREAT | O_EXCL`, so there is no window between a check and the
+ create. Pass `COWBACKUP_CREATE_OVERWRITE` to replace (truncate) an existing regular file on
+ purpose. `flags`: 0 or a combination of `COWBACKUP_OPEN_WRITE` (implied),
+ `COWBACKUP_OPEN_DIRECT`, `COWBACKUP_CREATE_OVERWRITE`.
+
+ On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EEXIST (the
+ path exists and `COWBACKUP_CREATE_OVERWRITE` was not given); -EINVAL (NULL argument, `size`
+ 0, unknown flags, overwrite of something that is not a regular file); the errno of creating
+ or sizing the file (-EACCES, -EFBIG, ...; a file this call created is removed again). The
+ message names the path. Thread-safe.
 
  # Safety
  `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
@@ -506,7 +526,8 @@ int cowbackup_driver_read(struct cowbackup_driver *d, uint64_t offset, void *buf
  first. `buf` may be NULL only when `len` is 0.
 
  Errors: -EINVAL (NULL argument, range past the end of the device or overflowing); the
- device's -errno (-EBADF for a read-only file). Thread-safe.
+ device's -errno (-EBADF for a file opened without `COWBACKUP_OPEN_WRITE`, with a message
+ saying so). Thread-safe.
 
  # Safety
  `d` is NULL or a live handle; `buf` is NULL or valid for `len` bytes of reads.
@@ -791,9 +812,11 @@ int cowbackup_options_set_cbw_timeout(struct cowbackup_options *o, uint64_t ms);
 
 /*
  Tell whether the target is known to read zeroes (1) or not (0, default): with 1, clusters
- that read as zero are not written to the target at all. (A target made by
- `cowbackup_file_create` or `cowbackup_memory_new` is detected by itself.) Use 1 only when
- it is true: otherwise the backup is wrong where the target held data.
+ that read as zero are not written to the target at all. (Without it the job asks the target
+ at start: a regular file with no data extent (`SEEK_DATA` finds none, e.g. just made by
+ `cowbackup_file_create` and not written since, through any handle) and an unwritten
+ `cowbackup_memory_new` device are detected by themselves.) Use 1 only when it is true:
+ otherwise the backup is wrong where the target held data.
  Errors: -EINVAL (NULL `o`, a value other than 0 or 1).
 
  # Safety

@@ -21,8 +21,11 @@ needs nothing but the standard library::
 
 Finding the library: ``$COWBACKUP_LIB`` (a path; when set, only it is tried), then
 ``libcowbackup.so`` next to this file, then ``../target/release/libcowbackup.so`` relative
-to this file (a cargo build of the repository), then the system's ``libcowbackup``
-(``ctypes.util.find_library``). :class:`ImportError` names every place tried.
+to this file (a cargo build, when the module is imported from the repository's source tree),
+then an installed one: ``ctypes.util.find_library("cowbackup")``, then ``libcowbackup.so.0``
+on the dynamic loader's path (``LD_LIBRARY_PATH``, the ldconfig cache, /usr/lib...).
+:class:`ImportError` names every place tried. ``pip install ./python`` installs this module
+alone (not the library).
 
 Threads: every call into the library releases the GIL (ctypes ``CDLL``), so the hook,
 ``wait`` and driver I/O of many Python threads run in parallel, and the library's own
@@ -35,7 +38,20 @@ failed (``cowbackup_last_error``). It is also the built-in subclass Python would
 that errno (``TimeoutError`` for ETIMEDOUT, ``FileNotFoundError`` for ENOENT, ...), and, for
 EINVAL, a :class:`ValueError`. Arguments Python can check itself raise ``TypeError`` or
 ``ValueError`` before the library is called. A cancelled job's :meth:`Job.wait` raises
-:class:`JobCancelled` (errno ECANCELED).
+:class:`JobCancelled` (errno ECANCELED). Public exception classes: :class:`CowbackupError`,
+:class:`InvalidArgument` (EINVAL), :class:`JobCancelled` (ECANCELED).
+
+KeyboardInterrupt and SystemExit raised in Python code the library calls (a Python driver's
+method, ``trace``, ``on_complete``): the library gets EINTR from that call. When it ran on the
+Python thread that made the library call (Ctrl-C lands on the main thread, inside the method
+the library called from :meth:`Driver.read` or :meth:`Job.cow_before_write`), the exception
+is raised again in that thread as soon as the library call returns. When it ran on a library
+thread (a job worker), the job's error policy handles the EINTR and :meth:`Job.wait` of a job
+using that driver (or that job's callback) raises the exception; it is also logged.
+
+fork(): handles made before ``fork()`` belong to the parent. In the child they raise
+``RuntimeError`` when used, and closing them (``close``, ``__del__``, the exit-time cleanup)
+does nothing: the child must not free what the parent's library threads use.
 """
 
 from __future__ import annotations
@@ -70,6 +86,7 @@ __all__ = [
     "ABI_MAJOR",
     "CowbackupError",
     "Driver",
+    "InvalidArgument",
     "Job",
     "JobCancelled",
     "JobInfo",
@@ -83,6 +100,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("cowbackup")
+
+# Per thread: in_callback (a Python driver op runs), in_completion (job ids), calls (depth of
+# library calls in progress), interrupt (a KeyboardInterrupt/SystemExit to raise when the
+# outermost library call returns).
+_tls = threading.local()
 
 #: The major version of libcowbackup this binding was written for (the ABI it declares).
 ABI_MAJOR = 0
@@ -104,6 +126,7 @@ STATUS_ZERO = 2
 
 _OPEN_WRITE = 1
 _OPEN_DIRECT = 2
+_CREATE_OVERWRITE = 4
 _DRIVER_SERIALIZE = 1
 
 
@@ -139,12 +162,15 @@ class JobCancelled(CowbackupError):
     """:meth:`Job.wait` of a job that was cancelled (errno ECANCELED)."""
 
 
-class _InvalidArgument(CowbackupError, ValueError):
+class InvalidArgument(CowbackupError, ValueError):
     """EINVAL from the library: a bad argument (also a ``ValueError``)."""
 
 
+#: The old, private-looking name of :class:`InvalidArgument` (kept as an alias).
+_InvalidArgument = InvalidArgument
+
 _error_classes: Dict[int, Type[CowbackupError]] = {
-    _errno.EINVAL: _InvalidArgument,
+    _errno.EINVAL: InvalidArgument,
     _errno.ECANCELED: JobCancelled,
 }
 _error_classes_lock = threading.Lock()
@@ -193,7 +219,11 @@ def _candidates() -> List[Tuple[str, str]]:
          os.path.normpath(os.path.join(_HERE, "..", "target", "release", "libcowbackup.so"))),
     ]
     system = ctypes.util.find_library("cowbackup")
-    out.append(("the system (ctypes.util.find_library('cowbackup'))", system or ""))
+    out.append(("installed (ctypes.util.find_library('cowbackup'))", system or ""))
+    # What find_library misses (e.g. a prefix in LD_LIBRARY_PATH but not in the ldconfig
+    # cache): the soname, resolved by the dynamic loader itself.
+    if system != "libcowbackup.so.0":
+        out.append(("installed (the dynamic loader's path)", "libcowbackup.so.0"))
     return out
 
 
@@ -213,14 +243,35 @@ def _load() -> Tuple[ctypes.CDLL, str]:
             tried.append(f"  {where}: {path}: {e}")
     raise ImportError(
         "cowbackup: libcowbackup not found; looked in:\n" + "\n".join(tried)
-        + "\nBuild it with `cargo build --release --lib` or set COWBACKUP_LIB to its path."
+        + "\nBuild it (`cargo build --release --lib` in the repository, or meson: see README.md), "
+        "install it (`meson install`), or set COWBACKUP_LIB to its path."
     )
 
 
 _lib, _lib_path = _load()
 
 
-def _declare(name: str, restype: Any, argtypes: List[Any]) -> Any:
+def _enter_call() -> int:
+    """Count a library call starting on this thread; the depth before it."""
+    depth = getattr(_tls, "calls", 0)
+    _tls.calls = depth + 1
+    return depth
+
+
+def _leave_call(depth: int) -> None:
+    """End of a library call: at the outermost one, raise a KeyboardInterrupt or SystemExit
+    that Python code called by the library on this thread raised meanwhile."""
+    _tls.calls = depth
+    if depth == 0:
+        exc = getattr(_tls, "interrupt", None)
+        if exc is not None:
+            _tls.interrupt = None
+            raise exc
+
+
+def _declare(name: str, restype: Any, argtypes: List[Any], tracked: bool = True) -> Any:
+    """The library function ``name``; unless ``tracked`` is false, wrapped so that a
+    KeyboardInterrupt/SystemExit of Python code it calls on this thread is raised after it."""
     try:
         fn = getattr(_lib, name)
     except AttributeError:
@@ -230,11 +281,22 @@ def _declare(name: str, restype: Any, argtypes: List[Any]) -> Any:
         ) from None
     fn.restype = restype
     fn.argtypes = argtypes
-    return fn
+    if not tracked:
+        return fn
+
+    def call(*args: Any) -> Any:
+        depth = _enter_call()
+        try:
+            return fn(*args)
+        finally:
+            _leave_call(depth)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
-_version = _declare("cowbackup_version", c_char_p, [])
-_last_error_fn = _declare("cowbackup_last_error", c_char_p, [])
+_version = _declare("cowbackup_version", c_char_p, [], tracked=False)
+_last_error_fn = _declare("cowbackup_last_error", c_char_p, [], tracked=False)
 
 _VERSION = (_version() or b"").decode("utf-8", "replace")
 try:
@@ -338,7 +400,8 @@ _driver_size = _declare("cowbackup_driver_size", c_int, [_P, POINTER(c_uint64)])
 _driver_read = _declare("cowbackup_driver_read", c_int, [_P, c_uint64, c_void_p, c_size_t])
 _driver_write = _declare("cowbackup_driver_write", c_int, [_P, c_uint64, c_void_p, c_size_t])
 _driver_free = _declare("cowbackup_driver_free", None, [_P])
-_backup_start = _declare("cowbackup_backup_start", c_int, [_P, _P, _P, _PP])
+# Not tracked: backup_start makes the Job before raising an interrupt (no leaked handle).
+_backup_start = _declare("cowbackup_backup_start", c_int, [_P, _P, _P, _PP], tracked=False)
 _cow_before_write = _declare("cowbackup_cow_before_write", c_int, [_P, c_uint64, c_uint64])
 _job_pause = _declare("cowbackup_job_pause", c_int, [_P])
 _job_resume = _declare("cowbackup_job_resume", c_int, [_P])
@@ -411,7 +474,19 @@ def _path_arg(path: Any) -> bytes:
 
 # --- handles shared by threads ---------------------------------------------------------
 
-_tls = threading.local()  # in_callback: a Python driver op runs; in_completion: job ids
+
+
+# The process's pid, updated in a child after fork(): handles remember the pid that made them.
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Handle:
@@ -419,18 +494,31 @@ class _Handle:
 
     The C rule is that a free must not race with other calls on the handle; this enforces it
     from Python, so closing from one thread while another uses the object cannot crash.
+
+    A handle belongs to the process that made it: in a child after ``fork()`` (where the
+    library's threads do not exist) using it raises RuntimeError and closing it does nothing.
     """
 
-    __slots__ = ("ptr", "what", "_users", "_cond", "_closing")
+    __slots__ = ("ptr", "what", "pid", "_users", "_cond", "_closing")
 
     def __init__(self, ptr: int, what: str) -> None:
         self.ptr = ptr
         self.what = what
+        self.pid = _pid
         self._users = 0
         self._cond = threading.Condition(threading.Lock())
         self._closing = False
 
+    @property
+    def foreign(self) -> bool:
+        """True in a child process after fork(): the handle is the parent's."""
+        return self.pid != _pid
+
     def acquire(self) -> int:
+        if self.foreign:
+            raise RuntimeError(
+                f"{self.what} was made by process {self.pid} before fork(); it cannot be used "
+                f"in the child process {_pid} (make new drivers and jobs in the child)")
         with self._cond:
             if self._closing:
                 raise ValueError(f"{self.what} is closed")
@@ -448,7 +536,10 @@ class _Handle:
         return self._closing
 
     def begin_close(self) -> Optional[int]:
-        """Refuse new calls; the pointer, or None when already closing."""
+        """Refuse new calls; the pointer, or None when already closing or when the handle is
+        the parent's (in a child after fork(): nothing is freed there)."""
+        if self.foreign:
+            return None
         with self._cond:
             if self._closing:
                 return None
@@ -492,6 +583,39 @@ class _PyDriver:
         self.name = type(obj).__name__
 
 
+# KeyboardInterrupt/SystemExit raised on library threads, by the key of the Python driver or
+# job whose code raised it; Job.wait() of a job using that driver (or that job) raises it.
+_pending: Dict[int, BaseException] = {}
+_pending_lock = threading.Lock()
+
+
+def _interrupted(exc: BaseException, where: str, key: Optional[int]) -> bool:
+    """Keep a KeyboardInterrupt or SystemExit raised by Python code the library called, to
+    raise it in Python later: in this thread when the library call it runs inside returns,
+    else (a library thread) from Job.wait. False for other exceptions."""
+    if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return False
+    if getattr(_tls, "calls", 0) > 0:
+        if getattr(_tls, "interrupt", None) is None:
+            _tls.interrupt = exc
+        return True
+    with _pending_lock:
+        _pending.setdefault(key or 0, exc)
+    log.warning("cowbackup: %s raised %s on a library thread: the library got EINTR; "
+                "Job.wait() raises it", where, type(exc).__name__)
+    return True
+
+
+def _take_pending(keys: Tuple[int, ...]) -> Optional[BaseException]:
+    """The first kept interrupt of these keys (removed), or None."""
+    with _pending_lock:
+        for k in keys:
+            exc = _pending.pop(k, None)
+            if exc is not None:
+                return exc
+    return None
+
+
 def _op_errno(exc: BaseException, op: str, drv: Optional[_PyDriver], where: str) -> int:
     """Log an exception raised by a Python driver op; the negative errno to return."""
     err = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
@@ -521,6 +645,8 @@ def _run_op(key: Optional[int], op: str, args: str, body: Callable[[Any], None])
         body(drv.obj)
         return 0
     except BaseException as e:
+        if _interrupted(e, f"Python driver {drv.name if drv else '?'}.{op}({args})", key):
+            return -_errno.EINTR
         return _op_errno(e, op, drv, args)
     finally:
         _tls.in_callback = prev
@@ -573,6 +699,8 @@ def _thunk_block_status(key: Optional[int], offset: int, n: int, pnum: Any, psta
 def _thunk_release(key: Optional[int]) -> None:
     try:
         _py_drivers.pop(key or 0, None)
+        with _pending_lock:
+            _pending.pop(key or 0, None)
     except BaseException:  # pragma: no cover - dict.pop does not fail
         pass
 
@@ -629,10 +757,11 @@ class Driver:
     calls in flight). I/O releases the GIL.
     """
 
-    __slots__ = ("_h", "_size", "_kind", "__weakref__")
+    __slots__ = ("_h", "_size", "_kind", "_key", "__weakref__")
 
-    def __init__(self, _ptr: int, _kind: str) -> None:
+    def __init__(self, _ptr: int, _kind: str, _key: Optional[int] = None) -> None:
         """Internal: use the class methods."""
+        self._key = _key  # a Python driver's key in _py_drivers
         size = c_uint64()
         try:
             _check(_driver_size(_ptr, ctypes.byref(size)), "cowbackup_driver_size")
@@ -668,15 +797,29 @@ class Driver:
 
     @classmethod
     def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,
-               direct: bool = False) -> "Driver":
-        """Create (or truncate) a sparse raw image of ``size`` bytes, opened read-write.
+               direct: bool = False, overwrite: bool = False) -> "Driver":
+        """Create a new sparse raw image of ``size`` bytes, opened read-write.
 
-        The new file reads as zeroes, so a backup into it skips zero clusters.
+        The new file reads as zeroes, so a backup into it skips zero clusters. An existing
+        ``path`` is never replaced unless ``overwrite`` is true: it raises
+        ``FileExistsError`` (a :class:`CowbackupError`, errno EEXIST) and the file is left as
+        it was, so a backup pointed at the wrong path cannot wipe it. ``overwrite=True``
+        replaces (truncates) an existing regular file; anything else is refused
+        (:class:`InvalidArgument`).
         """
         raw = _path_arg(path)
         size = _u64(size, "size")
-        flags = _OPEN_DIRECT if direct else 0
-        return cls(_out_handle(_file_create, "cowbackup_file_create", raw, size, flags), "file")
+        if not isinstance(overwrite, bool):
+            raise TypeError("overwrite must be a bool")
+        flags = (_OPEN_DIRECT if direct else 0) | (_CREATE_OVERWRITE if overwrite else 0)
+        try:
+            ptr = _out_handle(_file_create, "cowbackup_file_create", raw, size, flags)
+        except CowbackupError as e:
+            if e.errno == _errno.EEXIST:  # say it in Python's terms
+                e.strerror = e.strerror.replace("pass COWBACKUP_CREATE_OVERWRITE", "pass overwrite=True")
+                e.args = (e.errno, e.strerror)
+            raise
+        return cls(ptr, "file")
 
     @classmethod
     def from_python(cls, obj: Any, size: int, serialize: bool = False) -> "Driver":
@@ -693,7 +836,8 @@ class Driver:
         the hook or :meth:`read`/:meth:`write`, concurrently unless ``serialize`` is true
         (then one at a time). They must not call methods of a job using this device.
         An exception in a method is logged on the ``cowbackup`` logger and returned to the
-        library as an error: the ``errno`` of an ``OSError``, else EIO.
+        library as an error: the ``errno`` of an ``OSError``, else EIO. KeyboardInterrupt
+        and SystemExit return EINTR and are raised again in Python (see the module's doc).
 
         The library keeps ``obj`` alive until it drops its last reference to the device
         (this driver closed and every job using it closed), then forgets it.
@@ -722,7 +866,7 @@ class Driver:
         except BaseException:
             _py_drivers.pop(key, None)  # failed: the library does not call release
             raise
-        return cls(ptr, "python")
+        return cls(ptr, "python", key)
 
     @property
     def size(self) -> int:
@@ -862,7 +1006,8 @@ def _thunk_trace(key: Optional[int], ev: Any) -> None:
         fn(TraceEvent(kind, e.job, e.offset, e.len, e.data, e.wait_ns, e.error, e.from_state, e.to_state,
                       action, bool(e.hook), (e.message or b"").decode("utf-8", "replace")))
     except BaseException as exc:  # never let anything unwind into C
-        log.error("cowbackup: trace callback raised %r", exc, exc_info=(type(exc), exc, exc.__traceback__))
+        if not _interrupted(exc, "trace callback", key):
+            log.error("cowbackup: trace callback raised %r", exc, exc_info=(type(exc), exc, exc.__traceback__))
 
 
 _c_trace = _TRACE_FN(_thunk_trace)
@@ -929,8 +1074,9 @@ def _thunk_completion(key: Optional[int], ret: int) -> None:
             try:
                 comp.on_complete(ret)
             except BaseException as e:
-                log.error("cowbackup: on_complete(%d) raised %r", ret, e,
-                          exc_info=(type(e), e, e.__traceback__))
+                if not _interrupted(e, f"on_complete({ret})", key):
+                    log.error("cowbackup: on_complete(%d) raised %r", ret, e,
+                              exc_info=(type(e), e, e.__traceback__))
     finally:
         active.discard(comp.job_id)
         comp.event.set()  # after on_complete: Job.wait returns once it has run
@@ -948,13 +1094,16 @@ class Job:
     Use after :meth:`close` raises ``ValueError``.
     """
 
-    __slots__ = ("_h", "_completion", "_id", "__weakref__")
+    __slots__ = ("_h", "_completion", "_id", "_keys", "__weakref__")
 
-    def __init__(self, _ptr: int, _completion: _Completion) -> None:
+    def __init__(self, _ptr: int, _completion: _Completion, _keys: Tuple[int, ...] = ()) -> None:
         """Internal: use :func:`backup_start`."""
         self._id = _completion.job_id
         self._h = _Handle(_ptr, f"cowbackup.Job {self._id}")
         self._completion = _completion
+        # Where interrupts of its Python code on library threads are kept: the job's own key
+        # (trace, on_complete) and its Python drivers' keys.
+        self._keys = (self._id,) + _keys
         _live_jobs.add(self)
 
     def _enter(self, what: str, blocking: bool = False) -> int:
@@ -1070,6 +1219,8 @@ class Job:
         (errno ECANCELED) when it was cancelled, the job's :class:`CowbackupError` (errno
         of the failure, the library's message) when it failed, and the built-in
         ``TimeoutError`` (not a CowbackupError, no errno) when ``timeout`` expired first.
+        A KeyboardInterrupt or SystemExit raised on a library thread by a Python driver of
+        the job, its ``trace`` or ``on_complete`` is raised here (once) when the job has ended.
         May be called several times and from several threads. Releases the GIL while it
         waits; interruptible by KeyboardInterrupt.
         """
@@ -1084,8 +1235,12 @@ class Job:
             if not in_own_completion and not self._completion.event.wait(timeout):
                 raise TimeoutError(f"cowbackup job {self._id} still running after {timeout} s")
             ret = _job_wait(ptr)  # returns at once now, with the result and its message
-            if ret != 0:
-                raise _error(ret, "cowbackup_job_wait")
+            err = _error(ret, "cowbackup_job_wait") if ret != 0 else None
+            interrupt = _take_pending(self._keys)
+            if interrupt is not None:
+                raise interrupt  # from a Python driver, trace or on_complete on a library thread
+            if err is not None:
+                raise err
         finally:
             self._h.release()
 
@@ -1105,8 +1260,12 @@ class Job:
         _job_cancel(ptr)  # no effect when ended; makes waits in flight return
         self._h.drain()
         _live_jobs.discard(self)
-        _job_free(ptr)  # joins the job's threads; on_complete has run when it returns
-        _traces.pop(self._id, None)  # no thread of the job is left to emit an event
+        try:
+            _job_free(ptr)  # joins the job's threads; on_complete has run when it returns
+        finally:
+            _traces.pop(self._id, None)  # no thread of the job is left to emit an event
+            with _pending_lock:
+                _pending.pop(self._id, None)
 
     def __enter__(self) -> "Job":
         return self
@@ -1171,12 +1330,14 @@ def backup_start(
       the hook fails with ETIMEDOUT while the copy goes on in the background.
     - ``target_is_zero``: the target is known to read zeroes (only when true!).
     - ``on_complete(ret)``: called once when the job ends, on a library thread, with 0,
-      ``-errno.ECANCELED`` or the job's negative errno; exceptions are logged. It must not
-      close the job; :meth:`Job.wait` returns only after it ran.
+      ``-errno.ECANCELED`` or the job's negative errno; exceptions are logged
+      (KeyboardInterrupt/SystemExit are raised by :meth:`Job.wait`). It must not close the
+      job; :meth:`Job.wait` returns only after it ran.
     - ``trace(event)``: called with a :class:`TraceEvent` for every event of the job (state
       changes, chunks, zero runs, hook calls that copy or wait, errors and the action
-      taken), on the thread that caused it, possibly concurrently; exceptions are logged.
-      Keep it quick: it runs inside the copy path.
+      taken), on the thread that caused it, possibly concurrently; exceptions are logged
+      (KeyboardInterrupt/SystemExit: raised when the library call of this thread returns, or
+      by :meth:`Job.wait`). Keep it quick: it runs inside the copy path.
 
     The job holds its own references to the drivers: they may be closed afterwards.
     Raises TypeError/ValueError for bad arguments, :class:`CowbackupError` when the library
@@ -1244,18 +1405,24 @@ def backup_start(
                 if trace is not None:
                     _traces[key] = trace
                 out = c_void_p()
-                ret = _backup_start(src, tgt, opts, ctypes.byref(out))
-                if ret != 0:
-                    _completions.pop(key, None)  # a job that fails to start never calls it
-                    _traces.pop(key, None)
-                    raise _error(ret, "cowbackup_backup_start")
+                depth = _enter_call()
+                try:
+                    ret = _backup_start(src, tgt, opts, ctypes.byref(out))
+                    if ret != 0:
+                        _completions.pop(key, None)  # a job that fails to start never calls it
+                        _traces.pop(key, None)
+                        raise _error(ret, "cowbackup_backup_start")
+                    keys = tuple(k for k in (source._key, target._key) if k is not None)
+                    job = Job(out.value, comp, keys)
+                finally:
+                    _leave_call(depth)  # a Ctrl-C in a Python driver or trace: raised here
             finally:
                 target._h.release()
         finally:
             source._h.release()
     finally:
         _options_free(opts)
-    return Job(out.value, comp)
+    return job
 
 
 # --- interpreter exit ------------------------------------------------------------------

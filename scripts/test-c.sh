@@ -1,10 +1,14 @@
 #!/bin/bash
-# Build and test the C API: meson + ninja (installed with pip if missing), then
+# Build and test the C API: meson + ninja (when missing, installed with pip into the
+# gitignored venv .venv, never into the system's Python), then
 #   1. meson test, plain build               (build/plain)
 #   2. meson test, ASan + UBSan C side       (build/sanitize, -Dsanitize=address,undefined)
 #   3. meson test under valgrind             (build/plain)
 #   4. libcowbackup.so.0 exports only cowbackup_* (nm -D), SONAME libcowbackup.so.0
 #   5. the sanitized test binaries really link ASan (__asan_init)
+#   6. the README's C snippet is capi/examples/quickstart.c's, and that program builds and runs
+#      with the README's pkg-config commands, against the build dir (build/plain) and against a
+#      `meson install` into a temporary prefix
 # Every stage runs; the script exits non-zero when any failed. Works from a clean checkout
 # on Debian as root (installs valgrind with apt-get when missing).
 set -uo pipefail
@@ -18,13 +22,30 @@ fail() { echo "test-c: FAILED: $*" >&2; failed+=("$*"); }
 
 stage "tools"
 if ! command -v meson >/dev/null || ! command -v ninja >/dev/null; then
-    # Debian's own python refuses plain pip installs (PEP 668): retry with the override,
-    # then fall back to Debian's packages.
-    python3 -m pip install --quiet meson ninja 2>/dev/null \
-        || python3 -m pip install --quiet --break-system-packages meson ninja \
-        || { [ "$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq meson ninja-build >/dev/null; } \
-        || { echo "test-c: cannot install meson and ninja (pip or apt-get)" >&2; exit 1; }
-    export PATH="$HOME/.local/bin:/usr/local/bin:$PATH"
+    # meson and ninja from PyPI into the repository's venv (.venv, gitignored, shared with
+    # scripts/test-python.sh): nothing is installed into the system's Python. Debian ships
+    # venv's ensurepip separately (python3-venv); Debian's own meson is the last resort.
+    venv="$root/.venv"
+    if [ ! -x "$venv/bin/meson" ] || [ ! -x "$venv/bin/ninja" ]; then
+        if [ ! -x "$venv/bin/python" ]; then
+            python3 -m venv "$venv" 2>/dev/null || {
+                rm -rf "$venv"
+                [ "$(id -u)" = 0 ] && apt-get update -qq \
+                    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+                    && python3 -m venv "$venv"
+            } || rm -rf "$venv"
+        fi
+        [ -x "$venv/bin/python" ] && "$venv/bin/python" -m pip install --quiet meson ninja \
+            || echo "test-c: cannot install meson and ninja into $venv" >&2
+    fi
+    if [ -x "$venv/bin/meson" ] && [ -x "$venv/bin/ninja" ]; then
+        export PATH="$venv/bin:$PATH"
+    elif [ "$(id -u)" = 0 ] && apt-get update -qq \
+            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq meson ninja-build >/dev/null; then
+        :
+    else
+        echo "test-c: cannot install meson and ninja (venv with pip, or apt-get)" >&2; exit 1
+    fi
 fi
 if ! command -v valgrind >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -91,6 +112,39 @@ for exe in build/sanitize/test_* build/sanitize/block_layer; do
 done
 [ "$n" -gt 0 ] || fail "no sanitized test binaries"
 echo "$n sanitized binaries checked for __asan_init"
+
+stage "pkg-config: the README's commands, against the build dir and an install"
+python3 - README.md capi/examples/quickstart.c <<'PY' || fail "README's C snippet is not capi/examples/quickstart.c's"
+import sys
+readme, example = (open(p).read() for p in sys.argv[1:3])
+snippet = readme.split("## C\n", 1)[1].split("```c\n", 1)[1].split("```", 1)[0]
+body = example.split("/* README begin */\n", 1)[1].split("/* README end */", 1)[0]
+if snippet != body:
+    sys.exit("README.md's C snippet differs from capi/examples/quickstart.c between the README markers")
+print("README.md's C snippet == capi/examples/quickstart.c (README part)")
+PY
+pc_tmp=$(mktemp -d /tmp/cowbackup-pkgconfig-XXXXXX)
+(   # In a subshell: the exports stay here. The commands are the README's (build dir "build/plain").
+    set -e
+    cd "$pc_tmp"
+    cp "$root/capi/examples/quickstart.c" app.c
+    export PKG_CONFIG_PATH=$root/build/plain/meson-uninstalled
+    cc -pthread app.c $(pkg-config --cflags --libs cowbackup) -o app
+    LD_LIBRARY_PATH=$root/build/plain ./app
+) || fail "building and running against the build dir with pkg-config"
+(
+    set -e
+    setup "$root/build/install" --prefix="$pc_tmp/prefix" --libdir=lib -Dtests=false
+    meson install -C "$root/build/install" >/dev/null
+    cd "$pc_tmp"
+    export PKG_CONFIG_PATH=$pc_tmp/prefix/lib/pkgconfig
+    cc -pthread app.c $(pkg-config --cflags --libs cowbackup) -Wl,-rpath,$(pkg-config --variable=libdir cowbackup) -o app-installed
+    ./app-installed
+    # The installed header and library, not the source tree's.
+    [ "$(pkg-config --variable=includedir cowbackup)" = "$pc_tmp/prefix/include" ]
+    ldd ./app-installed | grep -F "$pc_tmp/prefix/lib/libcowbackup.so.0"
+) || fail "building and running against an install with pkg-config"
+rm -rf "$pc_tmp"
 
 end=$(date +%s)
 echo

@@ -62,7 +62,13 @@ pub trait BlockDriver: Send + Sync {
 
     /// True when the whole device reads as zeroes right now (a freshly created sparse
     /// file or memory device). A job whose target reads zeroes does not write zero
-    /// clusters at all. The default is `false`.
+    /// clusters at all, so a wrong `true` leaves stale data in the backup: answer from
+    /// the device's state at the time of the call, never from what was true when the
+    /// driver was made (another handle or program may have written to the same storage
+    /// since), and answer `false` when unsure. The job asks once, when it starts.
+    /// [`FileDriver`](crate::FileDriver) answers with `SEEK_DATA` on the file (no data
+    /// extent: true; block devices, and filesystems that cannot tell: false). The default
+    /// is `false`.
     fn reads_as_zero(&self) -> bool {
         false
     }

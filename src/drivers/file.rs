@@ -4,20 +4,25 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
 
 use crate::buf::IO_ALIGN;
 use crate::driver::{BlockDriver, BlockStatus, StatusFlags};
+use crate::error::{errno_of, Error, ErrorKind};
 
 bitflags::bitflags! {
-    /// How [`FileDriver::open`] opens a file. Same values as `COWBACKUP_OPEN_*` in C.
+    /// How [`FileDriver::open`] and [`FileDriver::create_with`] open a file. Same values as
+    /// `COWBACKUP_OPEN_WRITE`, `COWBACKUP_OPEN_DIRECT` and `COWBACKUP_CREATE_OVERWRITE` in C.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct OpenFlags: u32 {
         /// Open read-write (a target, or a source the host writes to through this driver).
         const WRITE = 1;
         /// Bypass the page cache with `O_DIRECT` for aligned requests.
         const DIRECT = 2;
+        /// [`FileDriver::create_with`] only: replace an existing regular file (truncate it).
+        /// Without it, creating over an existing path fails with `AlreadyExists` and leaves
+        /// the file alone. [`FileDriver::open`] refuses it (`InvalidInput`).
+        const OVERWRITE = 4;
     }
 }
 
@@ -30,80 +35,238 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// - `write_zeroes_at` punches a hole (or zeroes the range) with `fallocate`, and
 ///   falls back to writing zeroes where the filesystem or device cannot.
 /// - `block_status` uses `SEEK_DATA`/`SEEK_HOLE` on files; a block device is all data.
+/// - `reads_as_zero` asks the file each time (`SEEK_DATA` from 0 finds no data); a
+///   block device never claims it.
 /// - `flush` is `fdatasync`.
 /// - With [`OpenFlags::DIRECT`], requests whose buffer, offset and length are aligned
 ///   to 4 KiB go through an `O_DIRECT` descriptor; the rest go through a second,
 ///   buffered descriptor of the same file (the kernel keeps the two coherent). The
 ///   job's own buffers are always aligned.
+/// - Only regular files and block devices are accepted: FIFOs, sockets, directories and
+///   character devices are refused with `InvalidInput`, without blocking on them.
+/// - Errors of opening or creating name the path; a write through a driver opened
+///   read-only fails with errno `EBADF` and says so.
 pub struct FileDriver {
     file: File,
     direct: Option<File>,
     size: u64,
     is_blockdev: bool,
+    writable: bool,
     storage_id: (u64, u64),
-    /// Set by [`FileDriver::create`], cleared by the first data write.
-    fresh: AtomicBool,
+    path: PathBuf,
 }
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
+/// `e` with `what PATH: ` in front of its message, keeping its errno (and so its kind).
+fn with_path(what: &str, path: &Path, e: io::Error) -> io::Error {
+    let kind = if e.kind() == io::ErrorKind::InvalidInput { ErrorKind::InvalidInput } else { ErrorKind::Io };
+    io::Error::from(Error::new(kind, errno_of(&e), format!("{what} {}: {e}", path.display())))
+}
+
+/// What a file that is neither a regular file nor a block device is, for messages.
+fn type_name(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else {
+        "of an unknown type"
+    }
+}
+
+/// `InvalidInput` unless `meta` is a regular file or a block device.
+fn check_type(what: &str, path: &Path, meta: &std::fs::Metadata) -> io::Result<()> {
+    let ft = meta.file_type();
+    if ft.is_file() || ft.is_block_device() {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "{what} {}: is {}, not a regular file or block device (the only kinds a file driver uses)",
+        path.display(),
+        type_name(&ft)
+    )))
+}
+
+/// Open `path` without blocking on it (`O_NONBLOCK`: a FIFO would wait for a writer;
+/// `O_NOCTTY`: a terminal must not become ours), check what it is, then clear `O_NONBLOCK`.
+fn open_checked(what: &str, path: &Path, opts: &mut OpenOptions, extra: libc::c_int) -> io::Result<File> {
+    let file = opts
+        .custom_flags(extra | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| with_path(what, path, e))?;
+    let meta = file.metadata().map_err(|e| with_path(what, path, e))?;
+    check_type(what, path, &meta)?;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, reading and then setting its status flags.
+    let r = unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 {
+            fl
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK)
+        }
+    };
+    if r < 0 {
+        return Err(with_path(what, path, io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
 impl FileDriver {
     /// Open an existing image file or block device. The size is the file's length, or
-    /// for a block device the device's size (`BLKGETSIZE64`).
+    /// for a block device the device's size (`BLKGETSIZE64`). Read-only unless `flags`
+    /// has [`OpenFlags::WRITE`].
+    ///
+    /// # Errors
+    /// `InvalidInput` for [`OpenFlags::OVERWRITE`] (a create flag) and for a path that is
+    /// not a regular file or block device (a FIFO, socket, directory or character device:
+    /// refused without blocking); otherwise the open's error (`NotFound`,
+    /// `PermissionDenied`, ...). Every message starts with `open PATH: `.
     pub fn open(path: impl AsRef<Path>, flags: OpenFlags) -> io::Result<FileDriver> {
         let path = path.as_ref();
+        if flags.contains(OpenFlags::OVERWRITE) {
+            return Err(invalid(format!(
+                "open {}: OpenFlags::OVERWRITE is only for FileDriver::create_with",
+                path.display()
+            )));
+        }
+        // Refuse FIFOs and the like before opening them at all (opening has side effects on
+        // some devices); open_checked checks the opened file again, in case it changed.
+        let meta = std::fs::metadata(path).map_err(|e| with_path("open", path, e))?;
+        check_type("open", path, &meta)?;
         let write = flags.contains(OpenFlags::WRITE);
-        let file = OpenOptions::new().read(true).write(write).open(path)?;
+        let file = open_checked("open", path, OpenOptions::new().read(true).write(write), 0)?;
         let direct = if flags.contains(OpenFlags::DIRECT) {
-            Some(OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT).open(path)?)
+            Some(open_checked("open", path, OpenOptions::new().read(true).write(write), libc::O_DIRECT)?)
         } else {
             None
         };
-        FileDriver::from_files(file, direct, false)
+        FileDriver::from_files(path, file, direct, write)
     }
 
-    /// Create (or truncate) `path` as a sparse file of `size` bytes and open it
-    /// read-write. The new file reads as zeroes, so a job backing up into it skips
-    /// zero clusters entirely. `size` must be non-zero.
+    /// Create `path` as a new sparse file of `size` bytes and open it read-write. The new
+    /// file reads as zeroes, so a job backing up into it skips zero clusters entirely.
+    ///
+    /// # Errors
+    /// `AlreadyExists` when `path` exists (nothing is changed: a backup pointed at the
+    /// wrong path must not destroy it; [`FileDriver::create_with`] with
+    /// [`OpenFlags::OVERWRITE`] replaces a file on purpose); `InvalidInput` when `size` is 0;
+    /// the error of creating or sizing the file otherwise. Messages name the path.
     pub fn create(path: impl AsRef<Path>, size: u64) -> io::Result<FileDriver> {
         FileDriver::create_with(path, size, OpenFlags::WRITE)
     }
 
-    /// [`FileDriver::create`] with open flags (e.g. [`OpenFlags::DIRECT`]).
+    /// [`FileDriver::create`] with flags: [`OpenFlags::DIRECT`], and
+    /// [`OpenFlags::OVERWRITE`] to replace (truncate) an existing regular file instead of
+    /// failing with `AlreadyExists`. [`OpenFlags::WRITE`] is implied.
+    ///
+    /// The file is created with `O_CREAT | O_EXCL` (no window between a check and the
+    /// create). When sizing it fails, the new file is removed again. With `OVERWRITE` the
+    /// path must be a regular file if it exists (a block device, FIFO or directory is
+    /// refused with `InvalidInput`, untouched).
     pub fn create_with(path: impl AsRef<Path>, size: u64, flags: OpenFlags) -> io::Result<FileDriver> {
-        if size == 0 {
-            return Err(invalid("device size must not be 0".into()));
-        }
         let path = path.as_ref();
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        file.set_len(size)?;
-        let direct = if flags.contains(OpenFlags::DIRECT) {
-            Some(OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path)?)
+        if size == 0 {
+            return Err(invalid(format!("create {}: device size must not be 0", path.display())));
+        }
+        let overwrite = flags.contains(OpenFlags::OVERWRITE);
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if overwrite {
+            match std::fs::metadata(path) {
+                Ok(meta) if !meta.file_type().is_file() => {
+                    return Err(invalid(format!(
+                        "create {}: is {}: only a regular file can be overwritten",
+                        path.display(),
+                        if meta.file_type().is_block_device() {
+                            "a block device"
+                        } else {
+                            type_name(&meta.file_type())
+                        }
+                    )))
+                }
+                _ => {}
+            }
+            opts.create(true).truncate(true);
         } else {
-            None
+            opts.create_new(true);
+        }
+        let file = match open_checked("create", path, &mut opts, 0) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(io::Error::from(Error::new(
+                    ErrorKind::Io,
+                    libc::EEXIST,
+                    format!(
+                        "create {}: the file already exists; refusing to overwrite it (pass OpenFlags::OVERWRITE to replace it)",
+                        path.display()
+                    ),
+                )))
+            }
+            Err(e) => return Err(e),
         };
-        FileDriver::from_files(file, direct, true)
+        let sized = file.set_len(size).map_err(|e| with_path("create", path, e)).and_then(|()| {
+            let direct = match flags.contains(OpenFlags::DIRECT) {
+                true => Some(open_checked("create", path, OpenOptions::new().read(true).write(true), libc::O_DIRECT)?),
+                false => None,
+            };
+            FileDriver::from_files(path, file, direct, true)
+        });
+        if sized.is_err() && !overwrite {
+            // Ours, made a moment ago: leave nothing behind.
+            let _ = std::fs::remove_file(path);
+        }
+        sized
     }
 
-    fn from_files(file: File, direct: Option<File>, fresh: bool) -> io::Result<FileDriver> {
-        let meta = file.metadata()?;
+    fn from_files(path: &Path, file: File, direct: Option<File>, writable: bool) -> io::Result<FileDriver> {
+        let meta = file.metadata().map_err(|e| with_path("open", path, e))?;
+        check_type("open", path, &meta)?;
         let is_blockdev = meta.file_type().is_block_device();
         let (size, storage_id) = if is_blockdev {
             let mut size: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
             let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
             if r < 0 {
-                return Err(io::Error::last_os_error());
+                return Err(with_path("open", path, io::Error::last_os_error()));
             }
             (size, (u64::MAX, meta.rdev()))
-        } else if meta.file_type().is_file() {
-            (meta.len(), (meta.dev(), meta.ino()))
         } else {
-            return Err(invalid("not a regular file or block device".into()));
+            (meta.len(), (meta.dev(), meta.ino()))
         };
-        Ok(FileDriver { file, direct, size, is_blockdev, storage_id, fresh: AtomicBool::new(fresh) })
+        if let Some(d) = &direct {
+            let m = d.metadata().map_err(|e| with_path("open", path, e))?;
+            let id = if is_blockdev { (u64::MAX, m.rdev()) } else { (m.dev(), m.ino()) };
+            if id != storage_id {
+                return Err(invalid(format!("open {}: the file changed while it was being opened", path.display())));
+            }
+        }
+        Ok(FileDriver { file, direct, size, is_blockdev, writable, storage_id, path: path.to_path_buf() })
+    }
+
+    /// `EBADF` with a message saying how to open the file for writing.
+    fn read_only(&self, op: &str) -> io::Error {
+        io::Error::from(Error::new(
+            ErrorKind::Io,
+            libc::EBADF,
+            format!(
+                "{op} {}: the driver was opened read-only; open it with OpenFlags::WRITE \
+                 (C: COWBACKUP_OPEN_WRITE, Python: Driver.open(path, write=True)) to write to it",
+                self.path.display()
+            ),
+        ))
+    }
+
+    /// The path the driver was opened or created with.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -149,7 +312,9 @@ impl FileDriver {
         if len == 0 {
             return Ok(());
         }
-        target.fresh.store(false, Ordering::Release);
+        if !target.writable {
+            return Err(target.read_only("copy_file_range to"));
+        }
         let (mut src_off, mut dst_off) = (offset as libc::loff_t, offset as libc::loff_t);
         let end = offset + len;
         while (src_off as u64) < end {
@@ -211,7 +376,9 @@ impl BlockDriver for FileDriver {
         if buf.is_empty() {
             return Ok(());
         }
-        self.fresh.store(false, Ordering::Release);
+        if !self.writable {
+            return Err(self.read_only("write to"));
+        }
         self.fd_for(buf.as_ptr(), buf.len(), offset).write_all_at(buf, offset)
     }
 
@@ -219,6 +386,9 @@ impl BlockDriver for FileDriver {
         self.check(offset, len)?;
         if len == 0 {
             return Ok(());
+        }
+        if !self.writable {
+            return Err(self.read_only("write zeroes to"));
         }
         let modes = if self.is_blockdev {
             [libc::FALLOC_FL_ZERO_RANGE, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE]
@@ -270,8 +440,20 @@ impl BlockDriver for FileDriver {
         }
     }
 
+    /// Asked of the file each time, never remembered: another handle (or program) may
+    /// have written to it since it was created. True when `SEEK_DATA` from offset 0 finds
+    /// no data before the end of the device (the file is one hole); false for a block
+    /// device, for a file with any data extent (even of zeroes), and when the filesystem
+    /// cannot tell (`SEEK_DATA` unsupported) or the query fails.
     fn reads_as_zero(&self) -> bool {
-        self.fresh.load(Ordering::Acquire)
+        if self.is_blockdev {
+            return false;
+        }
+        match self.lseek(0, libc::SEEK_DATA) {
+            Ok(data) => data >= self.size,
+            // ENXIO: no data at or after offset 0.
+            Err(e) => e.raw_os_error() == Some(libc::ENXIO),
+        }
     }
 
     fn storage_id(&self) -> Option<(u64, u64)> {
@@ -318,8 +500,132 @@ mod tests {
         assert!(ro.write_at(&[1], 0).is_err());
     }
 
+    fn msg(e: &io::Error) -> String {
+        e.to_string()
+    }
+
     #[test]
-    fn copy_range_to_copies_in_the_kernel_and_marks_the_target_written() {
+    fn create_refuses_an_existing_path_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("source.img");
+        std::fs::write(&p, [0x5a; 12345]).unwrap();
+        let e = FileDriver::create(&p, 1 << 20).err().expect("create over an existing file must fail");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(errno_of(&e), libc::EEXIST);
+        assert!(msg(&e).contains(&p.display().to_string()) && msg(&e).contains("OVERWRITE"), "{e}");
+        let e = FileDriver::create_with(&p, 1 << 20, OpenFlags::WRITE | OpenFlags::DIRECT).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&p).unwrap(), vec![0x5a; 12345], "the existing file was changed");
+        // A dangling symlink is a path that exists too: nothing is created behind it.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        assert_eq!(FileDriver::create(&link, 4096).err().unwrap().kind(), io::ErrorKind::AlreadyExists);
+        assert!(!dir.path().join("nowhere").exists());
+        // On purpose: OVERWRITE truncates and resizes; the result reads as zeroes.
+        let d = FileDriver::create_with(&p, 1 << 20, OpenFlags::OVERWRITE).unwrap();
+        assert_eq!(d.size(), 1 << 20);
+        assert!(d.reads_as_zero());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+        assert_eq!(allocated_bytes(&p).unwrap(), 0);
+        d.write_at(&[1; 4096], 0).unwrap(); // opened read-write without WRITE given
+                                            // A create that fails after making the file leaves nothing behind.
+        let big = dir.path().join("big.img");
+        assert!(FileDriver::create(&big, u64::MAX).is_err());
+        assert!(!big.exists(), "a failed create left its file");
+        let e = FileDriver::create(dir.path().join("none/x.img"), 4096).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(msg(&e).starts_with("create ") && msg(&e).contains("none/x.img"), "{e}");
+    }
+
+    #[test]
+    fn reads_as_zero_asks_the_file_not_a_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.img");
+        let fresh = FileDriver::create(&p, 4 << 20).unwrap();
+        assert!(fresh.reads_as_zero());
+        // Another handle writes: the first one must not claim zeroes any more.
+        let other = FileDriver::open(&p, OpenFlags::WRITE).unwrap();
+        other.write_at(&[0xee; 4096], 3 << 20).unwrap();
+        assert!(!fresh.reads_as_zero());
+        assert!(!other.reads_as_zero());
+        other.write_zeroes_at(3 << 20, 4096).unwrap(); // a hole again
+        assert!(fresh.reads_as_zero());
+        // A file written with zero bytes has data extents: not claimed (the safe answer).
+        let z = dir.path().join("z.img");
+        std::fs::write(&z, vec![0u8; 1 << 20]).unwrap();
+        assert!(!FileDriver::open(&z, OpenFlags::empty()).unwrap().reads_as_zero());
+    }
+
+    /// Run `f` on a thread; fail (instead of hanging the test run) if it blocks.
+    fn promptly<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap_or_else(|_| panic!("{what} blocked"))
+    }
+
+    #[test]
+    fn open_refuses_fifos_sockets_directories_and_char_devices_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let sock = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let cases = [
+            (fifo.clone(), "FIFO"),
+            (sock, "socket"),
+            (dir.path().to_path_buf(), "directory"),
+            (PathBuf::from("/dev/null"), "character device"),
+        ];
+        for (path, what) in cases {
+            for flags in [OpenFlags::empty(), OpenFlags::WRITE, OpenFlags::WRITE | OpenFlags::DIRECT] {
+                let p = path.clone();
+                let e = promptly("open", move || FileDriver::open(&p, flags).err().expect("opened"));
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{}: {e}", path.display());
+                assert_eq!(errno_of(&e), libc::EINVAL);
+                assert!(msg(&e).contains(what) && msg(&e).contains(&path.display().to_string()), "{e}");
+            }
+        }
+        // create: without OVERWRITE the path exists; with it, only a regular file is replaced.
+        let p = fifo.clone();
+        let e = promptly("create", move || FileDriver::create(&p, 4096).err().unwrap());
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        let p = fifo.clone();
+        let e = promptly("create", move || FileDriver::create_with(&p, 4096, OpenFlags::OVERWRITE).err().unwrap());
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(msg(&e).contains("FIFO"), "{e}");
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        // OVERWRITE means nothing to open.
+        let e = FileDriver::open("/dev/null", OpenFlags::OVERWRITE).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn errors_name_the_path_and_read_only_writes_say_how_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.img");
+        let e = FileDriver::open(&missing, OpenFlags::empty()).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert_eq!(errno_of(&e), libc::ENOENT);
+        assert!(msg(&e).starts_with(&format!("open {}: ", missing.display())), "{e}");
+        let p = dir.path().join("ro.img");
+        std::fs::write(&p, [1u8; 8192]).unwrap();
+        let ro = FileDriver::open(&p, OpenFlags::empty()).unwrap();
+        assert_eq!(ro.path(), p);
+        for e in [ro.write_at(&[1], 0).unwrap_err(), ro.write_zeroes_at(0, 4096).unwrap_err()] {
+            assert_eq!(errno_of(&e), libc::EBADF, "{e}");
+            assert!(msg(&e).contains("opened read-only") && msg(&e).contains("OpenFlags::WRITE"), "{e}");
+            assert!(msg(&e).contains(&p.display().to_string()), "{e}");
+        }
+        let src = FileDriver::create(dir.path().join("src.img"), 8192).unwrap();
+        let e = src.copy_range_to(&ro, 0, 4096).unwrap_err();
+        assert_eq!(errno_of(&e), libc::EBADF);
+        assert_eq!(std::fs::read(&p).unwrap(), vec![1u8; 8192]);
+    }
+
+    #[test]
+    fn copy_range_to_copies_in_the_kernel_and_the_target_has_data() {
         let dir = tempfile::tempdir().unwrap();
         let a = FileDriver::create(dir.path().join("a"), 4 << 20).unwrap();
         let b = FileDriver::create(dir.path().join("b"), 4 << 20).unwrap();

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 
 use super::error::{fail_io, fail_with, invalid};
-use super::{COWBACKUP_DRIVER_SERIALIZE, COWBACKUP_OPEN_DIRECT, COWBACKUP_OPEN_WRITE};
+use super::{COWBACKUP_CREATE_OVERWRITE, COWBACKUP_DRIVER_SERIALIZE, COWBACKUP_OPEN_DIRECT, COWBACKUP_OPEN_WRITE};
 use crate::{BlockDriver, BlockStatus, FileDriver, MemDriver, OpenFlags, StatusFlags};
 
 /// A block device handle (opaque).
@@ -300,11 +300,10 @@ pub unsafe extern "C" fn cowbackup_driver_new(
     })
 }
 
-fn open_flags(function: &str, flags: u32) -> Result<OpenFlags, c_int> {
-    if flags & !(COWBACKUP_OPEN_WRITE | COWBACKUP_OPEN_DIRECT) != 0 {
-        return Err(invalid(format!(
-            "{function}: unknown flags {flags:#x} (only COWBACKUP_OPEN_WRITE and COWBACKUP_OPEN_DIRECT)"
-        )));
+/// The `OpenFlags` of a `flags` argument: `allowed` bits only (named in the message).
+fn open_flags(function: &str, flags: u32, allowed: u32, names: &str) -> Result<OpenFlags, c_int> {
+    if flags & !allowed != 0 {
+        return Err(invalid(format!("{function}: unknown flags {flags:#x} (only {names})")));
     }
     Ok(OpenFlags::from_bits_truncate(flags))
 }
@@ -320,9 +319,14 @@ unsafe fn path_of<'a>(path: *const c_char) -> &'a OsStr {
 /// block device's size). `flags`: `COWBACKUP_OPEN_WRITE` to open read-write (default
 /// read-only), `COWBACKUP_OPEN_DIRECT` to use `O_DIRECT` for aligned requests.
 ///
+/// Only regular files and block devices are opened: a FIFO, socket, directory or character
+/// device is refused with -EINVAL at once (the file type is checked without blocking, so a
+/// FIFO with no writer does not hang the call).
+///
 /// On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EINVAL (NULL
-/// argument, unknown flags, not a regular file or block device); the open's errno (-ENOENT,
-/// -EACCES, ...). Thread-safe; the driver itself is thread-safe.
+/// argument, unknown flags or `COWBACKUP_CREATE_OVERWRITE`, not a regular file or block
+/// device); the open's errno (-ENOENT, -EACCES, ...). The message names the path.
+/// Thread-safe; the driver itself is thread-safe.
 ///
 /// # Safety
 /// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
@@ -337,7 +341,12 @@ pub unsafe extern "C" fn cowbackup_file_open(
         if path.is_null() {
             return invalid("cowbackup_file_open: path is NULL");
         }
-        let flags = match open_flags("cowbackup_file_open", flags) {
+        let flags = match open_flags(
+            "cowbackup_file_open",
+            flags,
+            COWBACKUP_OPEN_WRITE | COWBACKUP_OPEN_DIRECT,
+            "COWBACKUP_OPEN_WRITE and COWBACKUP_OPEN_DIRECT",
+        ) {
             Ok(f) => f,
             Err(e) => return e,
         };
@@ -346,18 +355,26 @@ pub unsafe extern "C" fn cowbackup_file_open(
         match FileDriver::open(path, flags) {
             // SAFETY: `out` was checked above.
             Ok(d) => unsafe { new_handle(Arc::new(d), out) },
-            Err(e) => fail_io(&format!("cowbackup_file_open: {}", path.to_string_lossy()), &e),
+            Err(e) => fail_io("cowbackup_file_open", &e),
         }
     })
 }
 
-/// Create (or truncate) a sparse raw image file of `size` bytes (non-zero) and open it
-/// read-write. The new file reads as zeroes, so a backup into it skips zero clusters.
-/// `flags`: 0, `COWBACKUP_OPEN_WRITE` (implied), `COWBACKUP_OPEN_DIRECT`.
+/// Create a new sparse raw image file of `size` bytes (non-zero) and open it read-write. The
+/// new file reads as zeroes, so a backup into it skips zero clusters.
 ///
-/// On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EINVAL (NULL
-/// argument, `size` 0, unknown flags); the errno of creating or sizing the file (-EACCES,
-/// -EFBIG, ...). Thread-safe.
+/// An existing `path` is **not** replaced: the call fails with -EEXIST and the file is left
+/// as it was (a target pointed at the source's path by mistake must not wipe the source).
+/// The file is created with `O_CREAT | O_EXCL`, so there is no window between a check and the
+/// create. Pass `COWBACKUP_CREATE_OVERWRITE` to replace (truncate) an existing regular file on
+/// purpose. `flags`: 0 or a combination of `COWBACKUP_OPEN_WRITE` (implied),
+/// `COWBACKUP_OPEN_DIRECT`, `COWBACKUP_CREATE_OVERWRITE`.
+///
+/// On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EEXIST (the
+/// path exists and `COWBACKUP_CREATE_OVERWRITE` was not given); -EINVAL (NULL argument, `size`
+/// 0, unknown flags, overwrite of something that is not a regular file); the errno of creating
+/// or sizing the file (-EACCES, -EFBIG, ...; a file this call created is removed again). The
+/// message names the path. Thread-safe.
 ///
 /// # Safety
 /// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
@@ -373,7 +390,12 @@ pub unsafe extern "C" fn cowbackup_file_create(
         if path.is_null() {
             return invalid("cowbackup_file_create: path is NULL");
         }
-        let flags = match open_flags("cowbackup_file_create", flags) {
+        let flags = match open_flags(
+            "cowbackup_file_create",
+            flags,
+            COWBACKUP_OPEN_WRITE | COWBACKUP_OPEN_DIRECT | COWBACKUP_CREATE_OVERWRITE,
+            "COWBACKUP_OPEN_WRITE, COWBACKUP_OPEN_DIRECT and COWBACKUP_CREATE_OVERWRITE",
+        ) {
             Ok(f) => f | OpenFlags::WRITE,
             Err(e) => return e,
         };
@@ -385,7 +407,15 @@ pub unsafe extern "C" fn cowbackup_file_create(
         match FileDriver::create_with(path, size, flags) {
             // SAFETY: `out` was checked above.
             Ok(d) => unsafe { new_handle(Arc::new(d), out) },
-            Err(e) => fail_io(&format!("cowbackup_file_create: {}", path.to_string_lossy()), &e),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fail_with(
+                libc::EEXIST,
+                format!(
+                    "cowbackup_file_create: {}: the file already exists; refusing to overwrite it \
+                     (pass COWBACKUP_CREATE_OVERWRITE to replace it)",
+                    path.to_string_lossy()
+                ),
+            ),
+            Err(e) => fail_io("cowbackup_file_create", &e),
         }
     })
 }
@@ -484,7 +514,8 @@ pub unsafe extern "C" fn cowbackup_driver_read(
 /// first. `buf` may be NULL only when `len` is 0.
 ///
 /// Errors: -EINVAL (NULL argument, range past the end of the device or overflowing); the
-/// device's -errno (-EBADF for a read-only file). Thread-safe.
+/// device's -errno (-EBADF for a file opened without `COWBACKUP_OPEN_WRITE`, with a message
+/// saying so). Thread-safe.
 ///
 /// # Safety
 /// `d` is NULL or a live handle; `buf` is NULL or valid for `len` bytes of reads.

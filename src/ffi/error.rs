@@ -46,15 +46,25 @@ pub(crate) fn neg_errno(e: &Error) -> c_int {
     }
 }
 
+/// `function: msg`, without saying the operation twice: a Rust message that starts with the
+/// function's own name ("cow_before_write range 4096+512 is past the end ...", from
+/// `Job::cow_before_write`) loses that word after the C name
+/// ("cowbackup_cow_before_write: range 4096+512 is past the end ...").
+pub(crate) fn prefixed(function: &str, msg: &str) -> String {
+    let short = function.strip_prefix("cowbackup_").unwrap_or(function);
+    let rest = msg.strip_prefix(short).and_then(|r| r.strip_prefix(' ')).filter(|r| !r.is_empty());
+    format!("{function}: {}", rest.unwrap_or(msg))
+}
+
 /// Record a cowbackup error (prefixed with the function) and return its `-errno`.
 pub(crate) fn fail(function: &str, e: &Error) -> c_int {
-    set_last_error(format!("{function}: {e}"));
+    set_last_error(prefixed(function, &e.to_string()));
     neg_errno(e)
 }
 
 /// Record an I/O error (prefixed with the function) and return its `-errno`.
 pub(crate) fn fail_io(function: &str, e: &io::Error) -> c_int {
-    set_last_error(format!("{function}: {e}"));
+    set_last_error(prefixed(function, &e.to_string()));
     -errno_of(e)
 }
 
@@ -87,4 +97,24 @@ pub extern "C" fn cowbackup_last_error() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn cowbackup_version() -> *const c_char {
     ffi_panic_boundary!("cowbackup_version", { concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefixed;
+
+    #[test]
+    fn the_function_is_named_once() {
+        assert_eq!(
+            prefixed("cowbackup_cow_before_write", "cow_before_write range 1+2 is past the end"),
+            "cowbackup_cow_before_write: range 1+2 is past the end"
+        );
+        assert_eq!(
+            prefixed("cowbackup_job_wait", "source read at offset 0"),
+            "cowbackup_job_wait: source read at offset 0"
+        );
+        // Only a whole word is dropped, and never the whole message.
+        assert_eq!(prefixed("cowbackup_x", "xylophone"), "cowbackup_x: xylophone");
+        assert_eq!(prefixed("cowbackup_x", "x"), "cowbackup_x: x");
+    }
 }

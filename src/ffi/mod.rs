@@ -86,6 +86,10 @@ pub const COWBACKUP_STATUS_ZERO: u32 = 2;
 pub const COWBACKUP_OPEN_WRITE: u32 = 1;
 /// `cowbackup_file_open` / `cowbackup_file_create` flag: use `O_DIRECT` for aligned requests.
 pub const COWBACKUP_OPEN_DIRECT: u32 = 2;
+/// `cowbackup_file_create` flag: replace (truncate) an existing regular file. Without it,
+/// `cowbackup_file_create` on an existing path fails with `-EEXIST` and changes nothing.
+/// `cowbackup_file_open` refuses it (`-EINVAL`).
+pub const COWBACKUP_CREATE_OVERWRITE: u32 = 4;
 
 /// `cowbackup_driver_new` flag: the library calls this driver's ops one at a time (under a
 /// mutex of the driver), for ops that are not thread-safe.

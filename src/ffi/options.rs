@@ -235,9 +235,11 @@ pub unsafe extern "C" fn cowbackup_options_set_cbw_timeout(o: *mut cowbackup_opt
 }
 
 /// Tell whether the target is known to read zeroes (1) or not (0, default): with 1, clusters
-/// that read as zero are not written to the target at all. (A target made by
-/// `cowbackup_file_create` or `cowbackup_memory_new` is detected by itself.) Use 1 only when
-/// it is true: otherwise the backup is wrong where the target held data.
+/// that read as zero are not written to the target at all. (Without it the job asks the target
+/// at start: a regular file with no data extent (`SEEK_DATA` finds none, e.g. just made by
+/// `cowbackup_file_create` and not written since, through any handle) and an unwritten
+/// `cowbackup_memory_new` device are detected by themselves.) Use 1 only when it is true:
+/// otherwise the backup is wrong where the target held data.
 /// Errors: -EINVAL (NULL `o`, a value other than 0 or 1).
 ///
 /// # Safety
