@@ -20,6 +20,9 @@ pub enum ErrorKind {
     Busy,
     /// Memory for the job's bookkeeping (the copy bitmap) could not be allocated.
     OutOfMemory,
+    /// Stored data failed its checks: a damaged, truncated or foreign dirty bitmap file
+    /// (`EBADMSG`). The message says what is wrong and where.
+    Corrupt,
 }
 
 /// Which device of a job an I/O error came from.
