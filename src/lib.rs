@@ -40,6 +40,7 @@ mod zero;
 
 pub use buf::{AlignedBuf, IO_ALIGN};
 pub use driver::{write_zero_buffers, BlockDriver, BlockStatus, StatusFlags};
+pub use drivers::crash::{CrashDriver, CrashReport, CrashStats, CRASH_SECTOR};
 pub use drivers::fault::{FaultDriver, FaultOp, FaultRule, RuleId};
 pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;
