@@ -287,6 +287,7 @@ impl DirtyBitmap {
                 (None, header)
             }
             Some(Switch { pages_done: None }) => {
+                d.header_dirty = false; // the switch's header carries the flags
                 let epoch = d.max_epoch + 1;
                 d.max_epoch = epoch;
                 for p in 0..self.geo.npages {
@@ -297,6 +298,7 @@ impl DirtyBitmap {
                 (Some((epoch, true)), Some(self.next_header(d, generation, epoch)))
             }
             Some(Switch { pages_done: Some((epoch, slots)) }) => {
+                d.header_dirty = false;
                 for &p in &taken {
                     let slot = match slots[p as usize] {
                         NO_SLOT => other_or_first(d.conf[p as usize]),
@@ -498,6 +500,10 @@ impl DirtyBitmap {
                 return Err(e);
             }
         };
+        if !st.busy {
+            // Another unfreeze ran while the pending switch was completed.
+            return Err(Error::invalid("dirty bitmap: unfreeze of a bitmap that is not frozen"));
+        }
         let g = match AtomicBits::new(self.geo.nbits) {
             Ok(g) => g,
             Err(e) => {
