@@ -103,6 +103,9 @@ pub(super) struct DiskState {
     switch: Option<Switch>,
     /// A commit is doing I/O (only one at a time).
     running: bool,
+    /// A commit's I/O panicked: what reached the file is unknown, so nothing more is written
+    /// (every commit fails with EIO; marks already durable still return). Reopen to recover.
+    poisoned: bool,
     /// The batch that marks staged now will be committed in.
     open: Arc<Batch>,
 }
@@ -231,6 +234,7 @@ impl Drop for Running<'_> {
             let mut st = lock(&self.bm.state);
             if let Some(d) = st.disk.as_mut() {
                 d.running = false;
+                d.poisoned = true;
                 d.inflight.clear();
                 d.dirty.extend(plan.taken.iter().copied());
                 if plan.header.is_some() && plan.switch.is_none() {
@@ -389,6 +393,14 @@ impl DirtyBitmap {
             if Self::disk(&mut st).running {
                 st = self.committed.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
+            }
+            if Self::disk(&mut st).poisoned {
+                let e = Error::new(
+                    ErrorKind::Io,
+                    libc::EIO,
+                    "dirty bitmap file: a write panicked earlier, the file's state is unknown: reopen the bitmap",
+                );
+                return (st, Err(e));
             }
             let plan = self.prepare(&mut st);
             Self::disk(&mut st).running = true;
@@ -627,6 +639,7 @@ pub(super) fn create_on(
         max_epoch: 1,
         switch: None,
         running: false,
+        poisoned: false,
         open: Batch::new(),
     };
     let store = Store { driver, _owner: owner };
@@ -712,6 +725,7 @@ pub(super) fn open_on(driver: Arc<dyn BlockDriver>) -> Result<Arc<DirtyBitmap>> 
         max_epoch,
         switch: None,
         running: false,
+        poisoned: false,
         open: Batch::new(),
     };
     let store = Store { driver, _owner: owner };

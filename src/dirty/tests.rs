@@ -393,3 +393,46 @@ fn dirty_random_operations_under_power_loss_keep_every_returned_mark() {
         }
     }
 }
+
+/// A memory driver whose writes panic while `explode` is set.
+struct Panicky {
+    inner: MemDriver,
+    explode: AtomicBool,
+}
+
+impl BlockDriver for Panicky {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        assert!(!self.explode.load(Ordering::Relaxed), "driver bug");
+        self.inner.write_at(buf, offset)
+    }
+}
+
+#[test]
+fn dirty_a_panicking_driver_poisons_the_bitmap_not_the_file() {
+    let size = 1u64 << 30;
+    let d = Arc::new(Panicky {
+        inner: MemDriver::new(DirtyBitmap::file_size(size, G).unwrap()).unwrap(),
+        explode: AtomicBool::new(false),
+    });
+    let bm = DirtyBitmap::create_on(d.clone(), size, G).unwrap();
+    mark_all(&bm, &[1]);
+    d.explode.store(true, Ordering::Relaxed);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bm.mark(5 * G, 1)));
+    assert!(caught.is_err(), "the driver's panic reaches the caller");
+    d.explode.store(false, Ordering::Relaxed);
+    let e = bm.mark(6 * G, 1).unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(e.to_string().contains("reopen"), "{e}");
+    bm.mark(G, 1).unwrap(); // durable already: still fine
+    assert_eq!(bm.clear().unwrap_err().errno(), libc::EIO);
+    drop(bm);
+    let bm = DirtyBitmap::open_on(d).unwrap();
+    assert_eq!(granules(&bm), vec![1]);
+    bm.mark(6 * G, 1).unwrap();
+}
