@@ -13,17 +13,6 @@
 //!   `persistent.rs` and `format.rs` for how, and why a crash at any instant loses no
 //!   returned mark).
 //!
-//! ```
-//! use cowbackup::DirtyBitmap;
-//!
-//! let bm = DirtyBitmap::new(1 << 30, 65536).unwrap();
-//! bm.mark(4096, 4096).unwrap();             // inside granule 0
-//! bm.mark(65536 * 3 - 10, 20).unwrap();    // across granules 2 and 3
-//! assert_eq!(bm.count(), 3 * 65536);
-//! assert_eq!(bm.next_dirty(0), Some((0, 65536)));
-//! assert_eq!(bm.next_dirty(65536), Some((2 * 65536, 2 * 65536)));
-//! ```
-//!
 //! Jobs freeze a bitmap while they run (QEMU's successor bitmaps); see `freeze.rs`.
 
 use std::ops::Range;
@@ -90,6 +79,30 @@ pub struct BitmapInfo {
 }
 
 /// Which granules of a device were written: the change tracking of incremental backups.
+///
+/// ```
+/// use cowbackup::DirtyBitmap;
+///
+/// let bm = DirtyBitmap::new(1 << 30, 65536).unwrap();
+/// bm.mark(4096, 4096).unwrap(); // inside granule 0
+/// bm.mark(65536 * 3 - 10, 20).unwrap(); // across granules 2 and 3
+/// assert_eq!(bm.count(), 3 * 65536);
+/// assert_eq!(bm.next_dirty(0), Some((0, 65536)));
+/// assert_eq!(bm.next_dirty(65536), Some((2 * 65536, 2 * 65536)));
+///
+/// // Persistent: every mark that returned is in the file after a crash.
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("disk0.bitmap");
+/// let p = DirtyBitmap::create(&path, 1 << 30, 65536).unwrap();
+/// p.mark(0, 512).unwrap();
+/// drop(p);
+/// let p = DirtyBitmap::open(&path).unwrap();
+/// assert_eq!(p.count(), 65536);
+/// ```
+///
+/// In memory ([`DirtyBitmap::new`]) or persistent ([`DirtyBitmap::create`] /
+/// [`DirtyBitmap::open`], or on any driver with [`DirtyBitmap::create_on`] /
+/// [`DirtyBitmap::open_on`]).
 ///
 /// Shared as `Arc<DirtyBitmap>`; every method takes `&self` and is thread-safe. `mark` is
 /// the host's hot path: when every granule of the range is already dirty (and, for a
