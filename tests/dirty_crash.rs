@@ -32,7 +32,9 @@ fn random_marks_from_threads_survive_power_loss() {
     let iterations = if cfg!(debug_assertions) { 100 } else { 1200 };
     let t0 = Instant::now();
     let (mut kept, mut torn, mut dropped, mut checked) = (0, 0, 0, 0);
-    for it in 0..iterations {
+    // COWBACKUP_CRASH_SEED=n shifts every seed, for longer runs: `for n in $(seq 100); do ...`.
+    let base: u64 = std::env::var("COWBACKUP_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    for it in (0..iterations).map(|i| i + base * iterations) {
         let d = Arc::new(CrashDriver::with_seed(DirtyBitmap::file_size(SIZE, G).unwrap(), it).unwrap());
         let bm = DirtyBitmap::create_on(d.clone(), SIZE, G).unwrap();
         // Some durable state first, sometimes cleared, so crashes also hit pages of an

@@ -318,7 +318,9 @@ fn dirty_random_operations_under_power_loss_keep_every_returned_mark() {
     // restart the bitmap opens and holds every mark that must be there.
     let size = 1u64 << 31;
     let iterations = if cfg!(debug_assertions) { 60 } else { 1000 };
-    for it in 0..iterations {
+    // COWBACKUP_CRASH_SEED=n shifts every seed, for longer runs.
+    let base: u64 = std::env::var("COWBACKUP_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    for it in (0..iterations).map(|i| i + base * iterations) {
         let d = Arc::new(CrashDriver::with_seed(DirtyBitmap::file_size(size, G).unwrap(), it).unwrap());
         let bm = DirtyBitmap::create_on(d.clone(), size, G).unwrap();
         let clock = Arc::new(AtomicU64::new(0));
