@@ -152,6 +152,28 @@
 #define COWBACKUP_DRIVER_SERIALIZE 1
 
 /*
+ Bitmap state flag (`cowbackup_bitmap_info.flags`): the bitmap records marks (enabled).
+ */
+#define COWBACKUP_BITMAP_RECORDING 1
+
+/*
+ Bitmap state flag: a job uses the bitmap; clear, merge into it, enable and disable fail
+ with -EBUSY until the job ends.
+ */
+#define COWBACKUP_BITMAP_BUSY 2
+
+/*
+ Bitmap state flag: the bitmap is stored in a file and survives restarts and crashes.
+ */
+#define COWBACKUP_BITMAP_PERSISTENT 4
+
+/*
+ The usual granularity of a dirty bitmap: 64 KiB (granularities are powers of two from
+ 512 bytes to 2 GiB).
+ */
+#define COWBACKUP_BITMAP_DEFAULT_GRANULARITY 65536
+
+/*
  Event kind: the job's state changed (`from_state` → `to_state`).
  */
 #define COWBACKUP_TRACE_STATE 0
@@ -208,6 +230,17 @@
 #define COWBACKUP_TRACE_ACTION_BREAK_SNAPSHOT 4
 
 /*
+ A dirty bitmap (opaque): which granules of a device were written, for incremental backups.
+
+ Each handle owns one reference to the bitmap; a job holds references of its own, so a
+ handle may be freed while a job still uses the bitmap. A persistent bitmap's file stays
+ open and locked until the last reference is gone. Every function on a handle may be
+ called from any thread, concurrently (`cowbackup_bitmap_mark` from every writing thread),
+ except `cowbackup_bitmap_free`, which must be the last call on it.
+ */
+typedef struct cowbackup_bitmap cowbackup_bitmap;
+
+/*
  A block device handle (opaque).
 
  Each handle owns one reference to the device; a job holds references of its own, so a
@@ -235,6 +268,46 @@ typedef struct cowbackup_job cowbackup_job;
  one options object from two threads at once.
  */
 typedef struct cowbackup_options cowbackup_options;
+
+/*
+ What `cowbackup_bitmap_query` reports (a consistent snapshot). A plain struct owned by the
+ caller.
+ */
+typedef struct cowbackup_bitmap_info {
+  /*
+   Bytes of device covered.
+   */
+  uint64_t size;
+  /*
+   Bytes per bit.
+   */
+  uint64_t granularity;
+  /*
+   Dirty bytes (the last granule clipped to `size`).
+   */
+  uint64_t count;
+  /*
+   Bumped each time bits are removed (a clear of a dirty bitmap, a job's sync); never by
+   marks, merges, enable/disable or a job that merges its bitmap back.
+   */
+  uint64_t generation;
+  /*
+   Random at creation; a persistent bitmap keeps it across reopens.
+   */
+  uint8_t uuid[16];
+  /*
+   `COWBACKUP_BITMAP_RECORDING` | `_BUSY` | `_PERSISTENT`.
+   */
+  uint32_t flags;
+  /*
+   Reserved; 0.
+   */
+  uint32_t reserved32;
+  /*
+   Reserved for future fields; 0.
+   */
+  uint64_t reserved[6];
+} cowbackup_bitmap_info;
 
 /*
  The operations of a block device implemented in C (`cowbackup_driver_new`).
@@ -411,6 +484,159 @@ typedef struct cowbackup_trace_event {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/*
+ Create a dirty bitmap in memory of a `size`-byte device (non-zero; the last granule may be
+ partial) with `granularity`-byte granules (a power of two from 512 to 2 GiB; usually
+ `COWBACKUP_BITMAP_DEFAULT_GRANULARITY`). It starts clean and recording, with a random uuid.
+
+ On success `*out` is a new handle (free with `cowbackup_bitmap_free`). Errors: -EINVAL
+ (NULL `out`, `size` 0, bad granularity); -ENOMEM (the bitmap cannot be allocated).
+ Thread-safe.
+
+ # Safety
+ `out` is NULL or valid for writes.
+ */
+int cowbackup_bitmap_new(uint64_t size, uint64_t granularity, struct cowbackup_bitmap **out);
+
+/*
+ Create a persistent, crash-safe dirty bitmap in a new file at `path` (geometry as
+ `cowbackup_bitmap_new`) and open it. The file is built under a temporary name in the same
+ directory and linked into place when complete; an existing file is never touched. The
+ file is locked while the bitmap is open.
+
+ On success `*out` is a new handle (free with `cowbackup_bitmap_free`). Errors: -EINVAL
+ (NULL argument, `size` 0, bad granularity); -EEXIST (`path` exists); the errno of creating
+ or writing the file (-ENOENT for a missing directory, -EACCES, -ENOSPC...); -ENOMEM.
+ Thread-safe.
+
+ # Safety
+ `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+ */
+int cowbackup_bitmap_create(const char *path,
+                            uint64_t size,
+                            uint64_t granularity,
+                            struct cowbackup_bitmap **out);
+
+/*
+ Open the persistent dirty bitmap in the file at `path`, as it was last made durable: after
+ a crash at any instant it holds every granule whose `cowbackup_bitmap_mark` returned 0.
+ The file is locked while open (one opener at a time, across processes).
+
+ On success `*out` is a new handle (free with `cowbackup_bitmap_free`). Errors: -EINVAL
+ (NULL argument, not a regular file); -ENOENT (no such file) or the errno of opening or
+ reading it; -EBUSY (the bitmap is open already, in this process or another); -EBADMSG (not
+ a bitmap file, truncated, or damaged: the message says where; a damaged file is never
+ opened with bits missing); -ENOMEM. Thread-safe.
+
+ # Safety
+ `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+ */
+int cowbackup_bitmap_open(const char *path, struct cowbackup_bitmap **out);
+
+/*
+ Record that `[offset, offset + len)` of the device is about to be written: call it in the
+ host's write path before the write (and before `cowbackup_cow_before_write` of a running
+ job). Every granule the range touches becomes dirty. For a persistent bitmap, when it
+ returns 0 those granules are durable in the file; concurrent first marks share one flush,
+ and a mark of granules already dirty costs a few atomic loads (no lock, no system call).
+ `len == 0` does nothing. A disabled bitmap returns 0 and records nothing. While a job uses
+ the bitmap, marks go to its successor.
+
+ Errors: -EINVAL (NULL `bm`, range past the end of the device or overflowing; nothing is
+ recorded); for a persistent bitmap, the -errno of writing the file (-EIO, -ENOSPC): the
+ mark is not durable, fail the guest write. Thread-safe: call it from every writing thread.
+
+ # Safety
+ `bm` is NULL or a live bitmap handle.
+ */
+int cowbackup_bitmap_mark(struct cowbackup_bitmap *bm, uint64_t offset, uint64_t len);
+
+/*
+ Remove every dirty granule; the generation is bumped when there was any. A persistent
+ bitmap switches atomically in the file (after a crash: all old bits or none).
+
+ Errors: -EINVAL (NULL `bm`); -EBUSY (a job uses the bitmap; nothing changes); for a
+ persistent bitmap, the -errno of writing the file (the bitmap is then clear in memory and
+ the file is rewritten by the next write; until then it holds the old bits). Thread-safe.
+
+ # Safety
+ `bm` is NULL or a live bitmap handle.
+ */
+int cowbackup_bitmap_clear(struct cowbackup_bitmap *bm);
+
+/*
+ Start recording marks (the default). A persistent bitmap keeps the setting in its file.
+ Errors: -EINVAL (NULL `bm`); -EBUSY (a job uses the bitmap); for a persistent bitmap the
+ -errno of writing the file. Thread-safe.
+
+ # Safety
+ `bm` is NULL or a live bitmap handle.
+ */
+int cowbackup_bitmap_enable(struct cowbackup_bitmap *bm);
+
+/*
+ Stop recording: `cowbackup_bitmap_mark` then returns 0 and records nothing. Errors as
+ `cowbackup_bitmap_enable`. Thread-safe.
+
+ # Safety
+ `bm` is NULL or a live bitmap handle.
+ */
+int cowbackup_bitmap_disable(struct cowbackup_bitmap *bm);
+
+/*
+ Add every dirty granule of `src` to `dst` (a union): a granule of `src` dirties every
+ granule of `dst` it overlaps, whatever the two granularities. `src` is not modified (it may
+ be busy: its frozen bits and new marks are merged; `src` may be `dst`). The generation of
+ `dst` does not change. Persistent `dst`: durable when this returns 0.
+
+ Errors (`dst` unchanged): -EINVAL (NULL argument, the bitmaps cover different device
+ sizes); -EBUSY (a job uses `dst`); -ENOMEM; for a persistent `dst` the -errno of writing
+ the file. Thread-safe.
+
+ # Safety
+ `dst` and `src` are NULL or live bitmap handles.
+ */
+int cowbackup_bitmap_merge(struct cowbackup_bitmap *dst, const struct cowbackup_bitmap *src);
+
+/*
+ Find the next dirty extent at or after byte `from`: `*offset` (>= `from`) and `*len`, with
+ consecutive dirty granules merged into one extent and the extent clipped to the device
+ size. When nothing is dirty from `from` on (or `from` is past the end), `*offset` is the
+ device size and `*len` is 0. Iterate with `from = *offset + *len` until `*len == 0`. While
+ a job uses the bitmap: its frozen bits and the marks since.
+
+ Errors: -EINVAL (NULL argument). Thread-safe.
+
+ # Safety
+ `bm` is NULL or a live bitmap handle; `offset` and `len` are NULL or valid for writes.
+ */
+int cowbackup_bitmap_next_dirty(const struct cowbackup_bitmap *bm,
+                                uint64_t from,
+                                uint64_t *offset,
+                                uint64_t *len);
+
+/*
+ Store the bitmap's size, granularity, dirty bytes, generation, uuid and state flags in
+ `*info` (read together; `reserved` fields are 0). Errors: -EINVAL (NULL argument).
+ Thread-safe.
+
+ # Safety
+ `bm` is NULL or a live bitmap handle; `info` is NULL or valid for writes.
+ */
+int cowbackup_bitmap_query(const struct cowbackup_bitmap *bm, struct cowbackup_bitmap_info *info);
+
+/*
+ Drop the caller's reference to the bitmap and free the handle. Jobs using the bitmap keep
+ their own references; a persistent bitmap's file is closed (and unlocked) when the last is
+ gone. Every mark that returned 0 is already durable: nothing is lost by freeing. NULL:
+ nothing. The handle must not be used afterwards, nor freed concurrently with another call
+ on it.
+
+ # Safety
+ `bm` is NULL or a live handle not used by any other call during this one nor afterwards.
+ */
+void cowbackup_bitmap_free(struct cowbackup_bitmap *bm);
 
 /*
  Create a block device whose I/O is done by the C functions of `ops`.
@@ -654,6 +880,8 @@ int cowbackup_job_set_speed(struct cowbackup_job *job, uint64_t bytes_per_sec);
  point-in-time image of the source), -ECANCELED when it was cancelled, or the -errno of the
  error that failed it (message in `cowbackup_last_error()`). May be called several times
  and from several threads; returns at once when the job has ended. -EINVAL: NULL `job`.
+ -EDEADLK: called before the job ended from inside one of its own callbacks or driver
+ operations (it would wait for itself); from the completion callback it returns the result.
 
  # Safety
  `job` is NULL or a live job handle.
@@ -690,8 +918,15 @@ int cowbackup_job_failed_ranges(const struct cowbackup_job *job,
 /*
  Free the job. A job still running is cancelled first, and this waits for its threads to
  end (the completion callback, if any, runs before this returns). The job's references to
- its drivers are dropped (a C driver whose last reference this was is released). NULL:
- nothing. No other call on the job may run concurrently or follow.
+ its drivers are dropped (a C driver whose last reference this was is released before this
+ returns). NULL: nothing. No other call on the job may run concurrently or follow.
+
+ Refused when called from inside one of this job's own callbacks or driver operations (a
+ driver op or trace callback on a job thread or inside `cowbackup_cow_before_write`, or the
+ completion callback): the job is cancelled, but not freed, and `cowbackup_last_error()`
+ says why (EDEADLK); the handle stays valid: free it once the callback has returned. In a
+ `fork`ed child (where the job's threads do not exist) this does nothing and touches none
+ of the job's state; the parent still owns the job.
 
  # Safety
  `job` is NULL or a live job handle not used by any other call during this one nor afterwards.

@@ -23,6 +23,9 @@ pub enum ErrorKind {
     /// The call was made from a place where it could only wait for itself (for example
     /// `wait` from inside one of the job's own callbacks): EDEADLK.
     Deadlock,
+    /// Stored data failed its checks: a damaged, truncated or foreign dirty bitmap file
+    /// (`EBADMSG`). The message says what is wrong and where.
+    Corrupt,
 }
 
 /// Which device of a job an I/O error came from.

@@ -29,6 +29,7 @@
 
 pub mod bitmap;
 mod buf;
+mod dirty;
 mod driver;
 pub mod drivers;
 mod error;
@@ -39,7 +40,9 @@ mod trace;
 mod zero;
 
 pub use buf::{AlignedBuf, IO_ALIGN};
+pub use dirty::{BitmapFlags, BitmapInfo, DirtyBitmap, DEFAULT_GRANULARITY, MAX_GRANULARITY, MIN_GRANULARITY};
 pub use driver::{write_zero_buffers, BlockDriver, BlockStatus, StatusFlags};
+pub use drivers::crash::{CrashDriver, CrashReport, CrashStats, CRASH_SECTOR};
 pub use drivers::fault::{FaultDriver, FaultOp, FaultRule, RuleId};
 pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;

@@ -1,5 +1,6 @@
 //! The built-in drivers.
 
+pub mod crash;
 pub mod fault;
 pub mod file;
 pub mod memory;

@@ -18,12 +18,14 @@
 #[macro_use]
 mod macros;
 // Declaration order is the header's order: errors, drivers, options, jobs.
+pub mod bitmap;
 pub mod driver;
 pub mod error;
 pub mod job;
 pub mod options;
 pub mod trace;
 
+pub use bitmap::*;
 pub use driver::*;
 pub use error::*;
 pub use job::*;
