@@ -46,11 +46,28 @@
 #define COWBACKUP_SYNC_NONE 2
 
 /*
- Sync mode `BITMAP`: copy only the clusters dirty in a dirty bitmap. Reserved: dirty bitmaps
- are not available yet, so `cowbackup_options_set_sync(o, COWBACKUP_SYNC_BITMAP)` returns
- `-ENOTSUP`.
+ Sync mode `BITMAP`: copy only the clusters overlapping granules dirty in the job's dirty
+ bitmap when it starts (an incremental backup; `cowbackup_options_set_bitmap` is required).
  */
 #define COWBACKUP_SYNC_BITMAP 3
+
+/*
+ Bitmap mode `ON_SUCCESS` (the default): after a successful job the bitmap holds only the
+ writes made during the job; after a failure or cancel, everything again.
+ */
+#define COWBACKUP_BITMAP_MODE_ON_SUCCESS 0
+
+/*
+ Bitmap mode `ALWAYS`: as `ON_SUCCESS` after a success; after a failure or cancel the
+ bitmap holds the new writes plus the clusters the job did not copy.
+ */
+#define COWBACKUP_BITMAP_MODE_ALWAYS 1
+
+/*
+ Bitmap mode `NEVER`: the bitmap is never cleared (only with `COWBACKUP_SYNC_BITMAP` or
+ `COWBACKUP_SYNC_NONE`).
+ */
+#define COWBACKUP_BITMAP_MODE_NEVER 2
 
 /*
  Error action `REPORT` (the default): the job fails with the error.
@@ -817,6 +834,29 @@ int cowbackup_backup_start(struct cowbackup_driver *source,
                            struct cowbackup_job **out);
 
 /*
+ Start `n` backups at one point in time, with one outcome (a consistency group):
+ `sources[i]` into `targets[i]` with `opts[i]` (`opts` NULL, or an entry NULL: defaults).
+ Every job is set up before any starts copying; no job reaches `COWBACKUP_JOB_COMPLETED`
+ before all have finished copying; when one fails or is cancelled the others are cancelled
+ and every bitmap goes back as for a failure. Each job's `cowbackup_job_wait` reports its
+ own result. On success `jobs_out[0..n]` are the jobs (free each with `cowbackup_job_free`).
+
+ All or none: on any error nothing is started, no bitmap changes and `jobs_out` is not
+ written. Errors: -EINVAL (`n` 0, a NULL array or entry, the same target or bitmap twice,
+ or any error of `cowbackup_backup_start` for an entry: the message names its index),
+ -EBUSY (a bitmap in use by another job), the source's -errno, -ENOMEM, -EAGAIN.
+
+ # Safety
+ `sources`, `targets` (and `opts` unless NULL) hold `n` entries of live handles (`opts`
+ entries may be NULL); `jobs_out` is NULL or valid for `n` writes.
+ */
+int cowbackup_backup_start_group(size_t n,
+                                 struct cowbackup_driver *const *sources,
+                                 struct cowbackup_driver *const *targets,
+                                 const struct cowbackup_options *const *opts,
+                                 struct cowbackup_job **jobs_out);
+
+/*
  The copy-before-write hook: call it in the host's write path before writing
  `[offset, offset + bytes)` of the source, and write only when it returns 0.
 
@@ -962,9 +1002,9 @@ void cowbackup_options_free(struct cowbackup_options *o);
 int cowbackup_options_set_cluster_size(struct cowbackup_options *o, uint64_t bytes);
 
 /*
- Set the sync mode: `COWBACKUP_SYNC_FULL` (default), `COWBACKUP_SYNC_TOP` or
- `COWBACKUP_SYNC_NONE`. Errors: -EINVAL (NULL `o`, unknown mode); -ENOTSUP for
- `COWBACKUP_SYNC_BITMAP`, which needs dirty bitmaps, not available in this version.
+ Set the sync mode: `COWBACKUP_SYNC_FULL` (default), `COWBACKUP_SYNC_TOP`,
+ `COWBACKUP_SYNC_NONE` or `COWBACKUP_SYNC_BITMAP` (needs `cowbackup_options_set_bitmap`;
+ checked by `cowbackup_backup_start`). Errors: -EINVAL (NULL `o`, unknown mode).
 
  # Safety
  `o` is NULL or a live options object.
@@ -1078,6 +1118,23 @@ int cowbackup_options_set_target_is_zero(struct cowbackup_options *o, uint32_t i
 int cowbackup_options_set_completion(struct cowbackup_options *o,
                                      void (*cb)(void *opaque, int ret),
                                      void *opaque);
+
+/*
+ Give the job a dirty bitmap of the source and say what happens to it at the end: `mode` is
+ `COWBACKUP_BITMAP_MODE_ON_SUCCESS`, `_ALWAYS` or `_NEVER`. Required by
+ `COWBACKUP_SYNC_BITMAP` (an incremental backup); with `COWBACKUP_SYNC_FULL`/`_TOP` it starts
+ a new chain (`_NEVER` is refused there by `cowbackup_backup_start`); with
+ `COWBACKUP_SYNC_NONE` it makes a pull-mode job. The options take their own reference to the
+ bitmap (the caller may free its handle); a job started with them freezes the bitmap
+ (busy) until it ends. `bm` NULL: no bitmap (`mode` ignored). Errors: -EINVAL (NULL `o`,
+ unknown mode).
+
+ # Safety
+ `o` is NULL or a live options object; `bm` is NULL or a live bitmap handle.
+ */
+int cowbackup_options_set_bitmap(struct cowbackup_options *o,
+                                 struct cowbackup_bitmap *bm,
+                                 uint32_t mode);
 
 /*
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is

@@ -116,7 +116,6 @@ mod tests {
         let mut b = AlignedBuf::new();
         assert!(b.try_reserve(usize::MAX).is_err());
         assert!(b.try_reserve(usize::MAX / 2).is_err());
-        assert!(b.try_reserve(1 << 40 << 10).is_err());
         assert!(b.try_reserve(4096).is_ok());
         assert_eq!(b.slice_mut(4096).len(), 4096);
     }

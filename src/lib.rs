@@ -48,8 +48,8 @@ pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
 pub use job::{
-    backup_start, BackupOptions, CbwErrorAction, CompletionFn, ErrorAction, Job, JobInfo, JobState, SyncMode,
-    MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS, MIN_CLUSTER_SIZE,
+    backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,
+    GroupMember, Job, JobInfo, JobState, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
 pub use trace::{TraceAction, TraceEvent, TraceFn};
 pub use zero::buffer_is_zero;

@@ -169,6 +169,7 @@ impl Union<'_> {
     }
 
     /// True when a bit of `r` is set in the union.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn any_set(&self, r: Range<u64>) -> bool {
         self.next_set(r.start, r.end).is_some()
     }

@@ -25,9 +25,6 @@ use super::bits::{AtomicBits, Union};
 use super::{lock, DirtyBitmap, State};
 
 /// How a job gives its frozen bitmap back ([`DirtyBitmap::unfreeze`]).
-// The job side (src/job, sync = Bitmap) is integrated separately; until then only the
-// unit tests call this API.
-#[allow(dead_code)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum EndOfJob {
     /// The job synced the bitmap: it becomes the successor plus the granules overlapping the
@@ -40,7 +37,6 @@ pub(crate) enum EndOfJob {
     Merge,
 }
 
-#[allow(dead_code)] // See `EndOfJob`.
 impl DirtyBitmap {
     /// Freeze the bitmap for a job: the dirty granules become the frozen set, later marks go
     /// to a successor, and the bitmap is busy until [`DirtyBitmap::unfreeze`]. No I/O, even
@@ -70,6 +66,7 @@ impl DirtyBitmap {
 
     /// True when a granule overlapping `[offset, offset + len)` (clipped to the device) is in
     /// the frozen set; false when not frozen or `len == 0`. Thread-safe.
+    #[cfg_attr(not(test), allow(dead_code))] // for pull-mode views (snapshot.rs) and tests
     pub(crate) fn frozen_is_dirty(&self, offset: u64, len: u64) -> bool {
         let g = self.granules_clipped(offset, len);
         let st = lock(&self.state);
@@ -94,6 +91,7 @@ impl DirtyBitmap {
     }
 
     /// Dirty bytes of the frozen set (0 when not frozen). Thread-safe.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn frozen_count(&self) -> u64 {
         let st = lock(&self.state);
         st.frozen.as_ref().map_or(0, |f| self.count_of(Union { a: f, b: None }))

@@ -91,6 +91,72 @@ pub unsafe extern "C" fn cowbackup_backup_start(
     })
 }
 
+/// Start `n` backups at one point in time, with one outcome (a consistency group):
+/// `sources[i]` into `targets[i]` with `opts[i]` (`opts` NULL, or an entry NULL: defaults).
+/// Every job is set up before any starts copying; no job reaches `COWBACKUP_JOB_COMPLETED`
+/// before all have finished copying; when one fails or is cancelled the others are cancelled
+/// and every bitmap goes back as for a failure. Each job's `cowbackup_job_wait` reports its
+/// own result. On success `jobs_out[0..n]` are the jobs (free each with `cowbackup_job_free`).
+///
+/// All or none: on any error nothing is started, no bitmap changes and `jobs_out` is not
+/// written. Errors: -EINVAL (`n` 0, a NULL array or entry, the same target or bitmap twice,
+/// or any error of `cowbackup_backup_start` for an entry: the message names its index),
+/// -EBUSY (a bitmap in use by another job), the source's -errno, -ENOMEM, -EAGAIN.
+///
+/// # Safety
+/// `sources`, `targets` (and `opts` unless NULL) hold `n` entries of live handles (`opts`
+/// entries may be NULL); `jobs_out` is NULL or valid for `n` writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_backup_start_group(
+    n: usize,
+    sources: *const *mut cowbackup_driver,
+    targets: *const *mut cowbackup_driver,
+    opts: *const *const cowbackup_options,
+    jobs_out: *mut *mut cowbackup_job,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_backup_start_group", {
+        check_out!(jobs_out, "cowbackup_backup_start_group", "jobs_out");
+        if n == 0 {
+            return super::error::invalid("cowbackup_backup_start_group: n is 0");
+        }
+        if sources.is_null() || targets.is_null() {
+            return super::error::invalid("cowbackup_backup_start_group: sources or targets is NULL");
+        }
+        let mut list = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: i < n and the caller guarantees n entries in each array.
+            let (s, t) = unsafe { (*sources.add(i), *targets.add(i)) };
+            if s.is_null() || t.is_null() {
+                return super::error::invalid(format!(
+                    "cowbackup_backup_start_group: sources[{i}] or targets[{i}] is NULL"
+                ));
+            }
+            // SAFETY: non-NULL entries are live driver handles (caller's guarantee).
+            let (s, t) = unsafe { (&*s, &*t) };
+            // SAFETY: i < n entries when `opts` is not NULL (caller's guarantee).
+            let o = if opts.is_null() { std::ptr::null() } else { unsafe { *opts.add(i) } };
+            let o = if o.is_null() {
+                BackupOptions::default()
+            } else {
+                // SAFETY: a non-NULL entry is a live options object (caller's guarantee).
+                unsafe { &*o }.inner.clone()
+            };
+            list.push((s.inner.clone(), t.inner.clone(), o));
+        }
+        match crate::backup_start_group(list) {
+            Ok(jobs) => {
+                for (i, job) in jobs.into_iter().enumerate() {
+                    let handle = Box::into_raw(Box::new(cowbackup_job { job }));
+                    // SAFETY: checked non-NULL; the caller guarantees n writable entries.
+                    unsafe { jobs_out.add(i).write(handle) };
+                }
+                0
+            }
+            Err(e) => super::error::fail("cowbackup_backup_start_group", &e),
+        }
+    })
+}
+
 /// The copy-before-write hook: call it in the host's write path before writing
 /// `[offset, offset + bytes)` of the source, and write only when it returns 0.
 ///

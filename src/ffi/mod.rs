@@ -41,10 +41,19 @@ pub const COWBACKUP_SYNC_TOP: u32 = 1;
 /// Sync mode `NONE`: no background copy; the job only serves copy-before-write until it is
 /// cancelled (fleecing: the target is a scratch image).
 pub const COWBACKUP_SYNC_NONE: u32 = 2;
-/// Sync mode `BITMAP`: copy only the clusters dirty in a dirty bitmap. Reserved: dirty bitmaps
-/// are not available yet, so `cowbackup_options_set_sync(o, COWBACKUP_SYNC_BITMAP)` returns
-/// `-ENOTSUP`.
+/// Sync mode `BITMAP`: copy only the clusters overlapping granules dirty in the job's dirty
+/// bitmap when it starts (an incremental backup; `cowbackup_options_set_bitmap` is required).
 pub const COWBACKUP_SYNC_BITMAP: u32 = 3;
+
+/// Bitmap mode `ON_SUCCESS` (the default): after a successful job the bitmap holds only the
+/// writes made during the job; after a failure or cancel, everything again.
+pub const COWBACKUP_BITMAP_MODE_ON_SUCCESS: u32 = 0;
+/// Bitmap mode `ALWAYS`: as `ON_SUCCESS` after a success; after a failure or cancel the
+/// bitmap holds the new writes plus the clusters the job did not copy.
+pub const COWBACKUP_BITMAP_MODE_ALWAYS: u32 = 1;
+/// Bitmap mode `NEVER`: the bitmap is never cleared (only with `COWBACKUP_SYNC_BITMAP` or
+/// `COWBACKUP_SYNC_NONE`).
+pub const COWBACKUP_BITMAP_MODE_NEVER: u32 = 2;
 
 /// Error action `REPORT` (the default): the job fails with the error.
 pub const COWBACKUP_ERROR_REPORT: u32 = 0;

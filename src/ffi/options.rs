@@ -5,11 +5,11 @@ use std::os::raw::{c_int, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::error::{fail_with, invalid, neg_errno};
+use super::error::{invalid, neg_errno};
 use super::*;
 use crate::{
-    BackupOptions, CbwErrorAction, ErrorAction, Result, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS,
-    MIN_CLUSTER_SIZE,
+    BackupOptions, BitmapMode, CbwErrorAction, ErrorAction, Result, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
+    MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
 
 /// Options of a backup job (opaque): cluster size, sync mode, workers, speed, error
@@ -69,9 +69,9 @@ pub unsafe extern "C" fn cowbackup_options_set_cluster_size(o: *mut cowbackup_op
     })
 }
 
-/// Set the sync mode: `COWBACKUP_SYNC_FULL` (default), `COWBACKUP_SYNC_TOP` or
-/// `COWBACKUP_SYNC_NONE`. Errors: -EINVAL (NULL `o`, unknown mode); -ENOTSUP for
-/// `COWBACKUP_SYNC_BITMAP`, which needs dirty bitmaps, not available in this version.
+/// Set the sync mode: `COWBACKUP_SYNC_FULL` (default), `COWBACKUP_SYNC_TOP`,
+/// `COWBACKUP_SYNC_NONE` or `COWBACKUP_SYNC_BITMAP` (needs `cowbackup_options_set_bitmap`;
+/// checked by `cowbackup_backup_start`). Errors: -EINVAL (NULL `o`, unknown mode).
 ///
 /// # Safety
 /// `o` is NULL or a live options object.
@@ -83,12 +83,7 @@ pub unsafe extern "C" fn cowbackup_options_set_sync(o: *mut cowbackup_options, m
             COWBACKUP_SYNC_FULL => SyncMode::Full,
             COWBACKUP_SYNC_TOP => SyncMode::Top,
             COWBACKUP_SYNC_NONE => SyncMode::None,
-            COWBACKUP_SYNC_BITMAP => {
-                return fail_with(
-                    libc::ENOTSUP,
-                    "cowbackup_options_set_sync: COWBACKUP_SYNC_BITMAP is not supported yet (no dirty bitmaps in this version)",
-                )
-            }
+            COWBACKUP_SYNC_BITMAP => SyncMode::Bitmap,
             _ => return invalid(format!("cowbackup_options_set_sync: unknown sync mode {mode}")),
         };
         0
@@ -307,6 +302,43 @@ pub unsafe extern "C" fn cowbackup_options_set_completion(
                 unsafe { cb(opaque.get(), ret) }
             }) as crate::CompletionFn
         });
+        0
+    })
+}
+
+/// Give the job a dirty bitmap of the source and say what happens to it at the end: `mode` is
+/// `COWBACKUP_BITMAP_MODE_ON_SUCCESS`, `_ALWAYS` or `_NEVER`. Required by
+/// `COWBACKUP_SYNC_BITMAP` (an incremental backup); with `COWBACKUP_SYNC_FULL`/`_TOP` it starts
+/// a new chain (`_NEVER` is refused there by `cowbackup_backup_start`); with
+/// `COWBACKUP_SYNC_NONE` it makes a pull-mode job. The options take their own reference to the
+/// bitmap (the caller may free its handle); a job started with them freezes the bitmap
+/// (busy) until it ends. `bm` NULL: no bitmap (`mode` ignored). Errors: -EINVAL (NULL `o`,
+/// unknown mode).
+///
+/// # Safety
+/// `o` is NULL or a live options object; `bm` is NULL or a live bitmap handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_bitmap(
+    o: *mut cowbackup_options,
+    bm: *mut super::bitmap::cowbackup_bitmap,
+    mode: u32,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_bitmap", {
+        let o = try_mut!(o, "cowbackup_options_set_bitmap", "o");
+        if bm.is_null() {
+            o.inner.bitmap = None;
+            return 0;
+        }
+        let mode = match mode {
+            COWBACKUP_BITMAP_MODE_ON_SUCCESS => BitmapMode::OnSuccess,
+            COWBACKUP_BITMAP_MODE_ALWAYS => BitmapMode::Always,
+            COWBACKUP_BITMAP_MODE_NEVER => BitmapMode::Never,
+            _ => return invalid(format!("cowbackup_options_set_bitmap: unknown bitmap mode {mode}")),
+        };
+        // SAFETY: non-NULL; the caller guarantees a live bitmap handle.
+        let bm = unsafe { &*bm };
+        o.inner.bitmap = Some(Arc::clone(&bm.inner));
+        o.inner.bitmap_mode = mode;
         0
     })
 }

@@ -213,6 +213,18 @@ impl Claims {
         self.released.notify_all();
     }
 
+    /// The runs of dirty clusters (claimed or not) inside `r`.
+    pub fn dirty_runs(&self, r: Range<u64>) -> Vec<Range<u64>> {
+        let mut runs = Vec::new();
+        let mut c = r.start;
+        while let Some(d) = self.bitmap.next_set(c, r.end) {
+            let e = self.bitmap.next_clear(d, r.end).unwrap_or(r.end);
+            runs.push(d..e);
+            c = e;
+        }
+        runs
+    }
+
     /// Mark `r` clean without copying (skipped at start, or zero in a zero target).
     /// Only before the job runs, or with no claim on `r`. Returns clusters cleared.
     pub fn clear_unclaimed(&self, r: Range<u64>) -> u64 {

@@ -25,9 +25,10 @@ use std::sync::Arc;
 use std::thread;
 
 use super::policy::Reaction;
-use super::{panic_error, reentry, worker, JobShared, JobState, SyncMode};
+use super::{panic_error, reentry, worker, BitmapMode, JobShared, JobState, SyncMode};
+use crate::dirty::EndOfJob;
 use crate::error::{Error, ErrorKind, Op, Result, Side};
-use crate::trace::TraceEvent;
+use crate::trace::{TraceAction, TraceEvent};
 
 /// Everything about a job's control that changes over its life. Protected by
 /// `JobShared::control`, which is never held across I/O or a user callback.
@@ -46,6 +47,9 @@ pub(crate) struct ControlState {
     pub ignored: Option<Error>,
     /// The target was flushed after the last background write.
     pub flushed: bool,
+    /// The end-of-job rule has been applied: the result is decided (set just before
+    /// `result`, which waits for the bitmap's end-of-job update).
+    pub finishing: bool,
     /// Set once, when the job ends.
     pub result: Option<Result<()>>,
     /// The completion callback has returned (or there is none).
@@ -62,6 +66,7 @@ impl ControlState {
             fatal: None,
             ignored: None,
             flushed: false,
+            finishing: false,
             result: None,
             callback_done: false,
         }
@@ -69,7 +74,7 @@ impl ControlState {
 
     /// Why `pause`/`resume` no longer apply: the job has ended or is ending.
     fn ending(&self) -> Option<Error> {
-        let why = if self.state.is_terminal() {
+        let why = if self.state.is_terminal() || self.finishing {
             "the job has ended".to_string()
         } else if let Some(e) = &self.fatal {
             format!("the job is failing: {e}")
@@ -130,7 +135,7 @@ impl JobShared {
     /// it was cancelled first (then it ends `Cancelled`). Final: `resume` does not clear it.
     pub(super) fn fail(&self, e: Error) {
         let mut c = self.lock();
-        if !c.cancel && c.fatal.is_none() && !c.state.is_terminal() {
+        if !c.cancel && c.fatal.is_none() && !c.state.is_terminal() && !c.finishing {
             c.fatal = Some(e);
         }
         self.hook_off.store(true, Ordering::Release);
@@ -171,7 +176,7 @@ impl JobShared {
     /// Cancel: no effect on a job that has ended or already failed.
     pub(super) fn cancel(&self) {
         let mut c = self.lock();
-        if c.state.is_terminal() || c.cancel || c.fatal.is_some() {
+        if c.state.is_terminal() || c.finishing || c.cancel || c.fatal.is_some() {
             return;
         }
         c.cancel = true;
@@ -248,7 +253,16 @@ impl JobShared {
             Ok(Err(e)) => self.fail(e),
             Err(p) => self.fail(panic_error("job thread", p)),
         }
+        if let Some(group) = &self.group {
+            let ok = self.outcome(&self.lock()).is_ok();
+            group.arrive(self, ok);
+        }
         self.finish();
+    }
+
+    /// `cancel` was called (and counted: before any fatal error).
+    pub(super) fn cancel_requested(&self) -> bool {
+        self.lock().cancel
     }
 
     /// Returns `Ok` when there is nothing more to do; whether the job completed is
@@ -328,6 +342,35 @@ impl JobShared {
         }
     }
 
+    /// The bitmap's end of job (QEMU's `backup_cleanup_sync_bitmap`):
+    /// `sync = (completed || mode == Always) && mode != Never`. If `sync`, the bitmap
+    /// becomes the successor (the writes made during the job), plus, after a failure or
+    /// cancel under `Always`, the clusters not copied; else frozen ∪ successor.
+    fn give_back_bitmap(&self, completed: bool) {
+        let Some(bm) = &self.dirty else { return };
+        let mode = self.bitmap_mode;
+        let sync = (completed || mode == BitmapMode::Always) && mode != BitmapMode::Never;
+        let end = if sync {
+            let mut add_back = Vec::new();
+            if !completed {
+                for run in self.claims.dirty_runs(0..self.geo.clusters) {
+                    let (off, len) = self.geo.byte_range(run);
+                    super::push_merged(&mut add_back, off, len);
+                }
+                // Given up under Ignore: not copied either.
+                add_back.extend(self.failed.lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
+            }
+            EndOfJob::Replace { add_back }
+        } else {
+            EndOfJob::Merge
+        };
+        if let Err(e) = bm.unfreeze(end) {
+            // The bitmap is not busy any more and lost nothing (it was merged back, or
+            // the switch completes with its next write); the backup's result stands.
+            self.trace(|| TraceEvent::Error { job: self.id, error: e.clone(), action: TraceAction::Report });
+        }
+    }
+
     /// End the job: store the result, wake every waiter, run the completion callback
     /// once. Nothing here can unwind: user code (trace, callback) runs under
     /// `catch_unwind`, and only after the result is stored.
@@ -336,6 +379,10 @@ impl JobShared {
         self.stop.store(true, Ordering::Release);
         let mut c = self.lock();
         let result = self.outcome(&c);
+        c.finishing = true;
+        drop(c);
+        self.give_back_bitmap(result.is_ok());
+        let mut c = self.lock();
         let state = match &result {
             Ok(()) => JobState::Completed,
             Err(e) if e.kind() == ErrorKind::Cancelled => JobState::Cancelled,

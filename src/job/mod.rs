@@ -9,6 +9,7 @@
 mod claims;
 mod copy;
 mod cow;
+mod group;
 mod lifecycle;
 mod options;
 mod policy;
@@ -18,11 +19,11 @@ mod reentry;
 mod start;
 mod worker;
 
-pub use start::backup_start;
+pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{
-    BackupOptions, CbwErrorAction, CompletionFn, ErrorAction, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS,
-    MIN_CLUSTER_SIZE,
+    BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
+    MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
 
 use std::any::Any;
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 
 use crate::buf::AlignedBuf;
+use crate::dirty::DirtyBitmap;
 use crate::driver::BlockDriver;
 use crate::error::{Error, ErrorKind, Result, Side};
 use crate::trace::{TraceAction, TraceEvent, TraceFn};
@@ -196,6 +198,11 @@ pub(crate) struct JobShared {
     worker_bufs: Mutex<Vec<AlignedBuf>>,
     /// Unallocated source ranges to write as zeroes to a non-zero target (`Top`), before copying.
     zero_target: Mutex<Vec<(u64, u64)>>,
+    /// The dirty bitmap frozen by this job, given back at the end (lifecycle.rs).
+    dirty: Option<Arc<DirtyBitmap>>,
+    bitmap_mode: BitmapMode,
+    /// The consistency group, if started with `backup_start_group`.
+    group: Option<Arc<group::Group>>,
 }
 
 /// A count of running hook helper threads, and a condvar signalled when it drops.

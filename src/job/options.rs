@@ -6,6 +6,7 @@ use std::time::Duration;
 
 pub use super::policy::{CbwErrorAction, ErrorAction};
 
+use crate::dirty::DirtyBitmap;
 use crate::error::{Error, Result};
 use crate::trace::TraceFn;
 
@@ -19,8 +20,29 @@ pub enum SyncMode {
     /// are skipped (and written as zeroes on a target not known to read zeroes).
     Top,
     /// No background copy: the job only serves copy-before-write until cancelled
-    /// (fleecing; the target is a scratch image).
+    /// (fleecing; the target is a scratch image). With a bitmap: the hook copies only
+    /// clusters dirty in the frozen bitmap (pull-mode incremental).
     None,
+    /// Only clusters overlapping granules dirty in [`BackupOptions::bitmap`] when the job
+    /// starts (an incremental backup); the others count as skipped.
+    Bitmap,
+}
+
+/// What a job does with its dirty bitmap at the end (QEMU's `BitmapSyncMode`). The bitmap
+/// is frozen while the job runs; new writes are recorded in a successor.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BitmapMode {
+    /// After a successful job the bitmap holds only the writes made during the job (the
+    /// next incremental starts from this one); after a failure or cancel it holds
+    /// everything again (frozen ∪ new writes).
+    #[default]
+    OnSuccess,
+    /// As `OnSuccess` after a success; after a failure or cancel the bitmap holds the new
+    /// writes plus the clusters the job did not copy (what it did copy is kept).
+    Always,
+    /// The bitmap is never cleared: frozen ∪ new writes (only with `Bitmap` or `None`).
+    Never,
 }
 
 /// Called once when a job ends, with its result, on a library thread.
@@ -65,6 +87,12 @@ pub struct BackupOptions {
     /// Trace sink (see [`crate::TraceEvent`]); `None`: no tracing, unless
     /// `COWBACKUP_TRACE=1` is in the environment (then events go to stderr).
     pub trace: Option<TraceFn>,
+    /// Dirty bitmap of the source: required by [`SyncMode::Bitmap`], optional with `Full`
+    /// and `Top` (to start a new chain) and with `None` (pull mode). The job freezes it
+    /// at start (busy until the end) and applies `bitmap_mode` at the end.
+    pub bitmap: Option<Arc<DirtyBitmap>>,
+    /// What happens to `bitmap` at the end. Default [`BitmapMode::OnSuccess`].
+    pub bitmap_mode: BitmapMode,
 }
 
 /// Smallest and largest cluster sizes.
@@ -91,6 +119,8 @@ impl Default for BackupOptions {
             cbw_timeout: None,
             on_complete: None,
             trace: None,
+            bitmap: None,
+            bitmap_mode: BitmapMode::OnSuccess,
         }
     }
 }
@@ -110,6 +140,8 @@ impl fmt::Debug for BackupOptions {
             .field("cbw_timeout", &self.cbw_timeout)
             .field("on_complete", &self.on_complete.as_ref().map(|_| "Fn"))
             .field("trace", &self.trace.as_ref().map(|_| "Fn"))
+            .field("bitmap", &self.bitmap.as_ref().map(|b| b.info()))
+            .field("bitmap_mode", &self.bitmap_mode)
             .finish()
     }
 }
@@ -137,6 +169,18 @@ impl BackupOptions {
         }
         if self.cbw_timeout == Some(Duration::ZERO) {
             return Err(Error::invalid("cbw_timeout must be positive (None: no limit)"));
+        }
+        match (self.sync, &self.bitmap, self.bitmap_mode) {
+            (SyncMode::Bitmap, None, _) => {
+                return Err(Error::invalid("sync mode Bitmap needs a dirty bitmap (options.bitmap)"))
+            }
+            (SyncMode::Full | SyncMode::Top, Some(_), BitmapMode::Never) => {
+                return Err(Error::invalid(
+                    "bitmap mode Never has no meaning with sync mode Full or Top: the job copies everything \
+                     and would leave the bitmap unchanged; use OnSuccess or Always",
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -8,12 +8,14 @@ use std::thread;
 use crossbeam_utils::CachePadded;
 
 use super::claims::Claims;
+use super::group::Group;
 use super::lifecycle::ControlState;
 use super::priority::HookGate;
 use super::ratelimit::RateLimit;
 use super::{push_merged, BackupOptions, Geometry, Helpers, Job, JobShared, Stats, SyncMode, NEXT_ID};
 use crate::bitmap::Bitmap;
 use crate::buf::AlignedBuf;
+use crate::dirty::{DirtyBitmap, EndOfJob};
 use crate::driver::{BlockDriver, StatusFlags};
 use crate::error::{Error, ErrorKind, Op, Result, Side};
 use crate::trace::{TraceEvent, TraceFn};
@@ -51,6 +53,123 @@ fn alloc_worker_bufs(geo: &Geometry, workers: usize) -> Result<Vec<AlignedBuf>> 
 /// (ENOMEM) when the copy bitmap or the workers' buffers (`workers` × `max_chunk`)
 /// cannot be allocated; `Io` (EAGAIN) when the job thread cannot be started.
 pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: BackupOptions) -> Result<Job> {
+    prepare(source, target, opts)?.launch()
+}
+
+/// One job of a consistency group: source, target, options.
+pub type GroupMember = (Arc<dyn BlockDriver>, Arc<dyn BlockDriver>, BackupOptions);
+
+/// Start several backups at **one point in time**, with one outcome (a consistency group).
+///
+/// Every job is set up (inputs checked, bitmaps frozen, sources scanned) before any starts
+/// copying; when one input is bad, nothing starts and every bitmap is left as it was. No
+/// job of the group reaches `Completed` before all have finished copying; when one fails
+/// or is cancelled, the others are cancelled, and every bitmap goes back as for a failure.
+/// Each job's [`Job::wait`] reports its own result (the first failure, `Cancelled` for the
+/// others). The jobs are returned in the order given.
+///
+/// # Errors
+/// As [`backup_start`], for the first entry that fails (the message names its index);
+/// `InvalidInput` for an empty list, or the same bitmap or target given twice.
+pub fn backup_start_group(jobs: Vec<GroupMember>) -> Result<Vec<Job>> {
+    if jobs.is_empty() {
+        return Err(Error::invalid("backup_start_group: no jobs"));
+    }
+    for (i, (_, ti, oi)) in jobs.iter().enumerate() {
+        for (j, (_, tj, oj)) in jobs.iter().enumerate().take(i) {
+            if std::ptr::eq(Arc::as_ptr(ti) as *const u8, Arc::as_ptr(tj) as *const u8)
+                || matches!((ti.storage_id(), tj.storage_id()), (Some(a), Some(b)) if a == b)
+            {
+                return Err(Error::invalid(format!("backup_start_group: jobs {j} and {i} have the same target")));
+            }
+            if let (Some(a), Some(b)) = (&oi.bitmap, &oj.bitmap) {
+                if Arc::ptr_eq(a, b) {
+                    return Err(Error::invalid(format!("backup_start_group: jobs {j} and {i} have the same bitmap")));
+                }
+            }
+        }
+    }
+    let n = jobs.len();
+    let mut prepared = Vec::with_capacity(n);
+    for (i, (source, target, opts)) in jobs.into_iter().enumerate() {
+        // On error the jobs prepared so far are dropped: their bitmaps go back unchanged.
+        let p = prepare(source, target, opts)
+            .map_err(|e| Error::new(e.kind(), e.errno(), format!("backup_start_group: job {i}: {e}")))?;
+        prepared.push(p);
+    }
+    let group = Group::new(n);
+    for p in &mut prepared {
+        p.set_group(&group);
+    }
+    for p in &prepared {
+        group.add(&p.shared());
+    }
+    let mut started = Vec::with_capacity(n);
+    for p in prepared {
+        match p.launch() {
+            Ok(job) => started.push(job),
+            // No thread to be had: the jobs started so far are cancelled (group failure).
+            Err(e) => {
+                for job in &started {
+                    job.cancel();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(started)
+}
+
+/// A job set up (bitmap frozen, source scanned) but not running yet. Dropped without
+/// [`Prepared::launch`], it gives its bitmap back unchanged.
+pub(super) struct Prepared(Option<Arc<JobShared>>);
+
+impl Prepared {
+    fn shared(&self) -> Arc<JobShared> {
+        Arc::clone(self.0.as_ref().expect("prepared job"))
+    }
+
+    fn set_group(&mut self, group: &Arc<Group>) {
+        // No other reference exists yet (the group takes its Weak ones afterwards).
+        let s = self.0.as_mut().and_then(Arc::get_mut).expect("a prepared job is not shared yet");
+        s.group = Some(Arc::clone(group));
+    }
+
+    /// Start the job thread.
+    fn launch(mut self) -> Result<Job> {
+        let shared = self.shared();
+        let s = Arc::clone(&shared);
+        let handle = thread::Builder::new()
+            .name(format!("cowbackup-{}", shared.id))
+            .spawn(move || s.run())
+            .map_err(|e| Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start job thread: {e}")))?;
+        self.0 = None;
+        Ok(Job { shared, thread: Mutex::new(Some(handle)), creator_pid: std::process::id() })
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(bm) = self.0.take().and_then(|s| s.dirty.clone()) {
+            let _ = bm.unfreeze(EndOfJob::Merge);
+        }
+    }
+}
+
+/// Gives a frozen bitmap back unchanged unless disarmed (errors while preparing).
+struct Thaw(Option<Arc<DirtyBitmap>>);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        if let Some(bm) = self.0.take() {
+            let _ = bm.unfreeze(EndOfJob::Merge);
+        }
+    }
+}
+
+/// Check the inputs, freeze the bitmap, build the copy set (the point in time), scan the
+/// source and allocate the buffers: everything that can fail, before any thread runs.
+fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: BackupOptions) -> Result<Prepared> {
     opts.validate()?;
     if std::ptr::eq(Arc::as_ptr(&source) as *const u8, Arc::as_ptr(&target) as *const u8) {
         return Err(Error::invalid("source and target are the same device"));
@@ -71,6 +190,14 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
             target.size()
         )));
     }
+    if let Some(bm) = &opts.bitmap {
+        if bm.size() != size {
+            return Err(Error::invalid(format!(
+                "the dirty bitmap covers {} bytes but the source has {size} bytes",
+                bm.size()
+            )));
+        }
+    }
     let cs = opts.cluster_size;
     let clusters = size.div_ceil(cs);
     let geo = Geometry {
@@ -81,23 +208,41 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
         max_run: (opts.max_chunk / cs).max(1),
     };
     let target_zero = opts.target_is_zero || target.reads_as_zero();
-    let bitmap = Bitmap::try_new(clusters, true).ok_or_else(|| {
+    // Only the bitmap's clusters: incremental (Bitmap) and pull mode (None + bitmap).
+    let restrict = opts.bitmap.is_some() && matches!(opts.sync, SyncMode::Bitmap | SyncMode::None);
+    let bitmap = Bitmap::try_new(clusters, !restrict).ok_or_else(|| {
         Error::new(
             ErrorKind::OutOfMemory,
             libc::ENOMEM,
             format!("cannot allocate the copy bitmap of {clusters} clusters (device of {size} bytes)"),
         )
     })?;
-    let claims = Claims::new(bitmap);
     let stats = Stats::default();
+    // The point in time: from here on, marks go to the bitmap's successor.
+    let thaw = Thaw(opts.bitmap.clone());
+    if let Some(bm) = &opts.bitmap {
+        bm.freeze()?;
+        if restrict {
+            let mut from = 0;
+            while let Some((off, len)) = bm.frozen_next_dirty(from) {
+                bitmap.set_range(geo.clusters_of(off, off + len));
+                from = off + len;
+            }
+            let to_copy: u64 = bitmap.runs().into_iter().map(|r| geo.byte_range(r).1).sum();
+            stats.skipped.store(size - to_copy, Ordering::Relaxed);
+        }
+    }
+    let claims = Claims::new(bitmap);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let trace = opts.trace.or_else(crate::trace::from_env);
     let scan =
         Scan { geo: &geo, sync: opts.sync, target_zero, claims: &claims, stats: &stats, trace: trace.as_ref(), id };
     let zero_target = scan.run(&*source)?;
-    let worker_bufs = alloc_worker_bufs(&geo, opts.workers)?;
+    let worker_bufs = if opts.sync == SyncMode::None { Vec::new() } else { alloc_worker_bufs(&geo, opts.workers)? };
+    let mut thaw = thaw;
+    let dirty = thaw.0.take();
 
-    let shared = Arc::new(JobShared {
+    Ok(Prepared(Some(Arc::new(JobShared {
         id,
         source,
         target,
@@ -125,13 +270,10 @@ pub fn backup_start(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, 
         helpers: Arc::new(Helpers::default()),
         worker_bufs: Mutex::new(worker_bufs),
         zero_target: Mutex::new(zero_target),
-    });
-    let s = Arc::clone(&shared);
-    let handle = thread::Builder::new()
-        .name(format!("cowbackup-{}", shared.id))
-        .spawn(move || s.run())
-        .map_err(|e| Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start job thread: {e}")))?;
-    Ok(Job { shared, thread: Mutex::new(Some(handle)), creator_pid: std::process::id() })
+        dirty,
+        bitmap_mode: opts.bitmap_mode,
+        group: None,
+    }))))
 }
 
 /// What the start-up scan of the source needs.
@@ -146,6 +288,13 @@ struct Scan<'a> {
 }
 
 impl Scan<'_> {
+    /// Mark clusters `r` clean; returns the bytes of those that were still to copy.
+    fn settle(&self, r: std::ops::Range<u64>) -> u64 {
+        let bytes = self.claims.dirty_runs(r.clone()).into_iter().map(|run| self.geo.byte_range(run).1).sum();
+        self.claims.clear_unclaimed(r);
+        bytes
+    }
+
     /// Walk the source's block status once, at start (the point in time), and mark clean
     /// what needs no copy: unallocated clusters under `Top` (skipped), and zero clusters
     /// when the target already reads zeroes (traced as `ZeroClusters`). Returns byte
@@ -172,15 +321,16 @@ impl Scan<'_> {
             if first < last {
                 let (b_off, b_len) = geo.byte_range(first..last);
                 if sync == SyncMode::Top && !flags.contains(StatusFlags::DATA) {
-                    self.claims.clear_unclaimed(first..last);
+                    self.settle(first..last);
                     self.stats.skipped.fetch_add(b_len, Ordering::Relaxed);
                     if !target_zero && flags.contains(StatusFlags::ZERO) {
                         push_merged(&mut zero_target, b_off, b_len);
                     }
                 } else if target_zero && flags.contains(StatusFlags::ZERO) {
-                    self.claims.clear_unclaimed(first..last);
-                    self.stats.zero.fetch_add(b_len, Ordering::Relaxed);
-                    if let Some(sink) = self.trace {
+                    // Only clusters of the copy set count (under Bitmap, others are skipped).
+                    let zero = self.settle(first..last);
+                    self.stats.zero.fetch_add(zero, Ordering::Relaxed);
+                    if let Some(sink) = self.trace.filter(|_| zero > 0) {
                         sink(&TraceEvent::ZeroClusters { job: self.id, offset: b_off, len: b_len });
                     }
                 }
