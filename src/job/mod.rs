@@ -200,6 +200,9 @@ pub(crate) struct JobShared {
     zero_target: Mutex<Vec<(u64, u64)>>,
     /// The dirty bitmap frozen by this job, given back at the end (lifecycle.rs).
     dirty: Option<Arc<DirtyBitmap>>,
+    /// The copy set at start, for [`Job::extents`]: the clusters of the frozen bitmap
+    /// (`Bitmap`, pull mode); `None`: every cluster. Immutable.
+    copy_set: Option<crate::bitmap::Bitmap>,
     bitmap_mode: BitmapMode,
     /// The consistency group, if started with `backup_start_group`.
     group: Option<Arc<group::Group>>,
@@ -337,6 +340,29 @@ impl Job {
     /// The cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.shared.geo.cluster_size
+    }
+
+    /// The job's copy set as byte extents `(offset, len)`: in order, adjacent clusters
+    /// merged, the last cluster clipped to the device. Fixed when the job starts (it does
+    /// not shrink as clusters are copied) and available for the job's whole life, after
+    /// its end too.
+    ///
+    /// - `Full`, `Top`, `None` without a bitmap: the whole device, `[(0, len)]`.
+    /// - `Bitmap` (and `None` with a bitmap, pull mode): the clusters overlapping the
+    ///   granules dirty in the bitmap at start.
+    ///
+    /// The **restore rule** of an incremental backup: once the job has completed, the
+    /// target holds the point-in-time contents of exactly these extents, and nothing
+    /// else is meant. A cluster of the copy set that read as zero may be a hole in the
+    /// target (zeroes are not written to a target that reads as zero), so a restore
+    /// applies every byte of these extents, holes as zeroes; bytes outside them come
+    /// from the earlier backups of the chain. Keep this list next to the backup.
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        let geo = &self.shared.geo;
+        match &self.shared.copy_set {
+            None => vec![(0, geo.size)],
+            Some(set) => set.runs().into_iter().map(|r| geo.byte_range(r)).collect(),
+        }
     }
 
     /// Pause the background copy: workers stop before their next chunk (chunks in
