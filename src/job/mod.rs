@@ -16,9 +16,11 @@ mod policy;
 mod priority;
 mod ratelimit;
 mod reentry;
+mod snapshot;
 mod start;
 mod worker;
 
+pub use snapshot::SnapshotView;
 pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{
@@ -36,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
+use crate::bitmap::Bitmap;
 use crate::buf::AlignedBuf;
 use crate::dirty::DirtyBitmap;
 use crate::driver::BlockDriver;
@@ -203,6 +206,10 @@ pub(crate) struct JobShared {
     bitmap_mode: BitmapMode,
     /// The consistency group, if started with `backup_start_group`.
     group: Option<Arc<group::Group>>,
+    /// Clusters a snapshot view does not serve (outside the job's bitmap, or discarded).
+    unservable: Bitmap,
+    /// After copying a chunk, discard it on the source (a push from a snapshot view).
+    discard_source: bool,
 }
 
 /// A count of running hook helper threads, and a condvar signalled when it drops.

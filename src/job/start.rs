@@ -218,6 +218,9 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         )
     })?;
     let stats = Stats::default();
+    let unservable = Bitmap::try_new(clusters, restrict).ok_or_else(|| {
+        Error::new(ErrorKind::OutOfMemory, libc::ENOMEM, format!("cannot allocate a bitmap of {clusters} clusters"))
+    })?;
     // The point in time: from here on, marks go to the bitmap's successor.
     let thaw = Thaw(opts.bitmap.clone());
     if let Some(bm) = &opts.bitmap {
@@ -226,6 +229,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
             let mut from = 0;
             while let Some((off, len)) = bm.frozen_next_dirty(from) {
                 bitmap.set_range(geo.clusters_of(off, off + len));
+                unservable.clear_range(geo.clusters_of(off, off + len));
                 from = off + len;
             }
             let to_copy: u64 = bitmap.runs().into_iter().map(|r| geo.byte_range(r).1).sum();
@@ -273,6 +277,8 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         dirty,
         bitmap_mode: opts.bitmap_mode,
         group: None,
+        unservable,
+        discard_source: opts.discard_source,
     }))))
 }
 
