@@ -441,9 +441,11 @@ impl JobShared {
         c.result = Some(result.clone());
         c.callback_done = self.on_complete.is_none();
         drop(c);
+        // The final state's trace event comes before waiters wake: when `wait` returns,
+        // every event has been delivered. The sink cannot unwind (see `trace`).
+        self.emit(ev);
         self.control_cv.notify_all();
         self.claims.wake_all();
-        self.emit(ev);
         if let Some(cb) = &self.on_complete {
             // A panicking callback must not take the library thread down with it.
             let _ = catch_unwind(AssertUnwindSafe(|| cb(&result)));
