@@ -60,6 +60,16 @@ pub trait BlockDriver: Send + Sync {
         Ok(BlockStatus { len, flags: StatusFlags::DATA })
     }
 
+    /// The caller no longer needs `[offset, offset + len)`: the driver may release its
+    /// space (a hole in a file, freed memory); what the range reads afterwards is
+    /// unspecified (zeroes for the built-in drivers). Advisory: the default does nothing
+    /// and returns `Ok`. On a job's snapshot view it releases whole clusters (see
+    /// [`crate::Job::snapshot`]).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// True when the whole device reads as zeroes right now (a freshly created sparse
     /// file or memory device). A job whose target reads zeroes does not write zero
     /// clusters at all, so a wrong `true` leaves stale data in the backup: answer from
@@ -126,6 +136,9 @@ impl<T: BlockDriver + ?Sized> BlockDriver for std::sync::Arc<T> {
     }
     fn reads_as_zero(&self) -> bool {
         (**self).reads_as_zero()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
     }
     fn storage_id(&self) -> Option<(u64, u64)> {
         (**self).storage_id()

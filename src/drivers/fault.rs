@@ -195,6 +195,9 @@ impl<D: BlockDriver> BlockDriver for FaultDriver<D> {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         self.inner.block_status(offset, len)
     }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
     fn reads_as_zero(&self) -> bool {
         self.inner.reads_as_zero()
     }

@@ -420,6 +420,23 @@ impl BlockDriver for FileDriver {
         self.file.sync_data()
     }
 
+    /// Punches a hole (`fallocate` `PUNCH_HOLE | KEEP_SIZE`): the range reads as zeroes
+    /// and its space is released. Where the filesystem cannot punch holes, nothing
+    /// happens (discard is advisory).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.writable {
+            return Err(self.read_only("discard"));
+        }
+        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Err(e) if unsupported(&e) => Ok(()),
+            r => r,
+        }
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         self.check(offset, len)?;
         let end = offset + len;

@@ -147,6 +147,11 @@ impl BlockDriver for MemDriver {
         Ok(())
     }
 
+    /// Frees the memory of the range (it reads as zeroes afterwards).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes_at(offset, len)
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         check(self.size, offset, len)?;
         let end = offset + len;

@@ -14,6 +14,11 @@
 //! - a failed copy releases its claim with the bits still set: a waiter then copies
 //!   the clusters itself, or the background copy retries them;
 //! - every release wakes all waiters.
+//!
+//! A snapshot view reading clusters not yet copied takes a **read hold** on them
+//! (snapshot.rs): several readers may hold the same clusters, nobody may claim them
+//! meanwhile (a hook waits for the hold to go, then copies; a worker skips them), and
+//! a reader waits while a copier holds a claim on its clusters.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,8 +34,9 @@ pub(crate) struct Claims {
     bitmap: Bitmap,
     /// Number of set bits of `bitmap`; updated with `table` locked.
     dirty: AtomicU64,
-    /// Runs of clusters being copied right now. Protected by this mutex.
-    table: Mutex<Vec<Range<u64>>>,
+    /// Runs of clusters being copied (claims) or read by a snapshot view (holds) right
+    /// now. Protected by this mutex.
+    table: Mutex<Vec<Entry>>,
     /// Signalled (notify_all) on every release and by `wake_all`.
     released: Condvar,
     /// Times a hook waited for clusters claimed by another thread (statistics).
@@ -76,12 +82,39 @@ impl Drop for Claim<'_> {
     }
 }
 
-fn claim_covering(table: &[Range<u64>], c: u64) -> Option<u64> {
-    table.iter().find(|r| r.contains(&c)).map(|r| r.end)
+/// One run of clusters in the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    range: Range<u64>,
+    /// A read hold of a snapshot view (shared); else a claim of a copier (exclusive).
+    hold: bool,
 }
 
-fn next_claim_start(table: &[Range<u64>], c: u64) -> u64 {
-    table.iter().map(|r| r.start).filter(|&s| s > c).min().unwrap_or(u64::MAX)
+/// The end of a claim or hold covering cluster `c`.
+fn claim_covering(table: &[Entry], c: u64) -> Option<u64> {
+    table.iter().find(|e| e.range.contains(&c)).map(|e| e.range.end)
+}
+
+fn next_claim_start(table: &[Entry], c: u64) -> u64 {
+    table.iter().map(|e| e.range.start).filter(|&s| s > c).min().unwrap_or(u64::MAX)
+}
+
+/// A read hold on clusters (see the module doc); dropping it releases them.
+pub(crate) struct Hold<'a> {
+    owner: &'a Claims,
+    range: Range<u64>,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut table = self.owner.lock();
+        let me = Entry { range: self.range.clone(), hold: true };
+        if let Some(i) = table.iter().position(|e| *e == me) {
+            table.swap_remove(i);
+        }
+        drop(table);
+        self.owner.released.notify_all();
+    }
 }
 
 impl Claims {
@@ -97,7 +130,7 @@ impl Claims {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<Range<u64>>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Entry>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -137,7 +170,7 @@ impl Claims {
                 }
                 let limit = r.end.min(d + max_run).min(next_claim_start(&table, d));
                 let e = self.bitmap.next_clear(d, limit).unwrap_or(limit);
-                table.push(d..e);
+                table.push(Entry { range: d..e, hold: false });
                 mine.push(Claim { owner: self, range: d..e, held: true });
                 c = e;
             }
@@ -180,7 +213,7 @@ impl Claims {
             }
             let limit = n.min(d + max_run).min(next_claim_start(&table, d));
             let e = self.bitmap.next_clear(d, limit).unwrap_or(limit);
-            table.push(d..e);
+            table.push(Entry { range: d..e, hold: false });
             return Some(Claim { owner: self, range: d..e, held: true });
         }
     }
@@ -191,11 +224,60 @@ impl Claims {
             let cleared = self.bitmap.clear_range(r.clone());
             self.dirty.fetch_sub(cleared, Ordering::AcqRel);
         }
-        if let Some(i) = table.iter().position(|x| x == r) {
+        if let Some(i) = table.iter().position(|e| e.range == *r && !e.hold) {
             table.swap_remove(i);
         }
         drop(table);
         self.released.notify_all();
+    }
+
+    /// For a snapshot view: hold clusters `r` for reading, waiting while a copier holds
+    /// a claim on any of them. `None` when `stop()` became true. While held, the bits of
+    /// `r` do not change (only a claim holder clears bits).
+    pub fn hold(&self, r: Range<u64>, stop: impl Fn() -> bool) -> Option<Hold<'_>> {
+        let mut table = self.lock();
+        loop {
+            if stop() {
+                return None;
+            }
+            let copying = table.iter().any(|e| !e.hold && e.range.start < r.end && r.start < e.range.end);
+            if !copying {
+                table.push(Entry { range: r.clone(), hold: true });
+                return Some(Hold { owner: self, range: r });
+            }
+            table = self.released.wait(table).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Is cluster `c` still to copy? (Stable while the caller holds it.)
+    pub fn is_dirty(&self, c: u64) -> bool {
+        self.bitmap.get(c)
+    }
+
+    /// For a view's discard: wait until no claim or hold covers `r`, then mark it clean
+    /// without copying (it leaves the copy set). Returns the clusters removed, or `None`
+    /// when `stop()` became true.
+    pub fn drop_from_copy_set(&self, r: Range<u64>, stop: impl Fn() -> bool) -> Option<u64> {
+        let mut table = self.lock();
+        loop {
+            if stop() {
+                return None;
+            }
+            if !table.iter().any(|e| e.range.start < r.end && r.start < e.range.end) {
+                let cleared = self.bitmap.clear_range(r);
+                self.dirty.fetch_sub(cleared, Ordering::AcqRel);
+                return Some(cleared);
+            }
+            table = self.released.wait(table).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Wait until no claim or hold is in flight.
+    pub fn wait_idle(&self) {
+        let mut table = self.lock();
+        while !table.is_empty() {
+            table = self.released.wait(table).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// Wait until some claim is released, or `timeout` passes.

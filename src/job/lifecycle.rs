@@ -47,6 +47,11 @@ pub(crate) struct ControlState {
     pub ignored: Option<Error>,
     /// The target was flushed after the last background write.
     pub flushed: bool,
+    /// `complete` was called (sync = None: end as Completed).
+    pub complete: bool,
+    /// The job thread has done its set-up writes (Top: zeroing the target); snapshot
+    /// views wait for it before reading the target.
+    pub prepared: bool,
     /// The end-of-job rule has been applied: the result is decided (set just before
     /// `result`, which waits for the bitmap's end-of-job update).
     pub finishing: bool,
@@ -66,6 +71,8 @@ impl ControlState {
             fatal: None,
             ignored: None,
             flushed: false,
+            complete: false,
+            prepared: false,
             finishing: false,
             result: None,
             callback_done: false,
@@ -187,6 +194,31 @@ impl JobShared {
         self.claims.wake_all();
     }
 
+    /// `Job::complete`: end a `sync = None` job as Completed.
+    pub(super) fn complete(&self) -> Result<()> {
+        if self.sync != SyncMode::None {
+            return Err(Error::invalid(
+                "complete() applies to sync mode None only: other jobs complete when their copy is done",
+            ));
+        }
+        let mut c = self.lock();
+        if let Some(e) = c.ending() {
+            return Err(e);
+        }
+        c.complete = true;
+        drop(c);
+        self.control_cv.notify_all();
+        Ok(())
+    }
+
+    /// Wait until the job thread's set-up writes are done (or the job stops).
+    pub(super) fn wait_prepared(&self) {
+        let mut c = self.lock();
+        while !c.prepared && !self.stop.load(Ordering::Acquire) {
+            c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Change the speed limit. Under the control lock, so a worker between computing
     /// its delay and waiting cannot miss the wake-up.
     pub(super) fn set_speed(&self, bytes_per_sec: u64) {
@@ -279,12 +311,26 @@ impl JobShared {
                     .map_err(|e| Error::io(Side::Target, Op::WriteZeroes, off, len, &e))
             })?;
         }
+        self.lock().prepared = true;
+        self.control_cv.notify_all();
         if self.sync == SyncMode::None {
-            // Serve the hook until cancelled, or failed by a hook under BreakSnapshot.
+            // Serve the hook until completed, cancelled, or failed by a hook under BreakSnapshot.
             let mut c = self.lock();
-            while !c.cancel && c.fatal.is_none() {
+            while !c.cancel && c.fatal.is_none() && !c.complete {
                 c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
             }
+            if !c.complete || c.cancel || c.fatal.is_some() {
+                return Ok(());
+            }
+            drop(c);
+            // Completed: no more copies; make what the hook wrote durable.
+            self.hook_off.store(true, Ordering::Release);
+            self.claims.wake_all();
+            self.claims.wait_idle(); // hook copies in flight land before the flush
+            self.target_op(|| {
+                self.target.flush().map_err(|e| Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e))
+            })?;
+            self.lock().flushed = true;
             return Ok(());
         }
         thread::scope(|scope| {
@@ -316,7 +362,8 @@ impl JobShared {
         if c.cancel {
             return Err(Error::cancelled());
         }
-        let dirty = self.claims.dirty();
+        // sync = None copies only what the hook needs: its clusters stay dirty by design.
+        let dirty = if self.sync == SyncMode::None { 0 } else { self.claims.dirty() };
         if dirty != 0 {
             return Err(Error::new(
                 ErrorKind::Io,
@@ -394,9 +441,11 @@ impl JobShared {
         c.result = Some(result.clone());
         c.callback_done = self.on_complete.is_none();
         drop(c);
+        // The final state's trace event comes before waiters wake: when `wait` returns,
+        // every event has been delivered. The sink cannot unwind (see `trace`).
+        self.emit(ev);
         self.control_cv.notify_all();
         self.claims.wake_all();
-        self.emit(ev);
         if let Some(cb) = &self.on_complete {
             // A panicking callback must not take the library thread down with it.
             let _ = catch_unwind(AssertUnwindSafe(|| cb(&result)));

@@ -16,9 +16,11 @@ mod policy;
 mod priority;
 mod ratelimit;
 mod reentry;
+mod snapshot;
 mod start;
 mod worker;
 
+pub use snapshot::SnapshotView;
 pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{
@@ -36,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
+use crate::bitmap::Bitmap;
 use crate::buf::AlignedBuf;
 use crate::dirty::DirtyBitmap;
 use crate::driver::BlockDriver;
@@ -200,12 +203,13 @@ pub(crate) struct JobShared {
     zero_target: Mutex<Vec<(u64, u64)>>,
     /// The dirty bitmap frozen by this job, given back at the end (lifecycle.rs).
     dirty: Option<Arc<DirtyBitmap>>,
-    /// The copy set at start, for [`Job::extents`]: the clusters of the frozen bitmap
-    /// (`Bitmap`, pull mode); `None`: every cluster. Immutable.
-    copy_set: Option<crate::bitmap::Bitmap>,
     bitmap_mode: BitmapMode,
     /// The consistency group, if started with `backup_start_group`.
     group: Option<Arc<group::Group>>,
+    /// Clusters a snapshot view does not serve (outside the job's bitmap, or discarded).
+    unservable: Bitmap,
+    /// After copying a chunk, discard it on the source (a push from a snapshot view).
+    discard_source: bool,
 }
 
 /// A count of running hook helper threads, and a condvar signalled when it drops.
@@ -343,9 +347,9 @@ impl Job {
     }
 
     /// The job's copy set as byte extents `(offset, len)`: in order, adjacent clusters
-    /// merged, the last cluster clipped to the device. Fixed when the job starts (it does
-    /// not shrink as clusters are copied) and available for the job's whole life, after
-    /// its end too.
+    /// merged, the last cluster clipped to the device. Set when the job starts; it does not
+    /// shrink as clusters are copied, and stays available after the job's end. Only a
+    /// `discard` through a snapshot view takes clusters out of it.
     ///
     /// - `Full`, `Top`, `None` without a bitmap: the whole device, `[(0, len)]`.
     /// - `Bitmap` (and `None` with a bitmap, pull mode): the clusters overlapping the
@@ -356,13 +360,18 @@ impl Job {
     /// else is meant. A cluster of the copy set that read as zero may be a hole in the
     /// target (zeroes are not written to a target that reads as zero), so a restore
     /// applies every byte of these extents, holes as zeroes; bytes outside them come
-    /// from the earlier backups of the chain. Keep this list next to the backup.
+    /// from the earlier backups of the chain. Keep this list with the backup.
     pub fn extents(&self) -> Vec<(u64, u64)> {
-        let geo = &self.shared.geo;
-        match &self.shared.copy_set {
-            None => vec![(0, geo.size)],
-            Some(set) => set.runs().into_iter().map(|r| geo.byte_range(r)).collect(),
+        // The copy set is what a snapshot view serves: the clear bits of `unservable`.
+        let (geo, out) = (&self.shared.geo, &self.shared.unservable);
+        let mut extents = Vec::new();
+        let mut c = 0;
+        while let Some(s) = out.next_clear(c, geo.clusters) {
+            let e = out.next_set(s, geo.clusters).unwrap_or(geo.clusters);
+            extents.push(geo.byte_range(s..e));
+            c = e;
         }
+        extents
     }
 
     /// Pause the background copy: workers stop before their next chunk (chunks in

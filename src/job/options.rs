@@ -93,6 +93,10 @@ pub struct BackupOptions {
     pub bitmap: Option<Arc<DirtyBitmap>>,
     /// What happens to `bitmap` at the end. Default [`BitmapMode::OnSuccess`].
     pub bitmap_mode: BitmapMode,
+    /// After each background chunk is copied, discard it on the source (advisory). Meant
+    /// for a source that is a snapshot view ([`crate::Job::snapshot`]): a push from a
+    /// fleecing view that leaves the scratch image empty at the end. Default false.
+    pub discard_source: bool,
 }
 
 /// Smallest and largest cluster sizes.
@@ -121,6 +125,7 @@ impl Default for BackupOptions {
             trace: None,
             bitmap: None,
             bitmap_mode: BitmapMode::OnSuccess,
+            discard_source: false,
         }
     }
 }
@@ -142,6 +147,7 @@ impl fmt::Debug for BackupOptions {
             .field("trace", &self.trace.as_ref().map(|_| "Fn"))
             .field("bitmap", &self.bitmap.as_ref().map(|b| b.info()))
             .field("bitmap_mode", &self.bitmap_mode)
+            .field("discard_source", &self.discard_source)
             .finish()
     }
 }

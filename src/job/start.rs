@@ -217,20 +217,10 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
             format!("cannot allocate the copy bitmap of {clusters} clusters (device of {size} bytes)"),
         )
     })?;
-    // What `Job::extents` reports: the copy set before the scan settles zero clusters.
-    let copy_set = if restrict {
-        let set = Bitmap::try_new(clusters, false).ok_or_else(|| {
-            Error::new(
-                ErrorKind::OutOfMemory,
-                libc::ENOMEM,
-                format!("cannot allocate the copy set of {clusters} clusters"),
-            )
-        })?;
-        Some(set)
-    } else {
-        None
-    };
     let stats = Stats::default();
+    let unservable = Bitmap::try_new(clusters, restrict).ok_or_else(|| {
+        Error::new(ErrorKind::OutOfMemory, libc::ENOMEM, format!("cannot allocate a bitmap of {clusters} clusters"))
+    })?;
     // The point in time: from here on, marks go to the bitmap's successor.
     let thaw = Thaw(opts.bitmap.clone());
     if let Some(bm) = &opts.bitmap {
@@ -239,9 +229,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
             let mut from = 0;
             while let Some((off, len)) = bm.frozen_next_dirty(from) {
                 bitmap.set_range(geo.clusters_of(off, off + len));
-                if let Some(set) = &copy_set {
-                    set.set_range(geo.clusters_of(off, off + len));
-                }
+                unservable.clear_range(geo.clusters_of(off, off + len));
                 from = off + len;
             }
             let to_copy: u64 = bitmap.runs().into_iter().map(|r| geo.byte_range(r).1).sum();
@@ -287,9 +275,10 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         worker_bufs: Mutex::new(worker_bufs),
         zero_target: Mutex::new(zero_target),
         dirty,
-        copy_set,
         bitmap_mode: opts.bitmap_mode,
         group: None,
+        unservable,
+        discard_source: opts.discard_source,
     }))))
 }
 

@@ -55,6 +55,10 @@ fn work(job: &JobShared, buf: &mut AlignedBuf) -> Result<()> {
 fn finish(job: &JobShared, claim: Claim<'_>, done: Copied) {
     let (off, len) = job.geo.byte_range(claim.range());
     claim.done();
+    if job.discard_source {
+        // Advisory: a failure costs space, not correctness.
+        let _ = job.source.discard(off, len);
+    }
     job.stats.add(done);
     job.ratelimit.account(len);
     job.trace(|| TraceEvent::ChunkCopied { job: job.id, offset: off, len, data: done.data, hook: false });

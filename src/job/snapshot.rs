@@ -1,0 +1,226 @@
+//! The snapshot view: a read-only [`BlockDriver`] of a running job's point-in-time image
+//! (QEMU's snapshot-access node; fleecing and pull mode).
+//!
+//! - A cluster already copied is read from the target. A cluster not yet copied is read
+//!   from the source under a **read hold** (claims.rs): the hook waits for the hold to
+//!   go, then copies. A view read never copies and never writes the target.
+//! - Clusters outside the job's bitmap (sync `Bitmap`, pull mode) and clusters the reader
+//!   discarded are not served: a read touching any of them fails whole with `EACCES`.
+//! - `discard` = "the reader is done with this range": its whole clusters leave the copy
+//!   set (the hook and the workers skip them) and their space in the target is released.
+//! - Writes fail with `EROFS`. Once the job ends, reads fail: with the job's error if it
+//!   failed, `ESTALE` if it completed or was cancelled. The view keeps the job's shared
+//!   state (and so its drivers) alive: dropping the `Job` first is safe.
+
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::{Job, JobShared, JobState};
+use crate::driver::{BlockDriver, BlockStatus, StatusFlags};
+use crate::error::{Error, ErrorKind, Result};
+
+/// A read-only view of a job's point-in-time image ([`Job::snapshot`]).
+pub struct SnapshotView {
+    job: Arc<JobShared>,
+}
+
+fn io_err(errno: i32, msg: String) -> io::Error {
+    io::Error::new(io::Error::from_raw_os_error(errno).kind(), Error::new(ErrorKind::Io, errno, msg))
+}
+
+impl Job {
+    /// A read-only view of the point-in-time image, served while the job runs (any sync
+    /// mode). Many views may exist; each is a [`BlockDriver`] usable from many threads.
+    ///
+    /// # Errors
+    /// `Busy` (ESTALE) when the job has ended.
+    pub fn snapshot(&self) -> Result<Arc<SnapshotView>> {
+        let c = self.shared.lock();
+        if c.state.is_terminal() || c.finishing {
+            return Err(Error::new(ErrorKind::Busy, libc::ESTALE, "the job has ended: no snapshot view"));
+        }
+        drop(c);
+        Ok(Arc::new(SnapshotView { job: Arc::clone(&self.shared) }))
+    }
+
+    /// End a `sync = None` job (fleecing, pull mode) as `Completed`: the reader has what
+    /// it needs. The target is flushed, the job's bitmap (if any) is handled as for a
+    /// successful job, and views go stale. Returns at once; [`Job::wait`] waits.
+    ///
+    /// # Errors
+    /// `InvalidInput` for other sync modes (they complete by themselves); `Busy` when the
+    /// job has ended or is ending.
+    pub fn complete(&self) -> Result<()> {
+        self.shared.complete()
+    }
+}
+
+impl SnapshotView {
+    /// Size of the image in bytes (the job's device size).
+    pub fn len(&self) -> u64 {
+        self.job.geo.size
+    }
+
+    /// Always false: a job's devices have a non-zero size.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The error of a view whose job has ended (or is ending): the job's error if it
+    /// failed, else ESTALE.
+    fn stale(&self) -> io::Error {
+        let c = self.job.lock();
+        let failed = match &c.result {
+            Some(Err(e)) if c.state == JobState::Failed => Some(e.clone()),
+            Some(_) => None,
+            None => c.fatal.clone(),
+        };
+        drop(c);
+        match failed {
+            Some(e) => io::Error::from(e),
+            None => io_err(libc::ESTALE, "the backup job has ended: the snapshot view is stale".into()),
+        }
+    }
+
+    fn ended(&self) -> bool {
+        self.job.hook_off.load(Ordering::Acquire)
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<u64> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.job.geo.size => Ok(end),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                Error::invalid(format!(
+                    "snapshot view range {offset}+{len} is past the end of the image ({} bytes)",
+                    self.job.geo.size
+                )),
+            )),
+        }
+    }
+
+    /// Fail with EACCES when any cluster of `r` is not served.
+    fn check_served(&self, r: Range<u64>) -> io::Result<()> {
+        if let Some(c) = self.job.unservable.next_set(r.start, r.end) {
+            let (off, _) = self.job.geo.byte_range(c..c + 1);
+            return Err(io_err(
+                libc::EACCES,
+                format!(
+                    "snapshot view: cluster at offset {off} is not part of the point-in-time image served \
+                     (outside the job's bitmap, or discarded by the reader)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for SnapshotView {
+    fn size(&self) -> u64 {
+        self.job.geo.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = self.check(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let job = &*self.job;
+        if self.ended() {
+            return Err(self.stale());
+        }
+        job.wait_prepared();
+        let clusters = job.geo.clusters_of(offset, end);
+        self.check_served(clusters.clone())?;
+        let Some(hold) = job.claims.hold(clusters.clone(), || job.hook_off.load(Ordering::Acquire)) else {
+            return Err(self.stale());
+        };
+        let mut c = clusters.start;
+        while c < clusters.end {
+            // A run of clusters all dirty (read the source) or all copied (read the target).
+            let dirty = job.claims.is_dirty(c);
+            let mut e = c + 1;
+            while e < clusters.end && job.claims.is_dirty(e) == dirty {
+                e += 1;
+            }
+            let (roff, rlen) = job.geo.byte_range(c..e);
+            let (from, to) = (roff.max(offset), (roff + rlen).min(end));
+            let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            let r = if dirty { job.source.read_at(piece, from) } else { job.target.read_at(piece, from) };
+            r?;
+            c = e;
+        }
+        drop(hold);
+        // The job ended while we read: the hook may have let a host write through.
+        if self.ended() {
+            return Err(self.stale());
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io_err(libc::EROFS, "a snapshot view is read-only".into()))
+    }
+
+    fn write_zeroes_at(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io_err(libc::EROFS, "a snapshot view is read-only".into()))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let end = self.check(offset, len)?;
+        if len == 0 {
+            return Ok(BlockStatus { len: 0, flags: StatusFlags::DATA });
+        }
+        if self.ended() {
+            return Err(self.stale());
+        }
+        let job = &*self.job;
+        job.wait_prepared();
+        let clusters = job.geo.clusters_of(offset, end);
+        let dirty = job.claims.is_dirty(clusters.start);
+        let mut e = clusters.start + 1;
+        while e < clusters.end && job.claims.is_dirty(e) == dirty {
+            e += 1;
+        }
+        let (roff, rlen) = job.geo.byte_range(clusters.start..e);
+        let run_end = (roff + rlen).min(end);
+        let st = if dirty {
+            job.source.block_status(offset, run_end - offset)?
+        } else {
+            job.target.block_status(offset, run_end - offset)?
+        };
+        Ok(BlockStatus { len: st.len.clamp(1, run_end - offset), flags: st.flags })
+    }
+
+    /// Release the whole clusters inside the range: they leave the copy set (no copy
+    /// will be made), their space in the target is released, later reads of them fail
+    /// with EACCES. Partial clusters at either end are left alone.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = self.check(offset, len)?;
+        let job = &*self.job;
+        let geo = &job.geo;
+        let first = offset.div_ceil(geo.cluster_size);
+        let last = if end == geo.size { geo.clusters } else { end / geo.cluster_size };
+        if first >= last {
+            return Ok(());
+        }
+        if self.ended() {
+            return Err(self.stale());
+        }
+        job.wait_prepared();
+        job.unservable.set_range(first..last);
+        let stop = || job.hook_off.load(Ordering::Acquire);
+        let Some(cleared) = job.claims.drop_from_copy_set(first..last, stop) else {
+            return Err(self.stale());
+        };
+        if cleared > 0 {
+            // Approximate for a partial last cluster; exact in clusters.
+            let bytes = (cleared * geo.cluster_size).min(geo.byte_range(first..last).1);
+            job.stats.skipped.fetch_add(bytes, Ordering::Relaxed);
+        }
+        let (boff, blen) = geo.byte_range(first..last);
+        job.target.discard(boff, blen)
+    }
+}
