@@ -428,3 +428,18 @@ fn extents_are_the_copy_set_at_start_merged_and_clipped() {
     assert_eq!(job.extents(), vec![]);
     assert_eq!(job.info().bytes_skipped, size);
 }
+
+#[test]
+fn extents_of_a_pull_job_lose_what_the_reader_discards() {
+    let (src, bm) = setup();
+    write_clusters(&*src, &bm, None, &G1, 2);
+    let opts = BackupOptions { sync: SyncMode::None, bitmap: Some(bm.clone()), ..Default::default() };
+    let job = backup_start(src.clone(), Arc::new(MemDriver::new(SIZE).unwrap()), opts).unwrap();
+    assert_eq!(extent_clusters(&job), G1.to_vec(), "pull mode: the frozen bitmap's clusters");
+    let view = job.snapshot().unwrap();
+    view.discard(15 * K64, 2 * K64).unwrap(); // the reader is done with 15 and 16
+    assert_eq!(extent_clusters(&job), vec![0, 512, 513, 1022]);
+    job.complete().unwrap();
+    wait_end(&job, T).unwrap();
+    assert_eq!(extent_clusters(&job), vec![0, 512, 513, 1022]);
+}
