@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
 //!     [--shm-dir /dev/shm] [--only throughput,hook,guest,scale,contention] [--grid]
+//!     (and the incremental-backup steps: --only mark,bitmap-guest,group-commit,incremental)
 //!     [--no-disk] [--scale-size 1T]
 //! ```
 //!
@@ -13,6 +14,8 @@
 //! reports its time and peak RSS (`VmHWM`). Images are created in the tmpfs and disk
 //! directories and removed afterwards.
 
+#[path = "bench/incremental.rs"]
+mod incremental;
 #[path = "bench/latency.rs"]
 mod latency;
 #[path = "bench/util.rs"]
@@ -46,6 +49,7 @@ impl Args {
 fn usage() -> &'static str {
     "usage: bench [--size 2G] [--runs 3] [--shm-dir /dev/shm] [--disk-dir /var/tmp/cowbackup-bench]\n\
      \x20            [--no-disk] [--only throughput,hook,guest,scale,contention] [--grid] [--scale-size 1T]\n\
+     \x20            incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
      --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
@@ -425,6 +429,15 @@ fn scale(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("__incr") {
+        return match incremental::child_incr(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench __incr: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if argv.get(1).map(String::as_str) == Some("__backup") {
         return match child_backup(&argv[2..]) {
             Ok(()) => ExitCode::SUCCESS,
@@ -446,12 +459,16 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 5] = [
+    let steps: [(&str, Step); 9] = [
         ("throughput", throughput),
         ("hook", latency::hook),
         ("guest", latency::guest),
         ("contention", latency::contention),
         ("scale", scale),
+        ("mark", incremental::mark),
+        ("bitmap-guest", incremental::guest),
+        ("group-commit", incremental::group_commit),
+        ("incremental", incremental::incremental),
     ];
     for (name, step) in steps {
         if a.wants(name) {
