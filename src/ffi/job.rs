@@ -299,7 +299,11 @@ pub unsafe extern "C" fn cowbackup_job_free(job: *mut cowbackup_job) {
         }
         // SAFETY: non-NULL; the caller guarantees a live job handle.
         if let Err(e) = unsafe { &*job }.job.check_free() {
-            super::error::set_last_error(format!("cowbackup_job_free: {e}; the job was cancelled, not freed"));
+            // The message is all a caller of this void function gets: it names the errno.
+            super::error::set_last_error(format!(
+                "cowbackup_job_free: refused (EDEADLK): {e}; the job was cancelled, not freed: \
+                 free it once the callback has returned"
+            ));
             return;
         }
         // SAFETY: made by Box::into_raw in cowbackup_backup_start, freed once (caller's guarantee).
