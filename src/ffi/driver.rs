@@ -32,12 +32,28 @@ pub struct cowbackup_driver {
 ///
 /// Every op receives the `opaque` pointer given to `cowbackup_driver_new` first, returns 0
 /// on success or a negative errno (which becomes the job's or the call's error; any other
-/// value is turned into -EIO), and is only called for ranges inside the device. Ops are
-/// called from library threads (job workers) and from the threads calling
-/// `cowbackup_cow_before_write` or `cowbackup_driver_read/write`, possibly concurrently:
-/// they must be thread-safe, or the driver must be created with `COWBACKUP_DRIVER_SERIALIZE`.
-/// Buffers passed to ops are valid only during the call. No library lock is held while an op
-/// runs, but ops must not call `cowbackup_*` functions on a job using this driver.
+/// value is turned into -EIO), and is only called for ranges inside the device. Buffers
+/// passed to ops are valid only during the call.
+///
+/// Threads: ops run on a job's workers `cowbackup-<id>-<n>` (the background copy), its job
+/// thread `cowbackup-<id>` (the target's `flush` at the end; zeroing first under
+/// `COWBACKUP_SYNC_TOP`), its hook helpers `cowbackup-<id>-h` (with a cbw timeout), and on the
+/// host threads calling `cowbackup_cow_before_write` (the hook's copy),
+/// `cowbackup_backup_start` (`block_status` at start) or `cowbackup_driver_read`/`_write`,
+/// possibly concurrently: they must be thread-safe, or the driver must be created with
+/// `COWBACKUP_DRIVER_SERIALIZE` (then they run one at a time, under the driver's own lock).
+/// No other library lock is held while an op runs.
+///
+/// Re-entrancy (capi/README.md, "Callbacks and re-entrancy"): an op running for a job (on
+/// one of its threads or inside its `cowbackup_cow_before_write`) may call that job's
+/// `cowbackup_job_query`, `_pause`, `_resume`, `_cancel`, `_set_speed`; there
+/// `cowbackup_cow_before_write` of clusters not yet copied and `cowbackup_job_wait` return
+/// -EDEADLK, and `cowbackup_job_free` is refused (the job is cancelled, not freed: free it
+/// from outside). An op of a `COWBACKUP_DRIVER_SERIALIZE` driver that calls its own driver
+/// again on the same thread (`cowbackup_driver_read`/`_write` on its handle, also through
+/// another driver's op, or the hook of a job reading it) gets -EDEADLK instead of waiting for
+/// itself; an op of a driver without the flag may call its own driver: it is just a call. An
+/// op must not free its own driver handle, and must not longjmp out.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct cowbackup_driver_ops {
@@ -60,7 +76,8 @@ pub struct cowbackup_driver_ops {
     >,
     /// Optional (may be NULL). Called exactly once, after the last reference to the driver is
     /// gone (the last of `cowbackup_driver_free` and `cowbackup_job_free` of the jobs using
-    /// it), on the thread that dropped it; no other op runs or will run then. Free `opaque` here.
+    /// it), on the thread that dropped it, before that call returns; no other op runs or will
+    /// run then. Free `opaque` here.
     pub release: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
 }
 
