@@ -389,6 +389,10 @@ pub unsafe extern "C" fn cowbackup_job_free(job: *mut cowbackup_job) {
             ));
             return;
         }
+        // Cancel and join through a shared reference first: the completion callback may
+        // run meanwhile and look at the handle (query, or a refused free).
+        // SAFETY: non-NULL; the caller guarantees a live job handle.
+        unsafe { &*job }.job.shut_down();
         // SAFETY: made by Box::into_raw in cowbackup_backup_start, freed once (caller's guarantee).
         drop(unsafe { Box::from_raw(job) });
     })
