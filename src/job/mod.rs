@@ -21,6 +21,8 @@ mod start;
 mod worker;
 
 pub use snapshot::SnapshotView;
+
+pub(crate) use reentry::enter as enter_job;
 pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{
@@ -30,7 +32,6 @@ pub use options::{
 
 use std::any::Any;
 use std::ops::Range;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -292,9 +293,7 @@ impl JobShared {
     #[inline]
     fn trace(&self, event: impl FnOnce() -> TraceEvent) {
         if let Some(sink) = &self.trace {
-            let e = event();
-            let _inside = reentry::enter(self.id);
-            let _ = catch_unwind(AssertUnwindSafe(|| sink(&e)));
+            crate::trace::deliver(sink, self.id, &event());
         }
     }
 
@@ -497,15 +496,19 @@ impl Job {
     }
 }
 
-impl Drop for Job {
-    /// Cancel the job and wait for its threads, so that no driver call happens after
-    /// the job is gone. Two exceptions: dropped from inside one of the job's own
-    /// callbacks, the job's threads end by themselves (joining them would deadlock); in
-    /// a `fork`ed child, where the job's threads do not exist, nothing is touched and
-    /// the job's memory is left alone (its locks may be held by threads that are gone).
-    fn drop(&mut self) {
+impl Job {
+    /// What dropping the job does, through a shared reference (so a callback running
+    /// meanwhile may still look at the job): cancel it and wait for its threads, so that
+    /// no driver call happens after the job is gone. Two exceptions: from inside one of
+    /// the job's own callbacks, the job's threads end by themselves (joining them would
+    /// deadlock); in a `fork`ed child, where the job's threads do not exist, nothing is
+    /// touched and the job's memory is left alone (its locks may be held by threads
+    /// that are gone).
+    pub(crate) fn shut_down(&self) {
         if std::process::id() != self.creator_pid {
-            std::mem::forget(self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take());
+            if let Ok(mut t) = self.thread.try_lock() {
+                std::mem::forget(t.take());
+            }
             std::mem::forget(Arc::clone(&self.shared));
             return;
         }
@@ -513,10 +516,17 @@ impl Drop for Job {
         if reentry::inside(self.shared.id) {
             return;
         }
-        if let Some(h) = self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
         // Hook helpers (cbw_timeout) still copying hold the drivers: wait for them.
         self.shared.helpers.wait_idle();
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }

@@ -337,7 +337,8 @@ impl Scan<'_> {
                     let zero = self.settle(first..last);
                     self.stats.zero.fetch_add(zero, Ordering::Relaxed);
                     if let Some(sink) = self.trace.filter(|_| zero > 0) {
-                        sink(&TraceEvent::ZeroClusters { job: self.id, offset: b_off, len: b_len });
+                        let e = TraceEvent::ZeroClusters { job: self.id, offset: b_off, len: b_len };
+                        crate::trace::deliver(sink, self.id, &e);
                     }
                 }
             }
