@@ -458,7 +458,7 @@ def test_busy_while_a_job_holds_it(tmp_path, persistent):
 @pytest.mark.xfail(strict=True, reason="core bug: a refused second job unfreezes the first "
                    "job's bitmap (src/job/start.rs prepare(): Thaw armed before freeze)")
 def test_a_refused_second_job_leaves_the_first_jobs_bitmap_alone():
-    size = MiB
+    size = 4 * MiB
     disk = GateDisk(size)
     with Bitmap.new(size) as bm, Driver.from_python(disk, size) as src, \
             Driver.memory(size) as tgt, Driver.memory(size) as t2:
