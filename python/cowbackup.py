@@ -55,9 +55,10 @@ is raised again in that thread as soon as the library call returns. When it ran 
 thread (a job worker), the job's error policy handles the EINTR and :meth:`Job.wait` of a job
 using that driver (or that job's callback) raises the exception; it is also logged.
 
-fork(): handles made before ``fork()`` belong to the parent. In the child they raise
-``RuntimeError`` when used, and closing them (``close``, ``__del__``, the exit-time cleanup)
-does nothing: the child must not free what the parent's library threads use.
+fork(): handles made before ``fork()`` (drivers, jobs, bitmaps) belong to the parent. In the
+child they raise ``RuntimeError`` when used, and closing them (``close``, ``__del__``, the
+exit-time cleanup) does nothing: the child must not free what the parent's library threads
+use, nor unlock the parent's persistent bitmaps.
 """
 
 from __future__ import annotations
@@ -583,7 +584,7 @@ class _Handle:
         if self.foreign:
             raise RuntimeError(
                 f"{self.what} was made by process {self.pid} before fork(); it cannot be used "
-                f"in the child process {_pid} (make new drivers and jobs in the child)")
+                f"in the child process {_pid} (make new drivers, jobs and bitmaps in the child)")
         with self._cond:
             if self._closing:
                 raise ValueError(f"{self.what} is closed")
