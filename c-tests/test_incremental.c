@@ -17,20 +17,8 @@ const char *test_name = "incremental";
 #define SIZE (NCL * CL)             /* 16 MiB */
 #define WAIT_MS 60000
 
-/* Expected to fail until a core bug is fixed (pytest's strict xfail): a failure is reported
- * as XFAIL and not counted; once it holds, XPASS counts as a failure (remove the XFAIL). */
-#define XFAIL_CHECK(cond, why) do { \
-    if (cond) { \
-        fprintf(stderr, "XPASS %s:%d: %s now holds (%s): turn this XFAIL_CHECK into CHECK\n", \
-                __FILE__, __LINE__, #cond, why); \
-        test_failures++; \
-    } else { \
-        printf("[%s] XFAIL %s:%d: %s (known core bug: %s)\n", test_name, __FILE__, __LINE__, #cond, why); \
-    } } while (0)
-
-static const char *const BUSY_BUG = "a start refused with -EBUSY unfreezes the bitmap of the job "
-                                    "holding it: src/job/start.rs prepare() arms Thaw before freeze";
-
+/* Regression check of a core bug (fixed): a start refused with -EBUSY must leave the bitmap
+ * of the job holding it busy. */
 /* --- a C driver over a cmem whose first read touching [off, off + len) waits for release ---- */
 
 typedef struct gate {
@@ -345,7 +333,7 @@ static void rejections(void)
     CHECK_RC(cowbackup_options_set_sync(o, COWBACKUP_SYNC_BITMAP), 0);
     CHECK_ERR(cowbackup_backup_start(src, t2, o, &job), EBUSY, "cowbackup_backup_start");
     CHECK(job == BAD_PTR);
-    XFAIL_CHECK(is_busy(bm), BUSY_BUG);
+    CHECK(is_busy(bm));
     CHECK_RC(cowbackup_job_cancel(holder), 0);
     CHECK_RC(finish(holder), -ECANCELED);
     CHECK(!is_busy(bm));
@@ -659,7 +647,7 @@ static void group_bad_input(void)
     cowbackup_options *ob_held = bitmap_options(held, COWBACKUP_BITMAP_MODE_ON_SUCCESS);
     const cowbackup_options *busy_opts[2] = { oa, ob_held };
     BAD_GROUP(cowbackup_backup_start_group(2, srcs, tgts, busy_opts, jobs), EBUSY, "job 1");
-    XFAIL_CHECK(is_busy(held), BUSY_BUG);
+    CHECK(is_busy(held));
     CHECK_RC(cowbackup_job_cancel(holder), 0);
     CHECK_RC(finish(holder), -ECANCELED);
     cowbackup_job_free(holder);

@@ -449,14 +449,12 @@ def test_busy_while_a_job_holds_it(tmp_path, persistent):
         bm.enable()
 
 
-# The core bug this shows: src/job/start.rs, prepare() arms its `Thaw` guard (which gives a
+# Regression test of a core bug (fixed): src/job/start.rs, prepare() armed its `Thaw` guard (which gives a
 # bitmap back with `unfreeze(EndOfJob::Merge)` when preparing fails) *before* `bm.freeze()`.
 # When freeze fails because another job has the bitmap frozen (EBUSY), the guard unfreezes
 # that other job's bitmap: it is no longer busy while the first job runs, clear/enable/
 # a third job are allowed, and the first job's end-of-job switch fails (only traced), so an
-# on-success job leaves every bit in place. Fix: arm the guard after freeze succeeded.
-@pytest.mark.xfail(strict=True, reason="core bug: a refused second job unfreezes the first "
-                   "job's bitmap (src/job/start.rs prepare(): Thaw armed before freeze)")
+# on-success job left every bit in place. Fixed: the guard is armed after freeze succeeds.
 def test_a_refused_second_job_leaves_the_first_jobs_bitmap_alone():
     size = 4 * MiB
     disk = GateDisk(size)

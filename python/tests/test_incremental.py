@@ -567,11 +567,9 @@ def test_group_bad_input_starts_nothing():
         d.close()
 
 
-# Separate, and expected to fail, because of the core bug described in test_bitmap.py
+# Regression test of a core bug (fixed) described in test_bitmap.py
 # (test_a_refused_second_job_leaves_the_first_jobs_bitmap_alone): a group refused because one
 # of its bitmaps is busy unfreezes that bitmap under the job that holds it.
-@pytest.mark.xfail(strict=True, reason="core bug: a refused start unfreezes the bitmap of the job "
-                   "holding it (src/job/start.rs prepare(): Thaw armed before freeze)")
 def test_group_refused_for_a_busy_bitmap_leaves_the_holder_alone():
     size = 16 * CLUSTER
     with Driver.memory(size) as a, Driver.memory(size) as ta, Driver.memory(size) as s3, \
