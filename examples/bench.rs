@@ -291,10 +291,12 @@ fn main() -> ExitCode {
     ];
     for (name, step) in steps {
         if a.wants(name) {
+            let t = Instant::now();
             if let Err(e) = step(&a, &mut rows) {
                 eprintln!("bench: {name}: {e}");
                 failed = true;
             }
+            eprintln!("{name}: {:.0} s", t.elapsed().as_secs_f64());
         }
     }
     println!();

@@ -191,10 +191,18 @@ pub fn throughput(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         };
         let mut random_secs = [f64::NAN; 2];
         for data in [Data::Random, Data::Zero50, Data::Sparse] {
-            // The other worker and chunk settings only for random data on tmpfs.
-            let confs: &[CowConf] = if !disk && data == Data::Random { &grid } else { &grid[..1] };
+            // The other worker and chunk settings only for random data on tmpfs, into
+            // preallocated files (where page allocation does not drown the differences).
+            let confs_for = |target: Target| -> &[CowConf] {
+                if !disk && data == Data::Random && target == Target::Prealloc {
+                    &grid
+                } else {
+                    &grid[..1]
+                }
+            };
             let mut cs = Vec::new();
             for target in Target::BOTH {
+                let confs = confs_for(target);
                 let tools = [Tool::Dd, Tool::Qemu].into_iter().chain(confs.iter().map(|c| Tool::Cow(*c)));
                 cs.extend(tools.map(|tool| Contender { tool, target, secs: vec![], rss: 0, alloc: 0 }));
             }
@@ -205,7 +213,7 @@ pub fn throughput(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
                 let find = |t: Tool| cs.iter().find(|c| c.tool == t && c.target == target).expect("contender");
                 let (dd, qemu) = (find(Tool::Dd), find(Tool::Qemu));
                 let (dds, qs) = (summary(&dd.secs), summary(&qemu.secs));
-                for (i, conf) in confs.iter().enumerate() {
+                for (i, conf) in confs_for(target).iter().enumerate() {
                     let c = find(Tool::Cow(*conf));
                     let s = summary(&c.secs);
                     let (vs_dd, vs_qemu) = (dds.median / s.median, qs.median / s.median);
