@@ -1,13 +1,12 @@
 //! The copy primitive, per filesystem: does `copy_file_range` pay?
 //!
-//! One thread copies a random-data image (`--size`, at most 1 GiB) in 1 MiB requests, through `FileDriver`, three ways:
+//! One thread copies a random-data image (`--size`, at most 1 GiB) in 1 MiB requests,
+//! through `FileDriver`, two ways:
 //!
 //! - **read + write**: `read_at` into a buffer, zero check of each 64 KiB, `write_at`
 //!   (what a job does where copy offload does not pay);
 //! - **read + copy_file_range**: `read_at` and the zero check, then `copy_range_to`
-//!   instead of the write (what a job does where [`FileDriver::copy_offload_pays`]);
-//! - **copy_file_range alone**: no read, so no zero detection: the best case of an offload
-//!   that gives up finding zero clusters (not something a job does).
+//!   instead of the write (what a job does where [`FileDriver::copy_offload_pays`]).
 //!
 //! Each into a new and a preallocated file, flushed at the end, on tmpfs, the disk
 //! directory with the source in the page cache and with a cold cache, and every
@@ -26,10 +25,9 @@ use crate::Args;
 enum Method {
     ReadWrite,
     ReadCfr,
-    Cfr,
 }
 
-const METHODS: [Method; 3] = [Method::ReadWrite, Method::ReadCfr, Method::Cfr];
+const METHODS: [Method; 2] = [Method::ReadWrite, Method::ReadCfr];
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -47,17 +45,15 @@ fn copy_once(src: &Path, dst: &Path, size: u64, m: Method, target: Target) -> Re
     let mut off = 0;
     while off < size {
         let n = (size - off).min(MIB);
-        if m != Method::Cfr {
-            let b = buf.slice_mut(n as usize);
-            s.read_at(b, off).map_err(err)?;
-            // The zero check a job does; random data, so never zero.
-            if b.chunks(CLUSTER as usize).any(buffer_is_zero) {
-                return Err(format!("unexpected zero cluster near {off}"));
-            }
+        let b = buf.slice_mut(n as usize);
+        s.read_at(b, off).map_err(err)?;
+        // The zero check a job does; random data, so never zero.
+        if b.chunks(CLUSTER as usize).any(buffer_is_zero) {
+            return Err(format!("unexpected zero cluster near {off}"));
         }
         match m {
             Method::ReadWrite => d.write_at(buf.slice_mut(n as usize), off).map_err(err)?,
-            Method::ReadCfr | Method::Cfr => s.copy_range_to(&d, off, n).map_err(err)?,
+            Method::ReadCfr => s.copy_range_to(&d, off, n).map_err(err)?,
         }
         off += n;
     }
@@ -132,24 +128,16 @@ pub fn offload(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
                 let k = contenders.iter().position(|&c| c == (m, target)).expect("contender");
                 summary(&secs[k])
             };
-            let (rw, rc, c) = (get(Method::ReadWrite), get(Method::ReadCfr), get(Method::Cfr));
+            let (rw, rc) = (get(Method::ReadWrite), get(Method::ReadCfr));
             rows.push(Row {
                 scenario: format!(
                     "copy primitive, {fs}{cache}, random data, {}, {}: 1 MiB requests, 1 thread",
                     fmt_bytes(size),
                     target.name()
                 ),
-                cowbackup: format!(
-                    "read + copy_file_range: {}; copy_file_range alone: {}",
-                    fmt_rate(size, rc),
-                    fmt_rate(size, c)
-                ),
+                cowbackup: format!("read + copy_file_range: {}", fmt_rate(size, rc)),
                 baseline: format!("read + write: {}", fmt_rate(size, rw)),
-                ratio: format!(
-                    "read + copy_file_range {:.2}×, copy_file_range alone {:.2}× read + write",
-                    rw.median / rc.median,
-                    rw.median / c.median
-                ),
+                ratio: format!("{:.2}× read + write", rw.median / rc.median),
                 target: format!("jobs use copy offload here: {}", if pays { "yes" } else { "no" }),
             });
         }
