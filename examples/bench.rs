@@ -61,7 +61,8 @@ fn usage() -> &'static str {
      throughput: dd, qemu-img convert and cowbackup, each into a new file and into a preallocated one\n\
      offload: copy_file_range against read + write, 1 MiB requests, on tmpfs, the disk directory\n\
      \x20        (source cached, then cold) and every --extra-dir (cold; e.g. an XFS or Btrfs mount)\n\
-     --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data\n\
+     --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data,\n\
+     \x20       into preallocated files\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
 
