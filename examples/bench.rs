@@ -3,10 +3,14 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
-//!     [--shm-dir /dev/shm] [--only throughput,hook,guest,scale,contention] [--grid]
+//!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,contention,scale] [--grid]
 //!     (and the incremental-backup steps: --only mark,bitmap-guest,group-commit,incremental)
-//!     [--no-disk] [--scale-size 1T]
+//!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
 //! ```
+//!
+//! Throughput runs every tool into a new file and into a preallocated one, so each
+//! ratio compares like with like (see `bench/throughput.rs`); `offload` measures the
+//! copy primitive (`copy_file_range` against read + write) per filesystem.
 //!
 //! Every figure is the median of `--runs` runs (min–max in brackets), next to its
 //! baseline measured in the same invocation, interleaved run by run. Every cowbackup
@@ -18,6 +22,10 @@
 mod incremental;
 #[path = "bench/latency.rs"]
 mod latency;
+#[path = "bench/offload.rs"]
+mod offload;
+#[path = "bench/throughput.rs"]
+mod throughput;
 #[path = "bench/util.rs"]
 mod util;
 
@@ -26,7 +34,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
-use cowbackup::{allocated_bytes, backup_start, BackupOptions, FileDriver, JobState, OpenFlags, SyncMode};
+use cowbackup::{backup_start, BackupOptions, FileDriver, JobState, OpenFlags, SyncMode};
+use throughput::Target;
 use util::*;
 
 pub struct Args {
@@ -38,6 +47,8 @@ pub struct Args {
     pub only: Vec<String>,
     pub grid: bool,
     pub scale_size: u64,
+    /// More directories (other filesystems) for the `offload` scenario.
+    pub extra_dirs: Vec<PathBuf>,
 }
 
 impl Args {
@@ -48,9 +59,14 @@ impl Args {
 
 fn usage() -> &'static str {
     "usage: bench [--size 2G] [--runs 3] [--shm-dir /dev/shm] [--disk-dir /var/tmp/cowbackup-bench]\n\
-     \x20            [--no-disk] [--only throughput,hook,guest,scale,contention] [--grid] [--scale-size 1T]\n\
-     \x20            incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
-     --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data\n\
+     \x20            [--no-disk] [--only throughput,offload,hook,guest,contention,scale] [--grid]\n\
+     \x20            [--scale-size 1T] [--extra-dir DIR]...\n\
+     throughput: dd, qemu-img convert and cowbackup, each into a new file and into a preallocated one\n\
+     offload: copy_file_range against read + write, 1 MiB requests, on tmpfs, the disk directory\n\
+     \x20        (source cached, then cold) and every --extra-dir (cold; e.g. an XFS or Btrfs mount)\n\
+     --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data,\n\
+     \x20       into preallocated files\n\
+     incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
 
@@ -64,6 +80,7 @@ fn parse_args() -> Result<Args, String> {
         only: Vec::new(),
         grid: false,
         scale_size: 1 << 40,
+        extra_dirs: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -77,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
             "--only" => a.only = val()?.split(',').map(str::to_string).collect(),
             "--grid" => a.grid = true,
             "--scale-size" => a.scale_size = parse_size(&val()?)?,
+            "--extra-dir" => a.extra_dirs.push(PathBuf::from(val()?)),
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -94,7 +112,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// What a cowbackup backup is asked to do (in the child process).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CowConf {
     pub workers: usize,
     pub chunk: u64,
@@ -123,13 +141,19 @@ pub struct CowRun {
     pub skipped: u64,
 }
 
-/// The hidden subcommand: `__backup SRC DST WORKERS CHUNK full|top`. Backs up SRC into
-/// a new sparse DST and prints `secs rss copied zero skipped`.
+/// The hidden subcommand: `__backup SRC DST WORKERS CHUNK full|top new|prealloc`. Backs
+/// up SRC into DST (`new`: created as a sparse file, it must not exist; `prealloc`: an
+/// existing file of the same size, opened for writing) and prints `secs rss copied zero
+/// skipped`.
 fn child_backup(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let [src, dst, workers, chunk, sync] = args else { return Err("bad __backup arguments".into()) };
+    let [src, dst, workers, chunk, sync, target] = args else { return Err("bad __backup arguments".into()) };
     let t = Instant::now();
     let source = Arc::new(FileDriver::open(src, OpenFlags::empty())?);
-    let target = Arc::new(FileDriver::create(dst, cowbackup::BlockDriver::size(&*source))?);
+    let target = Arc::new(match target.as_str() {
+        "new" => FileDriver::create(dst, cowbackup::BlockDriver::size(&*source))?,
+        "prealloc" => FileDriver::open(dst, OpenFlags::WRITE)?,
+        t => return Err(format!("bad __backup target kind {t:?}").into()),
+    });
     let opts = BackupOptions {
         workers: workers.parse()?,
         max_chunk: chunk.parse()?,
@@ -145,7 +169,9 @@ fn child_backup(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-pub fn run_cow(src: &Path, dst: &Path, c: CowConf) -> Result<CowRun, String> {
+/// One cowbackup backup in a child process; `dst` is as `target` wants it (see
+/// [`Target::prepare`]).
+pub fn run_cow(src: &Path, dst: &Path, c: CowConf, target: Target) -> Result<CowRun, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let sync = if c.sync == SyncMode::Top { "top" } else { "full" };
     let out = Command::new(exe)
@@ -155,6 +181,7 @@ pub fn run_cow(src: &Path, dst: &Path, c: CowConf) -> Result<CowRun, String> {
         .arg(c.workers.to_string())
         .arg(c.chunk.to_string())
         .arg(sync)
+        .arg(target.arg())
         .stderr(Stdio::inherit())
         .output()
         .map_err(|e| e.to_string())?;
@@ -167,197 +194,6 @@ pub fn run_cow(src: &Path, dst: &Path, c: CowConf) -> Result<CowRun, String> {
         return Err(format!("bad child output {s:?}"));
     }
     Ok(CowRun { secs: v[0], rss: v[1] as u64, copied: v[2] as u64, zero: v[3] as u64, skipped: v[4] as u64 })
-}
-
-fn run_cmd(cmd: &mut Command) -> Result<f64, String> {
-    let t = Instant::now();
-    let st = cmd.stdout(Stdio::null()).status().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !st.success() {
-        return Err(format!("{cmd:?} failed: {st}"));
-    }
-    Ok(t.elapsed().as_secs_f64())
-}
-
-fn run_dd(src: &Path, dst: &Path) -> Result<f64, String> {
-    let _ = std::fs::remove_file(dst);
-    let mut c = Command::new("dd");
-    c.arg(format!("if={}", src.display())).arg(format!("of={}", dst.display())).args([
-        "bs=1M",
-        "conv=fsync",
-        "status=none",
-    ]);
-    run_cmd(&mut c)
-}
-
-fn run_qemu(src: &Path, dst: &Path, size: u64) -> Result<f64, String> {
-    let _ = std::fs::remove_file(dst);
-    let f = std::fs::File::create(dst).map_err(|e| e.to_string())?;
-    f.set_len(size).map_err(|e| e.to_string())?;
-    drop(f);
-    let mut c = Command::new("qemu-img");
-    c.args(["convert", "-n", "-f", "raw", "-O", "raw", "-m", "8", "-W"]).arg(src).arg(dst);
-    run_cmd(&mut c)
-}
-
-struct Sets {
-    dd: Vec<f64>,
-    qemu: Vec<f64>,
-    cow: Vec<(CowConf, Vec<CowRun>)>,
-    alloc_dd: u64,
-    alloc_qemu: u64,
-    alloc_cow: u64,
-}
-
-/// Run dd, qemu-img and every cowbackup configuration `runs` times, interleaved.
-fn measure(a: &Args, dir: &Path, data: Data, confs: &[CowConf], disk: bool) -> Result<Sets, String> {
-    let src = dir.join("bench-src.img");
-    let dst = dir.join("bench-dst.img");
-    make_image(&src, a.size, data).map_err(|e| e.to_string())?;
-    let mut s = Sets {
-        dd: vec![],
-        qemu: vec![],
-        cow: confs.iter().map(|c| (*c, vec![])).collect(),
-        alloc_dd: 0,
-        alloc_qemu: 0,
-        alloc_cow: 0,
-    };
-    let cold = || if disk { drop_caches() } else { true };
-    let alloc = |p: &Path| allocated_bytes(p).unwrap_or(0);
-    // Contender k of n: 0 = dd, 1 = qemu-img, 2.. = the cowbackup configurations. The
-    // order rotates from run to run, so no contender always runs first (after the
-    // source was written) or always follows another.
-    let n = 2 + confs.len();
-    for run in 0..a.runs {
-        for k in (0..n).map(|k| (k + run) % n) {
-            let _ = std::fs::remove_file(&dst);
-            cold();
-            match k {
-                0 => {
-                    s.dd.push(run_dd(&src, &dst)?);
-                    s.alloc_dd = alloc(&dst);
-                }
-                1 => {
-                    s.qemu.push(run_qemu(&src, &dst, a.size)?);
-                    s.alloc_qemu = alloc(&dst);
-                }
-                _ => {
-                    let (c, v) = &mut s.cow[k - 2];
-                    v.push(run_cow(&src, &dst, *c)?);
-                    if k == 2 {
-                        s.alloc_cow = alloc(&dst);
-                        if run == 0 {
-                            if let Some(at) = first_difference(&src, &dst).map_err(|e| e.to_string())? {
-                                return Err(format!(
-                                    "VERIFY FAILED: {} differs from the source at {at}",
-                                    dst.display()
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        eprint!(".");
-    }
-    let _ = std::fs::remove_file(&dst);
-    let _ = std::fs::remove_file(&src);
-    Ok(s)
-}
-
-fn throughput(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
-    let def = CowConf::default_opts();
-    let mut grid = vec![def];
-    let mut push = |c: CowConf| {
-        if !grid.iter().any(|g| g.workers == c.workers && g.chunk == c.chunk) {
-            grid.push(c)
-        }
-    };
-    if a.grid {
-        for w in [1, 2, 4] {
-            for ch in [64 * KIB, MIB, 4 * MIB] {
-                push(CowConf { workers: w, chunk: ch, ..def });
-            }
-        }
-    } else {
-        push(CowConf { workers: 1, ..def });
-        push(CowConf { workers: 4, ..def });
-        push(CowConf { chunk: 64 * KIB, ..def });
-        push(CowConf { chunk: 4 * MIB, ..def });
-    }
-    let mut places = vec![(a.shm_dir.clone(), false)];
-    if a.disk {
-        std::fs::create_dir_all(&a.disk_dir).map_err(|e| format!("{}: {e}", a.disk_dir.display()))?;
-        places.push((a.disk_dir.clone(), true));
-    }
-    let size = a.size;
-    for (dir, disk) in places {
-        let fs = if disk {
-            let warm = if drop_caches() { "cold cache" } else { "WARM cache: cannot drop caches" };
-            format!("disk ({warm})")
-        } else {
-            "tmpfs".to_string()
-        };
-        let mut random_secs = f64::NAN;
-        for data in [Data::Random, Data::Zero50, Data::Sparse] {
-            // The grid only for random data on tmpfs; elsewhere the defaults.
-            let confs: &[CowConf] = if !disk && data == Data::Random { &grid } else { &grid[..1] };
-            eprint!("throughput: {fs}, {}, {} ", data.name(), fmt_bytes(size));
-            let s = measure(a, &dir, data, confs, disk)?;
-            eprintln!();
-            let dd = summary(&s.dd);
-            let qemu = summary(&s.qemu);
-            for (i, (c, runs)) in s.cow.iter().enumerate() {
-                let secs: Vec<f64> = runs.iter().map(|r| r.secs).collect();
-                let cs = summary(&secs);
-                let rss = runs.iter().map(|r| r.rss).max().unwrap_or(0);
-                let vs_dd = dd.median / cs.median;
-                let vs_qemu = qemu.median / cs.median;
-                let mut target = Vec::new();
-                if i == 0 {
-                    match (disk, data) {
-                        (false, Data::Random) => {
-                            target.push(check(vs_dd >= 2.0, "≥ 2× dd"));
-                            target.push(check(vs_qemu >= 1.0, "≥ 1× qemu-img"));
-                            random_secs = cs.median;
-                        }
-                        (true, Data::Random) => {
-                            target.push(check(vs_dd >= 1.0, "≥ 1× dd"));
-                            random_secs = cs.median;
-                        }
-                        (_, Data::Zero50) => {
-                            let pct = s.alloc_cow as f64 * 100.0 / size as f64;
-                            target.push(check(pct <= 51.0, format!("target allocated {pct:.1} % ≤ 51 %")));
-                            let r = cs.median / random_secs;
-                            target.push(check(r <= 0.7, format!("time {r:.2}× random ≤ 0.7×")));
-                        }
-                        _ => {}
-                    }
-                }
-                target.push(check(rss <= 64 * MIB, format!("peak RSS {} MiB", rss.div_ceil(MIB))));
-                let (ad, aq, ac) = (s.alloc_dd / MIB, s.alloc_qemu / MIB, s.alloc_cow / MIB);
-                rows.push(Row {
-                    scenario: format!("{fs}, {}, {}: {}", data.name(), fmt_bytes(size), c.label()),
-                    cowbackup: if i == 0 {
-                        format!("{} (allocated {ac} MiB)", fmt_rate(size, cs))
-                    } else {
-                        fmt_rate(size, cs)
-                    },
-                    baseline: if i == 0 {
-                        format!(
-                            "dd: {} (allocated {ad} MiB); qemu-img: {} (allocated {aq} MiB)",
-                            fmt_rate(size, dd),
-                            fmt_rate(size, qemu)
-                        )
-                    } else {
-                        "(as above)".into()
-                    },
-                    ratio: format!("{vs_dd:.2}× dd, {vs_qemu:.2}× qemu-img"),
-                    target: target.join("; "),
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 fn scale(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
@@ -378,7 +214,7 @@ fn scale(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         let go = |src: &Path, sync: SyncMode, t: &mut Vec<f64>, r: &mut u64| -> Result<(), String> {
             let _ = std::fs::remove_file(&dst);
             cold();
-            let run = run_cow(src, &dst, CowConf { sync, ..def })?;
+            let run = run_cow(src, &dst, CowConf { sync, ..def }, Target::New)?;
             t.push(run.secs);
             *r = (*r).max(run.rss);
             Ok(())
@@ -459,8 +295,9 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 9] = [
-        ("throughput", throughput),
+    let steps: [(&str, Step); 10] = [
+        ("throughput", throughput::throughput),
+        ("offload", offload::offload),
         ("hook", latency::hook),
         ("guest", latency::guest),
         ("contention", latency::contention),
@@ -472,10 +309,12 @@ fn main() -> ExitCode {
     ];
     for (name, step) in steps {
         if a.wants(name) {
+            let t = Instant::now();
             if let Err(e) = step(&a, &mut rows) {
                 eprintln!("bench: {name}: {e}");
                 failed = true;
             }
+            eprintln!("{name}: {:.0} s", t.elapsed().as_secs_f64());
         }
     }
     println!();

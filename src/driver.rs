@@ -90,10 +90,11 @@ pub trait BlockDriver: Send + Sync {
     }
 
     /// The [`FileDriver`](crate::FileDriver) behind this driver, when it is one: a job
-    /// copying between two of them uses copy offload ([`FileDriver::copy_range_to`](crate::FileDriver::copy_range_to):
-    /// `copy_file_range`, an in-kernel copy or a reflink clone) instead of reading into
-    /// and writing from its buffers. Wrappers that must see every read and write (fault
-    /// injection, counting) keep the default `None`.
+    /// copying between two of them on a filesystem that clones extents or copies on the
+    /// server ([`FileDriver::copy_offload_pays`](crate::FileDriver::copy_offload_pays))
+    /// writes the data by copy offload ([`FileDriver::copy_range_to`](crate::FileDriver::copy_range_to))
+    /// instead of from its buffers. Wrappers that must see every write (fault injection,
+    /// counting) keep the default `None`.
     fn as_file_driver(&self) -> Option<&crate::FileDriver> {
         None
     }

@@ -19,7 +19,7 @@ fn err(e: impl std::fmt::Display) -> String {
 /// A job that only serves the hook (`sync=None`): nothing is copied behind our back.
 fn hook_only_job(src: &Path, dst: &Path) -> Result<(Job, Arc<FileDriver>), String> {
     let source = Arc::new(FileDriver::open(src, OpenFlags::WRITE).map_err(err)?);
-    let target = Arc::new(FileDriver::create(dst, source.size()).map_err(err)?);
+    let target = Arc::new(create_new(dst, source.size()).map_err(err)?);
     let job = backup_start(source.clone(), target, BackupOptions { sync: SyncMode::None, ..Default::default() })
         .map_err(err)?;
     Ok((job, source))
@@ -84,7 +84,7 @@ pub fn hook(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         for run in 0..a.runs {
             let (job, _source) = hook_only_job(&src, &dst)?;
             let source = FileDriver::open(&src, OpenFlags::empty()).map_err(err)?;
-            let basef = FileDriver::create(&base, size).map_err(err)?;
+            let basef = create_new(&base, size).map_err(err)?;
             let order = shuffled_clusters(n, 77 + run as u64);
             let mut buf = AlignedBuf::with_len(CLUSTER as usize);
             let (mut s, mut p) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
@@ -227,7 +227,7 @@ pub fn guest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
             let t = Instant::now();
             let job = backup_start(
                 Arc::new(FileDriver::open(&src, OpenFlags::empty()).map_err(err)?),
-                Arc::new(FileDriver::create(&dst, size).map_err(err)?),
+                Arc::new(create_new(&dst, size).map_err(err)?),
                 guest_opts(),
             )
             .map_err(err)?;
@@ -248,9 +248,8 @@ pub fn guest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
             let source = Arc::new(source);
             let done = AtomicBool::new(false);
             let t = Instant::now();
-            let job =
-                backup_start(source.clone(), Arc::new(FileDriver::create(&dst, size).map_err(err)?), guest_opts())
-                    .map_err(err)?;
+            let job = backup_start(source.clone(), Arc::new(create_new(&dst, size).map_err(err)?), guest_opts())
+                .map_err(err)?;
             let (lat, r) = thread::scope(|s| {
                 let w = s.spawn(|| guest_writer(&source, Some(&job), &done, 99 + run as u64));
                 let r = job.wait();
@@ -354,7 +353,7 @@ pub fn contention(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
                 drop(job);
                 // Plain read + write of the same clusters, same threads.
                 let source = FileDriver::open(&src, OpenFlags::empty()).map_err(err)?;
-                let basef = FileDriver::create(&base, size).map_err(err)?;
+                let basef = create_new(&base, size).map_err(err)?;
                 let t = Instant::now();
                 thread::scope(|s| {
                     let hs: Vec<_> = (0..nt)

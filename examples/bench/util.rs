@@ -270,3 +270,44 @@ pub fn peak_rss() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
+
+/// Create `path` (replacing it) as a file of `size` bytes with all of its space
+/// allocated (`fallocate`, mode 0: what `fallocate -l` and qemu's `preallocation=falloc` do).
+pub fn preallocate(path: &Path, size: u64) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let _ = std::fs::remove_file(path);
+    let f = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    // SAFETY: fallocate on a descriptor we own.
+    if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    f.sync_all()
+}
+
+/// A new sparse `FileDriver` at `path`, replacing any file there (`FileDriver::create`
+/// refuses an existing path).
+pub fn create_new(path: &Path, size: u64) -> io::Result<cowbackup::FileDriver> {
+    let _ = std::fs::remove_file(path);
+    cowbackup::FileDriver::create(path, size)
+}
+
+/// The name of the filesystem holding `dir` (by `statfs` `f_type`), e.g. "ext4".
+pub fn fs_name(dir: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return "?".into() };
+    // SAFETY: a zeroed statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs with a NUL-terminated path and a local of the right type.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } < 0 {
+        return "?".into();
+    }
+    match st.f_type as u32 {
+        0x0102_1994 => "tmpfs".into(),
+        0xef53 => "ext4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683e => "btrfs".into(),
+        0x6969 => "nfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        t => format!("filesystem 0x{t:x}"),
+    }
+}

@@ -1,25 +1,23 @@
-//! Where a claimed run of clusters is **copied**: read the source, find the zero
-//! clusters, write the rest to the target (zero clusters as `write_zeroes`, or not
-//! at all when the target already reads zeroes).
+//! Where a claimed run of clusters is **copied**: read the source once, find the zero
+//! clusters in the buffer just read, write the rest to the target (zero clusters as
+//! `write_zeroes`, or not at all when the target already reads zeroes).
 //!
-//! Between two files ([`BlockDriver::as_file_driver`]) the data goes by copy offload
-//! (`copy_file_range`: in the kernel, or a reflink clone) instead: each cluster's first
-//! [`PROBE`] bytes are read to tell data from zeroes (a cluster whose probe is zero is
-//! read whole and checked), so zero clusters are still found exactly, while the data
-//! itself never passes through our buffers.
+//! Between two files on a filesystem that clones extents or copies on the server
+//! ([`FileDriver::copy_offload_pays`]: XFS, Btrfs, NFS, ...) the data runs go to the
+//! target by copy offload (`copy_file_range`) instead of `pwrite`: the read is still
+//! needed to find zeroes exactly, the clone spares the write and the space. Elsewhere
+//! (ext4, tmpfs) `copy_file_range` copies the bytes through the page cache, the same
+//! two memory copies as writing the buffer already read, so the buffer is written
+//! (measurements in PERFORMANCE.md).
 
 use std::ops::Range;
 
 use crate::buf::AlignedBuf;
-use crate::drivers::file::unsupported;
 use crate::error::{Error, Op, Result, Side};
 use crate::job::Geometry;
 use crate::trace::{TraceEvent, TraceFn};
 use crate::zero::buffer_is_zero;
 use crate::{BlockDriver, FileDriver};
-
-/// Bytes read from the head of each cluster to tell data from zeroes under copy offload.
-pub(crate) const PROBE: usize = 4096;
 
 /// What one copied run amounted to, in bytes.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -45,14 +43,22 @@ pub(crate) struct Copier<'a> {
 impl Copier<'_> {
     /// Copy clusters `clusters` (a claim held by the caller) from source to target.
     pub fn copy(&self, clusters: Range<u64>, buf: &mut AlignedBuf) -> Result<Copied> {
-        if let (Some(s), Some(t)) = (self.source.as_file_driver(), self.target.as_file_driver()) {
-            return self.copy_offload(s, t, clusters, buf);
-        }
-        self.copy_buffered(clusters, buf)
+        let offload = match (self.source.as_file_driver(), self.target.as_file_driver()) {
+            (Some(s), Some(t)) if s.copy_offload_pays(t) => Some((s, t)),
+            _ => None,
+        };
+        self.copy_via(clusters, buf, offload)
     }
 
-    /// Read the run into `buf`, find its zero clusters, write the rest from `buf`.
-    fn copy_buffered(&self, clusters: Range<u64>, buf: &mut AlignedBuf) -> Result<Copied> {
+    /// Read the run into `buf`, find its zero clusters there, and write the rest: by
+    /// copy offload from `offload`'s source file to its target file when given, else
+    /// (or when the offload fails) from `buf`.
+    fn copy_via(
+        &self,
+        clusters: Range<u64>,
+        buf: &mut AlignedBuf,
+        offload: Option<(&FileDriver, &FileDriver)>,
+    ) -> Result<Copied> {
         let (off, len) = self.geo.byte_range(clusters);
         let data = buf.slice_mut(len as usize);
         self.source.read_at(data, off).map_err(|e| Error::io(Side::Source, Op::Read, off, len, &e))?;
@@ -72,12 +78,25 @@ impl Copier<'_> {
             if zero {
                 self.zero_run(at, n, &mut out)?;
             } else {
-                self.target.write_at(&data[pos..end], at).map_err(|e| Error::io(Side::Target, Op::Write, at, n, &e))?;
+                self.write_data(&data[pos..end], at, offload)?;
                 out.data += n;
             }
             pos = end;
         }
         Ok(out)
+    }
+
+    /// Put `data`, read from the source at `at`, at `at` in the target.
+    fn write_data(&self, data: &[u8], at: u64, offload: Option<(&FileDriver, &FileDriver)>) -> Result<()> {
+        let n = data.len() as u64;
+        if let Some((s, t)) = offload {
+            // Any failure (unsupported here, a full or failing target): write the bytes
+            // already read instead; what fails then is the target's and is reported so.
+            if s.copy_range_to(t, at, n).is_ok() {
+                return Ok(());
+            }
+        }
+        self.target.write_at(data, at).map_err(|e| Error::io(Side::Target, Op::Write, at, n, &e))
     }
 
     /// A run of clusters that read as zero: `write_zeroes` on the target, or nothing when
@@ -92,80 +111,123 @@ impl Copier<'_> {
         }
         Ok(())
     }
+}
 
-    /// Copy offload between two files: probe each cluster for zeroes, then zero the
-    /// zero runs and `copy_file_range` the data runs; a data run the kernel cannot
-    /// offload is read and written instead.
-    fn copy_offload(
-        &self,
-        s: &FileDriver,
-        t: &FileDriver,
-        clusters: Range<u64>,
-        buf: &mut AlignedBuf,
-    ) -> Result<Copied> {
-        let (off, len) = self.geo.byte_range(clusters);
-        let end = off + len;
-        let cs = self.geo.cluster_size;
-        let mut out = Copied::default();
-        // The run being gathered: its start and whether it is zero.
-        let mut run: Option<(u64, bool)> = None;
-        let mut pos = off;
-        while pos < end {
-            let n = (end - pos).min(cs);
-            let probe = (n as usize).min(PROBE);
-            let head = buf.slice_mut(probe);
-            s.read_at(head, pos).map_err(|e| Error::io(Side::Source, Op::Read, pos, probe as u64, &e))?;
-            let zero = buffer_is_zero(head) && {
-                let all = buf.slice_mut(n as usize);
-                s.read_at(all, pos).map_err(|e| Error::io(Side::Source, Op::Read, pos, n, &e))?;
-                buffer_is_zero(all)
-            };
-            match run {
-                Some((start, z)) if z != zero => {
-                    self.finish_run(s, t, start, pos - start, z, buf, &mut out)?;
-                    run = Some((pos, zero));
-                }
-                Some(_) => {}
-                None => run = Some((pos, zero)),
-            }
-            pos += n;
-        }
-        if let Some((start, z)) = run {
-            self.finish_run(s, t, start, end - start, z, buf, &mut out)?;
-        }
-        Ok(out)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::OpenFlags;
+
+    const CS: u64 = 64 << 10;
+
+    fn geo(size: u64) -> Geometry {
+        Geometry { size, cluster_size: CS, shift: CS.trailing_zeros(), clusters: size.div_ceil(CS), max_run: 16 }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn finish_run(
-        &self,
-        s: &FileDriver,
-        t: &FileDriver,
-        at: u64,
-        n: u64,
-        zero: bool,
-        buf: &mut AlignedBuf,
-        out: &mut Copied,
-    ) -> Result<()> {
-        if zero {
-            return self.zero_run(at, n, out);
-        }
-        match s.copy_range_to(t, at, n) {
-            Ok(()) => {}
-            Err(e) if unsupported(&e) => {
-                let data = buf.slice_mut(n as usize);
-                s.read_at(data, at).map_err(|e| Error::io(Side::Source, Op::Read, at, n, &e))?;
-                t.write_at(data, at).map_err(|e| Error::io(Side::Target, Op::Write, at, n, &e))?;
-            }
-            // The kernel does not say which side failed: report it on the source
-            // when reading there fails too, else on the target.
-            Err(e) => {
-                let data = buf.slice_mut(n as usize);
-                let side = if s.read_at(data, at).is_err() { Side::Source } else { Side::Target };
-                return Err(Error::io(side, Op::Write, at, n, &e));
+    /// A source of 16 clusters: data, zero, zero, data (zero head), data, ... and a
+    /// partly filled last cluster; the expected (data, zero) byte counts.
+    fn source(dir: &std::path::Path) -> (FileDriver, Vec<u8>, Copied) {
+        let size = 16 * CS - 4096;
+        let mut img = vec![0u8; size as usize];
+        let mut want = Copied::default();
+        for (i, c) in img.chunks_mut(CS as usize).enumerate() {
+            let n = c.len() as u64;
+            match i % 4 {
+                1 | 2 => want.zero += n,
+                3 => {
+                    // Zero at the head, data at the very end: a head probe would call it zero.
+                    *c.last_mut().unwrap() = 0x5a;
+                    want.data += n;
+                }
+                _ => {
+                    c.iter_mut().enumerate().for_each(|(j, b)| *b = (j * 7 + i) as u8 | 1);
+                    want.data += n;
+                }
             }
         }
-        out.data += n;
-        Ok(())
+        let p = dir.join("src");
+        std::fs::write(&p, &img).unwrap();
+        (FileDriver::open(&p, OpenFlags::empty()).unwrap(), img, want)
+    }
+
+    fn contents(d: &FileDriver) -> Vec<u8> {
+        let mut v = vec![0u8; d.size() as usize];
+        d.read_at(&mut v, 0).unwrap();
+        v
+    }
+
+    /// The same bytes and the same exact zero clusters whether the data goes by
+    /// `copy_file_range` or from the buffer, into a target that reads zeroes or one
+    /// holding old data.
+    #[test]
+    fn zero_clusters_found_exactly_with_and_without_offload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, img, want) = source(dir.path());
+        let g = geo(src.size());
+        for offload in [false, true] {
+            for target_zero in [true, false] {
+                let p = dir.path().join(format!("dst-{offload}-{target_zero}"));
+                if target_zero {
+                    FileDriver::create(&p, src.size()).unwrap();
+                } else {
+                    std::fs::write(&p, vec![0xeeu8; src.size() as usize]).unwrap();
+                }
+                let dst = FileDriver::open(&p, OpenFlags::WRITE).unwrap();
+                let c = Copier { source: &src, target: &dst, geo: &g, target_zero, trace: None, job: 1 };
+                let mut buf = AlignedBuf::new();
+                let mut got = Copied::default();
+                for run in [0..5, 5..6, 6..16] {
+                    let r = c.copy_via(run, &mut buf, offload.then_some((&src, &dst))).unwrap();
+                    got.data += r.data;
+                    got.zero += r.zero;
+                }
+                assert_eq!(got, want, "offload {offload}, target_zero {target_zero}");
+                assert!(contents(&dst) == img, "offload {offload}, target_zero {target_zero}: content differs");
+            }
+        }
+    }
+
+    /// A clone that fails falls back to writing the buffer, and a failure there is
+    /// reported on the target, as a write.
+    #[test]
+    fn failed_offload_is_written_or_reported_on_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _, _) = source(dir.path());
+        let g = geo(src.size());
+        let p = dir.path().join("dst");
+        FileDriver::create(&p, src.size()).unwrap();
+        let ro = FileDriver::open(&p, OpenFlags::empty()).unwrap();
+        let c = Copier { source: &src, target: &ro, geo: &g, target_zero: true, trace: None, job: 1 };
+        let e = c.copy_via(0..1, &mut AlignedBuf::new(), Some((&src, &ro))).unwrap_err();
+        let ctx = e.context().unwrap();
+        assert_eq!((ctx.side, ctx.op, ctx.offset), (Side::Target, Op::Write, 0));
+    }
+
+    /// Copy offload is chosen by the filesystem: never on tmpfs or ext4 (where the
+    /// kernel copies through the page cache), never across filesystems.
+    #[test]
+    fn offload_only_where_it_clones() {
+        let fs_type = |p: &std::path::Path| {
+            let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a zeroed statfs is a valid value of this plain C struct.
+            let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+            // SAFETY: statfs with a NUL-terminated path and a local of the right type.
+            assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+            st.f_type as u32
+        };
+        const PAGE_CACHE_COPY: [u32; 2] = [0x0102_1994, 0xef53]; // tmpfs, ext2/3/4
+        let mut dirs = vec![tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap()];
+        dirs.extend(tempfile::tempdir_in("/dev/shm").ok());
+        let (src, _, _) = source(dirs[0].path());
+        for d in &dirs {
+            let (s, _, _) = source(d.path());
+            let t = FileDriver::create(d.path().join("dst"), s.size()).unwrap();
+            if PAGE_CACHE_COPY.contains(&fs_type(d.path())) {
+                assert!(!s.copy_offload_pays(&t), "{}", d.path().display());
+            }
+            if src.storage_id().unwrap().0 != t.storage_id().unwrap().0 {
+                assert!(!src.copy_offload_pays(&t), "across filesystems");
+            }
+        }
     }
 }
