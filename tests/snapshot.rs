@@ -1,11 +1,14 @@
 //! The snapshot view (src/job/snapshot.rs): fleecing, pull mode, discard, staleness.
 mod common;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use common::{contents, Rng};
 use cowbackup::{
-    backup_start, BackupOptions, BitmapMode, BlockDriver, DirtyBitmap, FileDriver, JobState, MemDriver, SyncMode,
+    backup_start, BackupOptions, BitmapMode, BlockDriver, BlockStatus, DirtyBitmap, FileDriver, JobState, MemDriver,
+    SnapshotView, StatusFlags, SyncMode,
 };
 
 const K64: u64 = 64 * 1024;
@@ -192,4 +195,193 @@ fn pull_mode() {
             .kind(),
         cowbackup::ErrorKind::InvalidInput
     );
+}
+
+/// Wraps a driver: reads and block_status queries made on threads named `view-reader`
+/// wait while the gate is closed (other threads pass). Counts the callers waiting now.
+struct ReaderGate<D> {
+    inner: D,
+    closed: Mutex<bool>,
+    cv: Condvar,
+    waiting: AtomicU64,
+}
+
+impl<D: BlockDriver> ReaderGate<D> {
+    fn new(inner: D) -> Arc<ReaderGate<D>> {
+        Arc::new(ReaderGate { inner, closed: Mutex::new(true), cv: Condvar::new(), waiting: AtomicU64::new(0) })
+    }
+    fn open(&self) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.cv.notify_all();
+    }
+    fn pass(&self) {
+        if std::thread::current().name() != Some("view-reader") {
+            return;
+        }
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        while *closed {
+            closed = self.cv.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Opens a [`ReaderGate`] when dropped, also while a failing test unwinds.
+struct OpenOnDrop<D: BlockDriver>(Arc<ReaderGate<D>>);
+
+impl<D: BlockDriver> Drop for OpenOnDrop<D> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+impl<D: BlockDriver> BlockDriver for ReaderGate<D> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.pass();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<BlockStatus> {
+        self.pass();
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// A view read holds the clusters it reads from the source: a hook on one of them waits
+/// (counted in `cow_waits`) until the read is done, then copies the old data; the reader
+/// got the old data too. Same for a block_status query of the view.
+#[test]
+fn hook_waits_for_a_view_read_then_copies_the_old_data() {
+    for query in ["read", "block_status"] {
+        let size = 16 * K64;
+        let src = ReaderGate::new(MemDriver::from_bytes(&vec![0xAA; size as usize]).unwrap());
+        let target = Arc::new(MemDriver::new(size).unwrap());
+        let opts = BackupOptions { sync: SyncMode::None, ..Default::default() };
+        let job = backup_start(src.clone(), target.clone(), opts).unwrap();
+        let view = job.snapshot().unwrap();
+        std::thread::scope(|s| {
+            // Inside the scope: a failing assertion opens the gate before the scope joins the reader.
+            let _open = OpenOnDrop(src.clone());
+            let reader = std::thread::Builder::new()
+                .name("view-reader".into())
+                .spawn_scoped(s, || {
+                    if query == "read" {
+                        let mut b = vec![0u8; K64 as usize];
+                        view.read_at(&mut b, 3 * K64).map(|()| b)
+                    } else {
+                        view.block_status(3 * K64, K64).map(|st| vec![st.flags.bits() as u8])
+                    }
+                })
+                .unwrap();
+            common::until("the view's source access to be parked", || src.waiting.load(Ordering::SeqCst) == 1);
+            let waits = job.info().cow_waits;
+            let writer = s.spawn(|| {
+                job.cow_before_write(3 * K64 + 10, 100).unwrap();
+                src.write_at(&[0xBB; 100], 3 * K64 + 10).unwrap();
+            });
+            common::until("the hook to wait for the view's hold", || job.info().cow_waits > waits);
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!writer.is_finished(), "{query}: the hook must not return while the view holds the cluster");
+            assert_eq!(job.info().cow_bytes, 0, "{query}: nothing copied while held");
+            src.open();
+            let got = common::join_within("the view reader", reader, Duration::from_secs(10)).unwrap();
+            if query == "read" {
+                assert!(got.iter().all(|&b| b == 0xAA), "the reader got the old data");
+            } else {
+                assert_eq!(got, vec![StatusFlags::DATA.bits() as u8]);
+            }
+            common::join_within("the writer", writer, Duration::from_secs(10));
+        });
+        assert_eq!(job.info().cow_bytes, K64, "{query}: the hook copied the cluster after the read");
+        let mut b = vec![0u8; K64 as usize];
+        target.read_at(&mut b, 3 * K64).unwrap();
+        assert!(b.iter().all(|&x| x == 0xAA), "{query}: the target holds the old data");
+        view.read_at(&mut b, 3 * K64).unwrap();
+        assert!(b.iter().all(|&x| x == 0xAA), "{query}: the view still reads the old data");
+        job.cancel();
+        common::wait_end(&job, Duration::from_secs(10)).unwrap_err();
+    }
+}
+
+/// block_status of a view in pull mode: EACCES at a cluster outside the bitmap; an answer
+/// starting in a served cluster stops before the next cluster that is not served.
+#[test]
+fn view_block_status_in_pull_mode() {
+    let size = 8 * K64;
+    let src = Arc::new(MemDriver::from_bytes(&vec![7; size as usize]).unwrap());
+    let bm = DirtyBitmap::new(size, K64).unwrap();
+    bm.mark(0, 2 * K64).unwrap();
+    let opts = BackupOptions { sync: SyncMode::None, bitmap: Some(bm), ..Default::default() };
+    let job = backup_start(src, Arc::new(MemDriver::new(size).unwrap()), opts).unwrap();
+    let view = job.snapshot().unwrap();
+    let st = view.block_status(100, size - 100).unwrap();
+    assert_eq!((st.len, st.flags), (2 * K64 - 100, StatusFlags::DATA));
+    assert_eq!(errno(view.block_status(2 * K64, K64).unwrap_err()), libc::EACCES);
+    job.cow_before_write(0, 1).unwrap();
+    let st = view.block_status(0, size).unwrap();
+    assert_eq!(st.len, K64, "copied cluster 0: the target's status, up to the uncopied cluster 1");
+    assert_eq!(errno(view.block_status(size, 1).unwrap_err()), libc::EINVAL);
+    job.cancel();
+}
+
+/// A source driver whose read, on the hook's own thread, reads the job's view (of the very
+/// clusters the hook is copying): refused with EDEADLK instead of waiting for itself.
+#[test]
+fn view_read_from_inside_the_jobs_own_hook_is_refused() {
+    struct Nested {
+        inner: MemDriver,
+        /// Armed once: taken by the first read.
+        view: Mutex<Option<Arc<SnapshotView>>>,
+        got: Mutex<Vec<i32>>,
+    }
+    impl BlockDriver for Nested {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let armed = self.view.lock().unwrap().take();
+            if let Some(v) = armed {
+                let r = v.read_at(&mut vec![0; buf.len()], offset);
+                self.got.lock().unwrap().push(r.map_or_else(errno, |()| 0));
+                let d = v.discard(offset, buf.len() as u64);
+                self.got.lock().unwrap().push(d.map_or_else(errno, |()| 0));
+            }
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+    }
+    let size = 4 * K64;
+    let src = Arc::new(Nested {
+        inner: MemDriver::from_bytes(&vec![5; size as usize]).unwrap(),
+        view: Default::default(),
+        got: Mutex::new(Vec::new()),
+    });
+    let opts = BackupOptions { sync: SyncMode::None, ..Default::default() };
+    let job = backup_start(src.clone(), Arc::new(MemDriver::new(size).unwrap()), opts).unwrap();
+    let view = job.snapshot().unwrap();
+    *src.view.lock().unwrap() = Some(view.clone());
+    std::thread::scope(|s| {
+        let h = s.spawn(|| job.cow_before_write(0, K64));
+        let t = std::time::Instant::now();
+        while !h.is_finished() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !h.is_finished() {
+            job.cancel(); // wakes the hung read, so the test fails instead of hanging
+            panic!("the hook hung reading its own job's view");
+        }
+        h.join().unwrap().unwrap();
+    });
+    assert_eq!(*src.got.lock().unwrap(), vec![libc::EDEADLK, libc::EDEADLK]);
+    // From outside the job, the same calls work.
+    assert_eq!(contents(&*view), vec![5; size as usize]);
+    job.cancel();
 }
