@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
-//!     [--shm-dir /dev/shm] [--only throughput,hook,guest,scale,contention] [--grid]
+//!     [--shm-dir /dev/shm] [--only throughput,hook,guest,scale,contention,view,fleece,scratch] [--grid]
 //!     [--no-disk] [--scale-size 1T]
 //! ```
 //!
@@ -17,6 +17,8 @@
 mod latency;
 #[path = "bench/util.rs"]
 mod util;
+#[path = "bench/view.rs"]
+mod view;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -45,7 +47,8 @@ impl Args {
 
 fn usage() -> &'static str {
     "usage: bench [--size 2G] [--runs 3] [--shm-dir /dev/shm] [--disk-dir /var/tmp/cowbackup-bench]\n\
-     \x20            [--no-disk] [--only throughput,hook,guest,scale,contention] [--grid] [--scale-size 1T]\n\
+     \x20            [--no-disk] [--only throughput,hook,guest,scale,contention,view,fleece,scratch] [--grid]\n\
+     \x20            [--scale-size 1T]\n\
      --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
@@ -446,12 +449,15 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 5] = [
+    let steps: [(&str, Step); 8] = [
         ("throughput", throughput),
         ("hook", latency::hook),
         ("guest", latency::guest),
         ("contention", latency::contention),
         ("scale", scale),
+        ("view", view::view_read),
+        ("fleece", view::fleece_latency),
+        ("scratch", view::scratch_peak),
     ];
     for (name, step) in steps {
         if a.wants(name) {
