@@ -163,7 +163,7 @@ static void options(void)
     CHECK_ERR(cowbackup_options_set_target_is_zero(NULL, 0), EINVAL, "cowbackup_options_set_target_is_zero");
     CHECK_ERR(cowbackup_options_set_completion(NULL, NULL, NULL), EINVAL, "cowbackup_options_set_completion");
 
-    SAY("bad cluster sizes, sync modes (BITMAP: -ENOTSUP), workers, max_chunk, actions, booleans");
+    SAY("bad cluster sizes, sync modes, bitmap modes, workers, max_chunk, actions, booleans");
     cowbackup_options *o = cowbackup_options_new();
     REQUIRE(o != NULL);
     const uint64_t bad_clusters[] = { 0, 1, 3, 2048, 4095, 65537, 128ULL << 20, 1ULL << 63, UINT64_MAX };
@@ -171,7 +171,14 @@ static void options(void)
         CHECK_ERR(cowbackup_options_set_cluster_size(o, bad_clusters[i]), EINVAL, "cowbackup_options_set_cluster_size");
     CHECK_ERR(cowbackup_options_set_sync(o, 4), EINVAL, "cowbackup_options_set_sync");
     CHECK_ERR(cowbackup_options_set_sync(o, UINT32_MAX), EINVAL, "cowbackup_options_set_sync");
-    CHECK_ERR(cowbackup_options_set_sync(o, COWBACKUP_SYNC_BITMAP), ENOTSUP, "COWBACKUP_SYNC_BITMAP");
+    CHECK_ERR(cowbackup_options_set_bitmap(NULL, NULL, 0), EINVAL, "cowbackup_options_set_bitmap");
+    {
+        cowbackup_bitmap *bm = NULL;
+        REQUIRE(cowbackup_bitmap_new(1 << 20, 65536, &bm) == 0);
+        CHECK_ERR(cowbackup_options_set_bitmap(o, bm, 3), EINVAL, "cowbackup_options_set_bitmap");
+        CHECK_ERR(cowbackup_options_set_bitmap(o, bm, UINT32_MAX), EINVAL, "cowbackup_options_set_bitmap");
+        cowbackup_bitmap_free(bm);
+    }
     CHECK_ERR(cowbackup_options_set_workers(o, 0), EINVAL, "cowbackup_options_set_workers");
     CHECK_ERR(cowbackup_options_set_workers(o, 65), EINVAL, "cowbackup_options_set_workers");
     CHECK_ERR(cowbackup_options_set_workers(o, UINT32_MAX), EINVAL, "cowbackup_options_set_workers");
@@ -190,6 +197,11 @@ static void options(void)
     CHECK_RC(cowbackup_backup_start(s, t, o, &job), 0);
     CHECK_RC(cowbackup_job_wait(job), 0);
     cowbackup_job_free(job);
+    /* COWBACKUP_SYNC_BITMAP is a valid mode, but a job needs a bitmap for it. */
+    CHECK_RC(cowbackup_options_set_sync(o, COWBACKUP_SYNC_BITMAP), 0);
+    job = NULL;
+    CHECK_ERR(cowbackup_backup_start(s, t, o, &job), EINVAL, "needs a dirty bitmap");
+    CHECK(job == NULL);
     cowbackup_driver_free(s);
     cowbackup_driver_free(t);
     cowbackup_options_free(o);

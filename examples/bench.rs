@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
-//!     [--shm-dir /dev/shm] [--only throughput,hook,guest,scale,contention,view,fleece,scratch] [--grid]
+//!     [--shm-dir /dev/shm] [--only throughput,hook,guest,scale,contention] [--grid]
+//!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
+//!     snapshot view: --only view,fleece,scratch)
 //!     [--no-disk] [--scale-size 1T]
 //! ```
 //!
@@ -13,6 +15,8 @@
 //! reports its time and peak RSS (`VmHWM`). Images are created in the tmpfs and disk
 //! directories and removed afterwards.
 
+#[path = "bench/incremental.rs"]
+mod incremental;
 #[path = "bench/latency.rs"]
 mod latency;
 #[path = "bench/util.rs"]
@@ -47,8 +51,9 @@ impl Args {
 
 fn usage() -> &'static str {
     "usage: bench [--size 2G] [--runs 3] [--shm-dir /dev/shm] [--disk-dir /var/tmp/cowbackup-bench]\n\
-     \x20            [--no-disk] [--only throughput,hook,guest,scale,contention,view,fleece,scratch] [--grid]\n\
-     \x20            [--scale-size 1T]\n\
+     \x20            [--no-disk] [--only throughput,hook,guest,scale,contention] [--grid] [--scale-size 1T]\n\
+     \x20            incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
+     \x20            snapshot view: --only view,fleece,scratch\n\
      --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
@@ -428,6 +433,15 @@ fn scale(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("__incr") {
+        return match incremental::child_incr(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench __incr: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if argv.get(1).map(String::as_str) == Some("__backup") {
         return match child_backup(&argv[2..]) {
             Ok(()) => ExitCode::SUCCESS,
@@ -449,12 +463,16 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 8] = [
+    let steps: [(&str, Step); 12] = [
         ("throughput", throughput),
         ("hook", latency::hook),
         ("guest", latency::guest),
         ("contention", latency::contention),
         ("scale", scale),
+        ("mark", incremental::mark),
+        ("bitmap-guest", incremental::guest),
+        ("group-commit", incremental::group_commit),
+        ("incremental", incremental::incremental),
         ("view", view::view_read),
         ("fleece", view::fleece_latency),
         ("scratch", view::scratch_peak),

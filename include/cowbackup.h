@@ -334,12 +334,28 @@ typedef struct cowbackup_bitmap_info {
 
  Every op receives the `opaque` pointer given to `cowbackup_driver_new` first, returns 0
  on success or a negative errno (which becomes the job's or the call's error; any other
- value is turned into -EIO), and is only called for ranges inside the device. Ops are
- called from library threads (job workers) and from the threads calling
- `cowbackup_cow_before_write` or `cowbackup_driver_read/write`, possibly concurrently:
- they must be thread-safe, or the driver must be created with `COWBACKUP_DRIVER_SERIALIZE`.
- Buffers passed to ops are valid only during the call. No library lock is held while an op
- runs, but ops must not call `cowbackup_*` functions on a job using this driver.
+ value is turned into -EIO), and is only called for ranges inside the device. Buffers
+ passed to ops are valid only during the call.
+
+ Threads: ops run on a job's workers `cowbackup-<id>-<n>` (the background copy), its job
+ thread `cowbackup-<id>` (the target's `flush` at the end; zeroing first under
+ `COWBACKUP_SYNC_TOP`), its hook helpers `cowbackup-<id>-h` (with a cbw timeout), and on the
+ host threads calling `cowbackup_cow_before_write` (the hook's copy),
+ `cowbackup_backup_start` (`block_status` at start) or `cowbackup_driver_read`/`_write`,
+ possibly concurrently: they must be thread-safe, or the driver must be created with
+ `COWBACKUP_DRIVER_SERIALIZE` (then they run one at a time, under the driver's own lock).
+ No other library lock is held while an op runs.
+
+ Re-entrancy (capi/README.md, "Callbacks and re-entrancy"): an op running for a job (on
+ one of its threads or inside its `cowbackup_cow_before_write`) may call that job's
+ `cowbackup_job_query`, `_pause`, `_resume`, `_cancel`, `_set_speed`; there
+ `cowbackup_cow_before_write` of clusters not yet copied and `cowbackup_job_wait` return
+ -EDEADLK, and `cowbackup_job_free` is refused (the job is cancelled, not freed: free it
+ from outside). An op of a `COWBACKUP_DRIVER_SERIALIZE` driver that calls its own driver
+ again on the same thread (`cowbackup_driver_read`/`_write` on its handle, also through
+ another driver's op, or the hook of a job reading it) gets -EDEADLK instead of waiting for
+ itself; an op of a driver without the flag may call its own driver: it is just a call. An
+ op must not free its own driver handle, and must not longjmp out.
  */
 typedef struct cowbackup_driver_ops {
   /*
@@ -370,7 +386,8 @@ typedef struct cowbackup_driver_ops {
   /*
    Optional (may be NULL). Called exactly once, after the last reference to the driver is
    gone (the last of `cowbackup_driver_free` and `cowbackup_job_free` of the jobs using
-   it), on the thread that dropped it; no other op runs or will run then. Free `opaque` here.
+   it), on the thread that dropped it, before that call returns; no other op runs or will
+   run then. Free `opaque` here.
    */
   void (*release)(void *opaque);
   /*
@@ -938,6 +955,15 @@ int cowbackup_backup_start_group(size_t n,
  `COWBACKUP_CBW_BREAK_GUEST_WRITE` the copy's -errno (-EIO, -ENOSPC, -ETIMEDOUT): fail the
  guest write; the snapshot stays valid and a later call retries.
 
+ From inside the job's own callbacks (a driver op or trace callback on one of the job's
+ threads or inside this hook, the completion callback; see capi/README.md, "Callbacks and
+ re-entrancy"): a range whose clusters are all copied returns 0 at once, as does any range
+ once the job has ended or was cancelled; a range with clusters not yet copied returns
+ -EDEADLK (the calling thread may be the one copying them), whatever the `on_cbw_error`
+ policy, and the job is not affected: do not write that range then. Called from an op of a
+ `COWBACKUP_DRIVER_SERIALIZE` driver that this job reads, the copy fails with -EDEADLK
+ (the op holds the driver's lock the copy needs).
+
  # Safety
  `job` is NULL or a live job handle.
  */
@@ -987,8 +1013,11 @@ int cowbackup_job_set_speed(struct cowbackup_job *job, uint64_t bytes_per_sec);
  point-in-time image of the source), -ECANCELED when it was cancelled, or the -errno of the
  error that failed it (message in `cowbackup_last_error()`). May be called several times
  and from several threads; returns at once when the job has ended. -EINVAL: NULL `job`.
- -EDEADLK: called before the job ended from inside one of its own callbacks or driver
- operations (it would wait for itself); from the completion callback it returns the result.
+ -EDEADLK: called before the job ended from inside one of its own callbacks (a driver op or
+ trace callback on one of the job's threads or inside its `cowbackup_cow_before_write`,
+ any trace callback of the job): it would wait for itself. From the completion callback it
+ returns the job's result at once. Elsewhere it returns only after the completion callback
+ has returned: do not call it while holding a lock that the job's callbacks take.
 
  # Safety
  `job` is NULL or a live job handle.
@@ -1028,15 +1057,20 @@ int cowbackup_job_failed_ranges(const struct cowbackup_job *job,
  its drivers are dropped (a C driver whose last reference this was is released before this
  returns). NULL: nothing. No other call on the job may run concurrently or follow.
 
- Refused when called from inside one of this job's own callbacks or driver operations (a
- driver op or trace callback on a job thread or inside `cowbackup_cow_before_write`, or the
- completion callback): the job is cancelled, but not freed, and `cowbackup_last_error()`
- says why (EDEADLK); the handle stays valid: free it once the callback has returned. In a
- `fork`ed child (where the job's threads do not exist) this does nothing and touches none
- of the job's state; the parent still owns the job.
+ Refused when called from inside one of this job's own callbacks (a driver op or trace
+ callback on one of the job's threads or inside its `cowbackup_cow_before_write`, any trace
+ callback of the job, the completion callback): the job is cancelled (if still running),
+ but not freed, and `cowbackup_last_error()` says why ("cowbackup_job_free: refused
+ (EDEADLK): ..."); the handle stays valid: free it from outside once the callback has
+ returned (e.g. after `cowbackup_job_wait`). When this call frees a running job, the
+ completion callback runs inside it (with -ECANCELED): a free from there is refused too,
+ and this call completes. Do not call it while holding a lock that the job's callbacks take.
+ In a `fork`ed child (where the job's threads do not exist) this does nothing and touches
+ none of the job's state; the parent still owns the job.
 
  # Safety
- `job` is NULL or a live job handle not used by any other call during this one nor afterwards.
+ `job` is NULL or a live job handle not used by any other call during this one (except by
+ the job's completion callback, which may run inside it) nor afterwards.
  */
 void cowbackup_job_free(struct cowbackup_job *job);
 
@@ -1214,14 +1248,22 @@ int cowbackup_options_set_target_is_zero(struct cowbackup_options *o, uint32_t i
 /*
  Set the completion callback of the jobs started with these options: `cb(opaque, ret)` is
  called exactly once per job, when it ends, with what `cowbackup_job_wait` returns (0,
- -ECANCELED, or the job's -errno), after the final state is set. It runs on a library thread
- (the job's own thread), not the thread that started the job; it must not block for long.
- It may call `cowbackup_job_query` and `cowbackup_job_wait` (which returns at once).
- `cowbackup_job_wait` in other threads and `cowbackup_job_free` return only after it has
- returned. It is
- also called, with -ECANCELED, when a running job is freed, before `cowbackup_job_free`
- returns. A job that fails to start never calls it. `cb` NULL removes the callback.
- Errors: -EINVAL (NULL `o`).
+ -ECANCELED, or the job's -errno), after the final state is set. It runs on the job's own
+ thread `cowbackup-<id>`, not the thread that started the job; it must not block for long
+ and must not longjmp out. `cowbackup_job_wait` in other threads and `cowbackup_job_free`
+ return only after it has returned. It is also called, with -ECANCELED, when a running job
+ is freed, inside that `cowbackup_job_free`. A job that fails to start never calls it. `cb`
+ NULL removes the callback. Errors: -EINVAL (NULL `o`).
+
+ Re-entrancy (capi/README.md, "Callbacks and re-entrancy"): the callback is inside its job,
+ which has ended. It may call any function on the job: `cowbackup_job_query`,
+ `cowbackup_job_wait` (the job's result, at once), `cowbackup_job_cancel` (0, no effect),
+ `cowbackup_job_set_speed` (0), `cowbackup_cow_before_write` (0: the job has ended),
+ `cowbackup_job_pause`/`_resume` (-EBUSY: the job has ended).
+ `cowbackup_job_free` is refused: the job is not freed and `cowbackup_last_error()` says
+ EDEADLK; free the job from outside, after the callback (e.g. after `cowbackup_job_wait`).
+ It must not wait for something that waits for the job (a lock held by a thread calling
+ `cowbackup_job_wait` or `cowbackup_job_free` on this job).
 
  # Safety
  `o` is NULL or a live options object. `cb`, when not NULL, is safe to call from any thread
@@ -1267,11 +1309,21 @@ int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t e
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is
  called for every event of a job (state changes, chunks copied, zero runs, hook calls
  that copy or wait, errors with the action taken). It runs on the thread that caused the
- event: a job's library threads or a thread inside `cowbackup_cow_before_write`, possibly
- concurrently, never with a library lock held; `event` and its `message` are valid only
- during the call. It must be thread-safe and quick. The hook's fast path (clusters already
+ event, possibly concurrently, never with a library lock held: a job's workers
+ `cowbackup-<id>-<n>` and job thread `cowbackup-<id>`, a host thread inside
+ `cowbackup_cow_before_write`, a thread calling `cowbackup_job_pause`/`_resume` (the state
+ change), the thread calling `cowbackup_backup_start` (zero runs found at start, before the
+ job handle exists). `event` and its `message` are valid only during the call. It must be
+ thread-safe and quick, and must not longjmp out. The hook's fast path (clusters already
  copied) emits nothing. `cb` NULL removes the callback (then `COWBACKUP_TRACE=1` in the
  environment prints events to stderr). Errors: -EINVAL (NULL `o`).
+
+ Re-entrancy (capi/README.md, "Callbacks and re-entrancy"): the callback is inside its job,
+ on any thread. It may call the job's `cowbackup_job_query`, `_pause`, `_resume`, `_cancel`,
+ `_set_speed` (pause and resume emit a state event on this thread: the callback is called
+ again, nested); `cowbackup_cow_before_write` of clusters not yet copied and
+ `cowbackup_job_wait` return -EDEADLK, and `cowbackup_job_free` is refused (the job is
+ cancelled, not freed: free it from outside).
 
  # Safety
  `o` is NULL or a live options object. `cb`, when not NULL, is safe to call from any thread

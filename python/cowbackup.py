@@ -39,7 +39,13 @@ that errno (``TimeoutError`` for ETIMEDOUT, ``FileNotFoundError`` for ENOENT, ..
 EINVAL, a :class:`ValueError`. Arguments Python can check itself raise ``TypeError`` or
 ``ValueError`` before the library is called. A cancelled job's :meth:`Job.wait` raises
 :class:`JobCancelled` (errno ECANCELED). Public exception classes: :class:`CowbackupError`,
-:class:`InvalidArgument` (EINVAL), :class:`JobCancelled` (ECANCELED).
+:class:`InvalidArgument` (EINVAL), :class:`JobCancelled` (ECANCELED), :class:`Busy` (EBUSY),
+:class:`Corrupt` (EBADMSG).
+
+Incremental backups: a :class:`Bitmap` records which parts of the source were written
+(``bm.mark(offset, n)`` in the write path, before the hook and the write);
+``backup_start(source, target, sync="bitmap", bitmap=bm)`` copies only those, and
+:func:`backup_start_group` starts several jobs at one point in time with one outcome.
 
 KeyboardInterrupt and SystemExit raised in Python code the library calls (a Python driver's
 method, ``trace``, ``on_complete``): the library gets EINTR from that call. When it ran on the
@@ -49,9 +55,10 @@ is raised again in that thread as soon as the library call returns. When it ran 
 thread (a job worker), the job's error policy handles the EINTR and :meth:`Job.wait` of a job
 using that driver (or that job's callback) raises the exception; it is also logged.
 
-fork(): handles made before ``fork()`` belong to the parent. In the child they raise
-``RuntimeError`` when used, and closing them (``close``, ``__del__``, the exit-time cleanup)
-does nothing: the child must not free what the parent's library threads use.
+fork(): handles made before ``fork()`` (drivers, jobs, bitmaps) belong to the parent. In the
+child they raise ``RuntimeError`` when used, and closing them (``close``, ``__del__``, the
+exit-time cleanup) does nothing: the child must not free what the parent's library threads
+use, nor unlock the parent's persistent bitmaps.
 """
 
 from __future__ import annotations
@@ -78,13 +85,19 @@ from ctypes import (
     c_size_t,
     c_uint32,
     c_uint64,
+    c_uint8,
     c_void_p,
 )
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 __all__ = [
     "ABI_MAJOR",
+    "Bitmap",
+    "BitmapInfo",
+    "Busy",
+    "Corrupt",
     "CowbackupError",
+    "DEFAULT_GRANULARITY",
     "Driver",
     "InvalidArgument",
     "Job",
@@ -95,6 +108,7 @@ __all__ = [
     "STATUS_DATA",
     "STATUS_ZERO",
     "backup_start",
+    "backup_start_group",
     "library_path",
     "library_version",
 ]
@@ -115,7 +129,9 @@ U64_MAX = 2**64 - 1
 
 # --- constants of include/cowbackup.h -------------------------------------------------
 
-_SYNC = {"full": 0, "top": 1, "none": 2}
+_SYNC = {"full": 0, "top": 1, "none": 2, "bitmap": 3}
+# QEMU's names of its BitmapSyncMode (COWBACKUP_BITMAP_MODE_ON_SUCCESS, _ALWAYS, _NEVER).
+_BITMAP_MODE = {"on-success": 0, "always": 1, "never": 2}
 _ERROR_ACTION = {"report": 0, "ignore": 1, "stop": 2, "enospc": 3}
 _CBW_ACTION = {"break-guest-write": 0, "break-snapshot": 1}
 
@@ -128,6 +144,13 @@ _OPEN_WRITE = 1
 _OPEN_DIRECT = 2
 _CREATE_OVERWRITE = 4
 _DRIVER_SERIALIZE = 1
+
+#: The usual granularity of a dirty bitmap (64 KiB); granularities are powers of two from
+#: 512 bytes to 2 GiB.
+DEFAULT_GRANULARITY = 65536
+_BITMAP_RECORDING = 1
+_BITMAP_BUSY = 2
+_BITMAP_PERSISTENT = 4
 
 
 class JobState(enum.IntEnum):
@@ -166,12 +189,26 @@ class InvalidArgument(CowbackupError, ValueError):
     """EINVAL from the library: a bad argument (also a ``ValueError``)."""
 
 
+class Busy(CowbackupError):
+    """EBUSY from the library: the object is in use. A dirty bitmap that a job uses (clear,
+    merge into it, enable, disable; a second job on it), a persistent bitmap already open (in
+    this process or another), a job that has ended (pause, resume)."""
+
+
+class Corrupt(CowbackupError):
+    """EBADMSG from the library: a damaged or foreign file, e.g. :meth:`Bitmap.open` of a file
+    that is not a bitmap, is truncated or fails its checksums (the message says where). The
+    file is left as it is: a damaged bitmap is never opened with bits missing."""
+
+
 #: The old, private-looking name of :class:`InvalidArgument` (kept as an alias).
 _InvalidArgument = InvalidArgument
 
 _error_classes: Dict[int, Type[CowbackupError]] = {
     _errno.EINVAL: InvalidArgument,
     _errno.ECANCELED: JobCancelled,
+    _errno.EBUSY: Busy,
+    _errno.EBADMSG: Corrupt,
 }
 _error_classes_lock = threading.Lock()
 
@@ -388,6 +425,19 @@ class _RangeC(Structure):
     _fields_ = [("offset", c_uint64), ("len", c_uint64)]
 
 
+class _BitmapInfoC(Structure):
+    _fields_ = [
+        ("size", c_uint64),
+        ("granularity", c_uint64),
+        ("count", c_uint64),
+        ("generation", c_uint64),
+        ("uuid", c_uint8 * 16),
+        ("flags", c_uint32),
+        ("reserved32", c_uint32),
+        ("reserved", c_uint64 * 6),
+    ]
+
+
 _P = c_void_p  # opaque handles
 _PP = POINTER(c_void_p)  # out-params for handles
 
@@ -427,6 +477,22 @@ _opt_target_is_zero = _declare("cowbackup_options_set_target_is_zero", c_int, [_
 _opt_completion = _declare("cowbackup_options_set_completion", c_int,
                            [_P, _COMPLETION_FN, c_void_p])
 _opt_trace = _declare("cowbackup_options_set_trace", c_int, [_P, _TRACE_FN, c_void_p])
+_opt_bitmap = _declare("cowbackup_options_set_bitmap", c_int, [_P, _P, c_uint32])
+# Not tracked, like _backup_start.
+_backup_start_group = _declare("cowbackup_backup_start_group", c_int,
+                               [c_size_t, _PP, _PP, _PP, _PP], tracked=False)
+_bitmap_new = _declare("cowbackup_bitmap_new", c_int, [c_uint64, c_uint64, _PP])
+_bitmap_create = _declare("cowbackup_bitmap_create", c_int, [c_char_p, c_uint64, c_uint64, _PP])
+_bitmap_open = _declare("cowbackup_bitmap_open", c_int, [c_char_p, _PP])
+_bitmap_mark = _declare("cowbackup_bitmap_mark", c_int, [_P, c_uint64, c_uint64])
+_bitmap_clear = _declare("cowbackup_bitmap_clear", c_int, [_P])
+_bitmap_enable = _declare("cowbackup_bitmap_enable", c_int, [_P])
+_bitmap_disable = _declare("cowbackup_bitmap_disable", c_int, [_P])
+_bitmap_merge = _declare("cowbackup_bitmap_merge", c_int, [_P, _P])
+_bitmap_next_dirty = _declare("cowbackup_bitmap_next_dirty", c_int,
+                              [_P, c_uint64, POINTER(c_uint64), POINTER(c_uint64)])
+_bitmap_query = _declare("cowbackup_bitmap_query", c_int, [_P, POINTER(_BitmapInfoC)])
+_bitmap_free = _declare("cowbackup_bitmap_free", None, [_P])
 
 
 def _check(ret: int, what: str) -> None:
@@ -518,7 +584,7 @@ class _Handle:
         if self.foreign:
             raise RuntimeError(
                 f"{self.what} was made by process {self.pid} before fork(); it cannot be used "
-                f"in the child process {_pid} (make new drivers and jobs in the child)")
+                f"in the child process {_pid} (make new drivers, jobs and bitmaps in the child)")
         with self._cond:
             if self._closing:
                 raise ValueError(f"{self.what} is closed")
@@ -959,6 +1025,296 @@ class Driver:
         return f"<cowbackup.Driver {self._kind}, {state}>"
 
 
+# --- dirty bitmaps ---------------------------------------------------------------------
+
+_live_bitmaps: "weakref.WeakSet[Bitmap]" = weakref.WeakSet()
+
+
+@dataclasses.dataclass(frozen=True)
+class BitmapInfo:
+    """What :meth:`Bitmap.info` reports, read together.
+
+    ``size``: bytes of device covered; ``granularity``: bytes per bit; ``count``: dirty bytes
+    (the last granule clipped to ``size``; while a job uses the bitmap, what it froze plus the
+    marks since); ``generation``: bumped each time bits are removed (a clear of a dirty
+    bitmap, a job that syncs it), never by marks, merges, enable/disable or a job that merges
+    its bitmap back; ``uuid``: 16 random bytes from creation, kept by a persistent bitmap.
+    With ``generation`` it lets a backup application check that its chain is intact.
+    ``recording``: marks are recorded (enabled); ``busy``: a job uses the bitmap;
+    ``persistent``: stored in a file.
+    """
+
+    size: int
+    granularity: int
+    count: int
+    generation: int
+    uuid: bytes
+    recording: bool
+    busy: bool
+    persistent: bool
+
+    @property
+    def flags(self) -> frozenset:
+        """The names of the flags that are set: ``"recording"``, ``"busy"``, ``"persistent"``."""
+        return frozenset(n for n in ("recording", "busy", "persistent") if getattr(self, n))
+
+
+class Bitmap:
+    """A dirty bitmap: which parts of a device were written, for incremental backups.
+
+    One bit per *granule* (a power of two from 512 bytes to 2 GiB, default 64 KiB). The
+    program's write path calls :meth:`mark` **before** each write to the device, next to the
+    hook of a running job::
+
+        bm.mark(offset, len(data))            # 1. record the write (durable, if persistent)
+        if job is not None:
+            job.cow_before_write(offset, len(data))   # 2. save the old data
+        disk.write(offset, data)              # 3. write
+
+    ``backup_start(disk, target, sync="bitmap", bitmap=bm)`` then copies only the clusters
+    that overlap dirty granules. While a job uses the bitmap it is *busy* (frozen): marks go
+    on (to its successor), but :meth:`clear`, :meth:`merge` into it, :meth:`enable` and
+    :meth:`disable` raise :class:`Busy`. At the end of the job, ``bitmap_mode`` decides what
+    it holds (see :func:`backup_start`).
+
+    In memory (:meth:`new`) or persistent and crash-safe (:meth:`create`, :meth:`open`):
+    when :meth:`mark` returns, the granules it covers are in the file, even if the machine
+    crashes right after. A persistent bitmap is locked while open: a second :meth:`open`, in
+    this process or another, raises :class:`Busy`.
+
+    A reference-counted handle like :class:`Driver`: a job holds its own reference, so the
+    bitmap may be closed while a job uses it (the file stays open and locked until the job is
+    closed too). A context manager; thread-safe (``mark`` from every writing thread; ``close``
+    waits for calls in flight). Use after :meth:`close` raises ``ValueError``; in a child
+    process after ``fork()``, ``RuntimeError`` (and closing it there does nothing: the lock of
+    a persistent bitmap stays the parent's).
+    """
+
+    __slots__ = ("_h", "_size", "_granularity", "_path", "__weakref__")
+
+    def __init__(self, _ptr: int, _path: Optional[str] = None) -> None:
+        """Internal: use :meth:`new`, :meth:`create` or :meth:`open`."""
+        cinfo = _BitmapInfoC()
+        try:
+            _check(_bitmap_query(_ptr, ctypes.byref(cinfo)), "cowbackup_bitmap_query")
+        except BaseException:
+            _bitmap_free(_ptr)  # no _h yet: __del__ will not free it again
+            raise
+        self._size = cinfo.size
+        self._granularity = cinfo.granularity
+        self._path = _path
+        what = "cowbackup.Bitmap" + (f" ({_path})" if _path is not None else " (memory)")
+        self._h = _Handle(_ptr, what)
+        _live_bitmaps.add(self)
+
+    @classmethod
+    def new(cls, size: int, granularity: int = DEFAULT_GRANULARITY) -> "Bitmap":
+        """A bitmap in memory of a ``size``-byte device (any size but 0: the last granule may
+        be partial), clean and recording, with a random uuid.
+
+        Raises TypeError (non-integers), ValueError (negative), :class:`InvalidArgument`
+        (size 0, a granularity that is not a power of two from 512 to 2 GiB).
+        """
+        size = _u64(size, "size")
+        granularity = _u64(granularity, "granularity")
+        return cls(_out_handle(_bitmap_new, "cowbackup_bitmap_new", size, granularity))
+
+    @classmethod
+    def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,
+               granularity: int = DEFAULT_GRANULARITY) -> "Bitmap":
+        """Create a persistent, crash-safe bitmap in a new file at ``path`` and open it
+        (geometry as :meth:`new`). An existing ``path`` is never touched: it raises
+        ``FileExistsError`` (a :class:`CowbackupError`, errno EEXIST). A missing directory
+        raises ``FileNotFoundError``; other errnos of creating the file as they come.
+        """
+        raw = _path_arg(path)
+        size = _u64(size, "size")
+        granularity = _u64(granularity, "granularity")
+        ptr = _out_handle(_bitmap_create, "cowbackup_bitmap_create", raw, size, granularity)
+        return cls(ptr, os.fsdecode(raw))
+
+    @classmethod
+    def open(cls, path: Union[str, bytes, "os.PathLike[Any]"]) -> "Bitmap":
+        """Open the persistent bitmap in the file at ``path``: after a crash at any instant it
+        holds every granule whose :meth:`mark` returned.
+
+        Raises ``FileNotFoundError`` (no such file), :class:`Busy` (errno EBUSY: the bitmap is
+        open already, in this process or another), :class:`Corrupt` (errno EBADMSG: not a
+        bitmap file, truncated, or damaged; the message says where), or the errno of opening
+        or reading the file (all :class:`CowbackupError`).
+        """
+        raw = _path_arg(path)
+        return cls(_out_handle(_bitmap_open, "cowbackup_bitmap_open", raw), os.fsdecode(raw))
+
+    @property
+    def size(self) -> int:
+        """Bytes of device covered."""
+        return self._size
+
+    @property
+    def granularity(self) -> int:
+        """Bytes per bit (granule)."""
+        return self._granularity
+
+    @property
+    def path(self) -> Optional[str]:
+        """The file of a persistent bitmap (as given), None for one in memory."""
+        return self._path
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._h.closed
+
+    def _simple(self, fn: Callable[..., int], what: str, *args: Any) -> None:
+        ptr = self._h.acquire()
+        try:
+            _check(fn(ptr, *args), what)
+        finally:
+            self._h.release()
+
+    def mark(self, offset: int, length: int) -> None:
+        """Record that ``[offset, offset + length)`` is about to be written: call it before
+        the write (and before :meth:`Job.cow_before_write`). Every granule the range touches
+        becomes dirty; for a persistent bitmap they are durable when this returns. ``length``
+        0 does nothing; a disabled bitmap records nothing. Works while a job uses the bitmap.
+
+        Raises :class:`InvalidArgument` for a range past the end (nothing recorded); for a
+        persistent bitmap, the errno of writing the file (the mark is not durable: fail the
+        write). Releases the GIL: call it from every writing thread.
+        """
+        self._simple(_bitmap_mark, "cowbackup_bitmap_mark", _u64(offset, "offset"), _u64(length, "length"))
+
+    def clear(self) -> None:
+        """Remove every dirty granule (the generation is bumped when there was any).
+        Persistent: atomic in the file. Raises :class:`Busy` while a job uses the bitmap
+        (nothing changes)."""
+        self._simple(_bitmap_clear, "cowbackup_bitmap_clear")
+
+    def enable(self) -> None:
+        """Record marks (the default). Persistent: kept in the file. :class:`Busy` while a
+        job uses the bitmap."""
+        self._simple(_bitmap_enable, "cowbackup_bitmap_enable")
+
+    def disable(self) -> None:
+        """Stop recording: :meth:`mark` then records nothing. :class:`Busy` while a job uses
+        the bitmap."""
+        self._simple(_bitmap_disable, "cowbackup_bitmap_disable")
+
+    def merge(self, other: "Bitmap") -> None:
+        """Add every dirty granule of ``other`` to this bitmap (a union): a granule of
+        ``other`` dirties every granule of this one it overlaps, whatever the granularities.
+        ``other`` is not changed (it may be busy, or this bitmap). The generation does not
+        change; persistent: durable when this returns.
+
+        Raises TypeError when ``other`` is not a :class:`Bitmap`; :class:`InvalidArgument`
+        when the two cover different device sizes, :class:`Busy` while a job uses this
+        bitmap (this bitmap unchanged in both cases).
+        """
+        if not isinstance(other, Bitmap):
+            raise TypeError(f"other must be a cowbackup.Bitmap, not {type(other).__name__}")
+        dst = self._h.acquire()
+        try:
+            src = other._h.acquire()
+            try:
+                _check(_bitmap_merge(dst, src), "cowbackup_bitmap_merge")
+            finally:
+                other._h.release()
+        finally:
+            self._h.release()
+
+    def next_dirty(self, from_: int = 0) -> Optional[Tuple[int, int]]:
+        """The next dirty extent at or after byte ``from_``: ``(offset, length)`` with
+        ``offset >= from_``, consecutive dirty granules merged, clipped to the device size;
+        None when nothing is dirty from there on (or ``from_`` is past the end)."""
+        start = _u64(from_, "from_")
+        off, n = c_uint64(), c_uint64()
+        ptr = self._h.acquire()
+        try:
+            _check(_bitmap_next_dirty(ptr, start, ctypes.byref(off), ctypes.byref(n)),
+                   "cowbackup_bitmap_next_dirty")
+        finally:
+            self._h.release()
+        return (off.value, n.value) if n.value else None
+
+    def extents(self) -> List[Tuple[int, int]]:
+        """Every dirty extent, ``[(offset, length), ...]`` in order (see :meth:`next_dirty`).
+        Marks made meanwhile by other threads may or may not be included."""
+        out: List[Tuple[int, int]] = []
+        pos = 0
+        while True:
+            ext = self.next_dirty(pos)
+            if ext is None:
+                return out
+            out.append(ext)
+            pos = ext[0] + ext[1]
+
+    def info(self) -> BitmapInfo:
+        """Size, granularity, dirty bytes, generation, uuid and state, a :class:`BitmapInfo`."""
+        c = _BitmapInfoC()
+        ptr = self._h.acquire()
+        try:
+            _check(_bitmap_query(ptr, ctypes.byref(c)), "cowbackup_bitmap_query")
+        finally:
+            self._h.release()
+        return BitmapInfo(c.size, c.granularity, c.count, c.generation, bytes(c.uuid),
+                          bool(c.flags & _BITMAP_RECORDING), bool(c.flags & _BITMAP_BUSY),
+                          bool(c.flags & _BITMAP_PERSISTENT))
+
+    @property
+    def count(self) -> int:
+        """Dirty bytes (``info().count``)."""
+        return self.info().count
+
+    @property
+    def generation(self) -> int:
+        """``info().generation``."""
+        return self.info().generation
+
+    @property
+    def uuid(self) -> bytes:
+        """``info().uuid``: 16 bytes."""
+        return self.info().uuid
+
+    @property
+    def busy(self) -> bool:
+        """True while a job uses the bitmap (``info().busy``)."""
+        return self.info().busy
+
+    def close(self) -> None:
+        """Drop this handle (a job using the bitmap keeps it alive; a persistent bitmap's file
+        is closed and unlocked when the last reference is gone). Every mark that returned is
+        already durable. Idempotent."""
+        ptr = self._h.begin_close()
+        if ptr is None:
+            return
+        self._h.drain()
+        _live_bitmaps.discard(self)
+        _bitmap_free(ptr)
+
+    def __enter__(self) -> "Bitmap":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if _shutting_down or not hasattr(self, "_h"):
+            return
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self._path if self._path is not None else "memory"
+        if self.closed:
+            return f"<cowbackup.Bitmap {where} closed>"
+        if self._h.foreign:
+            return f"<cowbackup.Bitmap {where} of process {self._h.pid}>"
+        i = self.info()
+        state = ",".join(sorted(i.flags)) or "disabled"
+        return (f"<cowbackup.Bitmap {where}, {i.size} bytes / {i.granularity}, "
+                f"{i.count} dirty, gen {i.generation}, {state}>")
+
+
 # --- jobs ------------------------------------------------------------------------------
 
 
@@ -1289,6 +1645,192 @@ class Job:
         return f"<cowbackup.Job {self._id} {i.state.name if isinstance(i.state, JobState) else i.state} {i.progress:.0%}>"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The options of one job, checked in Python: nothing allocated yet."""
+
+    cluster_size: Optional[int]
+    sync: int
+    speed: int
+    workers: Optional[int]
+    max_chunk: Optional[int]
+    on_source_error: int
+    on_target_error: int
+    on_cbw_error: int
+    cbw_timeout_ms: int
+    target_is_zero: bool
+    bitmap: Optional[Bitmap]
+    bitmap_mode: int
+    on_complete: Optional[Callable[[int], Any]]
+    trace: Optional[Callable[[TraceEvent], Any]]
+
+
+def _job_spec(
+    *,
+    cluster_size: Optional[int] = None,
+    sync: str = "full",
+    speed: int = 0,
+    workers: Optional[int] = None,
+    max_chunk: Optional[int] = None,
+    on_source_error: str = "report",
+    on_target_error: str = "report",
+    on_cbw_error: str = "break-guest-write",
+    cbw_timeout: Optional[float] = None,
+    target_is_zero: bool = False,
+    bitmap: Optional[Bitmap] = None,
+    bitmap_mode: str = "on-success",
+    on_complete: Optional[Callable[[int], Any]] = None,
+    trace: Optional[Callable[[TraceEvent], Any]] = None,
+) -> _Spec:
+    """Check the options of :func:`backup_start` (TypeError/ValueError); the library checks
+    the rest (ranges of values, combinations) when the job starts."""
+    sync_v = _choice(sync, _SYNC, "sync")
+    src_act = _choice(on_source_error, _ERROR_ACTION, "on_source_error")
+    tgt_act = _choice(on_target_error, _ERROR_ACTION, "on_target_error")
+    cbw_act = _choice(on_cbw_error, _CBW_ACTION, "on_cbw_error")
+    mode_v = _choice(bitmap_mode, _BITMAP_MODE, "bitmap_mode")
+    speed_v = _u64(speed, "speed")
+    cs = None if cluster_size is None else _u64(cluster_size, "cluster_size")
+    mc = None if max_chunk is None else _u64(max_chunk, "max_chunk")
+    wk = None
+    if workers is not None:
+        wk = _u64(workers, "workers")
+        if wk > 0xFFFFFFFF:
+            raise ValueError(f"workers out of range (got {wk})")
+    timeout_ms = 0
+    if cbw_timeout is not None:
+        if isinstance(cbw_timeout, bool) or not isinstance(cbw_timeout, (int, float)):
+            raise TypeError("cbw_timeout must be a number of seconds or None")
+        if not (cbw_timeout > 0) or math.isinf(cbw_timeout):
+            raise ValueError(f"cbw_timeout must be a positive, finite number of seconds (got {cbw_timeout})")
+        timeout_ms = max(1, math.ceil(cbw_timeout * 1000))
+        if timeout_ms > U64_MAX:
+            raise ValueError("cbw_timeout too large")
+    if not isinstance(target_is_zero, bool):
+        raise TypeError("target_is_zero must be a bool")
+    if bitmap is not None and not isinstance(bitmap, Bitmap):
+        raise TypeError(f"bitmap must be a cowbackup.Bitmap or None, not {type(bitmap).__name__}")
+    if on_complete is not None and not callable(on_complete):
+        raise TypeError("on_complete must be callable or None")
+    if trace is not None and not callable(trace):
+        raise TypeError("trace must be callable or None")
+    return _Spec(cs, sync_v, speed_v, wk, mc, src_act, tgt_act, cbw_act, timeout_ms, target_is_zero,
+                 bitmap, mode_v, on_complete, trace)
+
+
+class _Options:
+    """A library options object built from a :class:`_Spec`, with the job's completion and
+    trace registration (made only when the job starts). ``free`` it in any case."""
+
+    __slots__ = ("ptr", "key", "comp", "trace")
+
+    def __init__(self, spec: _Spec) -> None:
+        self.ptr = _options_new()
+        if not self.ptr:
+            raise CowbackupError(_errno.ENOMEM, _last_error() or "cowbackup_options_new failed")
+        self.key = _new_key()
+        self.comp = _Completion(spec.on_complete, self.key)
+        self.trace = spec.trace
+        try:
+            self._set(spec)
+        except BaseException:
+            self.free()
+            raise
+
+    def _set(self, spec: _Spec) -> None:
+        opts = self.ptr
+        if spec.cluster_size is not None:
+            _check(_opt_cluster_size(opts, spec.cluster_size), "cowbackup_options_set_cluster_size")
+        _check(_opt_sync(opts, spec.sync), "cowbackup_options_set_sync")
+        _check(_opt_speed(opts, spec.speed), "cowbackup_options_set_speed")
+        if spec.workers is not None:
+            _check(_opt_workers(opts, spec.workers), "cowbackup_options_set_workers")
+        if spec.max_chunk is not None:
+            _check(_opt_max_chunk(opts, spec.max_chunk), "cowbackup_options_set_max_chunk")
+        _check(_opt_on_source_error(opts, spec.on_source_error), "cowbackup_options_set_on_source_error")
+        _check(_opt_on_target_error(opts, spec.on_target_error), "cowbackup_options_set_on_target_error")
+        _check(_opt_on_cbw_error(opts, spec.on_cbw_error), "cowbackup_options_set_on_cbw_error")
+        if spec.cbw_timeout_ms:
+            _check(_opt_cbw_timeout(opts, spec.cbw_timeout_ms), "cowbackup_options_set_cbw_timeout")
+        _check(_opt_target_is_zero(opts, 1 if spec.target_is_zero else 0),
+               "cowbackup_options_set_target_is_zero")
+        if spec.bitmap is not None:
+            # The options take their own reference to the bitmap: the handle is needed only now.
+            bm = spec.bitmap._h.acquire()
+            try:
+                _check(_opt_bitmap(opts, bm, spec.bitmap_mode), "cowbackup_options_set_bitmap")
+            finally:
+                spec.bitmap._h.release()
+        _check(_opt_completion(opts, _c_completion, self.key), "cowbackup_options_set_completion")
+        if spec.trace is not None:
+            _check(_opt_trace(opts, _c_trace, self.key), "cowbackup_options_set_trace")
+
+    def register(self) -> None:
+        """Right before the start call: the callbacks may run as soon as the job exists."""
+        _completions[self.key] = self.comp
+        if self.trace is not None:
+            _traces[self.key] = self.trace
+
+    def unregister(self) -> None:
+        """The job did not start: the library never calls its callbacks."""
+        _completions.pop(self.key, None)
+        _traces.pop(self.key, None)
+
+    def free(self) -> None:
+        if self.ptr:
+            _options_free(self.ptr)  # drops its bitmap reference; a started job has its own
+            self.ptr = None
+
+
+def _start(entries: List[Tuple[Driver, Driver, _Spec]], group: bool) -> List[Job]:
+    """Start the jobs of ``entries``: one (``cowbackup_backup_start``) or a group
+    (``cowbackup_backup_start_group``). All or none."""
+    built: List[_Options] = []
+    held: List[Driver] = []
+    try:
+        for _, _, spec in entries:
+            built.append(_Options(spec))
+        ptrs = []
+        for source, target, _ in entries:
+            src = source._ptr()
+            held.append(source)
+            tgt = target._ptr()
+            held.append(target)
+            ptrs.append((src, tgt))
+        for b in built:
+            b.register()
+        depth = _enter_call()
+        try:
+            n = len(entries)
+            outs = (c_void_p * max(n, 1))()
+            if group:
+                srcs = (c_void_p * max(n, 1))(*(p[0] for p in ptrs))
+                tgts = (c_void_p * max(n, 1))(*(p[1] for p in ptrs))
+                opts = (c_void_p * max(n, 1))(*(b.ptr for b in built))
+                ret = _backup_start_group(n, srcs, tgts, opts, outs)
+                what = "cowbackup_backup_start_group"
+            else:
+                ret = _backup_start(ptrs[0][0], ptrs[0][1], built[0].ptr, outs)
+                what = "cowbackup_backup_start"
+            if ret != 0:
+                err = _error(ret, what)  # reads this thread's last error: first
+                for b in built:
+                    b.unregister()
+                raise err
+            jobs = []
+            for i, (source, target, _) in enumerate(entries):
+                keys = tuple(k for k in (source._key, target._key) if k is not None)
+                jobs.append(Job(outs[i], built[i].comp, keys))
+        finally:
+            _leave_call(depth)  # a Ctrl-C in a Python driver or trace: raised here
+    finally:
+        for d in held:
+            d._h.release()
+        for b in built:
+            b.free()
+    return jobs
+
+
 def backup_start(
     source: Driver,
     target: Driver,
@@ -1303,6 +1845,8 @@ def backup_start(
     on_cbw_error: str = "break-guest-write",
     cbw_timeout: Optional[float] = None,
     target_is_zero: bool = False,
+    bitmap: Optional[Bitmap] = None,
+    bitmap_mode: str = "on-success",
     on_complete: Optional[Callable[[int], Any]] = None,
     trace: Optional[Callable[[TraceEvent], Any]] = None,
 ) -> Job:
@@ -1315,7 +1859,21 @@ def backup_start(
 
     - ``cluster_size``: power of two, 4096 to 64 MiB (default 65536): the copy granularity.
     - ``sync``: ``"full"`` (every cluster), ``"top"`` (only clusters the source reports
-      allocated), ``"none"`` (no background copy: the job serves the hook until cancelled).
+      allocated), ``"none"`` (no background copy: the job serves the hook until cancelled),
+      ``"bitmap"`` (an incremental backup: only the clusters overlapping granules dirty in
+      ``bitmap``; the others are counted in ``bytes_skipped`` and not written).
+    - ``bitmap``: a :class:`Bitmap` of the source (same size). Required by
+      ``sync="bitmap"``; with ``"full"`` or ``"top"`` it starts a new chain (after success
+      the bitmap holds only the writes made during the job); with ``"none"`` it makes a
+      pull-mode job. The bitmap is frozen (busy) from now until the job ends: marks go on,
+      ``clear``/``merge``/``enable``/``disable`` raise :class:`Busy`, a second job on it
+      raises :class:`Busy`.
+    - ``bitmap_mode``: what the bitmap holds when the job ends (QEMU's rule):
+      ``"on-success"`` (default: after success, only the writes made during the job; after
+      a failure or cancel, everything it had plus those writes), ``"always"`` (as
+      on-success after success; after a failure or cancel, the writes made during the job
+      plus what the job did not copy), ``"never"`` (nothing is removed; not with "full" or
+      "top"). Ignored without ``bitmap``.
     - ``speed``: background copy limit in bytes/s, 0 = unlimited (the hook is never slowed).
     - ``workers``: background copy threads, 1 to 64 (default 2).
     - ``max_chunk``: largest background request in bytes (default 1 MiB).
@@ -1339,90 +1897,71 @@ def backup_start(
       (KeyboardInterrupt/SystemExit: raised when the library call of this thread returns, or
       by :meth:`Job.wait`). Keep it quick: it runs inside the copy path.
 
-    The job holds its own references to the drivers: they may be closed afterwards.
-    Raises TypeError/ValueError for bad arguments, :class:`CowbackupError` when the library
-    refuses (EINVAL, also a ValueError: sizes differ, same device, bad option values).
+    The job holds its own references to the drivers and the bitmap: they may be closed
+    afterwards. Raises TypeError/ValueError for bad arguments, :class:`CowbackupError` when
+    the library refuses: :class:`InvalidArgument` (also a ValueError: sizes differ, same
+    device, bad option values, ``sync="bitmap"`` without a bitmap, a bitmap of another size,
+    ``"never"`` with "full"/"top"), :class:`Busy` (the bitmap is used by another job).
+    Nothing is started, and the bitmap is unchanged, when it raises.
     """
     if not isinstance(source, Driver) or not isinstance(target, Driver):
         raise TypeError("source and target must be cowbackup.Driver objects")
-    sync_v = _choice(sync, _SYNC, "sync")
-    src_act = _choice(on_source_error, _ERROR_ACTION, "on_source_error")
-    tgt_act = _choice(on_target_error, _ERROR_ACTION, "on_target_error")
-    cbw_act = _choice(on_cbw_error, _CBW_ACTION, "on_cbw_error")
-    speed_v = _u64(speed, "speed")
-    cs = None if cluster_size is None else _u64(cluster_size, "cluster_size")
-    mc = None if max_chunk is None else _u64(max_chunk, "max_chunk")
-    wk = None
-    if workers is not None:
-        wk = _u64(workers, "workers")
-        if wk > 0xFFFFFFFF:
-            raise ValueError(f"workers out of range (got {wk})")
-    timeout_ms = 0
-    if cbw_timeout is not None:
-        if isinstance(cbw_timeout, bool) or not isinstance(cbw_timeout, (int, float)):
-            raise TypeError("cbw_timeout must be a number of seconds or None")
-        if not (cbw_timeout > 0) or math.isinf(cbw_timeout):
-            raise ValueError(f"cbw_timeout must be a positive, finite number of seconds (got {cbw_timeout})")
-        timeout_ms = max(1, math.ceil(cbw_timeout * 1000))
-        if timeout_ms > U64_MAX:
-            raise ValueError("cbw_timeout too large")
-    if not isinstance(target_is_zero, bool):
-        raise TypeError("target_is_zero must be a bool")
-    if on_complete is not None and not callable(on_complete):
-        raise TypeError("on_complete must be callable or None")
-    if trace is not None and not callable(trace):
-        raise TypeError("trace must be callable or None")
+    spec = _job_spec(cluster_size=cluster_size, sync=sync, speed=speed, workers=workers,
+                     max_chunk=max_chunk, on_source_error=on_source_error,
+                     on_target_error=on_target_error, on_cbw_error=on_cbw_error,
+                     cbw_timeout=cbw_timeout, target_is_zero=target_is_zero, bitmap=bitmap,
+                     bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace)
+    return _start([(source, target, spec)], group=False)[0]
 
-    opts = _options_new()
-    if not opts:
-        raise CowbackupError(_errno.ENOMEM, _last_error() or "cowbackup_options_new failed")
-    key = _new_key()
-    comp = _Completion(on_complete, key)
-    try:
-        if cs is not None:
-            _check(_opt_cluster_size(opts, cs), "cowbackup_options_set_cluster_size")
-        _check(_opt_sync(opts, sync_v), "cowbackup_options_set_sync")
-        _check(_opt_speed(opts, speed_v), "cowbackup_options_set_speed")
-        if wk is not None:
-            _check(_opt_workers(opts, wk), "cowbackup_options_set_workers")
-        if mc is not None:
-            _check(_opt_max_chunk(opts, mc), "cowbackup_options_set_max_chunk")
-        _check(_opt_on_source_error(opts, src_act), "cowbackup_options_set_on_source_error")
-        _check(_opt_on_target_error(opts, tgt_act), "cowbackup_options_set_on_target_error")
-        _check(_opt_on_cbw_error(opts, cbw_act), "cowbackup_options_set_on_cbw_error")
-        if timeout_ms:
-            _check(_opt_cbw_timeout(opts, timeout_ms), "cowbackup_options_set_cbw_timeout")
-        _check(_opt_target_is_zero(opts, 1 if target_is_zero else 0),
-               "cowbackup_options_set_target_is_zero")
-        _check(_opt_completion(opts, _c_completion, key), "cowbackup_options_set_completion")
-        if trace is not None:
-            _check(_opt_trace(opts, _c_trace, key), "cowbackup_options_set_trace")
-        src = source._ptr()
+
+def backup_start_group(jobs: Any, **defaults: Any) -> List[Job]:
+    """Start several backups at **one point in time**, with one outcome (a consistency group).
+
+    ``jobs`` is a list of ``(source, target)`` or ``(source, target, options)`` entries, where
+    ``options`` is a dict of :func:`backup_start`'s keyword arguments (or None). Keyword
+    arguments of this call are defaults for every entry (an entry's own options win)::
+
+        jobs = cowbackup.backup_start_group(
+            [(disk0, backup0, {"bitmap": bm0}), (disk1, backup1, {"bitmap": bm1})],
+            sync="bitmap")
+
+    Every job is set up (bitmaps frozen) before any starts copying. No job reaches COMPLETED
+    before all have finished copying; when one fails or is cancelled, the others are
+    cancelled, and every bitmap goes back as for a failure. Each job's :meth:`Job.wait`
+    reports its own result (the failure for the job that failed, :class:`JobCancelled` for
+    the others). Returns the :class:`Job` objects in the order given.
+
+    All or none: when it raises, nothing was started and no bitmap changed. TypeError or
+    ValueError for a bad entry or option (the message names the entry's index), the library's
+    refusal otherwise: :class:`InvalidArgument` (an empty list, the same target or bitmap
+    twice, or any refusal of :func:`backup_start` for an entry), :class:`Busy` (a bitmap used
+    by another job).
+    """
+    if isinstance(jobs, (str, bytes, dict)) or not hasattr(jobs, "__iter__"):
+        raise TypeError("jobs must be a list of (source, target) or (source, target, options) tuples")
+    entries: List[Tuple[Driver, Driver, _Spec]] = []
+    for i, entry in enumerate(list(jobs)):
+        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+            raise TypeError(f"jobs[{i}] must be a (source, target) or (source, target, options) "
+                            f"tuple, not {entry!r}")
+        source, target = entry[0], entry[1]
+        options = entry[2] if len(entry) == 3 else None
+        if not isinstance(source, Driver) or not isinstance(target, Driver):
+            raise TypeError(f"jobs[{i}]: source and target must be cowbackup.Driver objects")
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise TypeError(f"jobs[{i}]: options must be a dict of backup_start keyword "
+                            f"arguments or None, not {type(options).__name__}")
+        kwargs = {**defaults, **options}
         try:
-            tgt = target._ptr()
-            try:
-                _completions[key] = comp
-                if trace is not None:
-                    _traces[key] = trace
-                out = c_void_p()
-                depth = _enter_call()
-                try:
-                    ret = _backup_start(src, tgt, opts, ctypes.byref(out))
-                    if ret != 0:
-                        _completions.pop(key, None)  # a job that fails to start never calls it
-                        _traces.pop(key, None)
-                        raise _error(ret, "cowbackup_backup_start")
-                    keys = tuple(k for k in (source._key, target._key) if k is not None)
-                    job = Job(out.value, comp, keys)
-                finally:
-                    _leave_call(depth)  # a Ctrl-C in a Python driver or trace: raised here
-            finally:
-                target._h.release()
-        finally:
-            source._h.release()
-    finally:
-        _options_free(opts)
-    return job
+            spec = _job_spec(**kwargs)
+        except TypeError as e:
+            raise TypeError(f"jobs[{i}]: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"jobs[{i}]: {e}") from None
+        entries.append((source, target, spec))
+    return _start(entries, group=True)
 
 
 # --- interpreter exit ------------------------------------------------------------------
@@ -1432,10 +1971,12 @@ _shutting_down = False
 
 @atexit.register
 def _shutdown() -> None:
-    """Close live jobs and drivers before the interpreter goes away.
+    """Close live jobs, drivers and bitmaps before the interpreter goes away.
 
     Library threads call Python (drivers, on_complete); they must be done before Python
-    is torn down. Jobs are cancelled and joined, then the drivers dropped.
+    is torn down. Jobs are cancelled and joined (a cancelled job gives its bitmap back),
+    then the drivers and bitmaps dropped (a persistent bitmap's file is closed and unlocked;
+    every mark that returned is already in it).
     """
     global _shutting_down
     for job in list(_live_jobs):
@@ -1448,4 +1989,9 @@ def _shutdown() -> None:
             drv.close()
         except Exception:  # pragma: no cover
             log.exception("cowbackup: closing a driver at exit")
+    for bm in list(_live_bitmaps):
+        try:
+            bm.close()
+        except Exception:  # pragma: no cover
+            log.exception("cowbackup: closing a bitmap at exit")
     _shutting_down = True

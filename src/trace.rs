@@ -123,6 +123,13 @@ impl fmt::Display for TraceEvent {
     }
 }
 
+/// Deliver one event to a sink, inside job `job` (see job/reentry.rs), never letting a
+/// panicking sink unwind into the library.
+pub(crate) fn deliver(sink: &TraceFn, job: u64, event: &TraceEvent) {
+    let _inside = crate::job::enter_job(job);
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(event)));
+}
+
 /// The sink of `COWBACKUP_TRACE=1`: one line per event on stderr.
 pub(crate) fn from_env() -> Option<TraceFn> {
     match std::env::var_os("COWBACKUP_TRACE") {

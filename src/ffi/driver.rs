@@ -6,10 +6,12 @@ use std::io;
 use std::mem::size_of;
 use std::os::raw::{c_char, c_int, c_void};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::error::{fail_io, fail_with, invalid};
 use super::{COWBACKUP_CREATE_OVERWRITE, COWBACKUP_DRIVER_SERIALIZE, COWBACKUP_OPEN_DIRECT, COWBACKUP_OPEN_WRITE};
+use crate::error::{Error, ErrorKind};
 use crate::{BlockDriver, BlockStatus, FileDriver, MemDriver, OpenFlags, StatusFlags};
 
 /// A block device handle (opaque).
@@ -30,12 +32,28 @@ pub struct cowbackup_driver {
 ///
 /// Every op receives the `opaque` pointer given to `cowbackup_driver_new` first, returns 0
 /// on success or a negative errno (which becomes the job's or the call's error; any other
-/// value is turned into -EIO), and is only called for ranges inside the device. Ops are
-/// called from library threads (job workers) and from the threads calling
-/// `cowbackup_cow_before_write` or `cowbackup_driver_read/write`, possibly concurrently:
-/// they must be thread-safe, or the driver must be created with `COWBACKUP_DRIVER_SERIALIZE`.
-/// Buffers passed to ops are valid only during the call. No library lock is held while an op
-/// runs, but ops must not call `cowbackup_*` functions on a job using this driver.
+/// value is turned into -EIO), and is only called for ranges inside the device. Buffers
+/// passed to ops are valid only during the call.
+///
+/// Threads: ops run on a job's workers `cowbackup-<id>-<n>` (the background copy), its job
+/// thread `cowbackup-<id>` (the target's `flush` at the end; zeroing first under
+/// `COWBACKUP_SYNC_TOP`), its hook helpers `cowbackup-<id>-h` (with a cbw timeout), and on the
+/// host threads calling `cowbackup_cow_before_write` (the hook's copy),
+/// `cowbackup_backup_start` (`block_status` at start) or `cowbackup_driver_read`/`_write`,
+/// possibly concurrently: they must be thread-safe, or the driver must be created with
+/// `COWBACKUP_DRIVER_SERIALIZE` (then they run one at a time, under the driver's own lock).
+/// No other library lock is held while an op runs.
+///
+/// Re-entrancy (capi/README.md, "Callbacks and re-entrancy"): an op running for a job (on
+/// one of its threads or inside its `cowbackup_cow_before_write`) may call that job's
+/// `cowbackup_job_query`, `_pause`, `_resume`, `_cancel`, `_set_speed`; there
+/// `cowbackup_cow_before_write` of clusters not yet copied and `cowbackup_job_wait` return
+/// -EDEADLK, and `cowbackup_job_free` is refused (the job is cancelled, not freed: free it
+/// from outside). An op of a `COWBACKUP_DRIVER_SERIALIZE` driver that calls its own driver
+/// again on the same thread (`cowbackup_driver_read`/`_write` on its handle, also through
+/// another driver's op, or the hook of a job reading it) gets -EDEADLK instead of waiting for
+/// itself; an op of a driver without the flag may call its own driver: it is just a call. An
+/// op must not free its own driver handle, and must not longjmp out.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct cowbackup_driver_ops {
@@ -58,7 +76,8 @@ pub struct cowbackup_driver_ops {
     >,
     /// Optional (may be NULL). Called exactly once, after the last reference to the driver is
     /// gone (the last of `cowbackup_driver_free` and `cowbackup_job_free` of the jobs using
-    /// it), on the thread that dropped it; no other op runs or will run then. Free `opaque` here.
+    /// it), on the thread that dropped it, before that call returns; no other op runs or will
+    /// run then. Free `opaque` here.
     pub release: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
     /// Optional (may be NULL; a caller passing an older, smaller `ops_size` that ends before it
     /// gets NULL). The range `[offset, offset + len)` is no longer needed: release its space if
@@ -86,7 +105,74 @@ struct CDriver {
     opaque: Opaque,
     size: u64,
     /// Held during every op when the driver was created with `COWBACKUP_DRIVER_SERIALIZE`.
-    serialize: Option<Mutex<()>>,
+    serialize: Option<Serialize>,
+}
+
+/// The lock of a `COWBACKUP_DRIVER_SERIALIZE` driver, which knows the thread holding it.
+///
+/// An op that calls its own driver again on the same thread (`cowbackup_driver_read` on its
+/// own handle, or the hook of a job whose source this driver is) would wait for itself
+/// forever on a plain mutex; here the nested call fails with EDEADLK instead.
+struct Serialize {
+    /// Held during every op of the driver.
+    lock: Mutex<()>,
+    /// The [`thread_token`] of the thread holding `lock`, 0 when it is free. Written only by
+    /// the holder: set right after locking, cleared right before unlocking. Relaxed is
+    /// enough: the only thread that ever stores a thread's token is that thread, so a
+    /// thread reads its own token here exactly when it holds the lock (its own last store;
+    /// nobody else stores until it unlocks), and never otherwise (its last store was 0).
+    owner: AtomicU64,
+}
+
+/// A number for the calling thread, unique in the process and never 0 (0 only while the
+/// thread is being torn down and its thread-locals are gone: then nothing is detected).
+fn thread_token() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TOKEN.try_with(|t| *t).unwrap_or(0)
+}
+
+/// The serialize lock, held by this thread: clears the owner, then unlocks.
+struct Held<'a> {
+    owner: &'a AtomicU64,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Before `_guard` unlocks (fields drop after this body).
+        self.owner.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Serialize {
+    fn new() -> Serialize {
+        Serialize { lock: Mutex::new(()), owner: AtomicU64::new(0) }
+    }
+
+    /// Take the lock for one call of `op`; EDEADLK when this thread holds it already (an op
+    /// of this driver calling the driver again).
+    fn lock(&self, op: &str) -> io::Result<Held<'_>> {
+        let me = thread_token();
+        if me != 0 && self.owner.load(Ordering::Relaxed) == me {
+            return Err(Error::new(
+                ErrorKind::Deadlock,
+                libc::EDEADLK,
+                format!(
+                    "C driver {op} op called from inside an op of the same COWBACKUP_DRIVER_SERIALIZE driver \
+                     on this thread (EDEADLK): the driver's ops run one at a time, so this call would wait \
+                     for itself forever (deadlock); an op must not call its own driver again, directly \
+                     (cowbackup_driver_read/write on its handle) or through the hook of a job reading it"
+                ),
+            )
+            .into());
+        }
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.owner.store(me, Ordering::Relaxed);
+        Ok(Held { owner: &self.owner, _guard: guard })
+    }
 }
 
 /// Largest errno accepted from an op; more negative values are garbage (-EIO).
@@ -101,10 +187,12 @@ fn op_result(op: &str, ret: c_int) -> io::Result<()> {
 }
 
 impl CDriver {
-    /// Run one op call, under the driver's mutex when it serializes.
-    fn call<R>(&self, f: impl FnOnce(*mut c_void) -> R) -> R {
-        let _guard = self.serialize.as_ref().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-        f(self.opaque.0)
+    /// Run one call of the op named `op`, under the driver's lock when it serializes.
+    /// EDEADLK, without calling anything, when this thread is inside an op of this
+    /// serializing driver already.
+    fn call<R>(&self, op: &str, f: impl FnOnce(*mut c_void) -> R) -> io::Result<R> {
+        let _held = self.serialize.as_ref().map(|s| s.lock(op)).transpose()?;
+        Ok(f(self.opaque.0))
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -131,7 +219,7 @@ impl BlockDriver for CDriver {
         let read = self.ops.read.expect("checked by cowbackup_driver_new");
         // SAFETY: `read` is the caller's op (non-NULL, checked at creation); `buf` is valid for
         // `buf.len()` writable bytes during the call, and the range is inside the device.
-        let ret = self.call(|opaque| unsafe { read(opaque, offset, buf.as_mut_ptr().cast(), buf.len()) });
+        let ret = self.call("read", |opaque| unsafe { read(opaque, offset, buf.as_mut_ptr().cast(), buf.len()) })?;
         op_result("read", ret)
     }
 
@@ -143,7 +231,7 @@ impl BlockDriver for CDriver {
         let write = self.ops.write.expect("checked by cowbackup_driver_new");
         // SAFETY: `write` is the caller's op (non-NULL, checked at creation); `buf` is valid for
         // `buf.len()` bytes during the call, and the range is inside the device.
-        let ret = self.call(|opaque| unsafe { write(opaque, offset, buf.as_ptr().cast(), buf.len()) });
+        let ret = self.call("write", |opaque| unsafe { write(opaque, offset, buf.as_ptr().cast(), buf.len()) })?;
         op_result("write", ret)
     }
 
@@ -154,7 +242,7 @@ impl BlockDriver for CDriver {
         }
         if let Some(write_zeroes) = self.ops.write_zeroes {
             // SAFETY: the caller's op, called with a range inside the device.
-            let ret = self.call(|opaque| unsafe { write_zeroes(opaque, offset, len) });
+            let ret = self.call("write_zeroes", |opaque| unsafe { write_zeroes(opaque, offset, len) })?;
             return op_result("write_zeroes", ret);
         }
         crate::driver::write_zero_buffers(self, offset, len)
@@ -163,7 +251,7 @@ impl BlockDriver for CDriver {
     fn flush(&self) -> io::Result<()> {
         match self.ops.flush {
             // SAFETY: the caller's op; it only receives its own opaque pointer.
-            Some(flush) => op_result("flush", self.call(|opaque| unsafe { flush(opaque) })),
+            Some(flush) => op_result("flush", self.call("flush", |opaque| unsafe { flush(opaque) })?),
             None => Ok(()),
         }
     }
@@ -177,7 +265,8 @@ impl BlockDriver for CDriver {
         let mut status = 0u32;
         // SAFETY: the caller's op, called with a range inside the device; `pnum` and `status`
         // point to live locals for the duration of the call.
-        let ret = self.call(|opaque| unsafe { block_status(opaque, offset, len, &mut pnum, &mut status) });
+        let ret =
+            self.call("block_status", |opaque| unsafe { block_status(opaque, offset, len, &mut pnum, &mut status) })?;
         op_result("block_status", ret)?;
         if pnum == 0 && len > 0 {
             return Err(io::Error::other(format!(
@@ -199,7 +288,7 @@ impl BlockDriver for CDriver {
             return Ok(());
         }
         // SAFETY: the caller's op, called with a non-empty range inside the device.
-        let ret = self.call(|opaque| unsafe { discard(opaque, offset, len) });
+        let ret = self.call("discard", |opaque| unsafe { discard(opaque, offset, len) })?;
         op_result("discard", ret)
     }
 }
@@ -313,7 +402,7 @@ pub unsafe extern "C" fn cowbackup_driver_new(
         if table.read.is_none() || table.write.is_none() {
             return invalid("cowbackup_driver_new: the read and write ops are required");
         }
-        let serialize = (flags & COWBACKUP_DRIVER_SERIALIZE != 0).then(|| Mutex::new(()));
+        let serialize = (flags & COWBACKUP_DRIVER_SERIALIZE != 0).then(Serialize::new);
         let driver = CDriver { ops: table, opaque: Opaque(opaque), size, serialize };
         // SAFETY: `out` was checked above and the caller guarantees it is writable.
         unsafe { new_handle(Arc::new(driver), out) }
@@ -691,4 +780,176 @@ pub unsafe extern "C" fn cowbackup_driver_flush(d: *mut cowbackup_driver) -> c_i
             Err(e) => fail_io("cowbackup_driver_flush", &e),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+    use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicUsize};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::ffi::cowbackup_last_error;
+
+    /// A C driver over a buffer whose `read` op, once armed, calls `cowbackup_driver_read`
+    /// on `nested` (its own handle, or another driver's) and records what that returned.
+    struct Dev {
+        data: Mutex<Vec<u8>>,
+        /// The handle the read op calls into (NULL: none).
+        nested: AtomicPtr<cowbackup_driver>,
+        /// What the nested call returned, and its message.
+        nested_rc: AtomicI32,
+        nested_msg: Mutex<String>,
+        /// Ops running now, and the most seen at once.
+        inflight: AtomicUsize,
+        max_inflight: AtomicUsize,
+        /// Sleep this long in each read (to make calls overlap).
+        slow: Duration,
+    }
+
+    impl Dev {
+        fn new(size: usize, fill: u8) -> Box<Dev> {
+            Box::new(Dev {
+                data: Mutex::new(vec![fill; size]),
+                nested: AtomicPtr::new(std::ptr::null_mut()),
+                nested_rc: AtomicI32::new(1),
+                nested_msg: Mutex::new(String::new()),
+                inflight: AtomicUsize::new(0),
+                max_inflight: AtomicUsize::new(0),
+                slow: Duration::ZERO,
+            })
+        }
+    }
+
+    unsafe extern "C" fn dev_read(opaque: *mut c_void, offset: u64, buf: *mut c_void, len: usize) -> c_int {
+        // SAFETY: the tests pass a live `Dev` as opaque.
+        let dev = unsafe { &*opaque.cast::<Dev>() };
+        let now = dev.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        dev.max_inflight.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(dev.slow);
+        // Armed only once: the nested call disarms it, so a nested call into this very
+        // driver does not recurse again.
+        let nested = dev.nested.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        if !nested.is_null() {
+            let mut b = [0u8; 16];
+            // SAFETY: `nested` is a live handle of the test; `b` is a local of 16 bytes.
+            let rc = unsafe { cowbackup_driver_read(nested, 0, b.as_mut_ptr().cast(), b.len()) };
+            // SAFETY: the library's thread-local message, valid until the next failing call.
+            let msg = unsafe { CStr::from_ptr(cowbackup_last_error()) }.to_string_lossy().into_owned();
+            *dev.nested_msg.lock().unwrap() = msg;
+            dev.nested_rc.store(rc, Ordering::SeqCst);
+        }
+        let data = dev.data.lock().unwrap();
+        let off = offset as usize;
+        // SAFETY: the library passes `len` writable bytes, inside the device.
+        unsafe { std::ptr::copy_nonoverlapping(data[off..off + len].as_ptr(), buf.cast::<u8>(), len) };
+        dev.inflight.fetch_sub(1, Ordering::SeqCst);
+        0
+    }
+
+    unsafe extern "C" fn dev_write(opaque: *mut c_void, offset: u64, buf: *const c_void, len: usize) -> c_int {
+        // SAFETY: the tests pass a live `Dev` as opaque.
+        let dev = unsafe { &*opaque.cast::<Dev>() };
+        let mut data = dev.data.lock().unwrap();
+        let off = offset as usize;
+        // SAFETY: the library passes `len` readable bytes, inside the device.
+        unsafe { std::ptr::copy_nonoverlapping(buf.cast::<u8>(), data[off..off + len].as_mut_ptr(), len) };
+        0
+    }
+
+    const OPS: cowbackup_driver_ops = cowbackup_driver_ops {
+        read: Some(dev_read),
+        write: Some(dev_write),
+        write_zeroes: None,
+        flush: None,
+        block_status: None,
+        release: None,
+        discard: None,
+    };
+
+    fn driver(dev: &Dev, flags: u32) -> *mut cowbackup_driver {
+        let mut d = std::ptr::null_mut();
+        let opaque = (dev as *const Dev).cast_mut().cast();
+        // SAFETY: a full ops table; `dev` outlives the driver in every test (freed first).
+        let rc = unsafe { cowbackup_driver_new(&OPS, size_of::<cowbackup_driver_ops>(), opaque, 4096, flags, &mut d) };
+        assert_eq!(rc, 0);
+        d
+    }
+
+    fn read(d: *mut cowbackup_driver) -> (c_int, u8) {
+        let mut b = [0u8; 16];
+        // SAFETY: a live handle and a local buffer.
+        let rc = unsafe { cowbackup_driver_read(d, 0, b.as_mut_ptr().cast(), b.len()) };
+        (rc, b[0])
+    }
+
+    #[test]
+    fn serialized_op_calling_its_own_driver_gets_edeadlk() {
+        let dev = Dev::new(4096, 7);
+        let d = driver(&dev, COWBACKUP_DRIVER_SERIALIZE);
+        dev.nested.store(d, Ordering::SeqCst);
+        let start = Instant::now();
+        // The outer read works; the nested one is refused at once instead of hanging.
+        assert_eq!(read(d), (0, 7));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(dev.nested_rc.load(Ordering::SeqCst), -libc::EDEADLK);
+        let msg = dev.nested_msg.lock().unwrap().clone();
+        assert!(msg.starts_with("cowbackup_driver_read: C driver read op"), "{msg}");
+        assert!(msg.contains("EDEADLK") && msg.contains("COWBACKUP_DRIVER_SERIALIZE"), "{msg}");
+        // The lock and its owner were let go: the driver works again, from here and elsewhere.
+        assert_eq!(read(d), (0, 7));
+        let dd = d as usize;
+        let other = std::thread::spawn(move || read(dd as *mut cowbackup_driver)).join().unwrap();
+        assert_eq!(other, (0, 7));
+        // SAFETY: made above, freed once.
+        unsafe { cowbackup_driver_free(d) };
+    }
+
+    #[test]
+    fn nested_through_another_driver_is_caught_too() {
+        // X's read calls Y, whose read calls X: X's lock is this thread's, Y's is free.
+        let (x_dev, y_dev) = (Dev::new(4096, 1), Dev::new(4096, 2));
+        let x = driver(&x_dev, COWBACKUP_DRIVER_SERIALIZE);
+        let y = driver(&y_dev, COWBACKUP_DRIVER_SERIALIZE);
+        x_dev.nested.store(y, Ordering::SeqCst);
+        y_dev.nested.store(x, Ordering::SeqCst);
+        assert_eq!(read(x), (0, 1));
+        assert_eq!(x_dev.nested_rc.load(Ordering::SeqCst), 0, "X's call into Y works");
+        assert_eq!(y_dev.nested_rc.load(Ordering::SeqCst), -libc::EDEADLK, "Y's call back into X is refused");
+        // SAFETY: made above, freed once.
+        unsafe {
+            cowbackup_driver_free(x);
+            cowbackup_driver_free(y);
+        }
+    }
+
+    #[test]
+    fn unserialized_op_calling_its_own_driver_is_just_a_call() {
+        let dev = Dev::new(4096, 9);
+        let d = driver(&dev, 0);
+        dev.nested.store(d, Ordering::SeqCst);
+        assert_eq!(read(d), (0, 9));
+        assert_eq!(dev.nested_rc.load(Ordering::SeqCst), 0);
+        // SAFETY: made above, freed once.
+        unsafe { cowbackup_driver_free(d) };
+    }
+
+    #[test]
+    fn other_threads_still_wait_for_the_lock() {
+        // Only the holder's own nested call is refused: calls from other threads are
+        // serialized as before (never two reads at once, none refused).
+        let mut dev = Dev::new(4096, 3);
+        dev.slow = Duration::from_millis(20);
+        let d = driver(&dev, COWBACKUP_DRIVER_SERIALIZE) as usize;
+        let results: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(move || read(d as *mut cowbackup_driver)))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(results.iter().all(|&r| r == (0, 3)), "{results:?}");
+        assert_eq!(dev.max_inflight.load(Ordering::SeqCst), 1);
+        // SAFETY: made above, freed once.
+        unsafe { cowbackup_driver_free(d as *mut cowbackup_driver) };
+    }
 }

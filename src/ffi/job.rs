@@ -173,6 +173,15 @@ pub unsafe extern "C" fn cowbackup_backup_start_group(
 /// `COWBACKUP_CBW_BREAK_GUEST_WRITE` the copy's -errno (-EIO, -ENOSPC, -ETIMEDOUT): fail the
 /// guest write; the snapshot stays valid and a later call retries.
 ///
+/// From inside the job's own callbacks (a driver op or trace callback on one of the job's
+/// threads or inside this hook, the completion callback; see capi/README.md, "Callbacks and
+/// re-entrancy"): a range whose clusters are all copied returns 0 at once, as does any range
+/// once the job has ended or was cancelled; a range with clusters not yet copied returns
+/// -EDEADLK (the calling thread may be the one copying them), whatever the `on_cbw_error`
+/// policy, and the job is not affected: do not write that range then. Called from an op of a
+/// `COWBACKUP_DRIVER_SERIALIZE` driver that this job reads, the copy fails with -EDEADLK
+/// (the op holds the driver's lock the copy needs).
+///
 /// # Safety
 /// `job` is NULL or a live job handle.
 #[no_mangle]
@@ -244,8 +253,11 @@ pub unsafe extern "C" fn cowbackup_job_set_speed(job: *mut cowbackup_job, bytes_
 /// point-in-time image of the source), -ECANCELED when it was cancelled, or the -errno of the
 /// error that failed it (message in `cowbackup_last_error()`). May be called several times
 /// and from several threads; returns at once when the job has ended. -EINVAL: NULL `job`.
-/// -EDEADLK: called before the job ended from inside one of its own callbacks or driver
-/// operations (it would wait for itself); from the completion callback it returns the result.
+/// -EDEADLK: called before the job ended from inside one of its own callbacks (a driver op or
+/// trace callback on one of the job's threads or inside its `cowbackup_cow_before_write`,
+/// any trace callback of the job): it would wait for itself. From the completion callback it
+/// returns the job's result at once. Elsewhere it returns only after the completion callback
+/// has returned: do not call it while holding a lock that the job's callbacks take.
 ///
 /// # Safety
 /// `job` is NULL or a live job handle.
@@ -350,15 +362,20 @@ pub unsafe extern "C" fn cowbackup_job_failed_ranges(
 /// its drivers are dropped (a C driver whose last reference this was is released before this
 /// returns). NULL: nothing. No other call on the job may run concurrently or follow.
 ///
-/// Refused when called from inside one of this job's own callbacks or driver operations (a
-/// driver op or trace callback on a job thread or inside `cowbackup_cow_before_write`, or the
-/// completion callback): the job is cancelled, but not freed, and `cowbackup_last_error()`
-/// says why (EDEADLK); the handle stays valid: free it once the callback has returned. In a
-/// `fork`ed child (where the job's threads do not exist) this does nothing and touches none
-/// of the job's state; the parent still owns the job.
+/// Refused when called from inside one of this job's own callbacks (a driver op or trace
+/// callback on one of the job's threads or inside its `cowbackup_cow_before_write`, any trace
+/// callback of the job, the completion callback): the job is cancelled (if still running),
+/// but not freed, and `cowbackup_last_error()` says why ("cowbackup_job_free: refused
+/// (EDEADLK): ..."); the handle stays valid: free it from outside once the callback has
+/// returned (e.g. after `cowbackup_job_wait`). When this call frees a running job, the
+/// completion callback runs inside it (with -ECANCELED): a free from there is refused too,
+/// and this call completes. Do not call it while holding a lock that the job's callbacks take.
+/// In a `fork`ed child (where the job's threads do not exist) this does nothing and touches
+/// none of the job's state; the parent still owns the job.
 ///
 /// # Safety
-/// `job` is NULL or a live job handle not used by any other call during this one nor afterwards.
+/// `job` is NULL or a live job handle not used by any other call during this one (except by
+/// the job's completion callback, which may run inside it) nor afterwards.
 #[no_mangle]
 pub unsafe extern "C" fn cowbackup_job_free(job: *mut cowbackup_job) {
     ffi_panic_boundary!("cowbackup_job_free", {
@@ -367,9 +384,17 @@ pub unsafe extern "C" fn cowbackup_job_free(job: *mut cowbackup_job) {
         }
         // SAFETY: non-NULL; the caller guarantees a live job handle.
         if let Err(e) = unsafe { &*job }.job.check_free() {
-            super::error::set_last_error(format!("cowbackup_job_free: {e}; the job was cancelled, not freed"));
+            // The message is all a caller of this void function gets: it names the errno.
+            super::error::set_last_error(format!(
+                "cowbackup_job_free: refused (EDEADLK): {e}; the job was cancelled, not freed: \
+                 free it once the callback has returned"
+            ));
             return;
         }
+        // Cancel and join through a shared reference first: the completion callback may
+        // run meanwhile and look at the handle (query, or a refused free).
+        // SAFETY: non-NULL; the caller guarantees a live job handle.
+        unsafe { &*job }.job.shut_down();
         // SAFETY: made by Box::into_raw in cowbackup_backup_start, freed once (caller's guarantee).
         drop(unsafe { Box::from_raw(job) });
     })

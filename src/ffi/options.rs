@@ -270,14 +270,22 @@ impl CallbackOpaque {
 
 /// Set the completion callback of the jobs started with these options: `cb(opaque, ret)` is
 /// called exactly once per job, when it ends, with what `cowbackup_job_wait` returns (0,
-/// -ECANCELED, or the job's -errno), after the final state is set. It runs on a library thread
-/// (the job's own thread), not the thread that started the job; it must not block for long.
-/// It may call `cowbackup_job_query` and `cowbackup_job_wait` (which returns at once).
-/// `cowbackup_job_wait` in other threads and `cowbackup_job_free` return only after it has
-/// returned. It is
-/// also called, with -ECANCELED, when a running job is freed, before `cowbackup_job_free`
-/// returns. A job that fails to start never calls it. `cb` NULL removes the callback.
-/// Errors: -EINVAL (NULL `o`).
+/// -ECANCELED, or the job's -errno), after the final state is set. It runs on the job's own
+/// thread `cowbackup-<id>`, not the thread that started the job; it must not block for long
+/// and must not longjmp out. `cowbackup_job_wait` in other threads and `cowbackup_job_free`
+/// return only after it has returned. It is also called, with -ECANCELED, when a running job
+/// is freed, inside that `cowbackup_job_free`. A job that fails to start never calls it. `cb`
+/// NULL removes the callback. Errors: -EINVAL (NULL `o`).
+///
+/// Re-entrancy (capi/README.md, "Callbacks and re-entrancy"): the callback is inside its job,
+/// which has ended. It may call any function on the job: `cowbackup_job_query`,
+/// `cowbackup_job_wait` (the job's result, at once), `cowbackup_job_cancel` (0, no effect),
+/// `cowbackup_job_set_speed` (0), `cowbackup_cow_before_write` (0: the job has ended),
+/// `cowbackup_job_pause`/`_resume` (-EBUSY: the job has ended).
+/// `cowbackup_job_free` is refused: the job is not freed and `cowbackup_last_error()` says
+/// EDEADLK; free the job from outside, after the callback (e.g. after `cowbackup_job_wait`).
+/// It must not wait for something that waits for the job (a lock held by a thread calling
+/// `cowbackup_job_wait` or `cowbackup_job_free` on this job).
 ///
 /// # Safety
 /// `o` is NULL or a live options object. `cb`, when not NULL, is safe to call from any thread

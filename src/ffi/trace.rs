@@ -131,11 +131,21 @@ fn flatten(e: &TraceEvent) -> cowbackup_trace_event {
 /// Set the trace callback of the jobs started with these options: `cb(opaque, event)` is
 /// called for every event of a job (state changes, chunks copied, zero runs, hook calls
 /// that copy or wait, errors with the action taken). It runs on the thread that caused the
-/// event: a job's library threads or a thread inside `cowbackup_cow_before_write`, possibly
-/// concurrently, never with a library lock held; `event` and its `message` are valid only
-/// during the call. It must be thread-safe and quick. The hook's fast path (clusters already
+/// event, possibly concurrently, never with a library lock held: a job's workers
+/// `cowbackup-<id>-<n>` and job thread `cowbackup-<id>`, a host thread inside
+/// `cowbackup_cow_before_write`, a thread calling `cowbackup_job_pause`/`_resume` (the state
+/// change), the thread calling `cowbackup_backup_start` (zero runs found at start, before the
+/// job handle exists). `event` and its `message` are valid only during the call. It must be
+/// thread-safe and quick, and must not longjmp out. The hook's fast path (clusters already
 /// copied) emits nothing. `cb` NULL removes the callback (then `COWBACKUP_TRACE=1` in the
 /// environment prints events to stderr). Errors: -EINVAL (NULL `o`).
+///
+/// Re-entrancy (capi/README.md, "Callbacks and re-entrancy"): the callback is inside its job,
+/// on any thread. It may call the job's `cowbackup_job_query`, `_pause`, `_resume`, `_cancel`,
+/// `_set_speed` (pause and resume emit a state event on this thread: the callback is called
+/// again, nested); `cowbackup_cow_before_write` of clusters not yet copied and
+/// `cowbackup_job_wait` return -EDEADLK, and `cowbackup_job_free` is refused (the job is
+/// cancelled, not freed: free it from outside).
 ///
 /// # Safety
 /// `o` is NULL or a live options object. `cb`, when not NULL, is safe to call from any thread

@@ -88,7 +88,7 @@ impl Copier<'_> {
         }
         out.zero += n;
         if let Some(sink) = self.trace {
-            sink(&TraceEvent::ZeroClusters { job: self.job, offset: at, len: n });
+            crate::trace::deliver(sink, self.job, &TraceEvent::ZeroClusters { job: self.job, offset: at, len: n });
         }
         Ok(())
     }

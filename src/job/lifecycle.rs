@@ -439,16 +439,18 @@ impl JobShared {
         c.pause_error = None;
         let ev = self.set_state(&mut c, state);
         c.result = Some(result.clone());
-        c.callback_done = self.on_complete.is_none();
         drop(c);
+        // The final state's trace event comes before waiters wake: when `wait` returns,
+        // every event has been delivered. The sink cannot unwind (see `trace`).
+        self.emit(ev);
         self.control_cv.notify_all();
         self.claims.wake_all();
-        self.emit(ev);
         if let Some(cb) = &self.on_complete {
             // A panicking callback must not take the library thread down with it.
             let _ = catch_unwind(AssertUnwindSafe(|| cb(&result)));
-            self.lock().callback_done = true;
-            self.control_cv.notify_all();
         }
+        // Only now may `wait` return: the final trace event and the callback are done.
+        self.lock().callback_done = true;
+        self.control_cv.notify_all();
     }
 }

@@ -21,6 +21,8 @@ mod start;
 mod worker;
 
 pub use snapshot::SnapshotView;
+
+pub(crate) use reentry::enter as enter_job;
 pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{
@@ -30,7 +32,6 @@ pub use options::{
 
 use std::any::Any;
 use std::ops::Range;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -292,9 +293,7 @@ impl JobShared {
     #[inline]
     fn trace(&self, event: impl FnOnce() -> TraceEvent) {
         if let Some(sink) = &self.trace {
-            let e = event();
-            let _inside = reentry::enter(self.id);
-            let _ = catch_unwind(AssertUnwindSafe(|| sink(&e)));
+            crate::trace::deliver(sink, self.id, &event());
         }
     }
 
@@ -344,6 +343,34 @@ impl Job {
     /// The cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.shared.geo.cluster_size
+    }
+
+    /// The job's copy set as byte extents `(offset, len)`: in order, adjacent clusters
+    /// merged, the last cluster clipped to the device. Set when the job starts; it does not
+    /// shrink as clusters are copied, and stays available after the job's end. Only a
+    /// `discard` through a snapshot view takes clusters out of it.
+    ///
+    /// - `Full`, `Top`, `None` without a bitmap: the whole device, `[(0, len)]`.
+    /// - `Bitmap` (and `None` with a bitmap, pull mode): the clusters overlapping the
+    ///   granules dirty in the bitmap at start.
+    ///
+    /// The **restore rule** of an incremental backup: once the job has completed, the
+    /// target holds the point-in-time contents of exactly these extents, and nothing
+    /// else is meant. A cluster of the copy set that read as zero may be a hole in the
+    /// target (zeroes are not written to a target that reads as zero), so a restore
+    /// applies every byte of these extents, holes as zeroes; bytes outside them come
+    /// from the earlier backups of the chain. Keep this list with the backup.
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        // The copy set is what a snapshot view serves: the clear bits of `unservable`.
+        let (geo, out) = (&self.shared.geo, &self.shared.unservable);
+        let mut extents = Vec::new();
+        let mut c = 0;
+        while let Some(s) = out.next_clear(c, geo.clusters) {
+            let e = out.next_set(s, geo.clusters).unwrap_or(geo.clusters);
+            extents.push(geo.byte_range(s..e));
+            c = e;
+        }
+        extents
     }
 
     /// Pause the background copy: workers stop before their next chunk (chunks in
@@ -469,15 +496,19 @@ impl Job {
     }
 }
 
-impl Drop for Job {
-    /// Cancel the job and wait for its threads, so that no driver call happens after
-    /// the job is gone. Two exceptions: dropped from inside one of the job's own
-    /// callbacks, the job's threads end by themselves (joining them would deadlock); in
-    /// a `fork`ed child, where the job's threads do not exist, nothing is touched and
-    /// the job's memory is left alone (its locks may be held by threads that are gone).
-    fn drop(&mut self) {
+impl Job {
+    /// What dropping the job does, through a shared reference (so a callback running
+    /// meanwhile may still look at the job): cancel it and wait for its threads, so that
+    /// no driver call happens after the job is gone. Two exceptions: from inside one of
+    /// the job's own callbacks, the job's threads end by themselves (joining them would
+    /// deadlock); in a `fork`ed child, where the job's threads do not exist, nothing is
+    /// touched and the job's memory is left alone (its locks may be held by threads
+    /// that are gone).
+    pub(crate) fn shut_down(&self) {
         if std::process::id() != self.creator_pid {
-            std::mem::forget(self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take());
+            if let Ok(mut t) = self.thread.try_lock() {
+                std::mem::forget(t.take());
+            }
             std::mem::forget(Arc::clone(&self.shared));
             return;
         }
@@ -485,10 +516,17 @@ impl Drop for Job {
         if reentry::inside(self.shared.id) {
             return;
         }
-        if let Some(h) = self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
             let _ = h.join();
         }
         // Hook helpers (cbw_timeout) still copying hold the drivers: wait for them.
         self.shared.helpers.wait_idle();
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }

@@ -222,9 +222,11 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         Error::new(ErrorKind::OutOfMemory, libc::ENOMEM, format!("cannot allocate a bitmap of {clusters} clusters"))
     })?;
     // The point in time: from here on, marks go to the bitmap's successor.
-    let thaw = Thaw(opts.bitmap.clone());
+    let mut thaw = Thaw(None);
     if let Some(bm) = &opts.bitmap {
+        // A bitmap busy with another job stays that job's: thaw only what we froze.
         bm.freeze()?;
+        thaw.0 = Some(bm.clone());
         if restrict {
             let mut from = 0;
             while let Some((off, len)) = bm.frozen_next_dirty(from) {
@@ -243,7 +245,6 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         Scan { geo: &geo, sync: opts.sync, target_zero, claims: &claims, stats: &stats, trace: trace.as_ref(), id };
     let zero_target = scan.run(&*source)?;
     let worker_bufs = if opts.sync == SyncMode::None { Vec::new() } else { alloc_worker_bufs(&geo, opts.workers)? };
-    let mut thaw = thaw;
     let dirty = thaw.0.take();
 
     Ok(Prepared(Some(Arc::new(JobShared {
@@ -337,7 +338,8 @@ impl Scan<'_> {
                     let zero = self.settle(first..last);
                     self.stats.zero.fetch_add(zero, Ordering::Relaxed);
                     if let Some(sink) = self.trace.filter(|_| zero > 0) {
-                        sink(&TraceEvent::ZeroClusters { job: self.id, offset: b_off, len: b_len });
+                        let e = TraceEvent::ZeroClusters { job: self.id, offset: b_off, len: b_len };
+                        crate::trace::deliver(sink, self.id, &e);
                     }
                 }
             }
