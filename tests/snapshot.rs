@@ -481,8 +481,9 @@ fn even_mib(off: u64, len: u64) -> bool {
 /// Many readers and writers at once, every sync mode (Full, Top, None, Bitmap), cluster
 /// sizes 4 KiB, 64 KiB and 1 MiB, two rounds with other seeds: every successful view read
 /// equals the point-in-time copy, every block_status ZERO answer is zeroes there, and reads
-/// do happen while the job runs (successes counted per case). Under Bitmap, a read touching
-/// a cluster outside the bitmap fails whole with EACCES, and only then.
+/// do happen while the job runs (successes counted per case; the job is paused for the first
+/// half of the reads, so it cannot end before any). Under Bitmap, a read touching a cluster
+/// outside the bitmap fails whole with EACCES, and only then.
 #[test]
 fn view_reads_are_exact_under_heavy_load_in_every_sync_mode() {
     let modes = [SyncMode::Full, SyncMode::Top, SyncMode::None, SyncMode::Bitmap];
@@ -518,6 +519,11 @@ fn view_reads_are_exact_under_heavy_load_in_every_sync_mode() {
                 };
                 let job = backup_start(src.clone(), Arc::new(MemDriver::new(size).unwrap()), opts).unwrap();
                 let view = job.snapshot().unwrap();
+                // Paused for the first half of the reads (only the hooks copy: the job cannot
+                // end, even when they copy everything), then resumed (the workers copy too).
+                job.pause().unwrap();
+                let resumed = AtomicBool::new(false);
+                let reads = AtomicU64::new(0);
                 let ok_reads = AtomicU64::new(0);
                 std::thread::scope(|s| {
                     for w in 0..4u64 {
@@ -533,10 +539,16 @@ fn view_reads_are_exact_under_heavy_load_in_every_sync_mode() {
                         });
                     }
                     for r in 0..4u64 {
-                        let (view, pit, ok_reads) = (&view, &pit, &ok_reads);
+                        let (view, pit, ok_reads, reads, resumed, job) =
+                            (&view, &pit, &ok_reads, &reads, &resumed, &job);
                         s.spawn(move || {
                             let mut rng = Rng::new(seed * 13 + r);
                             for _ in 0..150 {
+                                if reads.fetch_add(1, Ordering::Relaxed) == 300
+                                    && !resumed.swap(true, Ordering::Relaxed)
+                                {
+                                    job.resume().unwrap();
+                                }
                                 let len = 1 + rng.below(3 * cluster);
                                 let off = rng.below(size - len);
                                 let mut b = vec![0u8; len as usize];
