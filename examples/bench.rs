@@ -4,7 +4,8 @@
 //! ```text
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
 //!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,contention,scale] [--grid]
-//!     (and the incremental-backup steps: --only mark,bitmap-guest,group-commit,incremental)
+//!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
+//!     snapshot view: --only view,fleece,scratch)
 //!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
 //! ```
 //!
@@ -28,6 +29,8 @@ mod offload;
 mod throughput;
 #[path = "bench/util.rs"]
 mod util;
+#[path = "bench/view.rs"]
+mod view;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -67,6 +70,7 @@ fn usage() -> &'static str {
      --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data,\n\
      \x20       into preallocated files\n\
      incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
+     snapshot view: --only view,fleece,scratch\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
 
@@ -295,7 +299,7 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 10] = [
+    let steps: [(&str, Step); 13] = [
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
@@ -306,6 +310,9 @@ fn main() -> ExitCode {
         ("bitmap-guest", incremental::guest),
         ("group-commit", incremental::group_commit),
         ("incremental", incremental::incremental),
+        ("view", view::view_read),
+        ("fleece", view::fleece_latency),
+        ("scratch", view::scratch_peak),
     ];
     for (name, step) in steps {
         if a.wants(name) {

@@ -390,6 +390,16 @@ typedef struct cowbackup_driver_ops {
    run then. Free `opaque` here.
    */
   void (*release)(void *opaque);
+  /*
+   Optional (may be NULL; a caller passing an older, smaller `ops_size` that ends before it
+   gets NULL). The range `[offset, offset + len)` is no longer needed: release its space if
+   the device can (punch a hole, unmap, free memory); what it reads afterwards is up to
+   the driver (zeroes are best). Advisory: returning 0 without doing anything is correct.
+   Called by `cowbackup_driver_discard` and by the library, e.g. when a snapshot view
+   whose scratch target is this driver is discarded (fleecing). NULL: discard is a no-op
+   returning 0.
+   */
+  int (*discard)(void *opaque, uint64_t offset, uint64_t len);
 } cowbackup_driver_ops;
 
 /*
@@ -809,6 +819,63 @@ int cowbackup_driver_write(struct cowbackup_driver *d,
 void cowbackup_driver_free(struct cowbackup_driver *d);
 
 /*
+ Tell the allocation status of the range of `d` starting at `offset`, at most `len` bytes
+ (non-zero): on success `*pnum` is how many bytes from `offset` (1 to `len`) share one
+ status and `*status` is `COWBACKUP_STATUS_DATA` and/or `COWBACKUP_STATUS_ZERO` (or 0). Walk
+ a device by calling again at `offset + *pnum`.
+
+ Any driver: a file answers from its extents (`SEEK_DATA`/`SEEK_HOLE`), a memory device from
+ what was written, a C driver through its `block_status` op (NULL: everything DATA), a
+ snapshot view (`cowbackup_job_snapshot`) with the status of the point-in-time image.
+
+ Errors (nothing written): -EINVAL (NULL argument, `len` 0, range past the end of the
+ device or overflowing); the device's -errno; for a snapshot view also -EACCES (the cluster
+ at `offset` is not served: outside the job's bitmap, or discarded), -ESTALE or the job's
+ -errno (the job has ended). Thread-safe.
+
+ # Safety
+ `d` is NULL or a live handle; `pnum` and `status` are NULL or valid for writes.
+ */
+int cowbackup_driver_block_status(struct cowbackup_driver *d,
+                                  uint64_t offset,
+                                  uint64_t len,
+                                  uint64_t *pnum,
+                                  uint32_t *status);
+
+/*
+ Say that `[offset, offset + len)` of `d` is no longer needed: the device may release its
+ space. A file punches a hole (where the filesystem can) and a memory device frees the
+ memory, both reading zeroes there afterwards; a C driver calls its `discard` op (NULL:
+ nothing). On a
+ **snapshot view** it means "the reader is done with this range": its whole clusters (partial
+ clusters at either end are left alone) leave the job's copy set (a later write there copies
+ nothing), their space in the job's target (the scratch image) is released, and later reads
+ of them fail with -EACCES. `len` 0: nothing, 0. Advisory: 0 when the device cannot release
+ space.
+
+ This does NOT call the copy-before-write hook of a job backing up `d`: call
+ `cowbackup_cow_before_write` first when `d` is a job's source.
+
+ Errors: -EINVAL (NULL `d`, range past the end of the device or overflowing); the device's
+ -errno (-EBADF for a file opened read-only); for a snapshot view -ESTALE or the job's
+ -errno (the job has ended). Thread-safe.
+
+ # Safety
+ `d` is NULL or a live handle.
+ */
+int cowbackup_driver_discard(struct cowbackup_driver *d, uint64_t offset, uint64_t len);
+
+/*
+ Make the data written to `d` durable: `fdatasync` for a file, the `flush` op for a C driver
+ (NULL: nothing), nothing for a memory device or a snapshot view. Errors: -EINVAL (NULL
+ `d`); the device's -errno. Thread-safe.
+
+ # Safety
+ `d` is NULL or a live handle.
+ */
+int cowbackup_driver_flush(struct cowbackup_driver *d);
+
+/*
  The message of the last failed `cowbackup_*` call on the calling thread: what failed,
  where and why (for example "cowbackup_driver_read: range 4096+512 is past the end of the
  device (4096 bytes)"). Returns "" (never NULL) when no call has failed on this thread.
@@ -1008,6 +1075,51 @@ int cowbackup_job_failed_ranges(const struct cowbackup_job *job,
 void cowbackup_job_free(struct cowbackup_job *job);
 
 /*
+ Open a read-only view of the job's **point-in-time image** (fleecing, pull mode): a driver
+ handle that reads the source as it was when the job started, while the job runs, in any
+ sync mode. Clusters already copied are read from the target; the others from the source,
+ while a hook on them waits for the read to finish (then copies). A view read never copies
+ and never writes the target.
+
+ Use it like any driver: `cowbackup_driver_read`, `cowbackup_driver_block_status` (the
+ image's DATA/ZERO status), `cowbackup_driver_discard` ("done with this range": its whole
+ clusters leave the copy set and their space in the target is released; later reads of
+ them fail -EACCES), `cowbackup_driver_size`, or as the source of another job (push mode,
+ with `cowbackup_options_set_discard_source`). Writes fail with -EROFS. A read touching a
+ cluster that is not served (outside the job's bitmap in pull mode or under
+ `COWBACKUP_SYNC_BITMAP`, or discarded) fails whole with -EACCES. Once the job has ended,
+ reads fail: with the job's -errno if it failed (e.g. -ENOSPC after
+ `COWBACKUP_CBW_BREAK_SNAPSHOT`), -ESTALE if it completed or was cancelled.
+
+ The handle is reference-counted like every driver handle and keeps what it needs alive: it
+ may be freed before or after the job (`cowbackup_job_free` first is safe; the view then
+ reads -ESTALE). Free it with `cowbackup_driver_free`. Many views of one job may exist.
+
+ On success `*out` is the new handle. Errors: -EINVAL (NULL argument); -ESTALE (the job has
+ ended or is ending). Thread-safe; the view may be used from many threads at once.
+
+ # Safety
+ `job` is NULL or a live job handle; `out` is NULL or valid for writes.
+ */
+int cowbackup_job_snapshot(struct cowbackup_job *job, struct cowbackup_driver **out);
+
+/*
+ End a `COWBACKUP_SYNC_NONE` job (fleecing, pull mode) as COMPLETED: the reader has what it
+ needs. The job stops copying, waits for hook copies in flight, flushes the target and ends
+ COMPLETED (`cowbackup_job_wait` returns 0); a pull-mode job's bitmap is then handled as for
+ a successful job (with `COWBACKUP_BITMAP_MODE_ON_SUCCESS` it holds the writes made during
+ the job). Snapshot views go stale (-ESTALE). Returns at once; `cowbackup_job_wait` waits.
+ (Cancel instead counts as a failure: the bitmap comes back whole.)
+
+ Errors: -EINVAL (NULL `job`, or a job of another sync mode: those complete when their copy
+ is done); -EBUSY (the job has ended, or is failing or being cancelled). Thread-safe.
+
+ # Safety
+ `job` is NULL or a live job handle.
+ */
+int cowbackup_job_complete(struct cowbackup_job *job);
+
+/*
  New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers,
  max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
  `COWBACKUP_CBW_BREAK_GUEST_WRITE`, no copy-before-write timeout, target not known to read
@@ -1177,6 +1289,21 @@ int cowbackup_options_set_completion(struct cowbackup_options *o,
 int cowbackup_options_set_bitmap(struct cowbackup_options *o,
                                  struct cowbackup_bitmap *bm,
                                  uint32_t mode);
+
+/*
+ Push mode from a snapshot view: when `enable` is 1, after each chunk of the background copy
+ is in the target, the job discards it on its source (`cowbackup_driver_discard`). Meant for a
+ job whose source is a snapshot view (`cowbackup_job_snapshot`) of a fleecing job: each range
+ leaves the fleecing job's copy set and its space in the scratch image is released as soon
+ as it is backed up, so the scratch image stays small. On any other source it discards the
+ source's data: only for sources that are to be thrown away. Discard is advisory: a failed
+ discard does not fail the job. `enable` 0 (the default): no discard. Errors: -EINVAL (NULL
+ `o`, `enable` not 0 or 1).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t enable);
 
 /*
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is

@@ -1,11 +1,14 @@
 //! The snapshot view (src/job/snapshot.rs): fleecing, pull mode, discard, staleness.
 mod common;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use common::{contents, Rng};
 use cowbackup::{
-    backup_start, BackupOptions, BitmapMode, BlockDriver, DirtyBitmap, FileDriver, JobState, MemDriver, SyncMode,
+    backup_start, BackupOptions, BitmapMode, BlockDriver, BlockStatus, CbwErrorAction, DirtyBitmap, ErrorKind,
+    FaultDriver, FaultOp, FaultRule, FileDriver, JobState, MemDriver, SnapshotView, StatusFlags, SyncMode,
 };
 
 const K64: u64 = 64 * 1024;
@@ -192,4 +195,474 @@ fn pull_mode() {
             .kind(),
         cowbackup::ErrorKind::InvalidInput
     );
+}
+
+/// Wraps a driver: reads and block_status queries made on threads named `view-reader`
+/// wait while the gate is closed (other threads pass). Counts the callers waiting now.
+struct ReaderGate<D> {
+    inner: D,
+    closed: Mutex<bool>,
+    cv: Condvar,
+    waiting: AtomicU64,
+}
+
+impl<D: BlockDriver> ReaderGate<D> {
+    fn new(inner: D) -> Arc<ReaderGate<D>> {
+        Arc::new(ReaderGate { inner, closed: Mutex::new(true), cv: Condvar::new(), waiting: AtomicU64::new(0) })
+    }
+    fn open(&self) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.cv.notify_all();
+    }
+    fn pass(&self) {
+        if std::thread::current().name() != Some("view-reader") {
+            return;
+        }
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        while *closed {
+            closed = self.cv.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Opens a [`ReaderGate`] when dropped, also while a failing test unwinds.
+struct OpenOnDrop<D: BlockDriver>(Arc<ReaderGate<D>>);
+
+impl<D: BlockDriver> Drop for OpenOnDrop<D> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+impl<D: BlockDriver> BlockDriver for ReaderGate<D> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.pass();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<BlockStatus> {
+        self.pass();
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// A view read holds the clusters it reads from the source: a hook on one of them waits
+/// (counted in `cow_waits`) until the read is done, then copies the old data; the reader
+/// got the old data too. Same for a block_status query of the view.
+#[test]
+fn hook_waits_for_a_view_read_then_copies_the_old_data() {
+    for query in ["read", "block_status"] {
+        let size = 16 * K64;
+        let src = ReaderGate::new(MemDriver::from_bytes(&vec![0xAA; size as usize]).unwrap());
+        let target = Arc::new(MemDriver::new(size).unwrap());
+        let opts = BackupOptions { sync: SyncMode::None, ..Default::default() };
+        let job = backup_start(src.clone(), target.clone(), opts).unwrap();
+        let view = job.snapshot().unwrap();
+        std::thread::scope(|s| {
+            // Inside the scope: a failing assertion opens the gate before the scope joins the reader.
+            let _open = OpenOnDrop(src.clone());
+            let reader = std::thread::Builder::new()
+                .name("view-reader".into())
+                .spawn_scoped(s, || {
+                    if query == "read" {
+                        let mut b = vec![0u8; K64 as usize];
+                        view.read_at(&mut b, 3 * K64).map(|()| b)
+                    } else {
+                        view.block_status(3 * K64, K64).map(|st| vec![st.flags.bits() as u8])
+                    }
+                })
+                .unwrap();
+            common::until("the view's source access to be parked", || src.waiting.load(Ordering::SeqCst) == 1);
+            let waits = job.info().cow_waits;
+            let writer = s.spawn(|| {
+                job.cow_before_write(3 * K64 + 10, 100).unwrap();
+                src.write_at(&[0xBB; 100], 3 * K64 + 10).unwrap();
+            });
+            common::until("the hook to wait for the view's hold", || job.info().cow_waits > waits);
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!writer.is_finished(), "{query}: the hook must not return while the view holds the cluster");
+            assert_eq!(job.info().cow_bytes, 0, "{query}: nothing copied while held");
+            src.open();
+            let got = common::join_within("the view reader", reader, Duration::from_secs(10)).unwrap();
+            if query == "read" {
+                assert!(got.iter().all(|&b| b == 0xAA), "the reader got the old data");
+            } else {
+                assert_eq!(got, vec![StatusFlags::DATA.bits() as u8]);
+            }
+            common::join_within("the writer", writer, Duration::from_secs(10));
+        });
+        assert_eq!(job.info().cow_bytes, K64, "{query}: the hook copied the cluster after the read");
+        let mut b = vec![0u8; K64 as usize];
+        target.read_at(&mut b, 3 * K64).unwrap();
+        assert!(b.iter().all(|&x| x == 0xAA), "{query}: the target holds the old data");
+        view.read_at(&mut b, 3 * K64).unwrap();
+        assert!(b.iter().all(|&x| x == 0xAA), "{query}: the view still reads the old data");
+        job.cancel();
+        common::wait_end(&job, Duration::from_secs(10)).unwrap_err();
+    }
+}
+
+/// No double copy: reading every cluster of a sync=None view (one by one, then whole)
+/// copies nothing and leaves the scratch target empty.
+#[test]
+fn view_reads_copy_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let src = Arc::new(MemDriver::from_bytes(&Rng::new(9).bytes(size as usize)).unwrap());
+    let pit = contents(&*src);
+    let path = dir.path().join("scratch");
+    let scratch = Arc::new(FileDriver::create(&path, size).unwrap());
+    let opts = BackupOptions { sync: SyncMode::None, ..Default::default() };
+    let job = backup_start(src.clone(), scratch.clone(), opts).unwrap();
+    let view = job.snapshot().unwrap();
+    let before = job.info();
+    let mut b = vec![0u8; K64 as usize];
+    for c in 0..size / K64 {
+        view.read_at(&mut b, c * K64).unwrap();
+        assert!(b[..] == pit[(c * K64) as usize..((c + 1) * K64) as usize], "cluster {c}");
+    }
+    common::assert_same("the whole view", &contents(&*view), &pit);
+    let after = job.info();
+    assert_eq!((after.bytes_copied, after.bytes_zero), (before.bytes_copied, before.bytes_zero));
+    assert_eq!((after.cow_requests, after.cow_bytes), (0, 0), "a view read is not a hook");
+    assert_eq!(common::data_bytes(&*scratch), 0, "the scratch target has no data");
+    assert_eq!(cowbackup::allocated_bytes(&path).unwrap(), 0, "no block of the scratch file is allocated");
+    job.complete().unwrap();
+    common::wait_end(&job, Duration::from_secs(10)).unwrap();
+}
+
+/// Slows writes to `rate` bytes/s (each write sleeps its share): a slow backup target.
+struct Throttled<D> {
+    inner: D,
+    rate: u64,
+}
+
+impl<D: BlockDriver> BlockDriver for Throttled<D> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_secs_f64(buf.len() as f64 / self.rate as f64));
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes_at(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<BlockStatus> {
+        self.inner.block_status(offset, len)
+    }
+    fn reads_as_zero(&self) -> bool {
+        self.inner.reads_as_zero()
+    }
+}
+
+/// Push mode (QEMU's backup-discard-source): a sync=None job into a scratch file, and a
+/// second job whose source is the view, with `discard_source`, into a throttled target,
+/// while host threads write through the first job's hook. The backup is the point-in-time
+/// image, and every cluster the hook put into the scratch file is released again: the
+/// scratch file ends with no allocated block.
+#[test]
+fn push_from_a_view_with_discard_source_leaves_no_scratch_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * MIB;
+    let src = Arc::new(MemDriver::from_bytes(&Rng::new(21).bytes(size as usize)).unwrap());
+    let pit = contents(&*src);
+    let scratch_path = dir.path().join("scratch");
+    let scratch = Arc::new(FileDriver::create(&scratch_path, size).unwrap());
+    let fleece =
+        backup_start(src.clone(), scratch.clone(), BackupOptions { sync: SyncMode::None, ..Default::default() })
+            .unwrap();
+    let view = fleece.snapshot().unwrap();
+    let backup_path = dir.path().join("backup");
+    let backup = Arc::new(Throttled { inner: FileDriver::create(&backup_path, size).unwrap(), rate: 64 * MIB });
+    let push = backup_start(view.clone(), backup.clone(), BackupOptions { discard_source: true, ..Default::default() })
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU64::new(0);
+    let mut peak = 0;
+    std::thread::scope(|s| {
+        let _stop = common::SetOnDrop(&stop);
+        for w in 0..3u64 {
+            let (fleece, src, stop, writes) = (&fleece, &src, &stop, &writes);
+            s.spawn(move || {
+                let mut rng = Rng::new(300 + w);
+                while !stop.load(Ordering::Relaxed) {
+                    let len = 1 + rng.below(2 * K64);
+                    let off = rng.below(size - len);
+                    fleece.cow_before_write(off, len).unwrap();
+                    src.write_at(&rng.bytes(len as usize), off).unwrap();
+                    writes.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+        }
+        while push.wait_timeout(Duration::from_millis(5)).is_none() {
+            peak = peak.max(cowbackup::allocated_bytes(&scratch_path).unwrap());
+        }
+    });
+    common::wait_end(&push, Duration::from_secs(60)).unwrap();
+    let info = fleece.info();
+    assert!(writes.load(Ordering::Relaxed) > 0 && info.cow_bytes > 0, "the host wrote during the push: {info:?}");
+    assert!(peak > 0, "the hook put old data into the scratch file meanwhile");
+    common::assert_same("the pushed backup", &contents(&backup.inner), &pit);
+    assert_eq!(cowbackup::allocated_bytes(&scratch_path).unwrap(), 0, "every scratch cluster was discarded");
+    // Everything is discarded: later writes copy nothing, and the view serves nothing.
+    fleece.cow_before_write(0, size).unwrap();
+    assert_eq!(fleece.info().cow_bytes, info.cow_bytes);
+    assert_eq!(errno(view.read_at(&mut [0; 1], 0).unwrap_err()), libc::EACCES);
+    fleece.complete().unwrap();
+    common::wait_end(&fleece, Duration::from_secs(10)).unwrap();
+    assert_eq!(cowbackup::allocated_bytes(&scratch_path).unwrap(), 0);
+}
+
+/// on_cbw_error with a scratch target failing ENOSPC. BreakGuestWrite: the hook fails,
+/// the guest write is not made, the view keeps serving the old data. BreakSnapshot: the
+/// hook returns Ok (the write goes on), the job fails with ENOSPC, view reads fail with it.
+#[test]
+fn cbw_errors_on_a_full_scratch_target() {
+    for action in [CbwErrorAction::BreakGuestWrite, CbwErrorAction::BreakSnapshot] {
+        let size = 16 * K64;
+        let src = Arc::new(MemDriver::from_bytes(&vec![0x11; size as usize]).unwrap());
+        let scratch = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+        for op in [FaultOp::Write, FaultOp::WriteZeroes] {
+            scratch.add(FaultRule::new(op).errno(libc::ENOSPC).forever());
+        }
+        let opts = BackupOptions { sync: SyncMode::None, on_cbw_error: action, ..Default::default() };
+        let job = backup_start(src.clone(), scratch.clone(), opts).unwrap();
+        let view = job.snapshot().unwrap();
+        let r = job.cow_before_write(K64, 10);
+        let mut b = vec![0u8; K64 as usize];
+        if action == CbwErrorAction::BreakGuestWrite {
+            assert_eq!(r.unwrap_err().errno(), libc::ENOSPC);
+            // The host fails its write: the source keeps the old data, so does the view.
+            view.read_at(&mut b, K64).unwrap();
+            assert!(b.iter().all(|&x| x == 0x11));
+            assert_eq!(job.info().state, JobState::Running, "the snapshot stays valid");
+            // Room again: the retried write copies the old data, the view still has it.
+            scratch.clear();
+            job.cow_before_write(K64, 10).unwrap();
+            src.write_at(&[0x33; 10], K64).unwrap();
+            view.read_at(&mut b, K64).unwrap();
+            assert!(b.iter().all(|&x| x == 0x11));
+            job.cancel();
+            assert_eq!(common::wait_end(&job, Duration::from_secs(10)).unwrap_err().kind(), ErrorKind::Cancelled);
+            assert_eq!(errno(view.read_at(&mut b, K64).unwrap_err()), libc::ESTALE);
+        } else {
+            r.unwrap();
+            src.write_at(&[0x33; 10], K64).unwrap();
+            let e = common::wait_end(&job, Duration::from_secs(10)).unwrap_err();
+            assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+            assert_eq!(job.info().state, JobState::Failed);
+            assert_eq!(errno(view.read_at(&mut b, 0).unwrap_err()), libc::ENOSPC);
+            assert_eq!(errno(view.block_status(0, K64).unwrap_err()), libc::ENOSPC);
+        }
+    }
+}
+
+/// Which bytes of the load test's bitmap are dirty: every even MiB (aligned to the
+/// largest cluster size, so the served clusters are exactly these bytes).
+fn even_mib(off: u64, len: u64) -> bool {
+    (off >> 20..=(off + len - 1) >> 20).all(|m| m % 2 == 0)
+}
+
+/// Many readers and writers at once, every sync mode (Full, Top, None, Bitmap), cluster
+/// sizes 4 KiB, 64 KiB and 1 MiB, two rounds with other seeds: every successful view read
+/// equals the point-in-time copy, every block_status ZERO answer is zeroes there, and reads
+/// do happen while the job runs (successes counted per case; the job is paused for the first
+/// half of the reads, so it cannot end before any). Under Bitmap, a read touching a cluster
+/// outside the bitmap fails whole with EACCES, and only then.
+#[test]
+fn view_reads_are_exact_under_heavy_load_in_every_sync_mode() {
+    let modes = [SyncMode::Full, SyncMode::Top, SyncMode::None, SyncMode::Bitmap];
+    for round in 0..2u64 {
+        for (i, sync) in modes.into_iter().enumerate() {
+            for cluster in [4096, K64, MIB] {
+                let size = 8 * MIB + 4097;
+                let seed = round * 100 + i as u64 * 10 + cluster.trailing_zeros() as u64;
+                let mut rng = Rng::new(seed);
+                // Data in three of every four MiB, holes elsewhere (Top skips those).
+                let src = Arc::new(MemDriver::new(size).unwrap());
+                for m in 0..=size >> 20 {
+                    if m % 4 != 3 {
+                        let len = MIB.min(size - (m << 20));
+                        src.write_at(&rng.bytes(len as usize), m << 20).unwrap();
+                    }
+                }
+                let pit = contents(&*src);
+                let bitmap = (sync == SyncMode::Bitmap).then(|| {
+                    let bm = DirtyBitmap::new(size, K64).unwrap();
+                    for m in (0..=size >> 20).step_by(2) {
+                        bm.mark(m << 20, MIB.min(size - (m << 20))).unwrap();
+                    }
+                    bm
+                });
+                let opts = BackupOptions {
+                    sync,
+                    cluster_size: cluster,
+                    speed: 8 * MIB,
+                    bitmap,
+                    workers: 2,
+                    ..Default::default()
+                };
+                let job = backup_start(src.clone(), Arc::new(MemDriver::new(size).unwrap()), opts).unwrap();
+                let view = job.snapshot().unwrap();
+                // Paused for the first half of the reads (only the hooks copy: the job cannot
+                // end, even when they copy everything), then resumed (the workers copy too).
+                job.pause().unwrap();
+                let resumed = AtomicBool::new(false);
+                let reads = AtomicU64::new(0);
+                let ok_reads = AtomicU64::new(0);
+                std::thread::scope(|s| {
+                    for w in 0..4u64 {
+                        let (job, src) = (&job, &src);
+                        s.spawn(move || {
+                            let mut rng = Rng::new(seed * 7 + w);
+                            for _ in 0..150 {
+                                let len = 1 + rng.below(3 * cluster);
+                                let off = rng.below(size - len);
+                                job.cow_before_write(off, len).unwrap();
+                                src.write_at(&rng.bytes(len as usize), off).unwrap();
+                            }
+                        });
+                    }
+                    for r in 0..4u64 {
+                        let (view, pit, ok_reads, reads, resumed, job) =
+                            (&view, &pit, &ok_reads, &reads, &resumed, &job);
+                        s.spawn(move || {
+                            let mut rng = Rng::new(seed * 13 + r);
+                            for _ in 0..150 {
+                                if reads.fetch_add(1, Ordering::Relaxed) == 300
+                                    && !resumed.swap(true, Ordering::Relaxed)
+                                {
+                                    job.resume().unwrap();
+                                }
+                                let len = 1 + rng.below(3 * cluster);
+                                let off = rng.below(size - len);
+                                let mut b = vec![0u8; len as usize];
+                                let want = &pit[off as usize..(off + len) as usize];
+                                let served = sync != SyncMode::Bitmap || even_mib(off, len);
+                                match view.read_at(&mut b, off) {
+                                    Ok(()) => {
+                                        assert!(served, "{sync:?} {cluster}: read of {off}+{len} outside the bitmap");
+                                        assert!(b[..] == *want, "{sync:?} {cluster}: read at {off}+{len}");
+                                        ok_reads.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Err(e) if !served => assert!(matches!(errno(e), libc::EACCES | libc::ESTALE)),
+                                    Err(e) => assert_eq!(errno(e), libc::ESTALE, "only a finished job's view fails"),
+                                }
+                                if let Ok(st) = view.block_status(off, len) {
+                                    assert!(st.len >= 1 && st.len <= len);
+                                    if st.flags.contains(StatusFlags::ZERO) {
+                                        let z = &pit[off as usize..(off + st.len) as usize];
+                                        assert!(
+                                            z.iter().all(|&x| x == 0),
+                                            "{sync:?} {cluster}: ZERO at {off}+{}",
+                                            st.len
+                                        );
+                                    }
+                                }
+                            }
+                        });
+                    }
+                });
+                let n = ok_reads.load(Ordering::Relaxed);
+                assert!(n > 0, "{sync:?}, cluster {cluster}, round {round}: no view read succeeded while the job ran");
+                // Ended by itself (a short copy set), or cancelled now: never failed.
+                job.cancel();
+                if let Err(e) = common::wait_end(&job, Duration::from_secs(10)) {
+                    assert_eq!(e.kind(), ErrorKind::Cancelled, "{sync:?} {cluster}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// block_status of a view in pull mode: EACCES at a cluster outside the bitmap; an answer
+/// starting in a served cluster stops before the next cluster that is not served.
+#[test]
+fn view_block_status_in_pull_mode() {
+    let size = 8 * K64;
+    let src = Arc::new(MemDriver::from_bytes(&vec![7; size as usize]).unwrap());
+    let bm = DirtyBitmap::new(size, K64).unwrap();
+    bm.mark(0, 2 * K64).unwrap();
+    let opts = BackupOptions { sync: SyncMode::None, bitmap: Some(bm), ..Default::default() };
+    let job = backup_start(src, Arc::new(MemDriver::new(size).unwrap()), opts).unwrap();
+    let view = job.snapshot().unwrap();
+    let st = view.block_status(100, size - 100).unwrap();
+    assert_eq!((st.len, st.flags), (2 * K64 - 100, StatusFlags::DATA));
+    assert_eq!(errno(view.block_status(2 * K64, K64).unwrap_err()), libc::EACCES);
+    job.cow_before_write(0, 1).unwrap();
+    let st = view.block_status(0, size).unwrap();
+    assert_eq!(st.len, K64, "copied cluster 0: the target's status, up to the uncopied cluster 1");
+    assert_eq!(errno(view.block_status(size, 1).unwrap_err()), libc::EINVAL);
+    job.cancel();
+}
+
+/// A source driver whose read, on the hook's own thread, reads the job's view (of the very
+/// clusters the hook is copying): refused with EDEADLK instead of waiting for itself.
+#[test]
+fn view_read_from_inside_the_jobs_own_hook_is_refused() {
+    struct Nested {
+        inner: MemDriver,
+        /// Armed once: taken by the first read.
+        view: Mutex<Option<Arc<SnapshotView>>>,
+        got: Mutex<Vec<i32>>,
+    }
+    impl BlockDriver for Nested {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let armed = self.view.lock().unwrap().take();
+            if let Some(v) = armed {
+                let r = v.read_at(&mut vec![0; buf.len()], offset);
+                self.got.lock().unwrap().push(r.map_or_else(errno, |()| 0));
+                let d = v.discard(offset, buf.len() as u64);
+                self.got.lock().unwrap().push(d.map_or_else(errno, |()| 0));
+            }
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset)
+        }
+    }
+    let size = 4 * K64;
+    let src = Arc::new(Nested {
+        inner: MemDriver::from_bytes(&vec![5; size as usize]).unwrap(),
+        view: Default::default(),
+        got: Mutex::new(Vec::new()),
+    });
+    let opts = BackupOptions { sync: SyncMode::None, ..Default::default() };
+    let job = backup_start(src.clone(), Arc::new(MemDriver::new(size).unwrap()), opts).unwrap();
+    let view = job.snapshot().unwrap();
+    *src.view.lock().unwrap() = Some(view.clone());
+    std::thread::scope(|s| {
+        let h = s.spawn(|| job.cow_before_write(0, K64));
+        let t = std::time::Instant::now();
+        while !h.is_finished() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !h.is_finished() {
+            job.cancel(); // wakes the hung read, so the test fails instead of hanging
+            panic!("the hook hung reading its own job's view");
+        }
+        h.join().unwrap().unwrap();
+    });
+    assert_eq!(*src.got.lock().unwrap(), vec![libc::EDEADLK, libc::EDEADLK]);
+    // From outside the job, the same calls work.
+    assert_eq!(contents(&*view), vec![5; size as usize]);
+    job.cancel();
 }

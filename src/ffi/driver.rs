@@ -79,6 +79,14 @@ pub struct cowbackup_driver_ops {
     /// it), on the thread that dropped it, before that call returns; no other op runs or will
     /// run then. Free `opaque` here.
     pub release: Option<unsafe extern "C" fn(opaque: *mut c_void)>,
+    /// Optional (may be NULL; a caller passing an older, smaller `ops_size` that ends before it
+    /// gets NULL). The range `[offset, offset + len)` is no longer needed: release its space if
+    /// the device can (punch a hole, unmap, free memory); what it reads afterwards is up to
+    /// the driver (zeroes are best). Advisory: returning 0 without doing anything is correct.
+    /// Called by `cowbackup_driver_discard` and by the library, e.g. when a snapshot view
+    /// whose scratch target is this driver is discarded (fleecing). NULL: discard is a no-op
+    /// returning 0.
+    pub discard: Option<unsafe extern "C" fn(opaque: *mut c_void, offset: u64, len: u64) -> c_int>,
 }
 
 /// `opaque`, which the library only passes back to the ops.
@@ -272,6 +280,17 @@ impl BlockDriver for CDriver {
         })?;
         Ok(BlockStatus { len: pnum.min(len), flags })
     }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        let Some(discard) = self.ops.discard else { return Ok(()) };
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller's op, called with a non-empty range inside the device.
+        let ret = self.call("discard", |opaque| unsafe { discard(opaque, offset, len) })?;
+        op_result("discard", ret)
+    }
 }
 
 impl Drop for CDriver {
@@ -368,6 +387,7 @@ pub unsafe extern "C" fn cowbackup_driver_new(
             flush: None,
             block_status: None,
             release: None,
+            discard: None,
         };
         // SAFETY: `known` <= both `ops_size` (readable, caller's guarantee) and the size of
         // `table`; the table is all nullable function pointers, and the caller's bytes are
@@ -652,6 +672,116 @@ pub unsafe extern "C" fn cowbackup_driver_free(d: *mut cowbackup_driver) {
     })
 }
 
+/// Check `offset + len <= size` of a 64-bit range without overflow.
+fn check_range64(function: &str, d: &cowbackup_driver, offset: u64, len: u64) -> Result<(), c_int> {
+    let size = d.inner.size();
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(invalid(format!("{function}: range {offset}+{len} is past the end of the device ({size} bytes)"))),
+    }
+}
+
+/// Tell the allocation status of the range of `d` starting at `offset`, at most `len` bytes
+/// (non-zero): on success `*pnum` is how many bytes from `offset` (1 to `len`) share one
+/// status and `*status` is `COWBACKUP_STATUS_DATA` and/or `COWBACKUP_STATUS_ZERO` (or 0). Walk
+/// a device by calling again at `offset + *pnum`.
+///
+/// Any driver: a file answers from its extents (`SEEK_DATA`/`SEEK_HOLE`), a memory device from
+/// what was written, a C driver through its `block_status` op (NULL: everything DATA), a
+/// snapshot view (`cowbackup_job_snapshot`) with the status of the point-in-time image.
+///
+/// Errors (nothing written): -EINVAL (NULL argument, `len` 0, range past the end of the
+/// device or overflowing); the device's -errno; for a snapshot view also -EACCES (the cluster
+/// at `offset` is not served: outside the job's bitmap, or discarded), -ESTALE or the job's
+/// -errno (the job has ended). Thread-safe.
+///
+/// # Safety
+/// `d` is NULL or a live handle; `pnum` and `status` are NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_block_status(
+    d: *mut cowbackup_driver,
+    offset: u64,
+    len: u64,
+    pnum: *mut u64,
+    status: *mut u32,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_driver_block_status", {
+        check_out!(pnum, "cowbackup_driver_block_status", "pnum");
+        check_out!(status, "cowbackup_driver_block_status", "status");
+        let d = try_ref!(d, "cowbackup_driver_block_status", "d");
+        if len == 0 {
+            return invalid("cowbackup_driver_block_status: len is 0");
+        }
+        if let Err(e) = check_range64("cowbackup_driver_block_status", d, offset, len) {
+            return e;
+        }
+        match d.inner.block_status(offset, len) {
+            Ok(st) => {
+                // SAFETY: both checked non-NULL above; the caller guarantees they are writable.
+                unsafe {
+                    pnum.write(st.len.clamp(1, len));
+                    status.write(st.flags.bits());
+                }
+                0
+            }
+            Err(e) => fail_io("cowbackup_driver_block_status", &e),
+        }
+    })
+}
+
+/// Say that `[offset, offset + len)` of `d` is no longer needed: the device may release its
+/// space. A file punches a hole (where the filesystem can) and a memory device frees the
+/// memory, both reading zeroes there afterwards; a C driver calls its `discard` op (NULL:
+/// nothing). On a
+/// **snapshot view** it means "the reader is done with this range": its whole clusters (partial
+/// clusters at either end are left alone) leave the job's copy set (a later write there copies
+/// nothing), their space in the job's target (the scratch image) is released, and later reads
+/// of them fail with -EACCES. `len` 0: nothing, 0. Advisory: 0 when the device cannot release
+/// space.
+///
+/// This does NOT call the copy-before-write hook of a job backing up `d`: call
+/// `cowbackup_cow_before_write` first when `d` is a job's source.
+///
+/// Errors: -EINVAL (NULL `d`, range past the end of the device or overflowing); the device's
+/// -errno (-EBADF for a file opened read-only); for a snapshot view -ESTALE or the job's
+/// -errno (the job has ended). Thread-safe.
+///
+/// # Safety
+/// `d` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_discard(d: *mut cowbackup_driver, offset: u64, len: u64) -> c_int {
+    ffi_panic_boundary!("cowbackup_driver_discard", {
+        let d = try_ref!(d, "cowbackup_driver_discard", "d");
+        if let Err(e) = check_range64("cowbackup_driver_discard", d, offset, len) {
+            return e;
+        }
+        if len == 0 {
+            return 0;
+        }
+        match d.inner.discard(offset, len) {
+            Ok(()) => 0,
+            Err(e) => fail_io("cowbackup_driver_discard", &e),
+        }
+    })
+}
+
+/// Make the data written to `d` durable: `fdatasync` for a file, the `flush` op for a C driver
+/// (NULL: nothing), nothing for a memory device or a snapshot view. Errors: -EINVAL (NULL
+/// `d`); the device's -errno. Thread-safe.
+///
+/// # Safety
+/// `d` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_driver_flush(d: *mut cowbackup_driver) -> c_int {
+    ffi_panic_boundary!("cowbackup_driver_flush", {
+        let d = try_ref!(d, "cowbackup_driver_flush", "d");
+        match d.inner.flush() {
+            Ok(()) => 0,
+            Err(e) => fail_io("cowbackup_driver_flush", &e),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::ffi::CStr;
@@ -734,6 +864,7 @@ mod tests {
         flush: None,
         block_status: None,
         release: None,
+        discard: None,
     };
 
     fn driver(dev: &Dev, flags: u32) -> *mut cowbackup_driver {

@@ -2,11 +2,13 @@
 
 use std::os::raw::c_int;
 
+use std::sync::Arc;
+
 use super::driver::cowbackup_driver;
 use super::error::{neg_errno, result};
 use super::options::cowbackup_options;
 use super::*;
-use crate::{backup_start, BackupOptions, Job, JobState};
+use crate::{backup_start, BackupOptions, BlockDriver, Job, JobState};
 
 /// A running backup job (opaque). Made by `cowbackup_backup_start`, freed by
 /// `cowbackup_job_free`. Every function on a job may be called from any thread, concurrently
@@ -395,5 +397,68 @@ pub unsafe extern "C" fn cowbackup_job_free(job: *mut cowbackup_job) {
         unsafe { &*job }.job.shut_down();
         // SAFETY: made by Box::into_raw in cowbackup_backup_start, freed once (caller's guarantee).
         drop(unsafe { Box::from_raw(job) });
+    })
+}
+
+/// Open a read-only view of the job's **point-in-time image** (fleecing, pull mode): a driver
+/// handle that reads the source as it was when the job started, while the job runs, in any
+/// sync mode. Clusters already copied are read from the target; the others from the source,
+/// while a hook on them waits for the read to finish (then copies). A view read never copies
+/// and never writes the target.
+///
+/// Use it like any driver: `cowbackup_driver_read`, `cowbackup_driver_block_status` (the
+/// image's DATA/ZERO status), `cowbackup_driver_discard` ("done with this range": its whole
+/// clusters leave the copy set and their space in the target is released; later reads of
+/// them fail -EACCES), `cowbackup_driver_size`, or as the source of another job (push mode,
+/// with `cowbackup_options_set_discard_source`). Writes fail with -EROFS. A read touching a
+/// cluster that is not served (outside the job's bitmap in pull mode or under
+/// `COWBACKUP_SYNC_BITMAP`, or discarded) fails whole with -EACCES. Once the job has ended,
+/// reads fail: with the job's -errno if it failed (e.g. -ENOSPC after
+/// `COWBACKUP_CBW_BREAK_SNAPSHOT`), -ESTALE if it completed or was cancelled.
+///
+/// The handle is reference-counted like every driver handle and keeps what it needs alive: it
+/// may be freed before or after the job (`cowbackup_job_free` first is safe; the view then
+/// reads -ESTALE). Free it with `cowbackup_driver_free`. Many views of one job may exist.
+///
+/// On success `*out` is the new handle. Errors: -EINVAL (NULL argument); -ESTALE (the job has
+/// ended or is ending). Thread-safe; the view may be used from many threads at once.
+///
+/// # Safety
+/// `job` is NULL or a live job handle; `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_snapshot(job: *mut cowbackup_job, out: *mut *mut cowbackup_driver) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_snapshot", {
+        check_out!(out, "cowbackup_job_snapshot", "out");
+        let job = try_ref!(job, "cowbackup_job_snapshot", "job");
+        match job.job.snapshot() {
+            Ok(view) => {
+                let inner: Arc<dyn BlockDriver> = view;
+                let handle = Box::into_raw(Box::new(cowbackup_driver { inner }));
+                // SAFETY: checked non-NULL above; the caller guarantees it is writable.
+                unsafe { out.write(handle) };
+                0
+            }
+            Err(e) => super::error::fail("cowbackup_job_snapshot", &e),
+        }
+    })
+}
+
+/// End a `COWBACKUP_SYNC_NONE` job (fleecing, pull mode) as COMPLETED: the reader has what it
+/// needs. The job stops copying, waits for hook copies in flight, flushes the target and ends
+/// COMPLETED (`cowbackup_job_wait` returns 0); a pull-mode job's bitmap is then handled as for
+/// a successful job (with `COWBACKUP_BITMAP_MODE_ON_SUCCESS` it holds the writes made during
+/// the job). Snapshot views go stale (-ESTALE). Returns at once; `cowbackup_job_wait` waits.
+/// (Cancel instead counts as a failure: the bitmap comes back whole.)
+///
+/// Errors: -EINVAL (NULL `job`, or a job of another sync mode: those complete when their copy
+/// is done); -EBUSY (the job has ended, or is failing or being cancelled). Thread-safe.
+///
+/// # Safety
+/// `job` is NULL or a live job handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_job_complete(job: *mut cowbackup_job) -> c_int {
+    ffi_panic_boundary!("cowbackup_job_complete", {
+        let job = try_ref!(job, "cowbackup_job_complete", "job");
+        result("cowbackup_job_complete", job.job.complete())
     })
 }

@@ -350,3 +350,27 @@ pub unsafe extern "C" fn cowbackup_options_set_bitmap(
         0
     })
 }
+
+/// Push mode from a snapshot view: when `enable` is 1, after each chunk of the background copy
+/// is in the target, the job discards it on its source (`cowbackup_driver_discard`). Meant for a
+/// job whose source is a snapshot view (`cowbackup_job_snapshot`) of a fleecing job: each range
+/// leaves the fleecing job's copy set and its space in the scratch image is released as soon
+/// as it is backed up, so the scratch image stays small. On any other source it discards the
+/// source's data: only for sources that are to be thrown away. Discard is advisory: a failed
+/// discard does not fail the job. `enable` 0 (the default): no discard. Errors: -EINVAL (NULL
+/// `o`, `enable` not 0 or 1).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_discard_source(o: *mut cowbackup_options, enable: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_discard_source", {
+        let o = try_mut!(o, "cowbackup_options_set_discard_source", "o");
+        o.inner.discard_source = match enable {
+            0 => false,
+            1 => true,
+            _ => return invalid(format!("cowbackup_options_set_discard_source: {enable} is not 0 or 1")),
+        };
+        0
+    })
+}

@@ -17,7 +17,8 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Job, JobShared, JobState};
+use super::claims::Hold;
+use super::{reentry, Job, JobShared, JobState};
 use crate::driver::{BlockDriver, BlockStatus, StatusFlags};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -115,6 +116,29 @@ impl SnapshotView {
         }
         Ok(())
     }
+
+    /// Take a read hold on `clusters` for a read or a status query: fails when the job has
+    /// ended (or ends while waiting), with `EACCES` when a cluster is not served (checked
+    /// again once held: a concurrent discard marks its clusters unserved before it waits
+    /// for holds, so a read either sees that or keeps the discard waiting until it is
+    /// done), and with `EDEADLK` from inside the job's own callbacks or driver operations
+    /// (the hook there may be holding these very clusters, and the hold would wait for it).
+    fn hold(&self, clusters: Range<u64>) -> io::Result<Hold<'_>> {
+        let job = &*self.job;
+        if self.ended() {
+            return Err(self.stale());
+        }
+        if reentry::inside(job.id) {
+            return Err(io::Error::from(reentry::deadlock(job.id, "a read of the job's snapshot view")));
+        }
+        self.check_served(clusters.clone())?;
+        job.wait_prepared();
+        let Some(hold) = job.claims.hold(clusters.clone(), || job.hook_off.load(Ordering::Acquire)) else {
+            return Err(self.stale());
+        };
+        self.check_served(clusters)?;
+        Ok(hold)
+    }
 }
 
 impl BlockDriver for SnapshotView {
@@ -128,15 +152,8 @@ impl BlockDriver for SnapshotView {
             return Ok(());
         }
         let job = &*self.job;
-        if self.ended() {
-            return Err(self.stale());
-        }
-        job.wait_prepared();
         let clusters = job.geo.clusters_of(offset, end);
-        self.check_served(clusters.clone())?;
-        let Some(hold) = job.claims.hold(clusters.clone(), || job.hook_off.load(Ordering::Acquire)) else {
-            return Err(self.stale());
-        };
+        let hold = self.hold(clusters.clone())?;
         let mut c = clusters.start;
         while c < clusters.end {
             // A run of clusters all dirty (read the source) or all copied (read the target).
@@ -168,17 +185,23 @@ impl BlockDriver for SnapshotView {
         Err(io_err(libc::EROFS, "a snapshot view is read-only".into()))
     }
 
+    /// The status of the point-in-time image: of the source for clusters not yet copied,
+    /// of the target for the others, for the run of clusters starting at `offset` that are
+    /// all one or the other, under a read hold (so a hook cannot copy them and let a host
+    /// write, zeroes or a discard of the source, change the answer meanwhile). `EACCES`
+    /// when the cluster at `offset` is not served; the answer stops before the next one
+    /// that is not.
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         let end = self.check(offset, len)?;
         if len == 0 {
             return Ok(BlockStatus { len: 0, flags: StatusFlags::DATA });
         }
-        if self.ended() {
-            return Err(self.stale());
-        }
         let job = &*self.job;
-        job.wait_prepared();
-        let clusters = job.geo.clusters_of(offset, end);
+        let all = job.geo.clusters_of(offset, end);
+        self.check_served(all.start..all.start + 1)?;
+        let served_end = job.unservable.next_set(all.start, all.end).unwrap_or(all.end);
+        let clusters = all.start..served_end;
+        let hold = self.hold(clusters.clone())?;
         let dirty = job.claims.is_dirty(clusters.start);
         let mut e = clusters.start + 1;
         while e < clusters.end && job.claims.is_dirty(e) == dirty {
@@ -191,6 +214,10 @@ impl BlockDriver for SnapshotView {
         } else {
             job.target.block_status(offset, run_end - offset)?
         };
+        drop(hold);
+        if self.ended() {
+            return Err(self.stale());
+        }
         Ok(BlockStatus { len: st.len.clamp(1, run_end - offset), flags: st.flags })
     }
 
@@ -208,6 +235,9 @@ impl BlockDriver for SnapshotView {
         }
         if self.ended() {
             return Err(self.stale());
+        }
+        if reentry::inside(job.id) {
+            return Err(io::Error::from(reentry::deadlock(job.id, "a discard on the job's snapshot view")));
         }
         job.wait_prepared();
         job.unservable.set_range(first..last);
