@@ -99,6 +99,7 @@ __all__ = [
     "CowbackupError",
     "DEFAULT_GRANULARITY",
     "Driver",
+    "Extent",
     "InvalidArgument",
     "Job",
     "JobCancelled",
@@ -478,6 +479,13 @@ _opt_completion = _declare("cowbackup_options_set_completion", c_int,
                            [_P, _COMPLETION_FN, c_void_p])
 _opt_trace = _declare("cowbackup_options_set_trace", c_int, [_P, _TRACE_FN, c_void_p])
 _opt_bitmap = _declare("cowbackup_options_set_bitmap", c_int, [_P, _P, c_uint32])
+_opt_discard_source = _declare("cowbackup_options_set_discard_source", c_int, [_P, c_uint32])
+_driver_block_status = _declare("cowbackup_driver_block_status", c_int,
+                                [_P, c_uint64, c_uint64, POINTER(c_uint64), POINTER(c_uint32)])
+_driver_discard = _declare("cowbackup_driver_discard", c_int, [_P, c_uint64, c_uint64])
+_driver_flush = _declare("cowbackup_driver_flush", c_int, [_P])
+_job_snapshot = _declare("cowbackup_job_snapshot", c_int, [_P, _PP])
+_job_complete = _declare("cowbackup_job_complete", c_int, [_P])
 # Not tracked, like _backup_start.
 _backup_start_group = _declare("cowbackup_backup_start_group", c_int,
                                [c_size_t, _PP, _PP, _PP, _PP], tracked=False)
@@ -813,6 +821,20 @@ def _buffer_arg(data: Any) -> Tuple[Any, int]:
     return (ctypes.c_char * flat.nbytes).from_buffer(flat), flat.nbytes
 
 
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    """A range with one allocation status (:meth:`Driver.block_status`)."""
+
+    offset: int
+    length: int
+    data: bool  #: allocated data
+    zero: bool  #: reads as zeroes
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
 class Driver:
     """A block device: a handle on a library driver (memory, file, or implemented in Python).
 
@@ -999,6 +1021,56 @@ class Driver:
             _check(_driver_write(ptr, offset, buf if n else None, n), "cowbackup_driver_write")
         finally:
             self._h.release()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Tell the device that ``[offset, offset + length)`` is no longer needed: its space
+        may be released (a hole in a file). Advisory: a device that cannot discard ignores it.
+        On a snapshot view (:meth:`Job.snapshot`) it releases the whole clusters inside the
+        range: they are not copied any more and later reads of them fail (EACCES).
+        """
+        offset = _u64(offset, "offset")
+        length = _u64(length, "length")
+        self._check_range(offset, length)
+        ptr = self._ptr()
+        try:
+            _check(_driver_discard(ptr, offset, length), "cowbackup_driver_discard")
+        finally:
+            self._h.release()
+
+    def flush(self) -> None:
+        """Make what was written to the device durable."""
+        ptr = self._ptr()
+        try:
+            _check(_driver_flush(ptr), "cowbackup_driver_flush")
+        finally:
+            self._h.release()
+
+    def block_status(self, offset: int = 0, length: Optional[int] = None) -> list["Extent"]:
+        """The allocation status of ``[offset, offset + length)`` (default: to the end), as
+        a list of :class:`Extent` covering the range in order, neighbours with the same status
+        merged. On a snapshot view: the status of the point-in-time image.
+        """
+        offset = _u64(offset, "offset")
+        length = self._size - offset if length is None else _u64(length, "length")
+        self._check_range(offset, length)
+        out: list[Extent] = []
+        ptr = self._ptr()
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                pnum, st = c_uint64(), c_uint32()
+                _check(_driver_block_status(ptr, pos, end - pos, ctypes.byref(pnum), ctypes.byref(st)),
+                       "cowbackup_driver_block_status")
+                n = max(1, min(pnum.value, end - pos))
+                data, zero = bool(st.value & 1), bool(st.value & 2)
+                if out and out[-1].data == data and out[-1].zero == zero and out[-1].end == pos:
+                    out[-1] = Extent(out[-1].offset, out[-1].length + n, data, zero)
+                else:
+                    out.append(Extent(pos, n, data, zero))
+                pos += n
+        finally:
+            self._h.release()
+        return out
 
     def close(self) -> None:
         """Drop this handle (jobs using the device keep it alive). Idempotent."""
@@ -1536,6 +1608,27 @@ class Job:
                        cinfo.bytes_zero, cinfo.bytes_skipped, cinfo.bytes_failed,
                        cinfo.cow_requests, cinfo.cow_bytes, cinfo.speed)
 
+    def snapshot(self) -> "Driver":
+        """A read-only :class:`Driver` of the point-in-time image, served while the job runs
+        (fleecing, pull mode): copied clusters come from the target, the others from the
+        source (the hook waits for such a read, then copies). Writes fail (EROFS); after the
+        job ended reads fail (ESTALE, or the job's error). The view keeps what it needs
+        alive: closing the job first is safe.
+        """
+        ptr = self._enter("snapshot")
+        try:
+            view = _out_handle(_job_snapshot, "cowbackup_job_snapshot", ptr)
+        finally:
+            self._h.release()
+        return Driver(view, "snapshot view")
+
+    def complete(self) -> None:
+        """End a ``sync="none"`` job as COMPLETED (the reader has what it needs): the
+        target is flushed and the bitmap, if any, is handled as for a successful job.
+        Raises :class:`InvalidArgument` for other sync modes.
+        """
+        self._simple(_job_complete, "cowbackup_job_complete")
+
     def failed_ranges(self) -> list[tuple[int, int]]:
         """The ``(offset, length)`` byte ranges given up under ``on_*_error="ignore"``:
         what the target lacks (e.g. the unreadable parts of a failing disk). Empty when
@@ -1663,6 +1756,7 @@ class _Spec:
     bitmap_mode: int
     on_complete: Optional[Callable[[int], Any]]
     trace: Optional[Callable[[TraceEvent], Any]]
+    discard_source: bool = False
 
 
 def _job_spec(
@@ -1681,6 +1775,7 @@ def _job_spec(
     bitmap_mode: str = "on-success",
     on_complete: Optional[Callable[[int], Any]] = None,
     trace: Optional[Callable[[TraceEvent], Any]] = None,
+    discard_source: bool = False,
 ) -> _Spec:
     """Check the options of :func:`backup_start` (TypeError/ValueError); the library checks
     the rest (ranges of values, combinations) when the job starts."""
@@ -1714,8 +1809,10 @@ def _job_spec(
         raise TypeError("on_complete must be callable or None")
     if trace is not None and not callable(trace):
         raise TypeError("trace must be callable or None")
+    if not isinstance(discard_source, bool):
+        raise TypeError("discard_source must be a bool")
     return _Spec(cs, sync_v, speed_v, wk, mc, src_act, tgt_act, cbw_act, timeout_ms, target_is_zero,
-                 bitmap, mode_v, on_complete, trace)
+                 bitmap, mode_v, on_complete, trace, discard_source)
 
 
 class _Options:
@@ -1761,6 +1858,8 @@ class _Options:
                 _check(_opt_bitmap(opts, bm, spec.bitmap_mode), "cowbackup_options_set_bitmap")
             finally:
                 spec.bitmap._h.release()
+        if spec.discard_source:
+            _check(_opt_discard_source(opts, 1), "cowbackup_options_set_discard_source")
         _check(_opt_completion(opts, _c_completion, self.key), "cowbackup_options_set_completion")
         if spec.trace is not None:
             _check(_opt_trace(opts, _c_trace, self.key), "cowbackup_options_set_trace")
@@ -1849,6 +1948,7 @@ def backup_start(
     bitmap_mode: str = "on-success",
     on_complete: Optional[Callable[[int], Any]] = None,
     trace: Optional[Callable[[TraceEvent], Any]] = None,
+    discard_source: bool = False,
 ) -> Job:
     """Start a point-in-time backup of ``source`` into ``target`` (same size).
 
@@ -1887,6 +1987,9 @@ def backup_start(
       the target (copying or waiting), in seconds (rounded up to whole milliseconds); past it
       the hook fails with ETIMEDOUT while the copy goes on in the background.
     - ``target_is_zero``: the target is known to read zeroes (only when true!).
+    - ``discard_source``: after each background chunk is copied, discard it on the source
+      (for a source that is a snapshot view, :meth:`Job.snapshot`: a push from a fleecing
+      view that leaves the scratch image empty).
     - ``on_complete(ret)``: called once when the job ends, on a library thread, with 0,
       ``-errno.ECANCELED`` or the job's negative errno; exceptions are logged
       (KeyboardInterrupt/SystemExit are raised by :meth:`Job.wait`). It must not close the
@@ -1910,7 +2013,8 @@ def backup_start(
                      max_chunk=max_chunk, on_source_error=on_source_error,
                      on_target_error=on_target_error, on_cbw_error=on_cbw_error,
                      cbw_timeout=cbw_timeout, target_is_zero=target_is_zero, bitmap=bitmap,
-                     bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace)
+                     bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace,
+                     discard_source=discard_source)
     return _start([(source, target, spec)], group=False)[0]
 
 

@@ -666,3 +666,21 @@ fn view_read_from_inside_the_jobs_own_hook_is_refused() {
     assert_eq!(contents(&*view), vec![5; size as usize]);
     job.cancel();
 }
+
+/// A reader's discard on the view of a job whose target is the backup (not sync=None):
+/// the target lacks those clusters, so the job must not report success.
+#[test]
+fn discard_on_the_view_of_a_full_job_fails_the_job() {
+    let size = 4 * MIB;
+    let src = Arc::new(MemDriver::from_bytes(&vec![7u8; size as usize]).unwrap());
+    let target = Arc::new(MemDriver::new(size).unwrap());
+    let opts = BackupOptions { speed: MIB, ..Default::default() };
+    let job = backup_start(src, target, opts).unwrap();
+    let view = job.snapshot().unwrap();
+    view.discard(2 * MIB, MIB).unwrap();
+    job.set_speed(0);
+    let e = job.wait_timeout(std::time::Duration::from_secs(30)).expect("the job ends").unwrap_err();
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    assert!(e.to_string().contains("discarded"), "{e}");
+    assert_eq!(job.info().state, JobState::Failed);
+}

@@ -375,6 +375,18 @@ impl JobShared {
                 ),
             ));
         }
+        // A reader discarded clusters of a job whose target is the backup: it lacks them.
+        let discarded = self.stats.discarded.load(Ordering::Relaxed);
+        if self.sync != SyncMode::None && discarded > 0 {
+            return Err(Error::new(
+                ErrorKind::Io,
+                libc::EIO,
+                format!(
+                    "{discarded} clusters were discarded through a snapshot view: \
+                     the target is not a complete point-in-time image"
+                ),
+            ));
+        }
         if !c.flushed {
             return Err(Error::new(
                 ErrorKind::Io,

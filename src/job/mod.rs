@@ -139,6 +139,8 @@ struct Stats {
     failed: AtomicU64,
     cow_requests: AtomicU64,
     cow_bytes: AtomicU64,
+    /// Clusters a snapshot view's reader discarded (they leave the target).
+    discarded: AtomicU64,
 }
 
 impl Stats {

@@ -240,6 +240,7 @@ impl BlockDriver for SnapshotView {
             return Err(io::Error::from(reentry::deadlock(job.id, "a discard on the job's snapshot view")));
         }
         job.wait_prepared();
+        job.stats.discarded.fetch_add(last - first, Ordering::Relaxed);
         job.unservable.set_range(first..last);
         let stop = || job.hook_off.load(Ordering::Acquire);
         let Some(cleared) = job.claims.drop_from_copy_set(first..last, stop) else {
