@@ -249,9 +249,13 @@ impl Claims {
         }
     }
 
-    /// Is cluster `c` still to copy? (Stable while the caller holds it.)
-    pub fn is_dirty(&self, c: u64) -> bool {
-        self.bitmap.get(c)
+    /// The run of clusters from `c` (before `end`) that are all dirty or all clean:
+    /// whether they are dirty, and where the run ends (stable while the caller holds
+    /// them). Word-at-a-time search.
+    pub fn run_from(&self, c: u64, end: u64) -> (bool, u64) {
+        let dirty = self.bitmap.get(c);
+        let e = if dirty { self.bitmap.next_clear(c, end) } else { self.bitmap.next_set(c, end) };
+        (dirty, e.unwrap_or(end))
     }
 
     /// For a view's discard: wait until no claim or hold covers `r`, then mark it clean

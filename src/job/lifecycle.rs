@@ -327,11 +327,7 @@ impl JobShared {
             self.hook_off.store(true, Ordering::Release);
             self.claims.wake_all();
             self.claims.wait_idle(); // hook copies in flight land before the flush
-            self.target_op(|| {
-                self.target.flush().map_err(|e| Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e))
-            })?;
-            self.lock().flushed = true;
-            return Ok(());
+            return self.flush_target();
         }
         thread::scope(|scope| {
             for n in 1..=self.workers {
@@ -349,6 +345,11 @@ impl JobShared {
             // Cancelled or failed: outcome() says which.
             return Ok(());
         }
+        self.flush_target()
+    }
+
+    /// The job's final flush of the target (under the target policy); `outcome` requires it.
+    fn flush_target(&self) -> Result<()> {
         self.target_op(|| self.target.flush().map_err(|e| Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e)))?;
         self.lock().flushed = true;
         Ok(())

@@ -157,11 +157,7 @@ impl BlockDriver for SnapshotView {
         let mut c = clusters.start;
         while c < clusters.end {
             // A run of clusters all dirty (read the source) or all copied (read the target).
-            let dirty = job.claims.is_dirty(c);
-            let mut e = c + 1;
-            while e < clusters.end && job.claims.is_dirty(e) == dirty {
-                e += 1;
-            }
+            let (dirty, e) = job.claims.run_from(c, clusters.end);
             let (roff, rlen) = job.geo.byte_range(c..e);
             let (from, to) = (roff.max(offset), (roff + rlen).min(end));
             let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];
@@ -202,11 +198,7 @@ impl BlockDriver for SnapshotView {
         let served_end = job.unservable.next_set(all.start, all.end).unwrap_or(all.end);
         let clusters = all.start..served_end;
         let hold = self.hold(clusters.clone())?;
-        let dirty = job.claims.is_dirty(clusters.start);
-        let mut e = clusters.start + 1;
-        while e < clusters.end && job.claims.is_dirty(e) == dirty {
-            e += 1;
-        }
+        let (dirty, e) = job.claims.run_from(clusters.start, clusters.end);
         let (roff, rlen) = job.geo.byte_range(clusters.start..e);
         let run_end = (roff + rlen).min(end);
         let st = if dirty {
