@@ -8,6 +8,8 @@ export CARGO_TERM_COLOR=never
 start=$(date +%s)
 stage() { echo; echo "=== $* ($(($(date +%s) - start)) s) ==="; }
 
+stage "system tools (scripts/deps.sh)"
+scripts/deps.sh
 stage "rustfmt"
 cargo fmt --check
 stage "clippy"
