@@ -284,26 +284,65 @@ static int cowbackup_get_ready(int thread_model)
 }
 
 /* ---------------------------------------------------------------------------------------
- * PATH.status: one line, replaced atomically (write a temporary file, fsync, rename, fsync
- * the directory), so a reader sees the old line or the new one, never a torn one.
+ * PATH.status: one line, replaced atomically: written into PATH.status.tmp, fsync'ed,
+ * renamed over PATH.status, and the directory fsync'ed; a reader sees the old line or the
+ * new one, never a torn one. The backup often fills its filesystem (a failure we must still
+ * report): so right after writing "running", reserve_status() allocates the next
+ * PATH.status.tmp (fallocate), and the final line is written into that reserved space.
  */
+
+static int fsync_dir_of(const char *path)
+{
+    char dir[PATH_MAX];
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return 0; /* absolute paths only (nbdkit_absolute_path) */
+    size_t n = slash == path ? 1 : (size_t)(slash - path);
+    if (n >= sizeof dir)
+        return 0;
+    memcpy(dir, path, n);
+    dir[n] = '\0';
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return -1;
+    int r = fsync(dfd);
+    close(dfd);
+    return r;
+}
+
+/* The name of the temporary file (malloc'ed), NULL with nbdkit_error on failure. */
+static char *status_tmp_path(void)
+{
+    char *tmp;
+    if (asprintf(&tmp, "%s.tmp", status_path) < 0) {
+        nbdkit_error("cowbackup: asprintf: %m");
+        return NULL;
+    }
+    return tmp;
+}
 
 static int write_status(const char *line)
 {
-    char *tmp = NULL;
+    char *tmp;
     int fd = -1, ret = -1;
 
     if (!status_path)
         return 0;
-    if (asprintf(&tmp, "%s.tmp", status_path) < 0) {
-        nbdkit_error("cowbackup: asprintf: %m");
+    if (!(tmp = status_tmp_path()))
         return -1;
-    }
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    /* Reuse the reserved file's blocks when it is there (no O_TRUNC: its space stays
+     * allocated until the line is in), else create it. */
+    fd = open(tmp, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0)
         goto out;
     size_t len = strlen(line);
-    if (write(fd, line, len) != (ssize_t)len || write(fd, "\n", 1) != 1 || fsync(fd) < 0)
+    char buf[1100];
+    if (len > sizeof buf - 2)
+        len = sizeof buf - 2;
+    memcpy(buf, line, len);
+    buf[len++] = '\n';
+    if (pwrite(fd, buf, len, 0) != (ssize_t)len || ftruncate(fd, (off_t)len) < 0 ||
+        fsync(fd) < 0)
         goto out;
     if (close(fd) < 0) {
         fd = -1;
@@ -312,27 +351,40 @@ static int write_status(const char *line)
     fd = -1;
     if (rename(tmp, status_path) < 0)
         goto out;
-    char *slash = strrchr(status_path, '/');
-    if (slash) {
-        char dir[PATH_MAX];
-        snprintf(dir, sizeof dir, "%.*s", (int)(slash - status_path + (slash == status_path)),
-                 status_path);
-        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) {
-            fsync(dfd);
-            close(dfd);
-        }
-    }
+    fsync_dir_of(status_path);
     ret = 0;
 out:
     if (ret < 0) {
-        nbdkit_error("cowbackup: cannot write %s: %m", status_path);
+        nbdkit_error("cowbackup: cannot write \"%s\" into %s: %m", line, status_path);
         unlink(tmp);
     }
     if (fd >= 0)
         close(fd);
     free(tmp);
     return ret;
+}
+
+/* Allocate PATH.status.tmp for the final line while the filesystem has room. */
+static int reserve_status(void)
+{
+    char *tmp;
+    if (!status_path || !(tmp = status_tmp_path()))
+        return status_path ? -1 : 0;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int r = fd < 0 ? -1 : posix_fallocate(fd, 0, 4096);
+    if (fd >= 0 && r == 0)
+        r = fsync(fd);
+    if (r != 0) {
+        if (r > 0)
+            errno = r;
+        nbdkit_error("cowbackup: cannot reserve space for %s: %m", tmp);
+        if (fd >= 0)
+            unlink(tmp);
+    }
+    if (fd >= 0)
+        close(fd);
+    free(tmp);
+    return r == 0 ? 0 : -1;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -568,7 +620,7 @@ static int start_job(void)
         goto fail;
 
     /* Status first: once the job runs, its completion may replace the line at any time. */
-    if (write_status("running") < 0) {
+    if (write_status("running") < 0 || reserve_status() < 0) {
         r = -EIO;
         what = "status file";
         goto fail;
