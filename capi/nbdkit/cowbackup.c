@@ -63,6 +63,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <nbdkit-filter.h>
@@ -99,6 +100,7 @@ static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;
 static char last_job_error[512];  /* the last background error message (trace), "" if none; state_lock */
 static bool stopping;             /* .cleanup cancels the job; state_lock */
 static unsigned progress_step;    /* last progress tenth reported; state_lock */
+static struct timespec job_started; /* CLOCK_MONOTONIC at start; set before the job runs */
 
 static void lock_plugin(void)
 {
@@ -509,6 +511,11 @@ static void job_completed(void *opaque, int ret)
     if (j)
         cowbackup_job_query(j, &info);
 
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double secs = (double)(now.tv_sec - job_started.tv_sec) +
+                  (double)(now.tv_nsec - job_started.tv_nsec) / 1e9;
+
     char line[1024];
     pthread_mutex_lock(&state_lock);
     if (ret == 0) {
@@ -527,8 +534,10 @@ static void job_completed(void *opaque, int ret)
     if (ret == 0)
         nbdkit_debug("cowbackup: backup %s completed: %" PRIu64 " bytes: %" PRIu64 " copied, "
                      "%" PRIu64 " zero, %" PRIu64 " skipped; %" PRIu64 " copy-before-write "
-                     "requests (%" PRIu64 " bytes)", backup_path, info.len, info.bytes_copied,
-                     info.bytes_zero, info.bytes_skipped, info.cow_requests, info.cow_bytes);
+                     "requests (%" PRIu64 " bytes); in %.3f s (%.1f MiB/s)", backup_path,
+                     info.len, info.bytes_copied, info.bytes_zero, info.bytes_skipped,
+                     info.cow_requests, info.cow_bytes, secs,
+                     secs > 0 ? (double)info.len / secs / 1048576.0 : 0.0);
     else
         nbdkit_error("cowbackup: backup %s %s", backup_path, line);
     write_status(line);
@@ -627,6 +636,7 @@ static int start_job(void)
     }
     what = "cowbackup_backup_start";
     cowbackup_job *j = NULL;
+    clock_gettime(CLOCK_MONOTONIC, &job_started);
     r = cowbackup_backup_start(src, dst, o, &j);
     if (r < 0)
         goto fail;
