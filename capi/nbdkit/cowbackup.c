@@ -101,6 +101,8 @@ static char last_job_error[512];  /* the last background error message (trace), 
 static bool stopping;             /* .cleanup cancels the job; state_lock */
 static unsigned progress_step;    /* last progress tenth reported; state_lock */
 static struct timespec job_started; /* CLOCK_MONOTONIC at start; set before the job runs */
+static bool job_published;        /* `job` is set (start_job after backup_start); state_lock */
+static pthread_cond_t job_published_cond = PTHREAD_COND_INITIALIZER;
 
 static void lock_plugin(void)
 {
@@ -505,6 +507,12 @@ static void job_trace(void *opaque, const cowbackup_trace_event *ev)
 static void job_completed(void *opaque, int ret)
 {
     (void)opaque;
+    /* A job that ends at once (an empty bitmap) may get here before start_job has stored
+     * its handle: wait for it (start_job never waits for the job, so this cannot block). */
+    pthread_mutex_lock(&state_lock);
+    while (!job_published)
+        pthread_cond_wait(&job_published_cond, &state_lock);
+    pthread_mutex_unlock(&state_lock);
     cowbackup_job *j = __atomic_load_n(&job, __ATOMIC_ACQUIRE);
     cowbackup_job_info info;
     memset(&info, 0, sizeof info);
@@ -641,6 +649,10 @@ static int start_job(void)
     if (r < 0)
         goto fail;
     __atomic_store_n(&job, j, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&state_lock);
+    job_published = true;
+    pthread_cond_broadcast(&job_published_cond);
+    pthread_mutex_unlock(&state_lock);
     cowbackup_options_free(o);
     cowbackup_driver_free(src); /* the job holds its own references */
     cowbackup_driver_free(dst);
