@@ -450,25 +450,6 @@ fn threads_are_named() {
     wait_end(&job, END).unwrap();
 }
 
-/// Background writes go to the target in pieces of at most 256 KiB (so a hook writing the
-/// same file waits for one piece, not a whole chunk); together they still cover the
-/// chunk, and the backup is exact.
-#[test]
-fn background_writes_go_in_pieces() {
-    let mut img = vec![0u8; 8 << 20];
-    Rng::new(5).fill(&mut img);
-    let source = mem(&img);
-    let target = Recorder::new(MemDriver::new(8 * MIB).unwrap());
-    let opts = BackupOptions { max_chunk: 4 * MIB, ..Default::default() };
-    let job = backup_start(source, target.clone(), opts).unwrap();
-    wait_end(&job, END).unwrap();
-    let writes: Vec<(u64, u64)> =
-        target.log().into_iter().filter_map(|r| if let Rec::Write(o, l) = r { Some((o, l)) } else { None }).collect();
-    assert!(writes.iter().all(|&(_, l)| l <= 256 * KIB), "a write longer than 256 KiB: {writes:?}");
-    assert_eq!(writes.iter().map(|w| w.1).sum::<u64>(), 8 * MIB);
-    assert_same("target", &contents(&target.inner), &img);
-}
-
 /// The thread ids of the job's workers `cowbackup-<id>-<n>`.
 fn worker_tids(id: u64, n: usize) -> Vec<i32> {
     let names: Vec<String> = (1..=n).map(|k| format!("cowbackup-{id}-{k}")).collect();

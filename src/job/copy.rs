@@ -12,7 +12,6 @@
 
 use std::ops::Range;
 
-use super::priority::{HookGate, MAX_YIELD};
 use crate::buf::AlignedBuf;
 use crate::error::{Error, Op, Result, Side};
 use crate::job::Geometry;
@@ -39,16 +38,7 @@ pub(crate) struct Copier<'a> {
     /// The job's trace sink and id, for `ZeroClusters` events.
     pub trace: Option<&'a TraceFn>,
     pub job: u64,
-    /// For a background worker: the hook gate. Data is then written in pieces of at
-    /// most [`PIECE`] bytes, and between two pieces the worker lets hook copies go
-    /// first, so a hook writing to the same target waits for one piece at most, not
-    /// for a whole chunk (priority.rs). `None` for the hook.
-    pub gate: Option<&'a HookGate>,
 }
-
-/// Largest target write of a background worker in one request (see `Copier::gate`): a
-/// hook waits for at most this much of a worker's write (about 0.1-0.5 ms on tmpfs).
-pub(crate) const PIECE: usize = 256 << 10;
 
 impl Copier<'_> {
     /// Copy clusters `clusters` (a claim held by the caller) from source to target.
@@ -96,23 +86,8 @@ impl Copier<'_> {
         Ok(out)
     }
 
-    /// Put `data`, read from the source at `at`, at `at` in the target: in pieces with
-    /// hook copies let through in between when `gate` is set.
+    /// Put `data`, read from the source at `at`, at `at` in the target.
     fn write_data(&self, data: &[u8], at: u64, offload: Option<(&FileDriver, &FileDriver)>) -> Result<()> {
-        let Some(gate) = self.gate else { return self.write_piece(data, at, offload) };
-        let mut at = at;
-        for (i, p) in data.chunks(PIECE).enumerate() {
-            if i > 0 {
-                gate.yield_to_hooks(MAX_YIELD);
-            }
-            self.write_piece(p, at, offload)?;
-            at += p.len() as u64;
-        }
-        Ok(())
-    }
-
-    /// One target write (or copy offload) of `data`.
-    fn write_piece(&self, data: &[u8], at: u64, offload: Option<(&FileDriver, &FileDriver)>) -> Result<()> {
         let n = data.len() as u64;
         if let Some((s, t)) = offload {
             // Any failure (unsupported here, a full or failing target): write the bytes
@@ -198,7 +173,7 @@ mod tests {
                     std::fs::write(&p, vec![0xeeu8; src.size() as usize]).unwrap();
                 }
                 let dst = FileDriver::open(&p, OpenFlags::WRITE).unwrap();
-                let c = Copier { source: &src, target: &dst, geo: &g, target_zero, trace: None, job: 1, gate: None };
+                let c = Copier { source: &src, target: &dst, geo: &g, target_zero, trace: None, job: 1 };
                 let mut buf = AlignedBuf::new();
                 let mut got = Copied::default();
                 for run in [0..5, 5..6, 6..16] {
@@ -222,7 +197,7 @@ mod tests {
         let p = dir.path().join("dst");
         FileDriver::create(&p, src.size()).unwrap();
         let ro = FileDriver::open(&p, OpenFlags::empty()).unwrap();
-        let c = Copier { source: &src, target: &ro, geo: &g, target_zero: true, trace: None, job: 1, gate: None };
+        let c = Copier { source: &src, target: &ro, geo: &g, target_zero: true, trace: None, job: 1 };
         let e = c.copy_via(0..1, &mut AlignedBuf::new(), Some((&src, &ro))).unwrap_err();
         let ctx = e.context().unwrap();
         assert_eq!((ctx.side, ctx.op, ctx.offset), (Side::Target, Op::Write, 0));

@@ -265,7 +265,6 @@ impl JobShared {
             target_zero: self.target_zero,
             trace: self.trace.as_ref(),
             job: self.id,
-            gate: None,
         }
     }
 

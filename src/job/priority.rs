@@ -1,13 +1,12 @@
 //! Hook priority over background copy, on the CPU and on the target.
 //!
-//! **The gate**: while a `cow_before_write` call is copying, workers start no new chunk,
-//! and a worker writing a chunk stops between two pieces of it (copy.rs).
+//! **The gate**: while a `cow_before_write` call is copying, workers start no new chunk.
 //!
 //! Why: on a file target every write takes the inode's write lock. Two workers writing
 //! chunk after chunk hand that lock to each other (a running task that asks again
 //! steals it from a sleeping waiter), so a hook waiting to write its cluster could
 //! wait for the kernel's anti-starvation handoff (4 ms on this machine) and for a CPU.
-//! With the gate, a hook waits at most for the pieces already in flight.
+//! With the gate, a hook waits at most for the chunks already in flight.
 //!
 //! **The CPU**: workers lower their own CPU and I/O priority at start
 //! ([`WorkerPriority`]), so a host thread that wakes up to write (or to copy in the

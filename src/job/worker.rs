@@ -28,8 +28,7 @@ pub(crate) fn run(job: &JobShared, mut buf: AlignedBuf) {
 }
 
 fn work(job: &JobShared, buf: &mut AlignedBuf) -> Result<()> {
-    // A worker's writes stop between pieces for hook copies (priority.rs).
-    let copier = Copier { gate: Some(&job.hook_gate), ..job.copier() };
+    let copier = job.copier();
     loop {
         if !job.wait_runnable() {
             return Ok(());
