@@ -93,6 +93,26 @@
 #define COWBACKUP_ERROR_ENOSPC 3
 
 /*
+ Worker priority `NORMAL` (the default): the background copy threads keep the CPU and I/O
+ priority of the thread that started the job.
+ */
+#define COWBACKUP_WORKER_PRIORITY_NORMAL 0
+
+/*
+ Worker priority `LOW`: `SCHED_BATCH` at nice 19 and best-effort I/O
+ priority 7. A host thread that wakes up gets a CPU before the workers; the workers
+ still get a small share when every CPU is busy, so the backup always moves.
+ */
+#define COWBACKUP_WORKER_PRIORITY_LOW 1
+
+/*
+ Worker priority `IDLE`: `SCHED_IDLE` and the idle I/O class: the workers run only on a
+ CPU (and a disk) that nothing else wants; the backup can stall while other work keeps
+ every CPU busy.
+ */
+#define COWBACKUP_WORKER_PRIORITY_IDLE 2
+
+/*
  Copy-before-write error action `BREAK_GUEST_WRITE` (the default): the hook returns the
  error, the host must fail its write; the snapshot stays valid (the clusters are retried).
  */
@@ -1120,8 +1140,8 @@ int cowbackup_job_snapshot(struct cowbackup_job *job, struct cowbackup_driver **
 int cowbackup_job_complete(struct cowbackup_job *job);
 
 /*
- New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers,
- max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
+ New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers at
+ `COWBACKUP_WORKER_PRIORITY_NORMAL`, max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
  `COWBACKUP_CBW_BREAK_GUEST_WRITE`, no copy-before-write timeout, target not known to read
  zeroes, no completion callback. Free with `cowbackup_options_free`. Returns NULL only on an
  internal error. Thread-safe.
@@ -1174,6 +1194,22 @@ int cowbackup_options_set_speed(struct cowbackup_options *o, uint64_t bytes_per_
  `o` is NULL or a live options object.
  */
 int cowbackup_options_set_workers(struct cowbackup_options *o, uint32_t n);
+
+/*
+ Set the CPU and I/O priority of the background copy threads:
+ `COWBACKUP_WORKER_PRIORITY_NORMAL` (default: as the thread that starts the job),
+ `COWBACKUP_WORKER_PRIORITY_LOW` (`SCHED_BATCH`, nice 19, best-effort I/O priority 7: host
+ threads get a CPU before the workers) or `COWBACKUP_WORKER_PRIORITY_IDLE` (`SCHED_IDLE`,
+ idle I/O class: only CPU time nothing else wants; can stall on a busy machine). On a
+ machine busy with other work, lowered workers are preempted while holding the target
+ file's lock, which lengthens the hook's waits (see PERFORMANCE.md). Copy-before-write
+ runs on the caller's thread and is never lowered. Best effort: a setting the system
+ refuses leaves the workers as they are. Errors: -EINVAL (NULL `o`, unknown priority).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_options_set_worker_priority(struct cowbackup_options *o, uint32_t priority);
 
 /*
  Set the largest background copy request in bytes, 4096 to 1073741824 (1 GiB); the job

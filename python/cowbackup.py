@@ -135,6 +135,8 @@ _SYNC = {"full": 0, "top": 1, "none": 2, "bitmap": 3}
 _BITMAP_MODE = {"on-success": 0, "always": 1, "never": 2}
 _ERROR_ACTION = {"report": 0, "ignore": 1, "stop": 2, "enospc": 3}
 _CBW_ACTION = {"break-guest-write": 0, "break-snapshot": 1}
+# COWBACKUP_WORKER_PRIORITY_NORMAL, _LOW, _IDLE.
+_WORKER_PRIORITY = {"normal": 0, "low": 1, "idle": 2}
 
 #: Block status bit (``block_status`` of a Python driver): the range has data of its own.
 STATUS_DATA = 1
@@ -469,6 +471,7 @@ _opt_cluster_size = _declare("cowbackup_options_set_cluster_size", c_int, [_P, c
 _opt_sync = _declare("cowbackup_options_set_sync", c_int, [_P, c_uint32])
 _opt_speed = _declare("cowbackup_options_set_speed", c_int, [_P, c_uint64])
 _opt_workers = _declare("cowbackup_options_set_workers", c_int, [_P, c_uint32])
+_opt_worker_priority = _declare("cowbackup_options_set_worker_priority", c_int, [_P, c_uint32])
 _opt_max_chunk = _declare("cowbackup_options_set_max_chunk", c_int, [_P, c_uint64])
 _opt_on_source_error = _declare("cowbackup_options_set_on_source_error", c_int, [_P, c_uint32])
 _opt_on_target_error = _declare("cowbackup_options_set_on_target_error", c_int, [_P, c_uint32])
@@ -1757,6 +1760,7 @@ class _Spec:
     on_complete: Optional[Callable[[int], Any]]
     trace: Optional[Callable[[TraceEvent], Any]]
     discard_source: bool = False
+    worker_priority: Optional[int] = None
 
 
 def _job_spec(
@@ -1776,6 +1780,7 @@ def _job_spec(
     on_complete: Optional[Callable[[int], Any]] = None,
     trace: Optional[Callable[[TraceEvent], Any]] = None,
     discard_source: bool = False,
+    worker_priority: Optional[str] = None,
 ) -> _Spec:
     """Check the options of :func:`backup_start` (TypeError/ValueError); the library checks
     the rest (ranges of values, combinations) when the job starts."""
@@ -1811,8 +1816,9 @@ def _job_spec(
         raise TypeError("trace must be callable or None")
     if not isinstance(discard_source, bool):
         raise TypeError("discard_source must be a bool")
+    prio = None if worker_priority is None else _choice(worker_priority, _WORKER_PRIORITY, "worker_priority")
     return _Spec(cs, sync_v, speed_v, wk, mc, src_act, tgt_act, cbw_act, timeout_ms, target_is_zero,
-                 bitmap, mode_v, on_complete, trace, discard_source)
+                 bitmap, mode_v, on_complete, trace, discard_source, prio)
 
 
 class _Options:
@@ -1842,6 +1848,8 @@ class _Options:
         _check(_opt_speed(opts, spec.speed), "cowbackup_options_set_speed")
         if spec.workers is not None:
             _check(_opt_workers(opts, spec.workers), "cowbackup_options_set_workers")
+        if spec.worker_priority is not None:
+            _check(_opt_worker_priority(opts, spec.worker_priority), "cowbackup_options_set_worker_priority")
         if spec.max_chunk is not None:
             _check(_opt_max_chunk(opts, spec.max_chunk), "cowbackup_options_set_max_chunk")
         _check(_opt_on_source_error(opts, spec.on_source_error), "cowbackup_options_set_on_source_error")
@@ -1949,6 +1957,7 @@ def backup_start(
     on_complete: Optional[Callable[[int], Any]] = None,
     trace: Optional[Callable[[TraceEvent], Any]] = None,
     discard_source: bool = False,
+    worker_priority: Optional[str] = None,
 ) -> Job:
     """Start a point-in-time backup of ``source`` into ``target`` (same size).
 
@@ -1976,6 +1985,11 @@ def backup_start(
       "top"). Ignored without ``bitmap``.
     - ``speed``: background copy limit in bytes/s, 0 = unlimited (the hook is never slowed).
     - ``workers``: background copy threads, 1 to 64 (default 2).
+    - ``worker_priority``: CPU and I/O priority of those threads: ``"normal"`` (default: as
+      the starting thread), ``"low"`` (``SCHED_BATCH`` at nice 19, best-effort I/O priority
+      7; host threads get a CPU first, the backup still moves on a busy machine) or
+      ``"idle"`` (``SCHED_IDLE``, idle I/O class: only CPU time nothing else wants; can
+      stall on a busy machine). The hook runs on the caller's thread and is never lowered.
     - ``max_chunk``: largest background request in bytes (default 1 MiB).
     - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
       (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
@@ -2014,7 +2028,7 @@ def backup_start(
                      on_target_error=on_target_error, on_cbw_error=on_cbw_error,
                      cbw_timeout=cbw_timeout, target_is_zero=target_is_zero, bitmap=bitmap,
                      bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace,
-                     discard_source=discard_source)
+                     discard_source=discard_source, worker_priority=worker_priority)
     return _start([(source, target, spec)], group=False)[0]
 
 

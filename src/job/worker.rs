@@ -19,6 +19,7 @@ use crate::trace::TraceEvent;
 /// start for the longest run). A failure or a panic fails the job.
 pub(crate) fn run(job: &JobShared, mut buf: AlignedBuf) {
     let _inside = super::reentry::enter(job.id);
+    super::priority::lower_this_thread(job.worker_priority);
     match catch_unwind(AssertUnwindSafe(|| work(job, &mut buf))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => job.fail(e),
