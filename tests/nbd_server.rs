@@ -688,6 +688,23 @@ fn handshake_timeout_and_connection_limit() {
     assert!(closed(&mut idle));
     assert!(t.elapsed() < TIMEOUT);
     until("the idle connection to end", || server.connections() == 0);
+    // A slow client (a byte every 100 ms) is cut off at the deadline too, not per byte.
+    let mut slow = hello(&sock);
+    let t = Instant::now();
+    let mut header = IHAVEOPT.to_be_bytes().to_vec();
+    header.extend_from_slice(&OPT_LIST.to_be_bytes());
+    header.extend_from_slice(&0u32.to_be_bytes());
+    for b in &header {
+        if slow.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut g = Vec::new();
+    let _ = slow.read_to_end(&mut g); // EOF (or a reset) once the server gave up
+    until("the slow connection to end", || server.connections() == 0);
+    assert!(t.elapsed() < Duration::from_secs(5), "cut off after {:?}", t.elapsed());
+    assert!(read_option_reply(&mut &g[..], &Limits::default()).is_err(), "no reply to the slow option");
     // Two clients in transmission fill the server; a third is closed at once.
     let (mut a, _) = go(&sock, "", false);
     let (_b, _) = go(&sock, "", false);

@@ -511,6 +511,24 @@ enum Context {
     Bitmap(Arc<DirtyBitmap>),
 }
 
+/// The stream during the handshake: every read waits at most until the deadline, so a
+/// client sending a byte now and then cannot hold its connection longer than that.
+struct Deadlined<'a> {
+    stream: &'a mut Stream,
+    deadline: Instant,
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "NBD handshake took too long"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
 /// Room kept before the data in the I/O buffer for a reply header (simple: 16 bytes,
 /// OFFSET_DATA: 28), so a read reply goes out in one write without a copy.
 const HEADROOM: usize = 32;
@@ -585,24 +603,14 @@ impl Connection {
         let _ = self.transmission(&export, &contexts);
     }
 
-    fn set_deadline(&self, deadline: Instant) -> io::Result<()> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "NBD handshake took too long"));
-        }
-        self.stream.set_read_timeout(Some(left))
-    }
-
     fn handshake(&mut self, deadline: Instant) -> io::Result<Negotiated> {
         let limits = self.shared.limits;
         self.out.extend_from_slice(&encode_greeting(HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES));
         self.send()?;
-        self.set_deadline(deadline)?;
-        let flags = read_client_flags(&mut self.stream)?;
+        let flags = read_client_flags(&mut Deadlined { stream: &mut self.stream, deadline })?;
         self.no_zeroes = flags.contains(ClientFlags::NO_ZEROES);
         for _ in 0..self.shared.options.max_options {
-            self.set_deadline(deadline)?;
-            let (header, data) = match read_option(&mut self.stream, &limits) {
+            let (header, data) = match read_option(&mut Deadlined { stream: &mut self.stream, deadline }, &limits) {
                 Ok(x) => x,
                 Err(ProtoError::TooLarge { len, limit, .. }) => {
                     // The data cannot be skipped cheaply: say why, then disconnect.
