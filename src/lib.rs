@@ -36,6 +36,7 @@ mod error;
 #[cfg(feature = "capi")]
 pub mod ffi;
 mod job;
+pub mod nbd;
 mod trace;
 mod zero;
 

@@ -22,6 +22,7 @@ pub mod bitmap;
 pub mod driver;
 pub mod error;
 pub mod job;
+pub mod nbd;
 pub mod options;
 pub mod trace;
 
@@ -29,6 +30,7 @@ pub use bitmap::*;
 pub use driver::*;
 pub use error::*;
 pub use job::*;
+pub use nbd::*;
 pub use options::*;
 pub use trace::*;
 
