@@ -22,6 +22,7 @@ pub mod bitmap;
 pub mod driver;
 pub mod error;
 pub mod job;
+pub mod nbd_client;
 pub mod options;
 pub mod trace;
 
@@ -29,6 +30,7 @@ pub use bitmap::*;
 pub use driver::*;
 pub use error::*;
 pub use job::*;
+pub use nbd_client::*;
 pub use options::*;
 pub use trace::*;
 
@@ -93,7 +95,7 @@ pub const COWBACKUP_STATUS_DATA: u32 = 1;
 /// Block status bit: the range reads as zeroes. A hole of a sparse file is ZERO without DATA.
 pub const COWBACKUP_STATUS_ZERO: u32 = 2;
 
-/// `cowbackup_file_open` flag: open for writing too (default: read-only).
+/// `cowbackup_file_open` / `cowbackup_nbd_open` flag: open for writing too (default: read-only).
 pub const COWBACKUP_OPEN_WRITE: u32 = 1;
 /// `cowbackup_file_open` / `cowbackup_file_create` flag: use `O_DIRECT` for aligned requests.
 pub const COWBACKUP_OPEN_DIRECT: u32 = 2;
