@@ -4,5 +4,10 @@
 //!
 //! - [`proto`]: the wire format, one parser and encoder for both ends, hardened for
 //!   hostile peers (limits, no panics, errors as values).
+//! - [`Server`]: the server (`server.rs`): exports, `base:allocation` and
+//!   `qemu:dirty-bitmap:NAME` contexts, one thread per connection.
 
 pub mod proto;
+mod server;
+
+pub use server::{Server, ServerOptions};

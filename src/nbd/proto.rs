@@ -6,7 +6,7 @@
 //! `SET_META_CONTEXT`; the commands `READ`, `WRITE`, `DISC`, `FLUSH`, `TRIM`,
 //! `WRITE_ZEROES` and `BLOCK_STATUS`; simple replies and structured reply chunks
 //! (`NONE`, `OFFSET_DATA`, `OFFSET_HOLE`, `BLOCK_STATUS`, `ERROR`, `ERROR_OFFSET`).
-//! It does no I/O policy of its own: the server (`nbd::Server`) and the client driver
+//! It does no I/O policy of its own: the server ([`super::Server`]) and the client driver
 //! call it to turn bytes into values and values into bytes.
 //!
 //! # Hardening
@@ -1429,15 +1429,11 @@ pub fn check_chunk(req: &Request, h: &ChunkHeader, chunk: &Chunk<'_>, contexts: 
     let end = req.end().unwrap_or(u64::MAX);
     let inside = |off: u64, len: u64| off >= req.offset && off.checked_add(len).is_some_and(|e| e <= end);
     match chunk {
-        Chunk::OffsetData { offset, data } => {
-            if req.command != CMD_READ || !inside(*offset, data.len() as u64) {
-                return malformed("OFFSET_DATA outside the read request");
-            }
+        Chunk::OffsetData { offset, data } if req.command != CMD_READ || !inside(*offset, data.len() as u64) => {
+            return malformed("OFFSET_DATA outside the read request");
         }
-        Chunk::OffsetHole { offset, len } => {
-            if req.command != CMD_READ || !inside(*offset, u64::from(*len)) {
-                return malformed("OFFSET_HOLE outside the read request");
-            }
+        Chunk::OffsetHole { offset, len } if req.command != CMD_READ || !inside(*offset, u64::from(*len)) => {
+            return malformed("OFFSET_HOLE outside the read request");
         }
         Chunk::BlockStatus { context_id, extents } => {
             if req.command != CMD_BLOCK_STATUS || !contexts.contains(context_id) {
