@@ -289,10 +289,10 @@ fn run_example(a: &Args) -> Res<bool> {
     let stop = AtomicBool::new(false);
     let writes = AtomicU64::new(0);
     let result = thread::scope(|s| -> Res<bool> {
-        let guests = s.spawn(|| guests(&host, a.writers, &stop, &writes));
+        let guests = s.spawn(|| guests(&host, a.writers, &stop, &writes).map_err(|e| e.to_string()));
         let r = backups(a, &dir, &host, &server, &uri, &writes);
         stop.store(true, Ordering::Relaxed);
-        guests.join().expect("guest threads panicked").map_err(|e| e.to_string())?;
+        guests.join().expect("guest threads panicked")?;
         r
     });
     server.stop();
@@ -345,7 +345,9 @@ fn backups(
     thread::sleep(Duration::from_millis(700));
 
     // 2. Incremental: pull-mode view with the bitmap, dirty extents from nbdinfo.
-    println!("\nincremental backup (pull mode with the dirty bitmap, exported as \"inc\" + qemu:dirty-bitmap:{BITMAP_NAME})");
+    println!(
+        "\nincremental backup (pull mode with the dirty bitmap, exported as \"inc\" + qemu:dirty-bitmap:{BITMAP_NAME})"
+    );
     let (ref_inc, inc, scratch2) = (dir.join("ref-inc.img"), dir.join("inc.img"), dir.join("scratch-inc.img"));
     let frozen = DirtyBitmap::new(a.size, GRANULE)?;
     let scratch = Arc::new(FileDriver::create_with(&scratch2, a.size, OpenFlags::WRITE | OpenFlags::OVERWRITE)?);
