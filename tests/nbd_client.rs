@@ -509,3 +509,41 @@ fn server_killed_mid_job_fails_the_job() {
     assert!(e.to_string().contains("NBD"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(30));
 }
+
+#[test]
+fn client_and_our_own_server() {
+    use cowbackup::nbd::Server;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let server = Server::start(&format!("unix:{}", sock.display())).unwrap();
+    let mem = Arc::new(cowbackup::MemDriver::new(16 * MIB).unwrap());
+    server.add("rw", mem.clone(), true).unwrap();
+    let source = Arc::new(cowbackup::MemDriver::new(16 * MIB).unwrap());
+    source.write_at(&Rng::new(9).bytes(6 * MIB as usize), MIB).unwrap();
+    server.add("ro", source.clone(), false).unwrap();
+    let uri = |e: &str| format!("nbd+unix:///{e}?socket={}", sock.display());
+
+    // Read-only export: multi-conn, block status, EROFS.
+    let ro = NbdDriver::connect(&uri("ro")).unwrap();
+    assert!(ro.is_read_only() && ro.max_connections() == 4 && ro.has_block_status());
+    assert_eq!(ro.block_status(0, 16 * MIB).unwrap(), cowbackup::BlockStatus { len: MIB, flags: StatusFlags::ZERO });
+    assert_eq!(errno_of(&ro.write_at(&[1], 0).unwrap_err()), libc::EROFS);
+    let e = NbdDriver::connect(&uri("none")).unwrap_err();
+    assert_eq!(errno_of(&e), libc::ENOENT, "{e}");
+
+    // A backup from the read-only export into the writable one, both through the client.
+    let rw = Arc::new(NbdDriver::connect(&uri("rw")).unwrap());
+    assert!(!rw.is_read_only());
+    let job = backup_start(Arc::new(ro), rw.clone(), BackupOptions { workers: 4, ..Default::default() }).unwrap();
+    wait_end(&job, Duration::from_secs(60)).unwrap();
+    assert_same("backup over our server", &common::contents(&*mem), &common::contents(&*source));
+    rw.write_zeroes_at(MIB, MIB).unwrap();
+    rw.discard(2 * MIB, MIB).unwrap();
+    rw.flush().unwrap();
+    let mut b = vec![1u8; 2 * MIB as usize];
+    rw.read_at(&mut b, MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    drop(rw);
+    drop(job);
+    server.stop();
+}
