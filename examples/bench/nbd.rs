@@ -184,3 +184,74 @@ pub fn client(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `nbdcopy URI dst` (dst: an existing sparse file of the export's size); seconds.
+fn nbdcopy(uri: &str, dst: &Path, size: u64) -> Result<f64, String> {
+    let _ = std::fs::remove_file(dst);
+    create_new(dst, size).map_err(err)?;
+    let t = Instant::now();
+    let out = Command::new("nbdcopy").arg(uri).arg(dst).output().map_err(err)?;
+    if !out.status.success() {
+        return Err(format!("nbdcopy {uri} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `nbdcopy` from cowbackup's `nbd::Server` exporting a quiet raw file (read-only, a
+/// `FileDriver`) next to `nbdcopy` from `qemu-nbd -r --shared=4` exporting the same file,
+/// runs interleaved, into a new sparse file on the same filesystem; tmpfs and (unless
+/// `--no-disk`) the disk directory, with the page cache dropped before each disk run.
+/// Each copy is checked against the source byte for byte.
+pub fn server(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
+    if !have("qemu-nbd") || !have("nbdcopy") {
+        return Err("qemu-nbd and nbdcopy are needed".into());
+    }
+    let mut dirs = vec![("tmpfs", a.shm_dir.clone())];
+    if a.disk {
+        dirs.push(("disk", a.disk_dir.clone()));
+    }
+    for (where_, dir) in dirs {
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let src = dir.join("bench-nbds-src.img");
+        let dst = dir.join("bench-nbds-dst.img");
+        let (ours_sock, qemu_sock) = (dir.join("bench-nbds-ours.sock"), dir.join("bench-nbds-qemu.sock"));
+        eprint!("nbd-server ({where_}): {} random ", fmt_bytes(a.size));
+        make_image(&src, a.size, Data::Random).map_err(err)?;
+        let cold = || if where_ == "disk" { drop_caches() } else { true };
+        let (mut ours, mut qemu) = (vec![], vec![]);
+        let mut run = || -> Result<(), String> {
+            let server = cowbackup::nbd::Server::start(&format!("unix:{}", ours_sock.display())).map_err(err)?;
+            server.add("", Arc::new(FileDriver::open(&src, OpenFlags::empty()).map_err(err)?), false).map_err(err)?;
+            let q = Proc::qemu_nbd(&src, &qemu_sock, true)?;
+            let ours_uri = format!("nbd+unix:///?socket={}", ours_sock.display());
+            for _ in 0..a.runs {
+                cold();
+                ours.push(nbdcopy(&ours_uri, &dst, a.size)?);
+                if let Some(at) = first_difference(&src, &dst).map_err(err)? {
+                    return Err(format!("VERIFY FAILED: nbdcopy from our server differs at {at}"));
+                }
+                cold();
+                qemu.push(nbdcopy(&q.uri(), &dst, a.size)?);
+                eprint!(".");
+            }
+            server.stop();
+            Ok(())
+        };
+        let res = run();
+        eprintln!();
+        for p in [&src, &dst, &ours_sock, &qemu_sock] {
+            let _ = std::fs::remove_file(p);
+        }
+        res?;
+        let (o, q) = (summary(&ours), summary(&qemu));
+        let ratio = q.median / o.median;
+        rows.push(Row {
+            scenario: format!("NBD server ({where_}): nbdcopy of a quiet {} random raw file", fmt_bytes(a.size)),
+            cowbackup: format!("nbd::Server: {}", fmt_rate(a.size, o)),
+            baseline: format!("qemu-nbd -r --shared=4, same file: {}", fmt_rate(a.size, q)),
+            ratio: format!("{ratio:.2}×"),
+            target: check(ratio >= 1.0, "≥ 1.0×"),
+        });
+    }
+    Ok(())
+}
