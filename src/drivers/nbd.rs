@@ -497,17 +497,12 @@ impl Conn {
 
         // Structured replies: an error reply just means simple replies.
         self.send_option(&ClientOption::StructuredReply)?;
-        loop {
-            let r = read_option_reply(&mut self.reader, &limits)?;
-            expect_option(r.option, OPT_STRUCTURED_REPLY)?;
-            match r.parse()? {
-                OptionReplyBody::Ack => {
-                    self.structured = true;
-                    break;
-                }
-                OptionReplyBody::Error { .. } => break,
-                _ => return Err(ProtoError::Malformed("unexpected reply to STRUCTURED_REPLY".into())),
-            }
+        let r = read_option_reply(&mut self.reader, &limits)?;
+        expect_option(r.option, OPT_STRUCTURED_REPLY)?;
+        match r.parse()? {
+            OptionReplyBody::Ack => self.structured = true,
+            OptionReplyBody::Error { .. } => {}
+            _ => return Err(ProtoError::Malformed("unexpected reply to STRUCTURED_REPLY".into())),
         }
 
         if self.structured {
@@ -600,19 +595,10 @@ impl Conn {
         })
     }
 
-    /// Send one request and read its whole reply into `sink`.
-    fn request(
-        &mut self,
-        command: u16,
-        flags: CommandFlags,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-        mut sink: Sink<'_>,
-    ) -> Result<(), ReqError> {
-        let cookie = self.next_cookie;
+    /// Send one request (its cookie is set here) and read its whole reply into `sink`.
+    fn request(&mut self, mut req: Request, payload: &[u8], mut sink: Sink<'_>) -> Result<(), ReqError> {
+        req.cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
-        let req = Request { flags, command, cookie, offset, len };
         let header = req.encode();
         let sent = if payload.len() <= 64 << 10 {
             let mut b = Vec::with_capacity(header.len() + payload.len());
@@ -1049,19 +1035,12 @@ impl NbdDriver {
         Ok(conn)
     }
 
-    /// Run one request on a pooled connection.
-    fn run(
-        &self,
-        what: &str,
-        command: u16,
-        flags: CommandFlags,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-        sink: Sink<'_>,
-    ) -> io::Result<()> {
+    /// Run one request (`command` on `[offset, offset + len)`, no flags) on a pooled
+    /// connection.
+    fn run(&self, what: &str, command: u16, offset: u64, len: u32, payload: &[u8], sink: Sink<'_>) -> io::Result<()> {
         let mut conn = self.take().map_err(|e| with_context(&self.uri, what, offset, u64::from(len), e))?;
-        match conn.request(command, flags, offset, len, payload, sink) {
+        let req = Request { flags: CommandFlags::empty(), command, cookie: 0, offset, len };
+        match conn.request(req, payload, sink) {
             Ok(()) => {
                 if command == CMD_WRITE || command == CMD_WRITE_ZEROES || command == CMD_TRIM {
                     conn.last_write = self.write_seq.fetch_add(1, Ordering::AcqRel) + 1;
@@ -1149,7 +1128,7 @@ impl BlockDriver for NbdDriver {
         for (i, piece) in buf.chunks_mut(max).enumerate() {
             let off = offset + (i * max) as u64;
             let n = piece.len() as u32;
-            self.run("read", CMD_READ, CommandFlags::empty(), off, n, &[], Sink::Read(piece))?;
+            self.run("read", CMD_READ, off, n, &[], Sink::Read(piece))?;
         }
         Ok(())
     }
@@ -1160,7 +1139,7 @@ impl BlockDriver for NbdDriver {
         let max = self.max_request as usize;
         for (i, piece) in buf.chunks(max).enumerate() {
             let off = offset + (i * max) as u64;
-            self.run("write", CMD_WRITE, CommandFlags::empty(), off, piece.len() as u32, piece, Sink::None)?;
+            self.run("write", CMD_WRITE, off, piece.len() as u32, piece, Sink::None)?;
         }
         Ok(())
     }
@@ -1174,7 +1153,7 @@ impl BlockDriver for NbdDriver {
             return write_zero_buffers(self, offset, len);
         }
         Self::pieces(offset, len, MAX_NO_PAYLOAD, |off, n| {
-            self.run("write_zeroes", CMD_WRITE_ZEROES, CommandFlags::empty(), off, n, &[], Sink::None)
+            self.run("write_zeroes", CMD_WRITE_ZEROES, off, n, &[], Sink::None)
         })
     }
 
@@ -1185,7 +1164,7 @@ impl BlockDriver for NbdDriver {
     fn flush(&self) -> io::Result<()> {
         let upto = self.write_seq.load(Ordering::Acquire);
         if self.info.flags.contains(TransmissionFlags::SEND_FLUSH) && self.writable {
-            self.run("flush", CMD_FLUSH, CommandFlags::empty(), 0, 0, &[], Sink::None)?;
+            self.run("flush", CMD_FLUSH, 0, 0, &[], Sink::None)?;
         }
         self.flushed_upto.fetch_max(upto, Ordering::AcqRel);
         if self.lost_writes.swap(false, Ordering::AcqRel) {
@@ -1207,7 +1186,7 @@ impl BlockDriver for NbdDriver {
         }
         let n = len.min(MAX_NO_PAYLOAD) as u32;
         let mut extents = Vec::new();
-        self.run("block_status", CMD_BLOCK_STATUS, CommandFlags::empty(), offset, n, &[], Sink::Status(&mut extents))?;
+        self.run("block_status", CMD_BLOCK_STATUS, offset, n, &[], Sink::Status(&mut extents))?;
         let to_flags = |e: &Extent| {
             let mut f = StatusFlags::empty();
             if e.flags & STATE_HOLE == 0 {
@@ -1233,9 +1212,7 @@ impl BlockDriver for NbdDriver {
         if !self.info.flags.contains(TransmissionFlags::SEND_TRIM) {
             return Ok(());
         }
-        Self::pieces(offset, len, MAX_NO_PAYLOAD, |off, n| {
-            self.run("trim", CMD_TRIM, CommandFlags::empty(), off, n, &[], Sink::None)
-        })
+        Self::pieces(offset, len, MAX_NO_PAYLOAD, |off, n| self.run("trim", CMD_TRIM, off, n, &[], Sink::None))
     }
 
     /// Asks `base:allocation` now: true when the whole export reports `NBD_STATE_ZERO`
