@@ -191,7 +191,7 @@ impl Listener {
 /// An NBD server (see the module documentation for its threads and limits).
 ///
 /// ```no_run
-/// # fn main() -> cowbackup::Result<()> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::sync::Arc;
 /// use cowbackup::{nbd::Server, DirtyBitmap, MemDriver};
 /// let server = Server::start("unix:/tmp/cowbackup.sock")?;
