@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
 //!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,contention,scale] [--grid]
 //!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
-//!     snapshot view: --only view,fleece,scratch)
+//!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client)
 //!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
 //! ```
 //!
@@ -25,6 +25,8 @@ mod guest;
 mod incremental;
 #[path = "bench/latency.rs"]
 mod latency;
+#[path = "bench/nbd.rs"]
+mod nbd;
 #[path = "bench/offload.rs"]
 mod offload;
 #[path = "bench/throughput.rs"]
@@ -73,6 +75,8 @@ fn usage() -> &'static str {
      \x20       into preallocated files\n\
      incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
      snapshot view: --only view,fleece,scratch\n\
+     NBD: --only nbd-server (nbdcopy from nbd::Server vs from qemu-nbd),\n\
+     \x20    nbd-client (backup through the NBD client into qemu-nbd vs qemu-img convert into it)\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
 
@@ -301,7 +305,7 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 13] = [
+    let steps: [(&str, Step); 15] = [
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
@@ -315,6 +319,8 @@ fn main() -> ExitCode {
         ("view", view::view_read),
         ("fleece", view::fleece_latency),
         ("scratch", view::scratch_peak),
+        ("nbd-server", nbd::server),
+        ("nbd-client", nbd::client),
     ];
     for (name, step) in steps {
         if a.wants(name) {

@@ -166,7 +166,7 @@
 #define COWBACKUP_STATUS_ZERO 2
 
 /*
- `cowbackup_file_open` flag: open for writing too (default: read-only).
+ `cowbackup_file_open` / `cowbackup_nbd_open` flag: open for writing too (default: read-only).
  */
 #define COWBACKUP_OPEN_WRITE 1
 
@@ -1245,6 +1245,38 @@ int cowbackup_nbd_server_remove(struct cowbackup_nbd_server *s, const char *name
  afterwards.
  */
 void cowbackup_nbd_server_stop(struct cowbackup_nbd_server *s);
+
+/*
+ Connect to an export of an NBD server (`qemu-nbd`, `nbdkit`, `nbd-server`, a
+ `cowbackup_nbd_server`) and use it as a block device: a backup target on remote storage
+ or in any image format the server understands (a qcow2 image behind `qemu-nbd`).
+
+ `uri` is an NBD URI: `"nbd://HOST[:PORT]/EXPORT"` (TCP, port 10809 by default) or
+ `"nbd+unix:///EXPORT?socket=PATH"` (Unix socket); the export name is the path after the
+ first `/`, percent-decoded, and may be empty (the server's default export). TLS URIs
+ (`nbds://`) are not supported. `flags`: 0 (read-only) or `COWBACKUP_OPEN_WRITE` (writable
+ when the export is). An export the server marks read-only opens read-only whatever the
+ flags: its writes, zeroing and discards then fail with -EROFS.
+
+ The driver negotiates structured replies and `base:allocation` (block status reports the
+ export's holes and zeroes), splits requests to the server's maximum (at most 32 MiB), and
+ opens up to 4 connections on demand when the server allows several (`CAN_MULTI_CONN`), so
+ a job's workers write in parallel. Every send and receive times out after 30 s. A lost
+ connection fails its request (-ECONNRESET, -EPIPE, -ETIMEDOUT...) and the next request
+ reconnects; a flush after a connection was lost with unflushed writes fails with -EIO.
+ Server errors come back as their errno with the server's message.
+
+ On success `*out` is a new handle (free with `cowbackup_driver_free`; the connections close
+ with the last reference, e.g. when a job using it ends).
+ Errors: -EINVAL (NULL argument, unknown flags, a URI that is not a valid NBD URI: the
+ message says why); the connection's errno (-ENOENT: no socket, -ECONNREFUSED,
+ -ETIMEDOUT...); -ENOENT (no such export); -EIO (the peer is not an NBD server or broke the
+ protocol). The message names the URI. Thread-safe; the driver is thread-safe.
+
+ # Safety
+ `uri` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+ */
+int cowbackup_nbd_open(const char *uri, uint32_t flags, struct cowbackup_driver **out);
 
 /*
  New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers at

@@ -451,6 +451,7 @@ _driver_new = _declare("cowbackup_driver_new", c_int,
 _file_open = _declare("cowbackup_file_open", c_int, [c_char_p, c_uint32, _PP])
 _file_create = _declare("cowbackup_file_create", c_int, [c_char_p, c_uint64, c_uint32, _PP])
 _memory_new = _declare("cowbackup_memory_new", c_int, [c_uint64, _PP])
+_nbd_open = _declare("cowbackup_nbd_open", c_int, [c_char_p, c_uint32, _PP])
 _driver_size = _declare("cowbackup_driver_size", c_int, [_P, POINTER(c_uint64)])
 _driver_read = _declare("cowbackup_driver_read", c_int, [_P, c_uint64, c_void_p, c_size_t])
 _driver_write = _declare("cowbackup_driver_write", c_int, [_P, c_uint64, c_void_p, c_size_t])
@@ -893,6 +894,31 @@ class Driver:
         raw = _path_arg(path)
         flags = (_OPEN_WRITE if write else 0) | (_OPEN_DIRECT if direct else 0)
         return cls(_out_handle(_file_open, "cowbackup_file_open", raw, flags), "file")
+
+    @classmethod
+    def nbd_open(cls, uri: str, write: bool = False) -> "Driver":
+        """Connect to an export of an NBD server (``qemu-nbd``, ``nbdkit``, ...).
+
+        ``uri``: ``"nbd://HOST[:PORT]/EXPORT"`` or ``"nbd+unix:///EXPORT?socket=PATH"`` (the
+        NBD URI standard; the export name may be empty). Read-only unless ``write``; an
+        export the server marks read-only is read-only whatever ``write`` says (writes raise
+        ``CowbackupError`` with errno EROFS). Block status reports the export's holes and
+        zeroes; up to 4 connections are used in parallel when the server allows it.
+
+        Raises :class:`InvalidArgument` for a URI that is not a valid NBD URI (the message
+        says why), and :class:`CowbackupError` with the connection's errno otherwise
+        (``FileNotFoundError`` for a missing socket or export, ``ConnectionRefusedError``,
+        ``TimeoutError``...). Closing the driver disconnects once no job uses it.
+        """
+        if not isinstance(uri, str):
+            raise TypeError("uri must be a str")
+        if not isinstance(write, bool):
+            raise TypeError("write must be a bool")
+        if "\0" in uri:
+            raise InvalidArgument(_errno.EINVAL, "cowbackup_nbd_open: the URI contains NUL")
+        raw = uri.encode("utf-8", "surrogateescape")
+        flags = _OPEN_WRITE if write else 0
+        return cls(_out_handle(_nbd_open, "cowbackup_nbd_open", raw, flags), "nbd")
 
     @classmethod
     def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,

@@ -47,6 +47,7 @@ pub use drivers::crash::{CrashDriver, CrashReport, CrashStats, CRASH_SECTOR};
 pub use drivers::fault::{FaultDriver, FaultOp, FaultRule, RuleId};
 pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;
+pub use drivers::nbd::{NbdAddress, NbdDriver, NbdOptions, NbdUri};
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
 pub use job::{
     backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,

@@ -4,3 +4,4 @@ pub mod crash;
 pub mod fault;
 pub mod file;
 pub mod memory;
+pub mod nbd;

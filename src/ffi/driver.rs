@@ -307,7 +307,7 @@ impl Drop for CDriver {
 ///
 /// # Safety
 /// `out` is non-NULL and valid for writes.
-unsafe fn new_handle(inner: Arc<dyn BlockDriver>, out: *mut *mut cowbackup_driver) -> c_int {
+pub(crate) unsafe fn new_handle(inner: Arc<dyn BlockDriver>, out: *mut *mut cowbackup_driver) -> c_int {
     let handle = Box::into_raw(Box::new(cowbackup_driver { inner }));
     // SAFETY: the caller checked `out` and guarantees it is valid for writes.
     unsafe { out.write(handle) };

@@ -1,0 +1,257 @@
+//! NBD scenarios: a backup through the NBD client driver into `qemu-nbd` next to
+//! `qemu-img convert` into the same `qemu-nbd` export.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cowbackup::{backup_start, BackupOptions, BlockDriver, FileDriver, JobState, NbdDriver, OpenFlags};
+
+use crate::util::*;
+use crate::Args;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// True when `tool --version` runs.
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// A server process on a Unix socket, stopped (SIGTERM, then SIGKILL) and reaped on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub socket: PathBuf,
+}
+
+impl Proc {
+    /// Spawn `cmd` and wait (at most 30 s) until `socket` accepts connections.
+    pub fn start(mut cmd: Command, socket: &Path) -> Result<Proc, String> {
+        let _ = std::fs::remove_file(socket);
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(err)?;
+        let mut p = Proc { child: Some(child), socket: socket.to_path_buf() };
+        let t = Instant::now();
+        while !(socket.exists() && std::os::unix::net::UnixStream::connect(socket).is_ok()) {
+            if let Ok(Some(st)) = p.child.as_mut().expect("child until drop").try_wait() {
+                return Err(format!("{cmd:?} exited: {st}"));
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                return Err(format!("{cmd:?} did not listen within 30 s"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(p)
+    }
+
+    /// `qemu-nbd --persistent --shared=4` serving the raw file `image`.
+    pub fn qemu_nbd(image: &Path, socket: &Path, read_only: bool) -> Result<Proc, String> {
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-f", "raw", "--persistent", "--shared=4", "-k"]).arg(socket);
+        if read_only {
+            cmd.arg("-r");
+        }
+        cmd.arg(image);
+        Proc::start(cmd, socket)
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t = Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if t.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// One backup of `src` through the NBD client into the export at `uri` with `workers`
+/// workers (otherwise the default options); seconds.
+fn backup_into_nbd(src: &Path, uri: &str, workers: usize) -> Result<f64, String> {
+    let t = Instant::now();
+    let source = Arc::new(FileDriver::open(src, OpenFlags::empty()).map_err(err)?);
+    let target = Arc::new(NbdDriver::connect(uri).map_err(err)?);
+    if target.size() != source.size() {
+        return Err(format!("export size {} != source size {}", target.size(), source.size()));
+    }
+    let job = backup_start(source, target, BackupOptions { workers, ..Default::default() }).map_err(err)?;
+    job.wait().map_err(err)?;
+    if job.info().state != JobState::Completed {
+        return Err(format!("job ended {:?}", job.info().state));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `qemu-img convert -n` of `src` into the export at `uri`; seconds.
+fn convert_into_nbd(src: &Path, uri: &str) -> Result<f64, String> {
+    let t = Instant::now();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-n", "-m", "8", "-W", "-f", "raw", "-O", "raw"])
+        .arg(src)
+        .arg(uri)
+        .output()
+        .map_err(err)?;
+    if !out.status.success() {
+        return Err(format!("qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// A backup through the client driver (default options, and 4 workers: one connection
+/// each) into `qemu-nbd` serving a new sparse raw file, next to `qemu-img convert -n -m 8 -W` into a `qemu-nbd` serving a new sparse raw file the same
+/// way, runs interleaved, on tmpfs and (unless `--no-disk`) the disk directory. Random data
+/// (no zero clusters to skip: both write everything). Each cowbackup target is checked
+/// against the source byte for byte.
+pub fn client(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
+    if !have("qemu-nbd") || !have("qemu-img") {
+        return Err("qemu-nbd and qemu-img are needed".into());
+    }
+    let mut dirs = vec![("tmpfs", a.shm_dir.clone())];
+    if a.disk {
+        dirs.push(("disk", a.disk_dir.clone()));
+    }
+    for (where_, dir) in dirs {
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let src = dir.join("bench-nbd-src.img");
+        let dst = dir.join("bench-nbd-dst.img");
+        let sock = dir.join("bench-nbd.sock");
+        eprint!("nbd-client ({where_}): {} random ", fmt_bytes(a.size));
+        make_image(&src, a.size, Data::Random).map_err(err)?;
+        let (mut cow, mut cow4, mut qemu) = (vec![], vec![], vec![]);
+        let mut res = Ok(());
+        for _ in 0..a.runs {
+            // workers 0: qemu-img convert.
+            let one = |workers: usize| -> Result<f64, String> {
+                let _ = std::fs::remove_file(&dst);
+                create_new(&dst, a.size).map_err(err)?;
+                let server = Proc::qemu_nbd(&dst, &sock, false)?;
+                let secs = if workers > 0 {
+                    backup_into_nbd(&src, &server.uri(), workers)?
+                } else {
+                    convert_into_nbd(&src, &server.uri())?
+                };
+                drop(server);
+                if workers > 0 {
+                    if let Some(at) = first_difference(&src, &dst).map_err(err)? {
+                        return Err(format!("VERIFY FAILED: the NBD backup differs at {at}"));
+                    }
+                }
+                Ok(secs)
+            };
+            let default_workers = BackupOptions::default().workers;
+            res = one(default_workers)
+                .map(|s| cow.push(s))
+                .and_then(|_| one(0).map(|s| qemu.push(s)))
+                .and_then(|_| one(4).map(|s| cow4.push(s)));
+            if res.is_err() {
+                break;
+            }
+            eprint!(".");
+        }
+        eprintln!();
+        for p in [&src, &dst, &sock] {
+            let _ = std::fs::remove_file(p);
+        }
+        res?;
+        let (c, c4, q) = (summary(&cow), summary(&cow4), summary(&qemu));
+        for (s, label) in [(c, "defaults (2 workers)"), (c4, "4 workers")] {
+            let ratio = q.median / s.median;
+            rows.push(Row {
+                scenario: format!(
+                    "NBD client ({where_}): {} random into qemu-nbd (raw, --shared=4), new sparse file",
+                    fmt_bytes(a.size)
+                ),
+                cowbackup: format!("{}, {label}", fmt_rate(a.size, s)),
+                baseline: format!("qemu-img convert -n -m 8 -W into the same kind of export: {}", fmt_secs(q)),
+                ratio: format!("{ratio:.2}×"),
+                target: check(ratio >= 1.0, "≥ 1.0×"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `nbdcopy URI dst` (dst: an existing sparse file of the export's size); seconds.
+fn nbdcopy(uri: &str, dst: &Path, size: u64) -> Result<f64, String> {
+    let _ = std::fs::remove_file(dst);
+    create_new(dst, size).map_err(err)?;
+    let t = Instant::now();
+    let out = Command::new("nbdcopy").arg(uri).arg(dst).output().map_err(err)?;
+    if !out.status.success() {
+        return Err(format!("nbdcopy {uri} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// `nbdcopy` from cowbackup's `nbd::Server` exporting a quiet raw file (read-only, a
+/// `FileDriver`) next to `nbdcopy` from `qemu-nbd -r --shared=4` exporting the same file,
+/// runs interleaved, into a new sparse file on the same filesystem; tmpfs and (unless
+/// `--no-disk`) the disk directory, with the page cache dropped before each disk run.
+/// Each copy is checked against the source byte for byte.
+pub fn server(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
+    if !have("qemu-nbd") || !have("nbdcopy") {
+        return Err("qemu-nbd and nbdcopy are needed".into());
+    }
+    let mut dirs = vec![("tmpfs", a.shm_dir.clone())];
+    if a.disk {
+        dirs.push(("disk", a.disk_dir.clone()));
+    }
+    for (where_, dir) in dirs {
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let src = dir.join("bench-nbds-src.img");
+        let dst = dir.join("bench-nbds-dst.img");
+        let (ours_sock, qemu_sock) = (dir.join("bench-nbds-ours.sock"), dir.join("bench-nbds-qemu.sock"));
+        eprint!("nbd-server ({where_}): {} random ", fmt_bytes(a.size));
+        make_image(&src, a.size, Data::Random).map_err(err)?;
+        let cold = || if where_ == "disk" { drop_caches() } else { true };
+        let (mut ours, mut qemu) = (vec![], vec![]);
+        let mut run = || -> Result<(), String> {
+            let server = cowbackup::nbd::Server::start(&format!("unix:{}", ours_sock.display())).map_err(err)?;
+            server.add("", Arc::new(FileDriver::open(&src, OpenFlags::empty()).map_err(err)?), false).map_err(err)?;
+            let q = Proc::qemu_nbd(&src, &qemu_sock, true)?;
+            let ours_uri = format!("nbd+unix:///?socket={}", ours_sock.display());
+            for _ in 0..a.runs {
+                cold();
+                ours.push(nbdcopy(&ours_uri, &dst, a.size)?);
+                if let Some(at) = first_difference(&src, &dst).map_err(err)? {
+                    return Err(format!("VERIFY FAILED: nbdcopy from our server differs at {at}"));
+                }
+                cold();
+                qemu.push(nbdcopy(&q.uri(), &dst, a.size)?);
+                eprint!(".");
+            }
+            server.stop();
+            Ok(())
+        };
+        let res = run();
+        eprintln!();
+        for p in [&src, &dst, &ours_sock, &qemu_sock] {
+            let _ = std::fs::remove_file(p);
+        }
+        res?;
+        let (o, q) = (summary(&ours), summary(&qemu));
+        let ratio = q.median / o.median;
+        rows.push(Row {
+            scenario: format!("NBD server ({where_}): nbdcopy of a quiet {} random raw file", fmt_bytes(a.size)),
+            cowbackup: format!("nbd::Server: {}", fmt_rate(a.size, o)),
+            baseline: format!("qemu-nbd -r --shared=4, same file: {}", fmt_rate(a.size, q)),
+            ratio: format!("{ratio:.2}×"),
+            target: check(ratio >= 1.0, "≥ 1.0×"),
+        });
+    }
+    Ok(())
+}
