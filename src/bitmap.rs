@@ -7,7 +7,7 @@
 //! is scanned in well under a millisecond.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// An atomic bitmap of `len` bits.
 pub struct Bitmap {

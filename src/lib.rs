@@ -36,6 +36,7 @@ mod error;
 #[cfg(feature = "capi")]
 pub mod ffi;
 mod job;
+mod sync;
 mod trace;
 mod zero;
 

@@ -7,11 +7,11 @@
 //! wait for the kernel's anti-starvation handoff (4 ms on this machine) and for a CPU.
 //! With the gate, a hook waits at most for the chunks already in flight.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
+
+use crate::sync::{AtomicUsize, Condvar, Instant, Mutex, Ordering};
 
 /// Longest a worker waits for hook copies at one time.
 pub(crate) const MAX_YIELD: Duration = Duration::from_millis(2);
