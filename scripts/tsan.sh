@@ -45,5 +45,22 @@ args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 start=$(date +%s)
 echo "tsan: ${tests[*]} (target dir $CARGO_TARGET_DIR, TSAN_OPTIONS=$TSAN_OPTIONS)"
-cargo +nightly test -Zbuild-std --target "$host" --release "${args[@]}" -- --test-threads=2
+cargo=(cargo +nightly test -Zbuild-std --target "$host" --release "${args[@]}")
+# Build first, and make sure the test binaries really are instrumented (a TSan run of
+# uninstrumented code would find nothing and say so with confidence).
+mapfile -t bins < <("${cargo[@]}" --no-run --message-format=json \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p')
+if [ "${#bins[@]}" -eq 0 ]; then
+    "${cargo[@]}" --no-run # show the error
+    echo "tsan: build failed" >&2
+    exit 1
+fi
+for b in "${bins[@]}"; do
+    if ! nm "$b" 2>/dev/null | grep __tsan_init >/dev/null; then
+        echo "tsan: $b is not instrumented with ThreadSanitizer" >&2
+        exit 1
+    fi
+done
+echo "tsan: built and checked instrumented in $(($(date +%s) - start)) s"
+"${cargo[@]}" -- --test-threads=2
 echo "tsan: no data race reported, $(($(date +%s) - start)) s"

@@ -7,28 +7,30 @@
 //! `Condvar::wait_timeout` never times out. So a wait that only a time-out would end
 //! shows up in the model as a deadlock instead of being hidden by the clock.
 //!
-//! A crate built with `--cfg loom` is for the loom tests only: loom's types panic
-//! outside `loom::model`.
+//! Loom's types are used only in the unit-test build under `--cfg loom` (`cfg(all(loom,
+//! test))`, where the dev-dependency loom exists): they panic outside `loom::model`, so
+//! that build is for the loom tests only (`scripts/loom.sh` runs nothing else). Every
+//! other build, `--cfg loom` or not, uses std.
 
-#[cfg(not(loom))]
+#[cfg(not(all(loom, test)))]
 pub(crate) use std::sync::{
     atomic::{AtomicU64, AtomicUsize},
     Condvar, Mutex, MutexGuard,
 };
-#[cfg(not(loom))]
+#[cfg(not(all(loom, test)))]
 pub(crate) use std::time::Instant;
 
-#[cfg(loom)]
+#[cfg(all(loom, test))]
 pub(crate) use loom::sync::{
     atomic::{AtomicU64, AtomicUsize},
     Condvar, Mutex, MutexGuard,
 };
-#[cfg(loom)]
+#[cfg(all(loom, test))]
 pub(crate) use model_time::Instant;
 
 pub(crate) use std::sync::atomic::Ordering;
 
-#[cfg(loom)]
+#[cfg(all(loom, test))]
 mod model_time {
     use std::ops::{Add, Sub};
     use std::time::Duration;
