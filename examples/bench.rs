@@ -19,6 +19,8 @@
 //! reports its time and peak RSS (`VmHWM`). Images are created in the tmpfs and disk
 //! directories and removed afterwards.
 
+#[path = "bench/guest.rs"]
+mod guest;
 #[path = "bench/incremental.rs"]
 mod incremental;
 #[path = "bench/latency.rs"]
@@ -303,7 +305,7 @@ fn main() -> ExitCode {
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
-        ("guest", latency::guest),
+        ("guest", guest::guest),
         ("contention", latency::contention),
         ("scale", scale),
         ("mark", incremental::mark),

@@ -93,6 +93,26 @@
 #define COWBACKUP_ERROR_ENOSPC 3
 
 /*
+ Worker priority `NORMAL` (the default): the background copy threads keep the CPU and I/O
+ priority of the thread that started the job.
+ */
+#define COWBACKUP_WORKER_PRIORITY_NORMAL 0
+
+/*
+ Worker priority `LOW`: `SCHED_BATCH` at nice 19 and best-effort I/O
+ priority 7. A host thread that wakes up gets a CPU before the workers; the workers
+ still get a small share when every CPU is busy, so the backup always moves.
+ */
+#define COWBACKUP_WORKER_PRIORITY_LOW 1
+
+/*
+ Worker priority `IDLE`: `SCHED_IDLE` and the idle I/O class: the workers run only on a
+ CPU (and a disk) that nothing else wants; the backup can stall while other work keeps
+ every CPU busy.
+ */
+#define COWBACKUP_WORKER_PRIORITY_IDLE 2
+
+/*
  Copy-before-write error action `BREAK_GUEST_WRITE` (the default): the hook returns the
  error, the host must fail its write; the snapshot stays valid (the clusters are retried).
  */
@@ -191,6 +211,13 @@
 #define COWBACKUP_BITMAP_DEFAULT_GRANULARITY 65536
 
 /*
+ `cowbackup_nbd_server_add` flag: clients may write (WRITE, WRITE_ZEROES, TRIM, FLUSH).
+ Without it the export is read-only (writes fail with EPERM on the client) and advertises
+ multi-conn.
+ */
+#define COWBACKUP_NBD_WRITABLE 1
+
+/*
  Event kind: the job's state changed (`from_state` → `to_state`).
  */
 #define COWBACKUP_TRACE_STATE 0
@@ -275,6 +302,16 @@ typedef struct cowbackup_driver cowbackup_driver;
  last call.
  */
 typedef struct cowbackup_job cowbackup_job;
+
+/*
+ An NBD server (opaque), made by `cowbackup_nbd_server_start`.
+
+ It runs a thread `cowbackup-nbd-accept` and one thread `cowbackup-nbd-<n>` per connected
+ client; the exported drivers' ops are called on those threads, concurrently (one per
+ client). Every function on the handle may be called from any thread, concurrently, except
+ `cowbackup_nbd_server_stop`, which must be the last call on it.
+ */
+typedef struct cowbackup_nbd_server cowbackup_nbd_server;
 
 /*
  Options of a backup job (opaque): cluster size, sync mode, workers, speed, error
@@ -1120,8 +1157,98 @@ int cowbackup_job_snapshot(struct cowbackup_job *job, struct cowbackup_driver **
 int cowbackup_job_complete(struct cowbackup_job *job);
 
 /*
- New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers,
- max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
+ Start an NBD server listening on `address`: `"unix:PATH"` (a Unix socket created at
+ `PATH`; an existing file that is not a socket is never removed: -EEXIST; a stale socket
+ nobody listens on is replaced) or `"tcp:HOST:PORT"` (`PORT` 0 picks a free port; read it
+ back with `cowbackup_nbd_server_address`). The server exports nothing until
+ `cowbackup_nbd_server_add`. Protocol: fixed newstyle NBD with structured replies,
+ metadata contexts `base:allocation` and `qemu:dirty-bitmap:NAME`; at most 16 clients at a
+ time, 32 MiB requests; a misbehaving client gets an NBD error or is disconnected.
+
+ On success `*out` is the server (stop and free it with `cowbackup_nbd_server_stop`).
+ Errors: -EINVAL (NULL argument, malformed address); -EADDRINUSE (a server listens there);
+ -EEXIST; other socket errors as -errno.
+
+ # Safety
+ `address` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+ */
+int cowbackup_nbd_server_start(const char *address, struct cowbackup_nbd_server **out);
+
+/*
+ The address the server listens on, as bound: `"unix:PATH"` or `"tcp:IP:PORT"` (with the
+ real port when 0 was asked), e.g. `"tcp:127.0.0.1:41234"`. The string belongs to the
+ server and lives until `cowbackup_nbd_server_stop`. NULL when `s` is NULL.
+
+ # Safety
+ `s` is NULL or a live server handle.
+ */
+const char *cowbackup_nbd_server_address(const struct cowbackup_nbd_server *s);
+
+/*
+ Export the driver `d` under `name` (UTF-8, at most 4096 bytes; `""` is the default export,
+ also reached by clients that give no name when it is the only export). `flags`: 0
+ (read-only) or `COWBACKUP_NBD_WRITABLE`. The server takes its own reference to the driver:
+ the caller may free its handle at once. Typical: the snapshot view of a running job
+ (`cowbackup_job_snapshot`), for a pull-mode backup by `qemu-img convert` or `nbdcopy`.
+
+ Errors: -EINVAL (NULL argument, bad name, unknown flag bits); -EEXIST (`name` is already
+ exported). Nothing changes on error.
+
+ # Safety
+ `s` is NULL or a live server handle; `name` is NULL or NUL-terminated; `d` is NULL or a
+ live driver handle.
+ */
+int cowbackup_nbd_server_add(struct cowbackup_nbd_server *s,
+                             const char *name,
+                             struct cowbackup_driver *d,
+                             uint32_t flags);
+
+/*
+ Serve the dirty bitmap `bm` on export `export_name` as the metadata context
+ `qemu:dirty-bitmap:<bitmap_name>`, as QEMU does: block status extents with flag 1 are
+ dirty, 0 clean (`nbdinfo --map=qemu:dirty-bitmap:NAME`). The bitmap is read live (while a
+ job uses it: its frozen bits plus the marks since). The server takes its own reference.
+
+ Errors: -EINVAL (NULL argument, bad name, a bitmap whose size differs from the export's);
+ -ENOENT (no such export); -EEXIST (the export already has a bitmap of that name).
+
+ # Safety
+ `s` is NULL or a live server handle; the names are NULL or NUL-terminated; `bm` is NULL
+ or a live bitmap handle.
+ */
+int cowbackup_nbd_server_add_bitmap(struct cowbackup_nbd_server *s,
+                                    const char *export_name,
+                                    const char *bitmap_name,
+                                    struct cowbackup_bitmap *bm);
+
+/*
+ Stop exporting `name`: it is no longer listed or opened, and clients connected to it are
+ disconnected (a request in progress finishes first). The server's references to its driver
+ and bitmaps go when those connections have ended.
+
+ Errors: -EINVAL (NULL argument); -ENOENT (no such export).
+
+ # Safety
+ `s` is NULL or a live server handle; `name` is NULL or NUL-terminated.
+ */
+int cowbackup_nbd_server_remove(struct cowbackup_nbd_server *s, const char *name);
+
+/*
+ Stop the server and free it: close the listening socket (a Unix socket file it created is
+ removed), disconnect every client, join every server thread, drop its references to the
+ exported drivers and bitmaps. Blocks until a driver op in progress on a server thread has
+ returned. NULL: nothing. The handle must not be used afterwards, nor concurrently with
+ this call; do not call it from a driver op of an exported driver (it would wait for itself).
+
+ # Safety
+ `s` is NULL or a live server handle not used by any other call during this one nor
+ afterwards.
+ */
+void cowbackup_nbd_server_stop(struct cowbackup_nbd_server *s);
+
+/*
+ New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers at
+ `COWBACKUP_WORKER_PRIORITY_NORMAL`, max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
  `COWBACKUP_CBW_BREAK_GUEST_WRITE`, no copy-before-write timeout, target not known to read
  zeroes, no completion callback. Free with `cowbackup_options_free`. Returns NULL only on an
  internal error. Thread-safe.
@@ -1174,6 +1301,22 @@ int cowbackup_options_set_speed(struct cowbackup_options *o, uint64_t bytes_per_
  `o` is NULL or a live options object.
  */
 int cowbackup_options_set_workers(struct cowbackup_options *o, uint32_t n);
+
+/*
+ Set the CPU and I/O priority of the background copy threads:
+ `COWBACKUP_WORKER_PRIORITY_NORMAL` (default: as the thread that starts the job),
+ `COWBACKUP_WORKER_PRIORITY_LOW` (`SCHED_BATCH`, nice 19, best-effort I/O priority 7: host
+ threads get a CPU before the workers) or `COWBACKUP_WORKER_PRIORITY_IDLE` (`SCHED_IDLE`,
+ idle I/O class: only CPU time nothing else wants; can stall on a busy machine). On a
+ machine busy with other work, lowered workers are preempted while holding the target
+ file's lock, which lengthens the hook's waits (see PERFORMANCE.md). Copy-before-write
+ runs on the caller's thread and is never lowered. Best effort: a setting the system
+ refuses leaves the workers as they are. Errors: -EINVAL (NULL `o`, unknown priority).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_options_set_worker_priority(struct cowbackup_options *o, uint32_t priority);
 
 /*
  Set the largest background copy request in bytes, 4096 to 1073741824 (1 GiB); the job

@@ -105,6 +105,8 @@ __all__ = [
     "JobCancelled",
     "JobInfo",
     "JobState",
+    "NBD_WRITABLE",
+    "NbdServer",
     "TraceEvent",
     "STATUS_DATA",
     "STATUS_ZERO",
@@ -135,6 +137,8 @@ _SYNC = {"full": 0, "top": 1, "none": 2, "bitmap": 3}
 _BITMAP_MODE = {"on-success": 0, "always": 1, "never": 2}
 _ERROR_ACTION = {"report": 0, "ignore": 1, "stop": 2, "enospc": 3}
 _CBW_ACTION = {"break-guest-write": 0, "break-snapshot": 1}
+# COWBACKUP_WORKER_PRIORITY_NORMAL, _LOW, _IDLE.
+_WORKER_PRIORITY = {"normal": 0, "low": 1, "idle": 2}
 
 #: Block status bit (``block_status`` of a Python driver): the range has data of its own.
 STATUS_DATA = 1
@@ -469,6 +473,7 @@ _opt_cluster_size = _declare("cowbackup_options_set_cluster_size", c_int, [_P, c
 _opt_sync = _declare("cowbackup_options_set_sync", c_int, [_P, c_uint32])
 _opt_speed = _declare("cowbackup_options_set_speed", c_int, [_P, c_uint64])
 _opt_workers = _declare("cowbackup_options_set_workers", c_int, [_P, c_uint32])
+_opt_worker_priority = _declare("cowbackup_options_set_worker_priority", c_int, [_P, c_uint32])
 _opt_max_chunk = _declare("cowbackup_options_set_max_chunk", c_int, [_P, c_uint64])
 _opt_on_source_error = _declare("cowbackup_options_set_on_source_error", c_int, [_P, c_uint32])
 _opt_on_target_error = _declare("cowbackup_options_set_on_target_error", c_int, [_P, c_uint32])
@@ -501,6 +506,12 @@ _bitmap_next_dirty = _declare("cowbackup_bitmap_next_dirty", c_int,
                               [_P, c_uint64, POINTER(c_uint64), POINTER(c_uint64)])
 _bitmap_query = _declare("cowbackup_bitmap_query", c_int, [_P, POINTER(_BitmapInfoC)])
 _bitmap_free = _declare("cowbackup_bitmap_free", None, [_P])
+_nbd_server_start = _declare("cowbackup_nbd_server_start", c_int, [c_char_p, _PP])
+_nbd_server_address = _declare("cowbackup_nbd_server_address", c_char_p, [_P])
+_nbd_server_add = _declare("cowbackup_nbd_server_add", c_int, [_P, c_char_p, _P, c_uint32])
+_nbd_server_add_bitmap = _declare("cowbackup_nbd_server_add_bitmap", c_int, [_P, c_char_p, c_char_p, _P])
+_nbd_server_remove = _declare("cowbackup_nbd_server_remove", c_int, [_P, c_char_p])
+_nbd_server_stop = _declare("cowbackup_nbd_server_stop", None, [_P])
 
 
 def _check(ret: int, what: str) -> None:
@@ -1757,6 +1768,7 @@ class _Spec:
     on_complete: Optional[Callable[[int], Any]]
     trace: Optional[Callable[[TraceEvent], Any]]
     discard_source: bool = False
+    worker_priority: Optional[int] = None
 
 
 def _job_spec(
@@ -1776,6 +1788,7 @@ def _job_spec(
     on_complete: Optional[Callable[[int], Any]] = None,
     trace: Optional[Callable[[TraceEvent], Any]] = None,
     discard_source: bool = False,
+    worker_priority: Optional[str] = None,
 ) -> _Spec:
     """Check the options of :func:`backup_start` (TypeError/ValueError); the library checks
     the rest (ranges of values, combinations) when the job starts."""
@@ -1811,8 +1824,9 @@ def _job_spec(
         raise TypeError("trace must be callable or None")
     if not isinstance(discard_source, bool):
         raise TypeError("discard_source must be a bool")
+    prio = None if worker_priority is None else _choice(worker_priority, _WORKER_PRIORITY, "worker_priority")
     return _Spec(cs, sync_v, speed_v, wk, mc, src_act, tgt_act, cbw_act, timeout_ms, target_is_zero,
-                 bitmap, mode_v, on_complete, trace, discard_source)
+                 bitmap, mode_v, on_complete, trace, discard_source, prio)
 
 
 class _Options:
@@ -1842,6 +1856,8 @@ class _Options:
         _check(_opt_speed(opts, spec.speed), "cowbackup_options_set_speed")
         if spec.workers is not None:
             _check(_opt_workers(opts, spec.workers), "cowbackup_options_set_workers")
+        if spec.worker_priority is not None:
+            _check(_opt_worker_priority(opts, spec.worker_priority), "cowbackup_options_set_worker_priority")
         if spec.max_chunk is not None:
             _check(_opt_max_chunk(opts, spec.max_chunk), "cowbackup_options_set_max_chunk")
         _check(_opt_on_source_error(opts, spec.on_source_error), "cowbackup_options_set_on_source_error")
@@ -1949,6 +1965,7 @@ def backup_start(
     on_complete: Optional[Callable[[int], Any]] = None,
     trace: Optional[Callable[[TraceEvent], Any]] = None,
     discard_source: bool = False,
+    worker_priority: Optional[str] = None,
 ) -> Job:
     """Start a point-in-time backup of ``source`` into ``target`` (same size).
 
@@ -1976,6 +1993,11 @@ def backup_start(
       "top"). Ignored without ``bitmap``.
     - ``speed``: background copy limit in bytes/s, 0 = unlimited (the hook is never slowed).
     - ``workers``: background copy threads, 1 to 64 (default 2).
+    - ``worker_priority``: CPU and I/O priority of those threads: ``"normal"`` (default: as
+      the starting thread), ``"low"`` (``SCHED_BATCH`` at nice 19, best-effort I/O priority
+      7; host threads get a CPU first, the backup still moves on a busy machine) or
+      ``"idle"`` (``SCHED_IDLE``, idle I/O class: only CPU time nothing else wants; can
+      stall on a busy machine). The hook runs on the caller's thread and is never lowered.
     - ``max_chunk``: largest background request in bytes (default 1 MiB).
     - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
       (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
@@ -2014,7 +2036,7 @@ def backup_start(
                      on_target_error=on_target_error, on_cbw_error=on_cbw_error,
                      cbw_timeout=cbw_timeout, target_is_zero=target_is_zero, bitmap=bitmap,
                      bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace,
-                     discard_source=discard_source)
+                     discard_source=discard_source, worker_priority=worker_priority)
     return _start([(source, target, spec)], group=False)[0]
 
 
@@ -2068,6 +2090,158 @@ def backup_start_group(jobs: Any, **defaults: Any) -> List[Job]:
     return _start(entries, group=True)
 
 
+# --- NBD server ------------------------------------------------------------------------
+
+NBD_WRITABLE = 1  # COWBACKUP_NBD_WRITABLE
+
+
+def _nbd_name(name: Any, what: str) -> bytes:
+    """An NBD name argument: str (UTF-8, no NUL)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
+    if "\0" in name:
+        raise ValueError(f"{what} must not contain NUL")
+    return name.encode("utf-8")
+
+
+_live_servers: "weakref.WeakSet[NbdServer]" = weakref.WeakSet()
+
+
+class NbdServer:
+    """An NBD server exporting drivers (a job's :meth:`Job.snapshot` view, any
+    :class:`Driver`) and dirty bitmaps to NBD clients: ``qemu-img``, ``nbdcopy``,
+    ``nbdinfo``, libnbd, the kernel's ``nbd-client``.
+
+    ::
+
+        with cowbackup.NbdServer.start("unix:/run/backup.sock") as srv:
+            srv.add("disk", job.snapshot())          # read-only; writable=True to allow writes
+            srv.add_bitmap("disk", "b0", bitmap)     # context qemu:dirty-bitmap:b0
+            # nbdinfo --map=qemu:dirty-bitmap:b0 'nbd+unix:///disk?socket=/run/backup.sock'
+            # qemu-img convert 'nbd+unix:///disk?socket=/run/backup.sock' backup.img
+
+    Exports answer block status for ``base:allocation`` (hole = 1, zero = 2, as the NBD spec)
+    and for each bitmap (1 = dirty, QEMU's meaning); read-only exports allow multi-conn. The
+    server runs its own threads (one per client, at most 16 clients) which call the exported
+    drivers, Python ones included. It holds its own references to drivers and bitmaps: they may
+    be closed after :meth:`add`. A context manager (``__exit__`` stops it); thread-safe.
+    """
+
+    __slots__ = ("_h", "_address", "__weakref__")
+
+    def __init__(self, _ptr: int) -> None:
+        """Internal: use :meth:`start`."""
+        raw = _nbd_server_address(_ptr)
+        self._address = (raw or b"").decode("utf-8", "replace")
+        self._h = _Handle(_ptr, f"cowbackup.NbdServer ({self._address})")
+        _live_servers.add(self)
+
+    @classmethod
+    def start(cls, address: str) -> "NbdServer":
+        """Listen on ``address``: ``"unix:PATH"`` (a Unix socket created at ``PATH``) or
+        ``"tcp:HOST:PORT"`` (port 0 picks a free one: see :attr:`address`).
+
+        Raises TypeError (not a str), :class:`InvalidArgument` (malformed address),
+        ``FileExistsError`` (``PATH`` exists and is not a socket: it is never removed), a
+        :class:`CowbackupError` with errno EADDRINUSE (a server listens there already), or the
+        errno of creating the socket.
+        """
+        raw = _nbd_name(address, "address")
+        return cls(_out_handle(_nbd_server_start, "cowbackup_nbd_server_start", raw))
+
+    @property
+    def address(self) -> str:
+        """The address as bound: ``"unix:PATH"`` or ``"tcp:IP:PORT"`` with the real port."""
+        return self._address
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`stop`."""
+        return self._h.closed
+
+    def uri(self, export: str = "") -> str:
+        """The NBD URI of ``export`` on this server (``nbd+unix:///NAME?socket=PATH`` or
+        ``nbd://IP:PORT/NAME``), for qemu-img, nbdcopy, nbdinfo and libnbd."""
+        if self._address.startswith("unix:"):
+            return f"nbd+unix:///{export}?socket={self._address[5:]}"
+        return f"nbd://{self._address[4:]}/{export}"
+
+    def add(self, name: str, driver: Driver, writable: bool = False) -> None:
+        """Export ``driver`` as ``name`` (``""``: the default export), read-only unless
+        ``writable``. Raises :class:`InvalidArgument` (bad name), ``FileExistsError``
+        (``name`` is exported already), ValueError (a closed server or driver)."""
+        raw = _nbd_name(name, "name")
+        if not isinstance(driver, Driver):
+            raise TypeError(f"driver must be a cowbackup.Driver, not {type(driver).__name__}")
+        ptr = self._h.acquire()
+        try:
+            dptr = driver._ptr()
+            try:
+                _check(_nbd_server_add(ptr, raw, dptr, NBD_WRITABLE if writable else 0),
+                       "cowbackup_nbd_server_add")
+            finally:
+                driver._h.release()
+        finally:
+            self._h.release()
+
+    def add_bitmap(self, export: str, name: str, bitmap: "Bitmap") -> None:
+        """Serve ``bitmap`` on ``export`` as the metadata context ``qemu:dirty-bitmap:NAME``
+        (read live). Raises :class:`InvalidArgument` (bad name, a bitmap of another size than
+        the export), ``FileNotFoundError`` (no such export), ``FileExistsError`` (the name is
+        taken on that export)."""
+        raw_export = _nbd_name(export, "export")
+        raw_name = _nbd_name(name, "name")
+        if not isinstance(bitmap, Bitmap):
+            raise TypeError(f"bitmap must be a cowbackup.Bitmap, not {type(bitmap).__name__}")
+        ptr = self._h.acquire()
+        try:
+            bptr = bitmap._h.acquire()
+            try:
+                _check(_nbd_server_add_bitmap(ptr, raw_export, raw_name, bptr),
+                       "cowbackup_nbd_server_add_bitmap")
+            finally:
+                bitmap._h.release()
+        finally:
+            self._h.release()
+
+    def remove(self, name: str) -> None:
+        """Stop exporting ``name``; its clients are disconnected. Raises ``FileNotFoundError``
+        when there is no such export."""
+        raw = _nbd_name(name, "name")
+        ptr = self._h.acquire()
+        try:
+            _check(_nbd_server_remove(ptr, raw), "cowbackup_nbd_server_remove")
+        finally:
+            self._h.release()
+
+    def stop(self) -> None:
+        """Close the socket, disconnect every client, join the server's threads and free the
+        server. Idempotent."""
+        ptr = self._h.begin_close()
+        if ptr is None:
+            return
+        self._h.drain()
+        _live_servers.discard(self)
+        _nbd_server_stop(ptr)
+
+    close = stop
+
+    def __enter__(self) -> "NbdServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        if _shutting_down or not hasattr(self, "_h"):
+            return
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self.closed else "running"
+        return f"<cowbackup.NbdServer {self._address} {state}>"
+
+
 # --- interpreter exit ------------------------------------------------------------------
 
 _shutting_down = False
@@ -2083,6 +2257,12 @@ def _shutdown() -> None:
     every mark that returned is already in it).
     """
     global _shutting_down
+    # NBD servers first: their threads call the exported drivers (Python ones too).
+    for srv in list(_live_servers):
+        try:
+            srv.stop()
+        except Exception:  # pragma: no cover
+            log.exception("cowbackup: stopping an NBD server at exit")
     for job in list(_live_jobs):
         try:
             job.close()

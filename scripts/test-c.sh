@@ -6,7 +6,9 @@
 #   3. meson test under valgrind             (build/plain)
 #   4. libcowbackup.so.0 exports only cowbackup_* (nm -D), SONAME libcowbackup.so.0
 #   5. the sanitized test binaries really link ASan (__asan_init)
-#   6. the README's C snippet is capi/examples/quickstart.c's, and that program builds and runs
+#   6. the nbdkit filter (capi/nbdkit/test.sh against build/plain: real nbdkit, qemu-io and
+#      qemu-img; skipped with the reason when nbdkit cannot be installed)
+#   7. the README's C snippet is capi/examples/quickstart.c's, and that program builds and runs
 #      with the README's pkg-config commands, against the build dir (build/plain) and against a
 #      `meson install` into a temporary prefix
 # Every stage runs; the script exits non-zero when any failed. Works from a clean checkout
@@ -88,6 +90,9 @@ meson test -C build/plain --print-errorlogs --no-rebuild --timeout-multiplier 10
     --wrapper "valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --quiet" \
     || fail "meson test (valgrind)"
 
+stage "nbdkit filter: capi/nbdkit/test.sh"
+timeout 1200 capi/nbdkit/test.sh "$root/build/plain" || fail "nbdkit filter test (capi/nbdkit/test.sh)"
+
 stage "exports of libcowbackup.so.0"
 so=$(ls build/plain/libcowbackup.so.0.* 2>/dev/null | head -n1)
 if [ -z "$so" ]; then
@@ -143,6 +148,13 @@ pc_tmp=$(mktemp -d /tmp/cowbackup-pkgconfig-XXXXXX)
     # The installed header and library, not the source tree's.
     [ "$(pkg-config --variable=includedir cowbackup)" = "$pc_tmp/prefix/include" ]
     ldd ./app-installed | grep -F "$pc_tmp/prefix/lib/libcowbackup.so.0"
+    # The installed nbdkit filter (when built) loads in nbdkit and finds the installed library.
+    f="$pc_tmp/prefix/lib/nbdkit/filters/nbdkit-cowbackup-filter.so"
+    if [ -f "$root/build/install/capi/nbdkit/nbdkit-cowbackup-filter.so" ]; then
+        ldd "$f" | grep -F "$pc_tmp/prefix/lib/libcowbackup.so.0"
+        nbdkit --filter="$f" memory --help | grep -q '^backup=PATH'
+        echo "installed nbdkit filter loads: $f"
+    fi
 ) || fail "building and running against an install with pkg-config"
 rm -rf "$pc_tmp"
 

@@ -36,6 +36,7 @@ mod error;
 #[cfg(feature = "capi")]
 pub mod ffi;
 mod job;
+pub mod nbd;
 mod sync;
 mod trace;
 mod zero;
@@ -50,8 +51,8 @@ pub use drivers::memory::MemDriver;
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
 pub use job::{
     backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,
-    GroupMember, Job, JobInfo, JobState, SnapshotView, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE, MAX_WORKERS,
-    MIN_CLUSTER_SIZE,
+    GroupMember, Job, JobInfo, JobState, SnapshotView, SyncMode, WorkerPriority, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
+    MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
 pub use trace::{TraceAction, TraceEvent, TraceFn};
 pub use zero::buffer_is_zero;

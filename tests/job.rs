@@ -15,7 +15,7 @@ use common::{
 };
 use cowbackup::{
     allocated_bytes, backup_start, BackupOptions, BlockDriver, ErrorKind, FileDriver, JobState, MemDriver, OpenFlags,
-    SyncMode,
+    SyncMode, WorkerPriority,
 };
 
 const KIB: u64 = 1024;
@@ -448,6 +448,82 @@ fn threads_are_named() {
     }
     source.open();
     wait_end(&job, END).unwrap();
+}
+
+/// The thread ids of the job's workers `cowbackup-<id>-<n>`.
+fn worker_tids(id: u64, n: usize) -> Vec<i32> {
+    let names: Vec<String> = (1..=n).map(|k| format!("cowbackup-{id}-{k}")).collect();
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            names.contains(&comm.trim().to_string()).then(|| e.file_name().to_str()?.parse().ok())?
+        })
+        .collect()
+}
+
+/// (scheduling policy, nice, I/O priority) of thread `tid`, as the kernel has them.
+fn sched_of(tid: i32) -> (i32, i32, i64) {
+    // SAFETY: plain syscalls with integer arguments; errno is cleared before getpriority
+    // (which may return -1 as a value).
+    unsafe {
+        let policy = libc::sched_getscheduler(tid);
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        assert_eq!(*libc::__errno_location(), 0, "getpriority({tid})");
+        let io = libc::syscall(libc::SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, tid);
+        (policy, nice, io)
+    }
+}
+
+/// `worker_priority` reaches the kernel: each worker thread's policy, nice and I/O
+/// priority read back with `sched_getscheduler`, `getpriority` and `ioprio_get`. The
+/// default, `Normal`, leaves the workers as the starting thread.
+#[test]
+fn worker_priority_takes_effect() {
+    // SAFETY: gettid takes no arguments.
+    let me = sched_of(unsafe { libc::gettid() });
+    const BE7: i64 = (2 << 13) | 7;
+    const IDLE: i64 = 3 << 13;
+    for (prio, want) in [
+        (None, None),
+        (Some(WorkerPriority::Low), Some((libc::SCHED_BATCH, 19, BE7))),
+        (Some(WorkerPriority::Idle), Some((libc::SCHED_IDLE, me.1, IDLE))),
+        (Some(WorkerPriority::Normal), None),
+    ] {
+        let source = Gate::new(MemDriver::from_bytes(&[1u8; 4 << 20]).unwrap(), true);
+        let target = Arc::new(MemDriver::new(4 * MIB).unwrap());
+        let mut opts = BackupOptions { workers: 2, max_chunk: 64 * KIB, ..Default::default() };
+        if let Some(p) = prio {
+            opts.worker_priority = p;
+        }
+        let job = backup_start(source.clone(), target, opts).unwrap();
+        let _open = source.open_on_drop();
+        // Parked in their first read: their priority was set before it.
+        wait_parked_n(&source, 2);
+        let tids = worker_tids(job.id(), 2);
+        assert_eq!(tids.len(), 2, "{prio:?}: worker threads not found");
+        for tid in tids {
+            let got = sched_of(tid);
+            match want {
+                Some((policy, nice, io)) => {
+                    assert_eq!(got.0, policy, "{prio:?}: policy of worker {tid}");
+                    assert_eq!(got.1, nice, "{prio:?}: nice of worker {tid}");
+                    // Class (bits 13..) and, for best effort, level (bits 0..2).
+                    let level = |v: i64| if v >> 13 == 2 { v & 7 } else { 0 };
+                    assert_eq!(
+                        (got.2 >> 13, level(got.2)),
+                        (io >> 13, level(io)),
+                        "{prio:?}: I/O priority of worker {tid}"
+                    );
+                }
+                None => assert_eq!((got.0, got.1), (me.0, me.1), "{prio:?}: worker {tid} not as its starter"),
+            }
+        }
+        source.open();
+        wait_end(&job, END).unwrap();
+    }
 }
 
 /// Real files, real writers, checked by a real peer: `qemu-img compare`.

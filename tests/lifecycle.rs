@@ -507,3 +507,43 @@ fn the_completion_callback_may_wait_and_drop_the_job() {
     assert_eq!(seen.lock().unwrap().unwrap(), Ok(()));
     assert_eq!(target.to_vec(), data);
 }
+
+/// A paused job copies nothing, also when a worker waiting for clusters another worker
+/// holds gets them released while the job is paused (here by the operator; the waiting
+/// worker must not copy chunk 0 until `resume`). The bug this guards, found in the C test
+/// `test_errors` under valgrind (it hung twice): a worker's `Stop` error released its
+/// claim *before* pausing the job, so a waiting worker could claim the range in between
+/// and copy it again while the fault was still there; that copy failed after the
+/// operator's resume and paused the job again, and `wait` never returned. The window is a
+/// few instructions wide, so this test checks the invariant (a worker re-checks the pause
+/// after it claims, and `Stop` pauses before releasing) rather than the race itself.
+#[test]
+fn a_paused_job_copies_nothing_when_a_stopped_claim_is_released() {
+    let chunk = 1 << 20;
+    let size = 2 * chunk;
+    let data = Rng::new(11).bytes(size as usize);
+    let source = Arc::new(FaultDriver::new(MemDriver::from_bytes(&data).unwrap()));
+    // Chunk 0's first read is slow and then fails (Stop pauses the job); chunk 1 is quick.
+    let slow = source
+        .add(FaultRule::new(FaultOp::Read).range(0, 1).errno(libc::EIO).delay(Duration::from_millis(800)).times(1));
+    let target = Arc::new(MemDriver::new(size).unwrap());
+    let opts = BackupOptions { workers: 2, max_chunk: chunk, on_source_error: ErrorAction::Stop, ..Default::default() };
+    let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    // One worker copied chunk 1 and now waits for chunk 0, which the other holds.
+    until("chunk 1 copied", || job.info().bytes_copied == chunk);
+    job.pause().unwrap();
+    until("the slow read to fail", || source.fired(slow) == 1);
+    until("the Stop error", || job.info().error.is_some());
+    std::thread::sleep(Duration::from_millis(300)); // the waiting worker's wait_release ends
+    let info = job.info();
+    assert_eq!(info.state, JobState::Paused);
+    assert_eq!(info.bytes_copied, chunk, "a worker copied chunk 0 while the job was paused");
+    assert!(target.to_vec()[..chunk as usize].iter().all(|&b| b == 0), "chunk 0 written while paused");
+    job.resume().unwrap();
+    match job.wait_timeout(Duration::from_secs(20)) {
+        Some(r) => r.unwrap(),
+        None => panic!("the job did not end after resume: {:?}", job.info()),
+    }
+    assert_eq!(job.info().state, JobState::Completed);
+    assert!(target.to_vec() == data, "target differs from the source");
+}

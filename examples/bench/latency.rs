@@ -1,11 +1,10 @@
-//! Latency scenarios: the hook alone (fast and slow path), guest writes during a
-//! backup, and many threads hammering the hook.
+//! Latency scenarios: the hook alone (fast and slow path) and many threads hammering
+//! the hook (guest writes during a backup: guest.rs).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cowbackup::{backup_start, AlignedBuf, BackupOptions, BlockDriver, FileDriver, Job, OpenFlags, SyncMode};
 
@@ -169,125 +168,6 @@ pub fn hook(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         baseline: format!("plain 64 KiB read + write: {}", plain.fmt()),
         ratio: format!("{:.2}× at p50", sp50 / pp50),
         target: check(sp50 <= 1.3 * pp50, "p50 ≤ 1.3× plain"),
-    });
-    Ok(())
-}
-
-/// Run a QD1 writer (64 KiB at random 4 KiB-aligned offsets, 2 ms apart) until `done`;
-/// through the hook when `job` is given. Returns the latencies in ns.
-fn guest_writer(source: &FileDriver, job: Option<&Job>, done: &AtomicBool, seed: u64) -> Result<Vec<u64>, String> {
-    let mut rng = Rng(seed);
-    let mut buf = vec![0u8; CLUSTER as usize];
-    rng.fill(&mut buf);
-    let size = source.size();
-    let mut lat = Vec::new();
-    while !done.load(Ordering::Acquire) {
-        let off = rng.next() % ((size - CLUSTER) / 4096) * 4096;
-        buf[..8].copy_from_slice(&rng.next().to_le_bytes());
-        let t = Instant::now();
-        if let Some(j) = job {
-            j.cow_before_write(off, CLUSTER).map_err(err)?;
-        }
-        source.write_at(&buf, off).map_err(err)?;
-        lat.push(t.elapsed().as_nanos() as u64);
-        thread::sleep(Duration::from_millis(2));
-    }
-    Ok(lat)
-}
-
-/// The options of the guest scenario's backups: the defaults, or `BENCH_GUEST_WORKERS`
-/// and `BENCH_GUEST_CHUNK` from the environment (to explore).
-fn guest_opts() -> BackupOptions {
-    let mut o = BackupOptions::default();
-    if let Some(w) = std::env::var("BENCH_GUEST_WORKERS").ok().and_then(|v| v.parse().ok()) {
-        o.workers = w;
-    }
-    if let Some(c) = std::env::var("BENCH_GUEST_CHUNK").ok().and_then(|v| parse_size(&v).ok()) {
-        o.max_chunk = c;
-    }
-    o
-}
-
-/// Guest write latency without and during a backup, and the backup's time with and
-/// without the guest; the target is checked against a reference copy taken at start.
-pub fn guest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
-    let size = a.size;
-    let dir = &a.shm_dir;
-    let (src, dst, refp) =
-        (dir.join("bench-guest-src.img"), dir.join("bench-guest-dst.img"), dir.join("bench-guest-ref.img"));
-    eprint!("guest writes: tmpfs, {} source ", fmt_bytes(size));
-    let (mut idle, mut busy) = (Lat::new(), Lat::new());
-    let (mut t_alone, mut t_loaded) = (vec![], vec![]);
-    let mut writes = 0usize;
-    let res = (|| -> Result<(), String> {
-        make_image(&src, size, Data::Random).map_err(err)?;
-        for run in 0..a.runs {
-            let source = FileDriver::open(&src, OpenFlags::WRITE).map_err(err)?;
-            // Unloaded backup.
-            let t = Instant::now();
-            let job = backup_start(
-                Arc::new(FileDriver::open(&src, OpenFlags::empty()).map_err(err)?),
-                Arc::new(create_new(&dst, size).map_err(err)?),
-                guest_opts(),
-            )
-            .map_err(err)?;
-            job.wait().map_err(err)?;
-            t_alone.push(t.elapsed().as_secs_f64());
-            drop(job);
-            // 3 s of writes without a backup.
-            let done = AtomicBool::new(false);
-            let lat = thread::scope(|s| {
-                let w = s.spawn(|| guest_writer(&source, None, &done, 11 + run as u64));
-                thread::sleep(Duration::from_secs(3));
-                done.store(true, Ordering::Release);
-                w.join().expect("writer panicked")
-            })?;
-            idle.add(lat);
-            // The point in time, then a backup with the writer going.
-            std::fs::copy(&src, &refp).map_err(err)?;
-            let source = Arc::new(source);
-            let done = AtomicBool::new(false);
-            let t = Instant::now();
-            let job = backup_start(source.clone(), Arc::new(create_new(&dst, size).map_err(err)?), guest_opts())
-                .map_err(err)?;
-            let (lat, r) = thread::scope(|s| {
-                let w = s.spawn(|| guest_writer(&source, Some(&job), &done, 99 + run as u64));
-                let r = job.wait();
-                let elapsed = t.elapsed().as_secs_f64();
-                done.store(true, Ordering::Release);
-                (w.join().expect("writer panicked"), r.map(|_| elapsed))
-            });
-            let lat = lat?;
-            t_loaded.push(r.map_err(err)?);
-            writes += lat.len();
-            busy.add(lat);
-            if let Some(at) = first_difference(&refp, &dst).map_err(err)? {
-                return Err(format!("VERIFY FAILED: the backup differs from the point in time at byte {at}"));
-            }
-            eprint!(".");
-        }
-        Ok(())
-    })();
-    eprintln!();
-    for p in [&src, &dst, &refp] {
-        let _ = std::fs::remove_file(p);
-    }
-    res?;
-    let (ta, tl) = (summary(&t_alone), summary(&t_loaded));
-    let (p99_idle, p99_busy) = (summary(&idle.p99).median, summary(&busy.p99).median);
-    rows.push(Row {
-        scenario: format!(
-            "guest QD1 64 KiB random writes every 2 ms, during a {} backup (tmpfs, defaults; {writes} writes, target verified)",
-            fmt_bytes(size)
-        ),
-        cowbackup: format!("{}; backup {}", busy.fmt(), fmt_rate(size, tl)),
-        baseline: format!("3 s without a backup: {}; backup alone {}", idle.fmt(), fmt_rate(size, ta)),
-        ratio: format!("{:.2}× p99; backup at {:.0} % of its unloaded speed", p99_busy / p99_idle, ta.median / tl.median * 100.0),
-        target: format!(
-            "{}; {}",
-            check(p99_busy <= 3.0 * p99_idle, "p99 ≤ 3×"),
-            check(ta.median / tl.median >= 0.5, "backup ≥ 50 % speed")
-        ),
     });
     Ok(())
 }

@@ -387,3 +387,45 @@ def test_trace_callback_that_raises_is_logged(caplog):
     with pytest.raises(TypeError):
         with Driver.memory(MiB) as s, Driver.memory(MiB) as t:
             cowbackup.backup_start(s, t, trace=42)
+
+
+def _worker_policies() -> list:
+    """Scheduling policy and nice of every job worker thread ``cowbackup-<id>-<n>``."""
+    import re
+    out = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if re.fullmatch(r"cowbackup-\d+-\d+", comm):
+            out.append((os.sched_getscheduler(int(tid)), os.getpriority(os.PRIO_PROCESS, int(tid))))
+    return out
+
+
+@pytest.mark.parametrize("prio,policy,nice", [
+    (None, None, None),
+    ("low", os.SCHED_BATCH, 19),
+    ("idle", os.SCHED_IDLE, None),
+    ("normal", None, None),
+])
+def test_worker_priority_reaches_the_threads(prio, policy, nice):
+    """``worker_priority`` is applied to the worker threads (read back from the kernel)."""
+    size = 4 * MiB
+    with Driver.memory(size) as s, Driver.memory(size) as t:
+        fill_random(s)
+        kw = {} if prio is None else {"worker_priority": prio}
+        with cowbackup.backup_start(s, t, speed=1, workers=2, max_chunk=64 * KiB, **kw) as job:
+            assert wait_for(lambda: len(_worker_policies()) == 2, timeout=20)
+            mine = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
+            for got in _worker_policies():
+                assert got[0] == (mine[0] if policy is None else policy), got
+                if nice is not None or policy is None:
+                    assert got[1] == (mine[1] if nice is None else nice), got
+            job.cancel()
+            with pytest.raises(JobCancelled):
+                job.wait(timeout=30)
+    with Driver.memory(size) as s, Driver.memory(size) as t:
+        with pytest.raises(ValueError):
+            cowbackup.backup_start(s, t, worker_priority="realtime")

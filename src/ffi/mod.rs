@@ -22,6 +22,7 @@ pub mod bitmap;
 pub mod driver;
 pub mod error;
 pub mod job;
+pub mod nbd;
 pub mod options;
 pub mod trace;
 
@@ -29,6 +30,7 @@ pub use bitmap::*;
 pub use driver::*;
 pub use error::*;
 pub use job::*;
+pub use nbd::*;
 pub use options::*;
 pub use trace::*;
 
@@ -66,6 +68,18 @@ pub const COWBACKUP_ERROR_IGNORE: u32 = 1;
 pub const COWBACKUP_ERROR_STOP: u32 = 2;
 /// Error action `ENOSPC`: `STOP` on ENOSPC (the operator can make room), `REPORT` otherwise.
 pub const COWBACKUP_ERROR_ENOSPC: u32 = 3;
+
+/// Worker priority `NORMAL` (the default): the background copy threads keep the CPU and I/O
+/// priority of the thread that started the job.
+pub const COWBACKUP_WORKER_PRIORITY_NORMAL: u32 = 0;
+/// Worker priority `LOW`: `SCHED_BATCH` at nice 19 and best-effort I/O
+/// priority 7. A host thread that wakes up gets a CPU before the workers; the workers
+/// still get a small share when every CPU is busy, so the backup always moves.
+pub const COWBACKUP_WORKER_PRIORITY_LOW: u32 = 1;
+/// Worker priority `IDLE`: `SCHED_IDLE` and the idle I/O class: the workers run only on a
+/// CPU (and a disk) that nothing else wants; the backup can stall while other work keeps
+/// every CPU busy.
+pub const COWBACKUP_WORKER_PRIORITY_IDLE: u32 = 2;
 
 /// Copy-before-write error action `BREAK_GUEST_WRITE` (the default): the hook returns the
 /// error, the host must fail its write; the snapshot stays valid (the clusters are retried).

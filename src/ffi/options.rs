@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::error::{invalid, neg_errno};
 use super::*;
 use crate::{
-    BackupOptions, BitmapMode, CbwErrorAction, ErrorAction, Result, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
-    MAX_WORKERS, MIN_CLUSTER_SIZE,
+    BackupOptions, BitmapMode, CbwErrorAction, ErrorAction, Result, SyncMode, WorkerPriority, MAX_CHUNK_LIMIT,
+    MAX_CLUSTER_SIZE, MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
 
 /// Options of a backup job (opaque): cluster size, sync mode, workers, speed, error
@@ -22,8 +22,8 @@ pub struct cowbackup_options {
     pub(crate) inner: BackupOptions,
 }
 
-/// New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers,
-/// max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
+/// New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers at
+/// `COWBACKUP_WORKER_PRIORITY_NORMAL`, max chunk 1 MiB, no speed limit, `COWBACKUP_ERROR_REPORT` for source and target errors,
 /// `COWBACKUP_CBW_BREAK_GUEST_WRITE`, no copy-before-write timeout, target not known to read
 /// zeroes, no completion callback. Free with `cowbackup_options_free`. Returns NULL only on an
 /// internal error. Thread-safe.
@@ -119,6 +119,32 @@ pub unsafe extern "C" fn cowbackup_options_set_workers(o: *mut cowbackup_options
             ));
         }
         o.inner.workers = n as usize;
+        0
+    })
+}
+
+/// Set the CPU and I/O priority of the background copy threads:
+/// `COWBACKUP_WORKER_PRIORITY_NORMAL` (default: as the thread that starts the job),
+/// `COWBACKUP_WORKER_PRIORITY_LOW` (`SCHED_BATCH`, nice 19, best-effort I/O priority 7: host
+/// threads get a CPU before the workers) or `COWBACKUP_WORKER_PRIORITY_IDLE` (`SCHED_IDLE`,
+/// idle I/O class: only CPU time nothing else wants; can stall on a busy machine). On a
+/// machine busy with other work, lowered workers are preempted while holding the target
+/// file's lock, which lengthens the hook's waits (see PERFORMANCE.md). Copy-before-write
+/// runs on the caller's thread and is never lowered. Best effort: a setting the system
+/// refuses leaves the workers as they are. Errors: -EINVAL (NULL `o`, unknown priority).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_worker_priority(o: *mut cowbackup_options, priority: u32) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_worker_priority", {
+        let o = try_mut!(o, "cowbackup_options_set_worker_priority", "o");
+        o.inner.worker_priority = match priority {
+            COWBACKUP_WORKER_PRIORITY_NORMAL => WorkerPriority::Normal,
+            COWBACKUP_WORKER_PRIORITY_LOW => WorkerPriority::Low,
+            COWBACKUP_WORKER_PRIORITY_IDLE => WorkerPriority::Idle,
+            _ => return invalid(format!("cowbackup_options_set_worker_priority: unknown priority {priority}")),
+        };
         0
     })
 }

@@ -228,6 +228,11 @@ impl JobShared {
         self.control_cv.notify_all();
     }
 
+    /// Paused (by `pause` or a `Stop` error) and not stopping.
+    pub(super) fn is_paused(&self) -> bool {
+        self.lock().paused && !self.stop.load(Ordering::Acquire)
+    }
+
     /// Wait while paused (e.g. by `Stop`); false when the job is stopping instead.
     pub(super) fn wait_resumed(&self) -> bool {
         let mut c = self.lock();

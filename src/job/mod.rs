@@ -26,8 +26,8 @@ pub(crate) use reentry::enter as enter_job;
 pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{
-    BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction, SyncMode, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
-    MAX_WORKERS, MIN_CLUSTER_SIZE,
+    BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction, SyncMode, WorkerPriority, MAX_CHUNK_LIMIT,
+    MAX_CLUSTER_SIZE, MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
 
 use std::any::Any;
@@ -169,6 +169,8 @@ pub(crate) struct JobShared {
     geo: Geometry,
     sync: SyncMode,
     workers: usize,
+    /// CPU and I/O priority each worker gives itself at start (priority.rs).
+    worker_priority: WorkerPriority,
     target_zero: bool,
     /// Copy bitmap and in-flight claims (own lock: see claims.rs).
     claims: Claims,

@@ -45,6 +45,27 @@ pub enum BitmapMode {
     Never,
 }
 
+/// CPU (and I/O) priority of a job's background copy threads (`cowbackup-<id>-<n>`).
+/// Copy-before-write runs on the host's own threads and is never lowered.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum WorkerPriority {
+    /// As the thread that started the job (inherited, unchanged). The default: on a
+    /// machine busy with other work a lowered worker is preempted while it holds the
+    /// target file's lock, and a hook waiting for that lock waits longer (PERFORMANCE.md).
+    #[default]
+    Normal,
+    /// `SCHED_BATCH` at nice 19 and best-effort I/O priority 7 (the lowest): a host thread
+    /// that wakes up gets a CPU before the workers, and the workers still get their
+    /// small fair share (about 1.5 % of a CPU against each busy normal thread) when every
+    /// CPU is busy, so the backup always moves.
+    Low,
+    /// `SCHED_IDLE` and the idle I/O class: the workers run only on a CPU (and a disk)
+    /// that nothing else wants. Fastest for the host; the backup can stall for as long as
+    /// other work keeps every CPU busy.
+    Idle,
+}
+
 /// Called once when a job ends, with its result, on a library thread.
 pub type CompletionFn = Arc<dyn Fn(&Result<()>) + Send + Sync>;
 
@@ -59,6 +80,11 @@ pub struct BackupOptions {
     pub sync: SyncMode,
     /// Background copy threads, 1 to 64. Default 2 (the benchmark's best on 2 cores).
     pub workers: usize,
+    /// CPU and I/O priority of the background copy threads. Default
+    /// [`WorkerPriority::Normal`]. `Low` lets host threads take a CPU from the workers
+    /// at once, for hosts whose CPUs are not busy with other work. Best effort: where the
+    /// system refuses a setting, the workers run as they are.
+    pub worker_priority: WorkerPriority,
     /// Largest background copy request in bytes, 4 KiB to 1 GiB; rounded down to
     /// whole clusters, at least one cluster. Default 1 MiB.
     pub max_chunk: u64,
@@ -114,6 +140,7 @@ impl Default for BackupOptions {
             cluster_size: 65536,
             sync: SyncMode::Full,
             workers: 2,
+            worker_priority: WorkerPriority::Normal,
             max_chunk: 1 << 20,
             target_is_zero: false,
             speed: 0,
@@ -136,6 +163,7 @@ impl fmt::Debug for BackupOptions {
             .field("cluster_size", &self.cluster_size)
             .field("sync", &self.sync)
             .field("workers", &self.workers)
+            .field("worker_priority", &self.worker_priority)
             .field("max_chunk", &self.max_chunk)
             .field("target_is_zero", &self.target_is_zero)
             .field("speed", &self.speed)

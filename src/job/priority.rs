@@ -1,16 +1,22 @@
-//! Hook priority over background copy: while a `cow_before_write` call is copying,
-//! workers start no new chunk.
+//! Hook priority over background copy, on the CPU and on the target.
+//!
+//! **The gate**: while a `cow_before_write` call is copying, workers start no new chunk.
 //!
 //! Why: on a file target every write takes the inode's write lock. Two workers writing
 //! chunk after chunk hand that lock to each other (a running task that asks again
 //! steals it from a sleeping waiter), so a hook waiting to write its cluster could
 //! wait for the kernel's anti-starvation handoff (4 ms on this machine) and for a CPU.
 //! With the gate, a hook waits at most for the chunks already in flight.
+//!
+//! **The CPU**: workers lower their own CPU and I/O priority at start
+//! ([`WorkerPriority`]), so a host thread that wakes up to write (or to copy in the
+//! hook) gets a CPU at once instead of queueing behind two busy workers.
 
 use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
+use super::options::WorkerPriority;
 use crate::sync::{AtomicUsize, Condvar, Instant, Mutex, Ordering};
 
 /// Longest a worker waits for hook copies at one time.
@@ -63,6 +69,38 @@ impl HookGate {
             g = self.idle.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
+}
+
+/// `ioprio_set` classes and target (linux/ioprio.h).
+const IOPRIO_CLASS_BE: libc::c_int = 2;
+const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+
+/// Give the calling thread (a worker, at its start) CPU and I/O priority `p`. Best
+/// effort: a setting the system refuses leaves the thread as it was. Only the calling
+/// thread changes (on Linux, scheduling policy, nice and I/O priority are per thread).
+pub(crate) fn lower_this_thread(p: WorkerPriority) {
+    if cfg!(miri) {
+        // Miri (scripts/miri.sh) has none of these syscalls; priority is not what it checks.
+        return;
+    }
+    let (policy, nice, io) = match p {
+        WorkerPriority::Normal => return,
+        WorkerPriority::Low => (libc::SCHED_BATCH, 19, (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7),
+        WorkerPriority::Idle => (libc::SCHED_IDLE, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT),
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if nice != 0 {
+        // After the policy: sched_setscheduler keeps the nice value it finds. Who 0 is
+        // the calling thread.
+        // SAFETY: plain syscall with integer arguments.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    }
+    // SAFETY: ioprio_set(IOPRIO_WHO_PROCESS, 0 = the calling thread, prio): integers only.
+    unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, io) };
 }
 
 #[cfg(test)]

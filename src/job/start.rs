@@ -254,6 +254,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         geo,
         sync: opts.sync,
         workers: opts.workers,
+        worker_priority: opts.worker_priority,
         target_zero,
         claims,
         stats,

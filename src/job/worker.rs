@@ -19,6 +19,7 @@ use crate::trace::TraceEvent;
 /// start for the longest run). A failure or a panic fails the job.
 pub(crate) fn run(job: &JobShared, mut buf: AlignedBuf) {
     let _inside = super::reentry::enter(job.id);
+    super::priority::lower_this_thread(job.worker_priority);
     match catch_unwind(AssertUnwindSafe(|| work(job, &mut buf))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => job.fail(e),
@@ -43,6 +44,12 @@ fn work(job: &JobShared, buf: &mut AlignedBuf) -> Result<()> {
             job.claims.wait_release(Duration::from_millis(100));
             continue;
         };
+        // Paused since `wait_runnable` (by the operator, or by another worker's `Stop`
+        // error, which pauses before it releases its clusters): copy nothing until resumed.
+        if job.is_paused() {
+            drop(claim);
+            continue;
+        }
         job.cursor.store(claim.range().end, Ordering::Relaxed);
         match copier.copy(claim.range(), buf) {
             Ok(done) => finish(job, claim, done),
@@ -69,9 +76,11 @@ fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, bu
     match job.reaction(&e) {
         // The claim is dropped: its clusters stay dirty.
         Reaction::Report => Err(e),
+        // Pause first, then release: a worker waiting for these clusters must find the
+        // job paused, not copy them again while the error is still there.
         Reaction::Stop => {
-            drop(claim);
             job.stop_on_error(e);
+            drop(claim);
             Ok(())
         }
         Reaction::Ignore => {
@@ -97,8 +106,8 @@ fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, bu
                         Reaction::Ignore => lost.push((c, e)),
                         Reaction::Report => return Err(e),
                         Reaction::Stop => {
-                            drop(claim);
                             job.stop_on_error(e);
+                            drop(claim);
                             return Ok(());
                         }
                     },

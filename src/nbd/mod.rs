@@ -1,0 +1,13 @@
+//! NBD: serve snapshot views, drivers and dirty bitmaps to the ecosystem's clients
+//! (`qemu-img`, `nbdcopy`, `nbdinfo`, libnbd, the Linux kernel), and the wire format the
+//! client driver shares.
+//!
+//! - [`proto`]: the wire format, one parser and encoder for both ends, hardened for
+//!   hostile peers (limits, no panics, errors as values).
+//! - [`Server`]: the server (`server.rs`): exports, `base:allocation` and
+//!   `qemu:dirty-bitmap:NAME` contexts, one thread per connection.
+
+pub mod proto;
+mod server;
+
+pub use server::{Server, ServerOptions};
