@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc), C (meson: plain,
+# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc; loom, and Miri and
+# ThreadSanitizer where the nightly toolchain is present, in CI budget), C (meson: plain,
 # ASan+UBSan, valgrind; exports; header drift) and Python (ctypes binding, pytest).
 # Installs what it needs on a fresh Debian machine. Exits non-zero when anything fails.
 set -euo pipefail
@@ -16,6 +17,12 @@ stage "clippy"
 cargo clippy --all-targets -- -D warnings
 stage "Rust tests"
 cargo test --release
+stage "loom model of the claim protocol (scripts/loom.sh --quick)"
+scripts/loom.sh --quick
+stage "Miri (scripts/miri.sh --quick; skipped without the nightly toolchain)"
+scripts/miri.sh --quick
+stage "ThreadSanitizer (scripts/tsan.sh --quick; skipped without the nightly toolchain)"
+scripts/tsan.sh --quick
 stage "C tests"
 scripts/test-c.sh
 if [ -x scripts/test-python.sh ]; then

@@ -37,6 +37,7 @@ mod error;
 pub mod ffi;
 mod job;
 pub mod nbd;
+mod sync;
 mod trace;
 mod zero;
 

@@ -527,6 +527,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "real files: fallocate, SEEK_DATA, copy_file_range, O_DIRECT, fstatfs are not supported by Miri"
+    )]
     fn create_is_sparse_and_status_follows_data() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("img");
@@ -557,6 +561,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "real files: fallocate, SEEK_DATA, copy_file_range, O_DIRECT, fstatfs are not supported by Miri"
+    )]
     fn create_refuses_an_existing_path_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("source.img");
@@ -590,6 +598,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "real files: fallocate, SEEK_DATA, copy_file_range, O_DIRECT, fstatfs are not supported by Miri"
+    )]
     fn reads_as_zero_asks_the_file_not_a_flag() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.img");
@@ -616,6 +628,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "real files: fallocate, SEEK_DATA, copy_file_range, O_DIRECT, fstatfs are not supported by Miri"
+    )]
     fn open_refuses_fifos_sockets_directories_and_char_devices_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
@@ -654,6 +670,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "real files: fallocate, SEEK_DATA, copy_file_range, O_DIRECT, fstatfs are not supported by Miri"
+    )]
     fn errors_name_the_path_and_read_only_writes_say_how_to_write() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.img");
@@ -677,6 +697,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "real files: fallocate, SEEK_DATA, copy_file_range, O_DIRECT, fstatfs are not supported by Miri"
+    )]
     fn copy_range_to_copies_in_the_kernel_and_the_target_has_data() {
         let dir = tempfile::tempdir().unwrap();
         let a = FileDriver::create(dir.path().join("a"), 4 << 20).unwrap();
@@ -696,6 +720,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "real files: fallocate, SEEK_DATA, copy_file_range, O_DIRECT, fstatfs are not supported by Miri"
+    )]
     fn direct_io_with_aligned_and_unaligned_requests() {
         // tmpfs may refuse O_DIRECT; use the crate's directory, which is on a disk filesystem.
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();

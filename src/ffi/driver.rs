@@ -898,8 +898,8 @@ mod tests {
         assert!(msg.contains("EDEADLK") && msg.contains("COWBACKUP_DRIVER_SERIALIZE"), "{msg}");
         // The lock and its owner were let go: the driver works again, from here and elsewhere.
         assert_eq!(read(d), (0, 7));
-        let dd = d as usize;
-        let other = std::thread::spawn(move || read(dd as *mut cowbackup_driver)).join().unwrap();
+        let dd = Handle(d);
+        let other = std::thread::spawn(move || read(dd.get())).join().unwrap();
         assert_eq!(other, (0, 7));
         // SAFETY: made above, freed once.
         unsafe { cowbackup_driver_free(d) };
@@ -940,9 +940,9 @@ mod tests {
         // serialized as before (never two reads at once, none refused).
         let mut dev = Dev::new(4096, 3);
         dev.slow = Duration::from_millis(20);
-        let d = driver(&dev, COWBACKUP_DRIVER_SERIALIZE) as usize;
+        let d = Handle(driver(&dev, COWBACKUP_DRIVER_SERIALIZE));
         let results: Vec<_> = (0..4)
-            .map(|_| std::thread::spawn(move || read(d as *mut cowbackup_driver)))
+            .map(|_| std::thread::spawn(move || read(d.get())))
             .collect::<Vec<_>>()
             .into_iter()
             .map(|t| t.join().unwrap())
@@ -950,6 +950,18 @@ mod tests {
         assert!(results.iter().all(|&r| r == (0, 3)), "{results:?}");
         assert_eq!(dev.max_inflight.load(Ordering::SeqCst), 1);
         // SAFETY: made above, freed once.
-        unsafe { cowbackup_driver_free(d as *mut cowbackup_driver) };
+        unsafe { cowbackup_driver_free(d.get()) };
+    }
+
+    /// A driver handle sent to other threads as the pointer it is (not as an integer,
+    /// which would lose its provenance: Miri could then miss a use after free).
+    #[derive(Clone, Copy)]
+    struct Handle(*mut cowbackup_driver);
+    // SAFETY: a cowbackup_driver may be used from any thread (its ops are thread-safe).
+    unsafe impl Send for Handle {}
+    impl Handle {
+        fn get(self) -> *mut cowbackup_driver {
+            self.0
+        }
     }
 }

@@ -21,11 +21,11 @@
 //! a reader waits while a copier holds a claim on its clusters.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::priority::HookGate;
 use crate::bitmap::Bitmap;
+use crate::sync::{AtomicU64, Condvar, Mutex, MutexGuard, Ordering};
 
 /// The copy bitmap and the in-flight claims of one job.
 pub(crate) struct Claims {
@@ -185,6 +185,41 @@ impl Claims {
         }
     }
 
+    /// The hook's whole protocol for clusters `r` (cow.rs): claim every dirty, unclaimed
+    /// cluster ([`Claims::claim_or_wait`]), wait for those others copy, copy its own
+    /// claims with priority over the workers (`gate`, entered only while copying, never
+    /// while waiting), and look again, until every cluster of `r` is clean or `stop()`.
+    /// `copy` copies one claimed run; on success the claim is released clean and
+    /// `copied` is told. The first failed copy is returned, and its claim and the
+    /// remaining ones are released dirty: the clusters are copied again later.
+    pub fn copy_before_write<T, E>(
+        &self,
+        r: Range<u64>,
+        max_run: u64,
+        gate: &HookGate,
+        stop: impl Fn() -> bool,
+        mut copy: impl FnMut(Range<u64>) -> Result<T, E>,
+        mut copied: impl FnMut(Range<u64>, T),
+    ) -> Result<(), E> {
+        loop {
+            match self.claim_or_wait(r.clone(), max_run, &stop) {
+                HookClaim::Clean | HookClaim::Stopped => return Ok(()),
+                HookClaim::Claimed(mine) => {
+                    // Held while copying our own claims only, so no worker waits for us
+                    // while we wait for one of its claims.
+                    let _pass = gate.enter();
+                    for claim in mine {
+                        // On `?` the remaining claims are dropped: released dirty.
+                        let done = copy(claim.range())?;
+                        let range = claim.range();
+                        claim.done();
+                        copied(range, done);
+                    }
+                }
+            }
+        }
+    }
+
     /// For a background worker: claim the next run of dirty, unclaimed clusters at
     /// or after `from` (wrapping around once), at most `max_run` long. `None` when
     /// every dirty cluster is claimed by someone else (or none is left).
@@ -320,6 +355,9 @@ impl Claims {
         cleared
     }
 }
+
+#[cfg(all(test, loom))]
+mod loom_tests;
 
 #[cfg(test)]
 mod tests {

@@ -160,6 +160,7 @@ mod tests {
     /// `copy_file_range` or from the buffer, into a target that reads zeroes or one
     /// holding old data.
     #[test]
+    #[cfg_attr(miri, ignore = "real files: copy_file_range and fstatfs are not supported by Miri")]
     fn zero_clusters_found_exactly_with_and_without_offload() {
         let dir = tempfile::tempdir().unwrap();
         let (src, img, want) = source(dir.path());
@@ -190,6 +191,7 @@ mod tests {
     /// A clone that fails falls back to writing the buffer, and a failure there is
     /// reported on the target, as a write.
     #[test]
+    #[cfg_attr(miri, ignore = "real files: copy_file_range and fstatfs are not supported by Miri")]
     fn failed_offload_is_written_or_reported_on_the_target() {
         let dir = tempfile::tempdir().unwrap();
         let (src, _, _) = source(dir.path());
@@ -206,6 +208,7 @@ mod tests {
     /// Copy offload is chosen by the filesystem: never on tmpfs or ext4 (where the
     /// kernel copies through the page cache), never across filesystems.
     #[test]
+    #[cfg_attr(miri, ignore = "real files: copy_file_range and fstatfs are not supported by Miri")]
     fn offload_only_where_it_clones() {
         let fs_type = |p: &std::path::Path| {
             let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();

@@ -6,7 +6,6 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::claims::HookClaim;
 use super::{panic_error, reentry, Job, JobShared};
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::CbwErrorAction;
@@ -110,42 +109,21 @@ impl JobShared {
         let mut buf = self.take_buf(run.min(last - first))?;
         let mut copied = 0u64;
         let stop = || self.hook_off.load(Ordering::Acquire);
-        let result = loop {
-            match self.claims.claim_or_wait(clusters.clone(), self.geo.max_run, stop) {
-                HookClaim::Clean | HookClaim::Stopped => break Ok(copied),
-                HookClaim::Claimed(mine) => {
-                    // Hook copies first: workers start no new chunk while this copies.
-                    // Not held while waiting for others' claims, so no worker waits for us.
-                    let _pass = self.hook_gate.enter();
-                    let mut failed = None;
-                    for claim in mine {
-                        // After a failure the remaining claims are dropped: released dirty.
-                        if failed.is_some() {
-                            continue;
-                        }
-                        let (off, len) = self.geo.byte_range(claim.range());
-                        match copier.copy(claim.range(), &mut buf) {
-                            Ok(done) => {
-                                claim.done();
-                                self.stats.add(done);
-                                copied += done.data + done.zero;
-                                self.trace(|| TraceEvent::ChunkCopied {
-                                    job: self.id,
-                                    offset: off,
-                                    len,
-                                    data: done.data,
-                                    hook: true,
-                                });
-                            }
-                            Err(e) => failed = Some(e),
-                        }
-                    }
-                    if let Some(e) = failed {
-                        break Err(e);
-                    }
-                }
-            }
-        };
+        // Hook copies first: workers start no new chunk while this copies (priority.rs).
+        let result = self.claims.copy_before_write(
+            clusters,
+            self.geo.max_run,
+            &self.hook_gate,
+            stop,
+            |r| copier.copy(r, &mut buf),
+            |r, done| {
+                let (offset, len) = self.geo.byte_range(r);
+                self.stats.add(done);
+                copied += done.data + done.zero;
+                self.trace(|| TraceEvent::ChunkCopied { job: self.id, offset, len, data: done.data, hook: true });
+            },
+        );
+        let result = result.map(|()| copied);
         self.put_buf(buf);
         if copied > 0 {
             self.stats.cow_requests.fetch_add(1, Ordering::Relaxed);

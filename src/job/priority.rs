@@ -12,13 +12,12 @@
 //! ([`WorkerPriority`]), so a host thread that wakes up to write (or to copy in the
 //! hook) gets a CPU at once instead of queueing behind two busy workers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_utils::CachePadded;
 
 use super::options::WorkerPriority;
+use crate::sync::{AtomicUsize, Condvar, Instant, Mutex, Ordering};
 
 /// Longest a worker waits for hook copies at one time.
 pub(crate) const MAX_YIELD: Duration = Duration::from_millis(2);
@@ -82,6 +81,10 @@ const IOPRIO_WHO_PROCESS: libc::c_int = 1;
 /// effort: a setting the system refuses leaves the thread as it was. Only the calling
 /// thread changes (on Linux, scheduling policy, nice and I/O priority are per thread).
 pub(crate) fn lower_this_thread(p: WorkerPriority) {
+    if cfg!(miri) {
+        // Miri (scripts/miri.sh) has none of these syscalls; priority is not what it checks.
+        return;
+    }
     let (policy, nice, io) = match p {
         WorkerPriority::Normal => return,
         WorkerPriority::Low => (libc::SCHED_BATCH, 19, (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7),
