@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc), C (meson: plain,
-# ASan+UBSan, valgrind; exports; header drift) and Python (ctypes binding, pytest).
+# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc; the model test with its
+# 15 s budget), a short soak and the fuzz targets (nightly), C (meson: plain, ASan+UBSan,
+# valgrind; exports; header drift) and Python (ctypes binding, pytest).
 # Installs what it needs on a fresh Debian machine. Exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,10 @@ stage "clippy"
 cargo clippy --all-targets -- -D warnings
 stage "Rust tests"
 cargo test --release
+stage "soak: model on memory and files (scripts/soak.sh, 40 s)"
+SOAK_SECS=40 scripts/soak.sh
+stage "fuzz: each target 20 s (scripts/fuzz.sh; skipped without nightly + cargo-fuzz)"
+scripts/fuzz.sh 20
 stage "C tests"
 scripts/test-c.sh
 if [ -x scripts/test-python.sh ]; then
