@@ -105,6 +105,15 @@ impl Input<'_> {
     }
 }
 
+/// Print what a step does when `CAPI_FUZZ_TRACE` is set (to read a crashing input).
+macro_rules! trace {
+    ($($a:tt)*) => {
+        if std::env::var_os("CAPI_FUZZ_TRACE").is_some() {
+            eprintln!("capi: {}", format!($($a)*));
+        }
+    };
+}
+
 /// Check an `int` result: 0 or a negative errno, with a message for a failure.
 #[track_caller]
 fn check(rc: c_int, what: &str) -> c_int {
@@ -342,6 +351,7 @@ impl World {
         check(unsafe { cowbackup_driver_size(p, &mut size) }, "cowbackup_driver_size");
         let id = self.next_id;
         self.next_id += 1;
+        trace!("slot {i}: device {id}, {size} bytes");
         self.drvs[i] = Some(Drv { p, size, id, honest, kind });
     }
 
@@ -443,9 +453,7 @@ impl World {
                 check(cowbackup_job_cancel(p), "cancel");
             }
             let rc = check(cowbackup_job_wait(p), "wait");
-            if std::env::var_os("CAPI_FUZZ_TRACE").is_some() {
-                eprintln!("capi: job {i} ended: {rc}");
-            }
+            trace!("job {i} ended: {rc}");
             check(cowbackup_job_query(p, &mut info), "query");
             let want = match rc {
                 0 => COWBACKUP_JOB_COMPLETED,
@@ -534,6 +542,7 @@ impl World {
         let size_arg = if size_ok { size } else { 0 };
         // SAFETY: ops points to 4096 readable bytes; out is NULL or valid.
         let rc = check(unsafe { cowbackup_driver_new(ops_p, ops_size, d.cast(), size_arg, flags, out_p) }, "driver_new");
+        trace!("driver_new size {size_arg} fail_every {fail_every} errno {errno} lie {lie:?} mask {mask:#x} ops_size {ops_size} flags {flags:#x}: {rc}");
         if rc == 0 {
             assert!(size_ok, "driver_new accepted size {size_arg}");
             // A table cut before `release` has none: the Dev is ours to free at the end.
@@ -554,9 +563,7 @@ impl World {
 
     fn step(&mut self, inp: &mut Input) {
         let op = inp.byte() % 24;
-        if std::env::var_os("CAPI_FUZZ_TRACE").is_some() {
-            eprintln!("capi: step {op}");
-        }
+        trace!("step {op}");
         match op {
             0 => {
                 let size = inp.dev_size();
@@ -604,8 +611,9 @@ impl World {
                 let v = inp.value();
                 let v32 = v as u32;
                 // SAFETY: o is NULL or live; callbacks are valid for the program's life.
+                let which = inp.pick(14);
                 let rc = unsafe {
-                    match inp.pick(14) {
+                    match which {
                         0 => check(cowbackup_options_set_cluster_size(o, v), "set_cluster_size"),
                         1 => {
                             let rc = check(cowbackup_options_set_sync(o, v32 % 5), "set_sync");
@@ -649,6 +657,7 @@ impl World {
                         ),
                     }
                 };
+                trace!("options {i} setter {which} value {v}: {rc}");
                 if o.is_null() {
                     assert_eq!(rc, -libc::EINVAL);
                 }
@@ -665,6 +674,7 @@ impl World {
                     unsafe { cowbackup_backup_start(sp, tp, o, if null_out { null_mut() } else { &mut out }) },
                     "backup_start",
                 );
+                trace!("backup_start {s} -> {t} opts {oi} ({:?}): {rc}", oo.map(|o| (o.sync, o.trusted, o.discards)));
                 if rc == 0 {
                     assert!(!sp.is_null() && !tp.is_null() && sp != tp);
                     self.add_job(out, s, t, oo);
@@ -688,6 +698,7 @@ impl World {
                         if j.src == id {
                             // SAFETY: live job.
                             let rc = check(unsafe { cowbackup_cow_before_write(j.p, off, len) }, "hook");
+                            trace!("hook {off}+{len}: {rc}");
                             let in_range = off.checked_add(len).is_some_and(|e| e <= j.size);
                             if !in_range {
                                 assert_eq!(rc, -libc::EINVAL, "hook accepted {off}+{len} of {}", j.size);
@@ -706,6 +717,7 @@ impl World {
                     let bp = if null_buf { null() } else { buf.as_ptr() };
                     // SAFETY: live handle; buffer NULL or of len bytes.
                     let rc = check(unsafe { cowbackup_driver_write(p, off, bp.cast(), len as usize) }, "write");
+                    trace!("write slot {i} {off}+{len} host {host}: {rc}");
                     if rc == 0 {
                         self.taint_device(id, !host);
                     }
