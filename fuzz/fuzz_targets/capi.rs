@@ -387,7 +387,8 @@ impl World {
     }
 
     fn add_job(&mut self, p: *mut cowbackup_job, src: usize, tgt: usize, o: Option<Opts>) {
-        let (sync, trusted, discards) = o.map_or((COWBACKUP_SYNC_FULL, true, false), |o| (o.sync, o.trusted, o.discards));
+        let (sync, trusted, discards) =
+            o.map_or((COWBACKUP_SYNC_FULL, true, false), |o| (o.sync, o.trusted, o.discards));
         let (s, t) = (self.drvs[src].as_ref().unwrap(), self.drvs[tgt].as_ref().unwrap());
         let (src_id, tgt_id, size) = (s.id, t.id, s.size);
         let honest = s.honest && t.honest;
@@ -412,8 +413,17 @@ impl World {
                 0
             }
         };
-        self.jobs[slot] =
-            Some(JobSlot { p, src: src_id, tgt: tgt_id, tgt_handle: Some(tgt_handle), size, sync, pit, tainted, discards });
+        self.jobs[slot] = Some(JobSlot {
+            p,
+            src: src_id,
+            tgt: tgt_id,
+            tgt_handle: Some(tgt_handle),
+            size,
+            sync,
+            pit,
+            tainted,
+            discards,
+        });
     }
 
     fn free_job(&mut self, i: usize) {
@@ -470,7 +480,9 @@ impl World {
                     assert_eq!(j.sync, COWBACKUP_SYNC_FULL);
                     if let Some(got) = self.read_all(t, j.size) {
                         if let Some(k) = got.iter().zip(pit).position(|(a, b)| a != b) {
-                            panic!("a FULL job reported success but its target differs from the point in time at byte {k}");
+                            panic!(
+                                "a FULL job reported success but its target differs from the point in time at byte {k}"
+                            );
                         }
                     }
                 }
@@ -541,7 +553,8 @@ impl World {
         // the sizes it backs are offered as valid; others must be refused.
         let size_arg = if size_ok { size } else { 0 };
         // SAFETY: ops points to 4096 readable bytes; out is NULL or valid.
-        let rc = check(unsafe { cowbackup_driver_new(ops_p, ops_size, d.cast(), size_arg, flags, out_p) }, "driver_new");
+        let rc =
+            check(unsafe { cowbackup_driver_new(ops_p, ops_size, d.cast(), size_arg, flags, out_p) }, "driver_new");
         trace!("driver_new size {size_arg} fail_every {fail_every} errno {errno} lie {lie:?} mask {mask:#x} ops_size {ops_size} flags {flags:#x}: {rc}");
         if rc == 0 {
             assert!(size_ok, "driver_new accepted size {size_arg}");
@@ -637,7 +650,11 @@ impl World {
                             rc
                         }
                         10 => check(
-                            cowbackup_options_set_completion(o, inp.flag().then_some(on_done as unsafe extern "C" fn(*mut c_void, c_int)), null_mut()),
+                            cowbackup_options_set_completion(
+                                o,
+                                inp.flag().then_some(on_done as unsafe extern "C" fn(*mut c_void, c_int)),
+                                null_mut(),
+                            ),
                             "set_completion",
                         ),
                         11 => {
@@ -652,7 +669,13 @@ impl World {
                             rc
                         }
                         _ => check(
-                            cowbackup_options_set_trace(o, inp.flag().then_some(on_trace as unsafe extern "C" fn(*mut c_void, *const cowbackup_trace_event)), null_mut()),
+                            cowbackup_options_set_trace(
+                                o,
+                                inp.flag().then_some(
+                                    on_trace as unsafe extern "C" fn(*mut c_void, *const cowbackup_trace_event),
+                                ),
+                                null_mut(),
+                            ),
                             "set_trace",
                         ),
                     }
@@ -783,8 +806,11 @@ impl World {
                     match inp.pick(6) {
                         0 => {
                             let mut buf = vec![0u8; len.min(MAX_IO) as usize];
-                            let (bp, n) =
-                                if len <= MAX_IO && inp.byte() != 255 { (buf.as_mut_ptr(), len) } else { (null_mut(), len) };
+                            let (bp, n) = if len <= MAX_IO && inp.byte() != 255 {
+                                (buf.as_mut_ptr(), len)
+                            } else {
+                                (null_mut(), len)
+                            };
                             check(cowbackup_driver_read(d, off, bp.cast(), n as usize), "read");
                         }
                         1 => {
@@ -875,7 +901,8 @@ impl World {
                 let name = self.dir.join(format!("f{}", inp.pick(2)));
                 let c = cpath(name);
                 let mut out = null_mut();
-                let flags = [0, COWBACKUP_OPEN_WRITE, COWBACKUP_CREATE_OVERWRITE, 64, COWBACKUP_OPEN_DIRECT][inp.pick(5)];
+                let flags =
+                    [0, COWBACKUP_OPEN_WRITE, COWBACKUP_CREATE_OVERWRITE, 64, COWBACKUP_OPEN_DIRECT][inp.pick(5)];
                 let pp = if inp.byte() == 255 { null() } else { c.as_ptr() };
                 // SAFETY: path NULL or a C string; out valid.
                 let rc = unsafe {
@@ -905,7 +932,10 @@ impl World {
                 unsafe {
                     let mut out = null_mut();
                     assert_eq!(check(cowbackup_memory_new(4096, null_mut()), "memory_new"), -libc::EINVAL);
-                    assert_eq!(check(cowbackup_backup_start(null_mut(), null_mut(), null(), &mut out), "start"), -libc::EINVAL);
+                    assert_eq!(
+                        check(cowbackup_backup_start(null_mut(), null_mut(), null(), &mut out), "start"),
+                        -libc::EINVAL
+                    );
                     assert_eq!(check(cowbackup_driver_size(null(), null_mut()), "size"), -libc::EINVAL);
                     assert_eq!(check(cowbackup_job_query(null(), null_mut()), "query"), -libc::EINVAL);
                     assert_eq!(check(cowbackup_bitmap_open(null(), &mut (null_mut())), "bitmap_open"), -libc::EINVAL);
@@ -983,7 +1013,12 @@ impl World {
                     let (mut o, mut l) = (0u64, 0u64);
                     let from = inp.num(size);
                     let rc = check(
-                        cowbackup_bitmap_next_dirty(b, from, &mut o, if inp.byte() == 255 { null_mut() } else { &mut l }),
+                        cowbackup_bitmap_next_dirty(
+                            b,
+                            from,
+                            &mut o,
+                            if inp.byte() == 255 { null_mut() } else { &mut l },
+                        ),
                         "next_dirty",
                     );
                     if rc == 0 {
