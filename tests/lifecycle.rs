@@ -44,11 +44,12 @@ fn resume_cannot_undo_a_break_snapshot_failure() {
     let size = 2 * MIB;
     let data = Rng::new(6).bytes(size as usize);
     let source = Gate::new(MemDriver::from_bytes(&data).unwrap(), true);
-    let _open = OpenOnDrop(&source);
     let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
     target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).forever());
     let opts = BackupOptions { on_cbw_error: CbwErrorAction::BreakSnapshot, ..one_parked_worker() };
     let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    // After the job: dropped first, so a failing assertion opens the gate before the job's drop joins the worker.
+    let _open = OpenOnDrop(&source);
     wait_parked(&source);
     job.cow_before_write(MIB, 4096).unwrap(); // BreakSnapshot: the hook returns 0, the job fails
     assert_eq!(job.info().error.as_ref().map(|e| e.errno()), Some(libc::EIO));
@@ -179,10 +180,10 @@ fn a_fatal_error_wins_over_an_earlier_pause_error() {
 fn an_error_after_cancel_leaves_the_job_cancelled() {
     let size = 2 * MIB;
     let source = Gate::new(MemDriver::from_bytes(&Rng::new(14).bytes(size as usize)).unwrap(), true);
-    let _open = OpenOnDrop(&source);
     let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
     target.add(FaultRule::new(FaultOp::Write).errno(libc::EIO).forever());
     let job = backup_start(source.clone(), target, one_parked_worker()).unwrap();
+    let _open = OpenOnDrop(&source); // after the job (see above)
     wait_parked(&source);
     job.cancel();
     source.open(); // the parked worker's write now fails with EIO: after the cancel
