@@ -97,7 +97,10 @@ fn a_hook_on_a_cluster_being_written_returns_only_once_the_target_has_it() {
             // When the hook returns, the old data of its cluster is in the target.
             let mut got = vec![0u8; K64 as usize];
             target.inner.read_at(&mut got, 0).unwrap();
-            assert!(got[..] == pit[..K64 as usize], "the hook returned before its cluster's old data was in the target");
+            assert!(
+                got[..] == pit[..K64 as usize],
+                "the hook returned before its cluster's old data was in the target"
+            );
         });
         std::thread::sleep(Duration::from_millis(300));
         assert!(

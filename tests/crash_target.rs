@@ -266,10 +266,14 @@ fn sigkill_mid_backup_leaves_a_target_that_is_not_taken_for_complete() {
             if g == p {
                 copied += 1;
             } else {
-                assert!(g.iter().all(|&x| x == 0), "iteration {it}: block {b} of the target is neither copied nor untouched");
+                assert!(
+                    g.iter().all(|&x| x == 0),
+                    "iteration {it}: block {b} of the target is neither copied nor untouched"
+                );
             }
         }
-        let missing = frozen.iter().filter(|&&o| got[o as usize..(o + G) as usize] != img[o as usize..(o + G) as usize]);
+        let missing =
+            frozen.iter().filter(|&&o| got[o as usize..(o + G) as usize] != img[o as usize..(o + G) as usize]);
         assert!(missing.count() > 0, "iteration {it}: the killed job had copied everything ({copied} blocks)");
 
         // The persistent bitmap: reopens (the dead process's lock is gone) and still holds

@@ -234,7 +234,9 @@ fn random_sequences_against_the_model() {
         let seed = base.wrapping_add(n);
         let r = std::panic::catch_unwind(|| run_one(seed));
         if r.is_err() {
-            let files = std::env::var("COWBACKUP_MODEL_FILES").map(|v| format!(" COWBACKUP_MODEL_FILES={v}")).unwrap_or_default();
+            let files = std::env::var("COWBACKUP_MODEL_FILES")
+                .map(|v| format!(" COWBACKUP_MODEL_FILES={v}"))
+                .unwrap_or_default();
             panic!("model test failed; replay with COWBACKUP_MODEL_SEED={seed}{files}");
         }
         n += 1;

@@ -86,6 +86,9 @@ fn no_job_thread_runs_after_the_job_is_dropped() {
         FREED.store(true, Ordering::SeqCst);
         // Longer than a probe's destructor: a thread still exiting would record itself now.
         std::thread::sleep(Duration::from_millis(100));
-        assert!(!LATE.load(Ordering::SeqCst), "a job thread ran after drop (workers {workers}, cbw_timeout {timeout:?}, wait {wait})");
+        assert!(
+            !LATE.load(Ordering::SeqCst),
+            "a job thread ran after drop (workers {workers}, cbw_timeout {timeout:?}, wait {wait})"
+        );
     }
 }
