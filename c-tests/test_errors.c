@@ -44,6 +44,19 @@ static void teardown(struct setup *s)
     cmem_destroy(s->tm);
 }
 
+/* After the fault is gone and the job resumed: a second worker whose I/O failed before the
+ * fault was cleared may pause the job again after the resume (Stop is per error). Resume
+ * until the job ends, for at most 10 s, so the test neither hangs nor depends on timing. */
+static void resume_until_ended(cowbackup_job *job)
+{
+    for (int i = 0; i < 500 && query(job).state < COWBACKUP_JOB_COMPLETED; i++) {
+        if (query(job).state == COWBACKUP_JOB_PAUSED)
+            cowbackup_job_resume(job);
+        sleep_ms(20);
+    }
+    CHECK(query(job).state >= COWBACKUP_JOB_COMPLETED);
+}
+
 static void source_eio_report(void)
 {
     SAY("source read -EIO under REPORT: wait returns -EIO, state FAILED, error -EIO");
@@ -76,6 +89,7 @@ static void target_enospc_policy(void)
     atomic_store(&s.tm->write_errno, 0);
     if (info.state == COWBACKUP_JOB_PAUSED) {
         CHECK_RC(cowbackup_job_resume(s.job), 0);
+        resume_until_ended(s.job);
         CHECK_RC(cowbackup_job_wait(s.job), 0);
         CHECK(query(s.job).state == COWBACKUP_JOB_COMPLETED);
         CHECK(first_diff(s.tm->data, s.sm->data, size) == -1);
@@ -113,6 +127,7 @@ static void source_eio_stop(void)
     atomic_store(&s.sm->read_errno, 0);
     if (info.state == COWBACKUP_JOB_PAUSED) {
         CHECK_RC(cowbackup_job_resume(s.job), 0);
+        resume_until_ended(s.job);
         CHECK_RC(cowbackup_job_wait(s.job), 0);
         CHECK(first_diff(s.tm->data, s.sm->data, size) == -1);
     }
