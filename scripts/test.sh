@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc; loom, and Miri and
-# ThreadSanitizer where the nightly toolchain is present, in CI budget), C (meson: plain,
-# ASan+UBSan, valgrind; exports; header drift) and Python (ctypes binding, pytest).
+# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc; the model test with its
+# 15 s budget), a short soak, loom, and where the nightly toolchain is present Miri,
+# ThreadSanitizer and the fuzz targets (CI budget), C (meson: plain, ASan+UBSan, valgrind;
+# exports; header drift; the nbdkit filter) and Python (ctypes binding, pytest).
 # Installs what it needs on a fresh Debian machine. Exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,10 @@ stage "Miri (scripts/miri.sh --quick; skipped without the nightly toolchain)"
 scripts/miri.sh --quick
 stage "ThreadSanitizer (scripts/tsan.sh --quick; skipped without the nightly toolchain)"
 scripts/tsan.sh --quick
+stage "soak: model on memory and files (scripts/soak.sh, 40 s)"
+SOAK_SECS=40 scripts/soak.sh
+stage "fuzz: each target 20 s (scripts/fuzz.sh; skipped without nightly + cargo-fuzz)"
+scripts/fuzz.sh 20
 stage "C tests"
 scripts/test-c.sh
 if [ -x scripts/test-python.sh ]; then

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{one_parked_worker, wait_parked, Gate, Rng};
+use common::{one_parked_worker, wait_end, wait_parked, Gate, Rng};
 use cowbackup::{
     backup_start, BackupOptions, BlockDriver, CbwErrorAction, ErrorAction, ErrorKind, FaultDriver, FaultOp, FaultRule,
     JobState, MemDriver, TraceEvent,
@@ -44,11 +44,12 @@ fn resume_cannot_undo_a_break_snapshot_failure() {
     let size = 2 * MIB;
     let data = Rng::new(6).bytes(size as usize);
     let source = Gate::new(MemDriver::from_bytes(&data).unwrap(), true);
-    let _open = OpenOnDrop(&source);
     let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
     target.add(FaultRule::new(FaultOp::Write).range(MIB, 1).errno(libc::EIO).forever());
     let opts = BackupOptions { on_cbw_error: CbwErrorAction::BreakSnapshot, ..one_parked_worker() };
     let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    // After the job: dropped first, so a failing assertion opens the gate before the job's drop joins the worker.
+    let _open = OpenOnDrop(&source);
     wait_parked(&source);
     job.cow_before_write(MIB, 4096).unwrap(); // BreakSnapshot: the hook returns 0, the job fails
     assert_eq!(job.info().error.as_ref().map(|e| e.errno()), Some(libc::EIO));
@@ -58,7 +59,7 @@ fn resume_cannot_undo_a_break_snapshot_failure() {
     assert_eq!(job.pause().unwrap_err().kind(), ErrorKind::Busy);
     job.cancel(); // after the failure: no effect
     source.open();
-    let e = job.wait().unwrap_err();
+    let e = wait_end(&job, Duration::from_secs(30)).unwrap_err();
     assert_eq!(e.errno(), libc::EIO, "{e}");
     let info = job.info();
     assert_eq!(info.state, JobState::Failed);
@@ -84,7 +85,7 @@ fn resume_cannot_undo_a_report_failure_while_another_worker_is_busy() {
     assert_eq!(job.info().state, JobState::Running, "still running: the slow worker has not returned");
     assert_eq!(job.resume().unwrap_err().kind(), ErrorKind::Busy);
     assert_eq!(job.info().error.map(|e| e.errno()), Some(libc::EIO), "resume must not clear a fatal error");
-    let e = job.wait().unwrap_err();
+    let e = wait_end(&job, Duration::from_secs(30)).unwrap_err();
     assert_eq!(e.errno(), libc::EIO);
     assert_eq!(e.context().map(|c| c.offset), Some(2 * MIB));
     assert_eq!(job.info().state, JobState::Failed);
@@ -124,7 +125,7 @@ fn cancel_while_the_final_flush_is_stopped_ends_cancelled() {
     until("paused on the flush error", || job.info().state == JobState::Paused);
     assert_eq!(job.info().error.map(|e| e.errno()), Some(libc::EIO));
     job.cancel();
-    let e = job.wait().unwrap_err();
+    let e = wait_end(&job, Duration::from_secs(30)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
     assert_eq!(job.info().state, JobState::Cancelled);
     assert!(job.info().error.is_none());
@@ -144,7 +145,7 @@ fn cancel_while_top_zeroing_is_stopped_ends_cancelled() {
     let job = backup_start(source, target, opts).unwrap();
     until("paused on the zeroing error", || job.info().state == JobState::Paused);
     job.cancel();
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert_eq!(wait_end(&job, Duration::from_secs(30)).unwrap_err().kind(), ErrorKind::Cancelled);
     assert_eq!(job.info().state, JobState::Cancelled);
 }
 
@@ -168,7 +169,7 @@ fn a_fatal_error_wins_over_an_earlier_pause_error() {
     assert_eq!(job.info().error.map(|e| e.errno()), Some(libc::EIO));
     target.add(FaultRule::new(FaultOp::Write).range(MIB + 64 * 1024, 1).errno(libc::ENOSPC).forever());
     job.cow_before_write(MIB + 64 * 1024, 10).unwrap();
-    let e = job.wait().unwrap_err();
+    let e = wait_end(&job, Duration::from_secs(30)).unwrap_err();
     assert_eq!(e.errno(), libc::ENOSPC, "the job's error must be the copy-before-write failure: {e}");
     assert_eq!(job.info().error.map(|e| e.errno()), Some(libc::ENOSPC));
 }
@@ -179,14 +180,14 @@ fn a_fatal_error_wins_over_an_earlier_pause_error() {
 fn an_error_after_cancel_leaves_the_job_cancelled() {
     let size = 2 * MIB;
     let source = Gate::new(MemDriver::from_bytes(&Rng::new(14).bytes(size as usize)).unwrap(), true);
-    let _open = OpenOnDrop(&source);
     let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
     target.add(FaultRule::new(FaultOp::Write).errno(libc::EIO).forever());
     let job = backup_start(source.clone(), target, one_parked_worker()).unwrap();
+    let _open = OpenOnDrop(&source); // after the job (see above)
     wait_parked(&source);
     job.cancel();
     source.open(); // the parked worker's write now fails with EIO: after the cancel
-    assert_eq!(job.wait().unwrap_err().kind(), ErrorKind::Cancelled);
+    assert_eq!(wait_end(&job, Duration::from_secs(30)).unwrap_err().kind(), ErrorKind::Cancelled);
     assert_eq!(job.info().state, JobState::Cancelled);
 }
 

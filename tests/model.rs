@@ -8,8 +8,14 @@
 //! - the bitmap afterwards follows QEMU's rule (success: the marks made during the job;
 //!   cancel or failure under OnSuccess: everything).
 //!
+//! Devices: memory, or (one sequence in four, chosen by the seed) sparse files in a temp
+//! dir (`FileDriver`: pread/pwrite, holes, fallocate zeroing, SEEK_DATA for `Top`);
+//! `COWBACKUP_MODEL_FILES=1` makes every sequence use files, `=0` none (scripts/soak.sh
+//! runs both).
+//!
 //! Runs sequences until a time budget is spent: `COWBACKUP_MODEL_SECS` (default 15).
-//! Every failure prints the seed; `COWBACKUP_MODEL_SEED=N` replays one sequence.
+//! Every failure prints the seed; `COWBACKUP_MODEL_SEED=N` replays one sequence (with the
+//! same `COWBACKUP_MODEL_FILES`).
 mod common;
 
 use std::sync::Arc;
@@ -18,7 +24,7 @@ use std::time::{Duration, Instant};
 use common::{contents, Rng};
 use cowbackup::{
     backup_start, BackupOptions, BitmapMode, BlockDriver, DirtyBitmap, ErrorAction, ErrorKind, FaultDriver, FaultOp,
-    FaultRule, JobState, MemDriver, SyncMode,
+    FaultRule, FileDriver, JobState, MemDriver, OpenFlags, SyncMode,
 };
 
 const KIB: u64 = 1024;
@@ -50,8 +56,22 @@ fn run_one(seed: u64) {
     let cluster = [4 * KIB, 16 * KIB, 64 * KIB][rng.below(3) as usize];
     let size = cluster * (8 + rng.below(56)) + rng.below(cluster);
     let sync = [SyncMode::Full, SyncMode::Top, SyncMode::None, SyncMode::Bitmap][rng.below(4) as usize];
+    let files = match std::env::var("COWBACKUP_MODEL_FILES").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => rng.below(4) == 0,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A new device of `size` bytes reading as zeroes: a sparse file, or memory.
+    let device = |name: &str| -> Arc<dyn BlockDriver> {
+        if files {
+            Arc::new(FileDriver::create_with(dir.path().join(name), size, OpenFlags::WRITE).unwrap())
+        } else {
+            Arc::new(MemDriver::new(size).unwrap())
+        }
+    };
     // The source: random data, some zero runs, some holes (for Top).
-    let src = Arc::new(MemDriver::new(size).unwrap());
+    let src = device("source.img");
     let mut off = 0;
     while off < size {
         let len = (cluster * (1 + rng.below(4))).min(size - off);
@@ -72,7 +92,11 @@ fn run_one(seed: u64) {
     }
     let pit = contents(&*src);
     let target_fill = if rng.below(2) == 0 { 0 } else { 0xEE };
-    let target = Arc::new(FaultDriver::new(MemDriver::from_bytes(&vec![target_fill; size as usize]).unwrap()));
+    let target_dev = device("target.img");
+    if target_fill != 0 {
+        target_dev.write_at(&vec![target_fill; size as usize], 0).unwrap();
+    }
+    let target = Arc::new(FaultDriver::new(target_dev));
     let with_bitmap = sync == SyncMode::Bitmap || rng.below(2) == 0;
     let opts = BackupOptions {
         cluster_size: cluster,
@@ -162,7 +186,7 @@ fn run_one(seed: u64) {
         Ok(()) => {
             // (A cancel that came after the job had finished has no effect.)
             assert_eq!(info.state, JobState::Completed, "seed {seed}");
-            let got = target.inner().to_vec();
+            let got = contents(&**target.inner());
             let copy_set: Option<std::collections::BTreeSet<u64>> = match sync {
                 SyncMode::Full | SyncMode::Top => None,
                 SyncMode::Bitmap => Some(granules(&before_marks, cluster)),
@@ -210,7 +234,10 @@ fn random_sequences_against_the_model() {
         let seed = base.wrapping_add(n);
         let r = std::panic::catch_unwind(|| run_one(seed));
         if r.is_err() {
-            panic!("model test failed; replay with COWBACKUP_MODEL_SEED={seed}");
+            let files = std::env::var("COWBACKUP_MODEL_FILES")
+                .map(|v| format!(" COWBACKUP_MODEL_FILES={v}"))
+                .unwrap_or_default();
+            panic!("model test failed; replay with COWBACKUP_MODEL_SEED={seed}{files}");
         }
         n += 1;
     }

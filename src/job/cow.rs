@@ -152,10 +152,13 @@ impl JobShared {
             drop(job);
             helpers.leave();
         });
-        if spawned.is_err() {
-            // No thread to be had: copy here, without the time limit.
-            self.helpers.leave();
-            return self.cow_copy(clusters);
+        match spawned {
+            Ok(h) => self.helpers.adopt(h),
+            Err(_) => {
+                // No thread to be had: copy here, without the time limit.
+                self.helpers.leave();
+                return self.cow_copy(clusters);
+            }
         }
         match rx.recv_timeout(timeout) {
             Ok(r) => r,

@@ -335,14 +335,26 @@ impl JobShared {
             return self.flush_target();
         }
         thread::scope(|scope| {
+            let mut workers = Vec::with_capacity(self.workers);
             for n in 1..=self.workers {
                 let buf = self.worker_bufs.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
                 let r = thread::Builder::new()
                     .name(format!("cowbackup-{}-{}", self.id, n))
                     .spawn_scoped(scope, move || worker::run(self, buf));
-                if let Err(e) = r {
-                    self.fail(Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start worker thread: {e}")));
-                    break;
+                match r {
+                    Ok(h) => workers.push(h),
+                    Err(e) => {
+                        self.fail(Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start worker thread: {e}")));
+                        break;
+                    }
+                }
+            }
+            // Join each worker thread itself: the scope alone waits only for the closures,
+            // and a worker would still be running (its thread-local destructors, the host's
+            // too) after the job, and so `Job` drop / `cowbackup_job_free`, had returned.
+            for h in workers {
+                if let Err(p) = h.join() {
+                    self.fail(panic_error("worker", p));
                 }
             }
         });

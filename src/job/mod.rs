@@ -217,15 +217,41 @@ pub(crate) struct JobShared {
     discard_source: bool,
 }
 
-/// A count of running hook helper threads, and a condvar signalled when it drops.
+/// A count of running hook helper threads, and a condvar signalled when it drops; and
+/// their handles, so that the job's end joins the threads themselves.
 #[derive(Default)]
 pub(crate) struct Helpers {
     /// Helper threads running. Protected by this mutex.
     running: Mutex<usize>,
     idle: Condvar,
+    /// Handles of helper threads not joined yet. Protected by this mutex.
+    handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Helpers {
+    /// Keep a new helper's handle; join those that have finished (so a long job with many
+    /// timed hook calls keeps few handles).
+    fn adopt(&self, h: JoinHandle<()>) {
+        let mut hs = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *hs).into_iter().partition(|h| h.is_finished());
+        *hs = running;
+        hs.push(h);
+        drop(hs);
+        for h in done {
+            let _ = h.join();
+        }
+    }
+
+    /// Wait until no helper runs, then join every helper thread: none is left running
+    /// (not even its thread-local destructors) when this returns.
+    fn join_all(&self) {
+        self.wait_idle();
+        let hs = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in hs {
+            let _ = h.join();
+        }
+    }
+
     fn enter(&self) {
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) += 1;
     }
@@ -525,7 +551,7 @@ impl Job {
             let _ = h.join();
         }
         // Hook helpers (cbw_timeout) still copying hold the drivers: wait for them.
-        self.shared.helpers.wait_idle();
+        self.shared.helpers.join_all();
     }
 }
 
