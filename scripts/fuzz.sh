@@ -18,8 +18,12 @@ if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     exit 0
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz: skipped: cargo-fuzz is not installed (cargo install cargo-fuzz)"
-    exit 0
+    # A fresh machine with nightly: install cargo-fuzz (about a minute), skip only if that fails.
+    echo "fuzz: cargo install cargo-fuzz --locked"
+    if ! timeout 600 cargo install cargo-fuzz --locked >/dev/null 2>&1 || ! cargo fuzz --version >/dev/null 2>&1; then
+        echo "fuzz: skipped: cargo-fuzz is not installed and could not be (cargo install cargo-fuzz)"
+        exit 0
+    fi
 fi
 cd fuzz
 targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
