@@ -175,6 +175,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(miri, ignore = "writes megabytes byte by byte: too slow under Miri")]
     fn read_write_across_segments_and_status() {
         let d = MemDriver::new(3 * SEGMENT + 100).unwrap();
         assert!(d.reads_as_zero());
