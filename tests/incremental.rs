@@ -53,11 +53,22 @@ fn incremental_copies_exactly_the_dirty_clusters_and_on_success_keeps_the_new_wr
     write_clusters(&src, &bm, None, &G1, 2);
     let before = common::contents(&*src);
     let target = Arc::new(MemDriver::new(SIZE).unwrap());
-    let opts = BackupOptions { sync: SyncMode::Bitmap, bitmap: Some(bm.clone()), workers: 1, ..Default::default() };
+    // Throttled (one cluster a second) so the job is still running while the test checks
+    // the bitmap is busy and writes through the hook: 6 clusters could be done before the
+    // first check (it failed once under load).
+    let opts = BackupOptions {
+        sync: SyncMode::Bitmap,
+        bitmap: Some(bm.clone()),
+        workers: 1,
+        max_chunk: K64,
+        speed: K64,
+        ..Default::default()
+    };
     let job = backup_start(src.clone(), target.clone(), opts).unwrap();
     assert!(bm.is_busy());
     assert_eq!(bm.clear().unwrap_err().kind(), ErrorKind::Busy);
     write_clusters(&src, &bm, Some(&job), &G2, 3);
+    job.set_speed(0);
     job.wait().unwrap();
     let info = job.info();
     assert_eq!(info.state, JobState::Completed);
