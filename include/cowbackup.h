@@ -1481,6 +1481,28 @@ int cowbackup_options_set_bitmap(struct cowbackup_options *o,
 int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t enable);
 
 /*
+ Memory, in bytes, in which `cowbackup_cow_before_write` may keep old data instead of writing
+ it to the target itself. 0 (the default): none, the hook returns once the old data is in the
+ target. With room left, the hook reads the old data of its clusters into memory and returns:
+ the host's write then waits for a source read only, never for the target (its file lock
+ behind a worker's write, its disk). A worker writes the data to the target soon after,
+ before any background chunk and even while the job is paused; a failure of that write
+ follows the target error policy (`cowbackup_options_set_on_target_error`: the host's write
+ has gone ahead, it cannot be failed any more), and the job completes only when every saved
+ byte is in the target. Old data that does not fit is copied by the hook as without a
+ buffer. Snapshot view reads of saved clusters wait for their write. A job with
+ `COWBACKUP_SYNC_NONE` has no workers to write the data: `cowbackup_backup_start` then
+ rejects a non-zero buffer with -EINVAL. With a buffer, while the host writes clusters not
+ yet copied, at most one worker fewer than the CPUs copies (the others rest until the host
+ has been quiet for 0.5 s), so host threads find a free CPU. Suggested: 16 MiB, for low
+ host write latency during a backup. Errors: -EINVAL (NULL `o`).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_options_set_cow_buffer(struct cowbackup_options *o, uint64_t bytes);
+
+/*
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is
  called for every event of a job (state changes, chunks copied, zero runs, hook calls
  that copy or wait, errors with the action taken). It runs on the thread that caused the

@@ -486,6 +486,7 @@ _opt_completion = _declare("cowbackup_options_set_completion", c_int,
 _opt_trace = _declare("cowbackup_options_set_trace", c_int, [_P, _TRACE_FN, c_void_p])
 _opt_bitmap = _declare("cowbackup_options_set_bitmap", c_int, [_P, _P, c_uint32])
 _opt_discard_source = _declare("cowbackup_options_set_discard_source", c_int, [_P, c_uint32])
+_opt_cow_buffer = _declare("cowbackup_options_set_cow_buffer", c_int, [_P, c_uint64])
 _driver_block_status = _declare("cowbackup_driver_block_status", c_int,
                                 [_P, c_uint64, c_uint64, POINTER(c_uint64), POINTER(c_uint32)])
 _driver_discard = _declare("cowbackup_driver_discard", c_int, [_P, c_uint64, c_uint64])
@@ -1795,6 +1796,7 @@ class _Spec:
     trace: Optional[Callable[[TraceEvent], Any]]
     discard_source: bool = False
     worker_priority: Optional[int] = None
+    cow_buffer: int = 0
 
 
 def _job_spec(
@@ -1815,6 +1817,7 @@ def _job_spec(
     trace: Optional[Callable[[TraceEvent], Any]] = None,
     discard_source: bool = False,
     worker_priority: Optional[str] = None,
+    cow_buffer: int = 0,
 ) -> _Spec:
     """Check the options of :func:`backup_start` (TypeError/ValueError); the library checks
     the rest (ranges of values, combinations) when the job starts."""
@@ -1851,8 +1854,9 @@ def _job_spec(
     if not isinstance(discard_source, bool):
         raise TypeError("discard_source must be a bool")
     prio = None if worker_priority is None else _choice(worker_priority, _WORKER_PRIORITY, "worker_priority")
+    cow_buf = _u64(cow_buffer, "cow_buffer")
     return _Spec(cs, sync_v, speed_v, wk, mc, src_act, tgt_act, cbw_act, timeout_ms, target_is_zero,
-                 bitmap, mode_v, on_complete, trace, discard_source, prio)
+                 bitmap, mode_v, on_complete, trace, discard_source, prio, cow_buf)
 
 
 class _Options:
@@ -1902,6 +1906,8 @@ class _Options:
                 spec.bitmap._h.release()
         if spec.discard_source:
             _check(_opt_discard_source(opts, 1), "cowbackup_options_set_discard_source")
+        if spec.cow_buffer:
+            _check(_opt_cow_buffer(opts, spec.cow_buffer), "cowbackup_options_set_cow_buffer")
         _check(_opt_completion(opts, _c_completion, self.key), "cowbackup_options_set_completion")
         if spec.trace is not None:
             _check(_opt_trace(opts, _c_trace, self.key), "cowbackup_options_set_trace")
@@ -1992,6 +1998,7 @@ def backup_start(
     trace: Optional[Callable[[TraceEvent], Any]] = None,
     discard_source: bool = False,
     worker_priority: Optional[str] = None,
+    cow_buffer: int = 0,
 ) -> Job:
     """Start a point-in-time backup of ``source`` into ``target`` (same size).
 
@@ -2025,6 +2032,15 @@ def backup_start(
       ``"idle"`` (``SCHED_IDLE``, idle I/O class: only CPU time nothing else wants; can
       stall on a busy machine). The hook runs on the caller's thread and is never lowered.
     - ``max_chunk``: largest background request in bytes (default 1 MiB).
+    - ``cow_buffer``: memory in bytes in which :meth:`Job.cow_before_write` may keep old
+      data instead of writing it to the target itself (default 0: none). With room left the
+      hook only reads the old data and returns, so the host's write never waits for the
+      target; a worker writes it soon after (its failures follow ``on_target_error``, and
+      the job completes only when all of it is in the target). Old data that does not fit
+      is copied by the hook as usual. While the host writes uncopied clusters, at most one
+      worker fewer than the CPUs copies, so host threads find a free CPU. Not with
+      ``sync="none"``. Suggested: 16 MiB, for low host write latency during a backup
+      (PERFORMANCE.md).
     - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
       (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
       (pause with ``info().error``; :meth:`Job.resume` retries), ``"enospc"`` (stop on
@@ -2062,7 +2078,8 @@ def backup_start(
                      on_target_error=on_target_error, on_cbw_error=on_cbw_error,
                      cbw_timeout=cbw_timeout, target_is_zero=target_is_zero, bitmap=bitmap,
                      bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace,
-                     discard_source=discard_source, worker_priority=worker_priority)
+                     discard_source=discard_source, worker_priority=worker_priority,
+                     cow_buffer=cow_buffer)
     return _start([(source, target, spec)], group=False)[0]
 
 

@@ -277,11 +277,11 @@ impl Lat {
     }
 }
 
-/// The options of the guest scenario's backups: the defaults, or `BENCH_GUEST_WORKERS`
-/// `BENCH_GUEST_CHUNK` and `BENCH_GUEST_PRIORITY` (normal, low, idle) from the
-/// environment (to explore).
-fn guest_opts() -> BackupOptions {
-    let mut o = BackupOptions { trace: Some(hook_sink()), ..Default::default() };
+/// The options of the guest scenario's backups: the defaults with `cow_buffer`, and
+/// `BENCH_GUEST_WORKERS`, `BENCH_GUEST_CHUNK` and `BENCH_GUEST_PRIORITY` (normal, low,
+/// idle) from the environment (to explore).
+fn guest_opts(cow_buffer: u64) -> BackupOptions {
+    let mut o = BackupOptions { trace: Some(hook_sink()), cow_buffer, ..Default::default() };
     if let Some(w) = std::env::var("BENCH_GUEST_WORKERS").ok().and_then(|v| v.parse().ok()) {
         o.workers = w;
     }
@@ -309,6 +309,21 @@ fn thread_counts() -> Vec<usize> {
 /// The goal of issue 14, per place and writer count: (label, passed).
 pub type GuestCheck = (String, bool);
 
+/// The configurations the step compares: (label, `cow_buffer`, checked against the goal).
+/// The defaults keep the hook's DESIGN contract (old data in the target when it returns)
+/// and are shown for reference; the goal is met with the one documented option,
+/// `cow_buffer` (16 MiB, or `BENCH_GUEST_COW_BUFFER`). `BENCH_GUEST_ONLY=defaults` or
+/// `=cow_buffer` runs one of them.
+fn configs() -> Vec<(String, u64, bool)> {
+    let buf = std::env::var("BENCH_GUEST_COW_BUFFER").ok().and_then(|v| parse_size(&v).ok()).unwrap_or(16 << 20);
+    let all = vec![("defaults".to_string(), 0, false), (format!("cow_buffer {}", fmt_bytes(buf)), buf, true)];
+    match std::env::var("BENCH_GUEST_ONLY").as_deref() {
+        Ok("defaults") => all.into_iter().filter(|c| c.1 == 0).collect(),
+        Ok("cow_buffer") => all.into_iter().filter(|c| c.1 > 0).collect(),
+        _ => all,
+    }
+}
+
 /// Results of one place and one writer count.
 struct PerN {
     idle: Lat,
@@ -327,8 +342,12 @@ pub fn guest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         places.push((a.disk_dir.clone(), true));
     }
     let mut checks: Vec<GuestCheck> = Vec::new();
+    let mut reference: Vec<GuestCheck> = Vec::new();
     for (dir, disk) in places {
-        place(a, &dir, disk, rows, &mut checks)?;
+        for (label, cow_buffer, checked) in configs() {
+            let out = if checked { &mut checks } else { &mut reference };
+            place(a, &dir, disk, rows, out, &label, cow_buffer)?;
+        }
     }
     let ok = checks.iter().all(|c| c.1);
     println!();
@@ -336,11 +355,22 @@ pub fn guest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     for (label, pass) in &checks {
         println!("  {} {label}", if *pass { "PASS" } else { "FAIL" });
     }
+    for (label, pass) in &reference {
+        println!("  ({}, not checked) {label}", if *pass { "would pass" } else { "would fail" });
+    }
     println!("guest regression check: {}", if ok { "PASS" } else { "FAIL" });
     Ok(())
 }
 
-fn place(a: &Args, dir: &Path, disk: bool, rows: &mut Vec<Row>, checks: &mut Vec<GuestCheck>) -> Result<(), String> {
+fn place(
+    a: &Args,
+    dir: &Path,
+    disk: bool,
+    rows: &mut Vec<Row>,
+    checks: &mut Vec<GuestCheck>,
+    label: &str,
+    cow_buffer: u64,
+) -> Result<(), String> {
     let size = a.size;
     let (src, dst) = (dir.join("bench-guest-src.img"), dir.join("bench-guest-dst.img"));
     // The reference copy always in memory: on disk it would add writeback to the backup.
@@ -349,7 +379,7 @@ fn place(a: &Args, dir: &Path, disk: bool, rows: &mut Vec<Row>, checks: &mut Vec
     let cold = || if disk { drop_caches() } else { true };
     let mut where_ = fs.clone();
     let counts = thread_counts();
-    eprint!("guest writes: {fs}, {} source, {:?} writers ", fmt_bytes(size), counts);
+    eprint!("guest writes: {fs}, {label}, {} source, {:?} writers ", fmt_bytes(size), counts);
     let mut per: Vec<PerN> = counts
         .iter()
         .map(|_| PerN {
@@ -373,7 +403,7 @@ fn place(a: &Args, dir: &Path, disk: bool, rows: &mut Vec<Row>, checks: &mut Vec
             let job = backup_start(
                 Arc::new(FileDriver::open(&src, OpenFlags::empty()).map_err(err)?),
                 Arc::new(create_new(&dst, size).map_err(err)?),
-                guest_opts(),
+                guest_opts(cow_buffer),
             )
             .map_err(err)?;
             job.wait().map_err(err)?;
@@ -392,8 +422,12 @@ fn place(a: &Args, dir: &Path, disk: bool, rows: &mut Vec<Row>, checks: &mut Vec
                 std::fs::copy(&src, &refp).map_err(err)?;
                 cold();
                 let t = Instant::now();
-                let job = backup_start(source.clone(), Arc::new(create_new(&dst, size).map_err(err)?), guest_opts())
-                    .map_err(err)?;
+                let job = backup_start(
+                    source.clone(),
+                    Arc::new(create_new(&dst, size).map_err(err)?),
+                    guest_opts(cow_buffer),
+                )
+                .map_err(err)?;
                 let (lat, r) =
                     writers(n, &source, Some(&job), seed + 1, || job.wait().map(|()| t.elapsed().as_secs_f64()))?;
                 per[k].t_loaded.push(r.map_err(err)?);
@@ -423,7 +457,7 @@ fn place(a: &Args, dir: &Path, disk: bool, rows: &mut Vec<Row>, checks: &mut Vec
         let (p99_ok, speed_ok) = (ratio <= 3.0, speed >= 0.5);
         rows.push(Row {
             scenario: format!(
-                "guest: {n} writer(s), each QD1 64 KiB random writes every 2 ms, during a {} backup ({where_}, defaults; {} writes, targets verified)",
+                "guest: {n} writer(s), each QD1 64 KiB random writes every 2 ms, during a {} backup ({where_}, {label}; {} writes, targets verified)",
                 fmt_bytes(size),
                 p.busy.writes
             ),
@@ -433,14 +467,17 @@ fn place(a: &Args, dir: &Path, disk: bool, rows: &mut Vec<Row>, checks: &mut Vec
             target: format!("{}; {}", check(p99_ok, "p99 ≤ 3×"), check(speed_ok, "backup ≥ 50 % speed")),
         });
         rows.push(Row {
-            scenario: format!("guest p99 breakdown: {n} writer(s), {where_}"),
+            scenario: format!("guest p99 breakdown: {n} writer(s), {where_}, {label}"),
             cowbackup: format!("during the backup: {}", p.tail.fmt()),
             baseline: format!("without a backup: {}", p.idle_tail.fmt()),
             ratio: String::new(),
             target: String::new(),
         });
         checks.push((
-            format!("{where_}, {n} writer(s): p99 {ratio:.2}× (≤ 3×), backup at {:.0} % (≥ 50 %)", speed * 100.0),
+            format!(
+                "{where_}, {label}, {n} writer(s): p99 {ratio:.2}× (≤ 3×), backup at {:.0} % (≥ 50 %)",
+                speed * 100.0
+            ),
             p99_ok && speed_ok,
         ));
     }

@@ -1,9 +1,13 @@
 //! Where clusters are **claimed** and **released**: the copy bitmap plus the table of
 //! in-flight claims (QEMU's CowRequest / BlockReq list).
 //!
-//! A cluster is in one of three states:
+//! A cluster is in one of four states:
 //! - dirty and unclaimed: its bit is 1 and no claim covers it; anyone may claim it;
 //! - claimed: a hook or a worker is copying it (the bit is still 1);
+//! - saved (only with `cow_buffer`, cowbuf.rs): a hook read its old data into memory
+//!   and returned; the claim stays in the table, bit still 1, until a worker has
+//!   written that data to the target. Hooks treat it as clean (the host may write
+//!   the source), workers skip it, snapshot views wait for it like for any claim;
 //! - clean: its old data is in the target (bit 0); the host may write it.
 //!
 //! Rules (all under `table`'s mutex, never held across I/O):
@@ -72,6 +76,26 @@ impl Claim<'_> {
         self.owner.release(&self.range, true);
         self.held = false;
     }
+
+    /// A hook has the old data of these clusters in memory (cowbuf.rs): the claim
+    /// stays, marked saved, until a worker takes it back ([`Claims::take_saved`]) and
+    /// writes the data. From now on hooks treat the clusters as clean.
+    pub fn save(mut self) {
+        let mut table = self.owner.lock();
+        if let Some(e) = table.iter_mut().find(|e| e.range == self.range && !e.hold) {
+            e.saved = true;
+        }
+        drop(table);
+        self.held = false;
+        self.owner.released.notify_all();
+    }
+
+    /// Writing the saved data failed with policy `Stop`: keep the claim, still saved,
+    /// for a retry after `resume` (the source no longer holds that data, so the
+    /// clusters must never become dirty-and-unclaimed).
+    pub fn keep_saved(mut self) {
+        self.held = false;
+    }
 }
 
 impl Drop for Claim<'_> {
@@ -88,11 +112,23 @@ struct Entry {
     range: Range<u64>,
     /// A read hold of a snapshot view (shared); else a claim of a copier (exclusive).
     hold: bool,
+    /// A claim whose old data a hook saved in memory (see the module doc).
+    saved: bool,
+}
+
+impl Entry {
+    fn claim(range: Range<u64>) -> Entry {
+        Entry { range, hold: false, saved: false }
+    }
 }
 
 /// The end of a claim or hold covering cluster `c`.
 fn claim_covering(table: &[Entry], c: u64) -> Option<u64> {
-    table.iter().find(|e| e.range.contains(&c)).map(|e| e.range.end)
+    covering(table, c).map(|e| e.range.end)
+}
+
+fn covering(table: &[Entry], c: u64) -> Option<&Entry> {
+    table.iter().find(|e| e.range.contains(&c))
 }
 
 fn next_claim_start(table: &[Entry], c: u64) -> u64 {
@@ -108,7 +144,7 @@ pub(crate) struct Hold<'a> {
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         let mut table = self.owner.lock();
-        let me = Entry { range: self.range.clone(), hold: true };
+        let me = Entry { range: self.range.clone(), hold: true, saved: false };
         if let Some(i) = table.iter().position(|e| *e == me) {
             table.swap_remove(i);
         }
@@ -163,14 +199,15 @@ impl Claims {
             let mut blocked = false;
             let mut c = r.start;
             while let Some(d) = self.bitmap.next_set(c, r.end) {
-                if let Some(end) = claim_covering(&table, d) {
-                    blocked = true;
-                    c = end;
+                if let Some(e) = covering(&table, d) {
+                    // Saved in memory by a hook: as good as clean for a hook.
+                    blocked |= !e.saved;
+                    c = e.range.end;
                     continue;
                 }
                 let limit = r.end.min(d + max_run).min(next_claim_start(&table, d));
                 let e = self.bitmap.next_clear(d, limit).unwrap_or(limit);
-                table.push(Entry { range: d..e, hold: false });
+                table.push(Entry::claim(d..e));
                 mine.push(Claim { owner: self, range: d..e, held: true });
                 c = e;
             }
@@ -189,7 +226,8 @@ impl Claims {
     /// cluster ([`Claims::claim_or_wait`]), wait for those others copy, copy its own
     /// claims with priority over the workers (`gate`, entered only while copying, never
     /// while waiting), and look again, until every cluster of `r` is clean or `stop()`.
-    /// `copy` copies one claimed run; on success the claim is released clean and
+    /// `copy` copies one claimed run and says whether it only saved the old data in
+    /// memory; on success the claim is released clean (or kept, marked saved) and
     /// `copied` is told. The first failed copy is returned, and its claim and the
     /// remaining ones are released dirty: the clusters are copied again later.
     pub fn copy_before_write<T, E>(
@@ -198,7 +236,7 @@ impl Claims {
         max_run: u64,
         gate: &HookGate,
         stop: impl Fn() -> bool,
-        mut copy: impl FnMut(Range<u64>) -> Result<T, E>,
+        mut copy: impl FnMut(Range<u64>) -> Result<(T, bool), E>,
         mut copied: impl FnMut(Range<u64>, T),
     ) -> Result<(), E> {
         loop {
@@ -210,9 +248,13 @@ impl Claims {
                     let _pass = gate.enter();
                     for claim in mine {
                         // On `?` the remaining claims are dropped: released dirty.
-                        let done = copy(claim.range())?;
+                        let (done, saved) = copy(claim.range())?;
                         let range = claim.range();
-                        claim.done();
+                        if saved {
+                            claim.save();
+                        } else {
+                            claim.done();
+                        }
                         copied(range, done);
                     }
                 }
@@ -248,7 +290,7 @@ impl Claims {
             }
             let limit = n.min(d + max_run).min(next_claim_start(&table, d));
             let e = self.bitmap.next_clear(d, limit).unwrap_or(limit);
-            table.push(Entry { range: d..e, hold: false });
+            table.push(Entry::claim(d..e));
             return Some(Claim { owner: self, range: d..e, held: true });
         }
     }
@@ -266,6 +308,14 @@ impl Claims {
         self.released.notify_all();
     }
 
+    /// For a worker about to write the saved old data of `r` (a range saved with
+    /// [`Claim::save`]): the saved claim, now held by the caller. It stays marked
+    /// saved (hooks keep treating it as clean) until released.
+    pub fn take_saved(&self, r: Range<u64>) -> Claim<'_> {
+        debug_assert!(self.lock().iter().any(|e| e.range == r && e.saved));
+        Claim { owner: self, range: r, held: true }
+    }
+
     /// For a snapshot view: hold clusters `r` for reading, waiting while a copier holds
     /// a claim on any of them. `None` when `stop()` became true. While held, the bits of
     /// `r` do not change (only a claim holder clears bits).
@@ -277,7 +327,7 @@ impl Claims {
             }
             let copying = table.iter().any(|e| !e.hold && e.range.start < r.end && r.start < e.range.end);
             if !copying {
-                table.push(Entry { range: r.clone(), hold: true });
+                table.push(Entry { range: r.clone(), hold: true, saved: false });
                 return Some(Hold { owner: self, range: r });
             }
             table = self.released.wait(table).unwrap_or_else(|e| e.into_inner());

@@ -59,10 +59,28 @@ impl Copier<'_> {
         buf: &mut AlignedBuf,
         offload: Option<(&FileDriver, &FileDriver)>,
     ) -> Result<Copied> {
+        self.read(clusters.clone(), buf)?;
+        let (_, len) = self.geo.byte_range(clusters.clone());
+        self.put(clusters, buf.slice_mut(len as usize), offload)
+    }
+
+    /// Read the old data of `clusters` from the source into `buf` (the first half of a
+    /// copy; a hook saving into memory stops here, cowbuf.rs).
+    pub fn read(&self, clusters: Range<u64>, buf: &mut AlignedBuf) -> Result<()> {
         let (off, len) = self.geo.byte_range(clusters);
         let data = buf.slice_mut(len as usize);
-        self.source.read_at(data, off).map_err(|e| Error::io(Side::Source, Op::Read, off, len, &e))?;
+        self.source.read_at(data, off).map_err(|e| Error::io(Side::Source, Op::Read, off, len, &e))
+    }
 
+    /// Write `data`, the old data of `clusters` read before, to the target: zero
+    /// clusters as zeroes (or not at all), the rest as data (the second half of a copy).
+    pub fn put(
+        &self,
+        clusters: Range<u64>,
+        data: &[u8],
+        offload: Option<(&FileDriver, &FileDriver)>,
+    ) -> Result<Copied> {
+        let (off, _) = self.geo.byte_range(clusters);
         let cs = self.geo.cluster_size as usize;
         let mut out = Copied::default();
         let mut pos = 0usize;

@@ -6,10 +6,20 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::copy::{Copied, Copier};
+use super::cowbuf::Saved;
 use super::{panic_error, reentry, Job, JobShared};
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::CbwErrorAction;
 use crate::trace::{TraceAction, TraceEvent};
+
+/// What a hook did with one claimed run.
+enum HookCopy {
+    /// Copied into the target.
+    Copied(Copied),
+    /// Old data read into memory, for a worker to write.
+    Saved(Saved),
+}
 
 impl Job {
     /// Call before writing `[offset, offset + len)` of the source. Returns when the old
@@ -64,6 +74,7 @@ impl JobShared {
             return Err(reentry::deadlock(self.id, "cow_before_write of uncopied clusters"));
         }
         let _inside = reentry::enter(self.id);
+        self.pace.host_wrote();
         let start = Instant::now();
         self.trace(|| TraceEvent::HookBegin { job: self.id, offset, len });
         let result = match self.cbw_timeout {
@@ -101,13 +112,15 @@ impl JobShared {
         Ok(())
     }
 
-    /// Copy (or wait for) every dirty cluster of `clusters`; returns the bytes this call copied.
+    /// Copy (or wait for) every dirty cluster of `clusters`; returns the bytes this call
+    /// copied (or saved in the cow buffer).
     fn cow_copy(&self, clusters: Range<u64>) -> Result<u64> {
         let copier = self.copier();
         let run = (self.geo.max_run * self.geo.cluster_size).min(self.geo.size);
         let (first, last) = (clusters.start << self.geo.shift, clusters.end.saturating_mul(self.geo.cluster_size));
         let mut buf = self.take_buf(run.min(last - first))?;
         let mut copied = 0u64;
+        let mut saved_any = false;
         let stop = || self.hook_off.load(Ordering::Acquire);
         // Hook copies first: workers start no new chunk while this copies (priority.rs).
         let result = self.claims.copy_before_write(
@@ -115,14 +128,27 @@ impl JobShared {
             self.geo.max_run,
             &self.hook_gate,
             stop,
-            |r| copier.copy(r, &mut buf),
-            |r, done| {
-                let (offset, len) = self.geo.byte_range(r);
-                self.stats.add(done);
-                copied += done.data + done.zero;
-                self.trace(|| TraceEvent::ChunkCopied { job: self.id, offset, len, data: done.data, hook: true });
+            |r| match self.save_old_data(&copier, r.clone())? {
+                Some(saved) => Ok((HookCopy::Saved(saved), true)),
+                None => copier.copy(r, &mut buf).map(|done| (HookCopy::Copied(done), false)),
+            },
+            |r, done| match done {
+                HookCopy::Copied(done) => {
+                    let (offset, len) = self.geo.byte_range(r);
+                    self.stats.add(done);
+                    copied += done.data + done.zero;
+                    self.trace(|| TraceEvent::ChunkCopied { job: self.id, offset, len, data: done.data, hook: true });
+                }
+                HookCopy::Saved(saved) => {
+                    copied += saved.len;
+                    saved_any = true;
+                    self.cowbuf.push(saved);
+                }
             },
         );
+        if saved_any {
+            self.wake_workers();
+        }
         let result = result.map(|()| copied);
         self.put_buf(buf);
         if copied > 0 {
@@ -130,6 +156,28 @@ impl JobShared {
             self.stats.cow_bytes.fetch_add(copied, Ordering::Relaxed);
         }
         result
+    }
+
+    /// With room in the cow buffer: read the old data of the claimed clusters `r` into
+    /// a buffer of its own, to be queued for a worker (cowbuf.rs). `None`: no room (or
+    /// no memory), copy into the target as usual.
+    fn save_old_data(&self, copier: &Copier<'_>, r: Range<u64>) -> Result<Option<Saved>> {
+        let (_, len) = self.geo.byte_range(r.clone());
+        if !self.cowbuf.reserve(len) {
+            return Ok(None);
+        }
+        let Ok(mut buf) = self.take_buf(len) else {
+            self.cowbuf.unreserve(len);
+            return Ok(None);
+        };
+        match copier.read(r.clone(), &mut buf) {
+            Ok(()) => Ok(Some(Saved { clusters: r, buf, len })),
+            Err(e) => {
+                self.cowbuf.unreserve(len);
+                self.put_buf(buf);
+                Err(e)
+            }
+        }
     }
 
     /// `cow_copy` on a helper thread `cowbackup-<id>-h`, waiting at most `timeout`. On

@@ -103,6 +103,16 @@ impl ControlState {
     }
 }
 
+/// What a worker does next ([`JobShared::wait_runnable`]).
+pub(super) enum Next {
+    /// Stop: the job is ending.
+    Stop,
+    /// Write old data a hook saved in memory.
+    Saved,
+    /// Copy the next background chunk.
+    Chunk,
+}
+
 impl JobShared {
     /// Change the state under the lock; the trace event follows once the caller unlocks.
     pub(super) fn set_state(&self, c: &mut ControlState, to: JobState) -> Option<TraceEvent> {
@@ -242,14 +252,20 @@ impl JobShared {
         !self.stop.load(Ordering::Acquire)
     }
 
-    /// Block a worker while the job is paused or over its speed limit. False when the
-    /// worker must stop. The delay is computed and waited for under the control lock,
-    /// so `set_speed`, `resume` and `cancel` always wake it.
-    pub(super) fn wait_runnable(&self) -> bool {
+    /// Block a worker while the job is paused or over its speed limit, and say what it
+    /// does next. The delay is computed and waited for under the control lock, so
+    /// `set_speed`, `resume`, `cancel` and a hook saving old data always wake it.
+    /// Saved old data (cowbuf.rs) is the hooks' work: written before any chunk, neither
+    /// throttled nor held back by `pause`; only a job paused by an error (its retry
+    /// waits for `resume`) leaves it queued.
+    pub(super) fn wait_runnable(&self) -> Next {
         let mut c = self.lock();
         loop {
             if self.stop.load(Ordering::Acquire) {
-                return false;
+                return Next::Stop;
+            }
+            if c.pause_error.is_none() && self.cowbuf.pending() {
+                return Next::Saved;
             }
             if c.paused {
                 c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
@@ -257,7 +273,7 @@ impl JobShared {
             }
             let d = self.ratelimit.delay();
             if d.is_zero() {
-                return true;
+                return Next::Chunk;
             }
             c = self.control_cv.wait_timeout(c, d).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -340,7 +356,7 @@ impl JobShared {
                 let buf = self.worker_bufs.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
                 let r = thread::Builder::new()
                     .name(format!("cowbackup-{}-{}", self.id, n))
-                    .spawn_scoped(scope, move || worker::run(self, buf));
+                    .spawn_scoped(scope, move || worker::run(self, n, buf));
                 match r {
                     Ok(h) => workers.push(h),
                     Err(e) => {

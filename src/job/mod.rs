@@ -9,6 +9,7 @@
 mod claims;
 mod copy;
 mod cow;
+mod cowbuf;
 mod group;
 mod lifecycle;
 mod options;
@@ -215,6 +216,10 @@ pub(crate) struct JobShared {
     unservable: Bitmap,
     /// After copying a chunk, discard it on the source (a push from a snapshot view).
     discard_source: bool,
+    /// Old data saved by hooks, waiting for a worker to write it (`cow_buffer`).
+    cowbuf: cowbuf::CowBuffer,
+    /// When the host last took the hook's slow path: workers beyond the CPUs less one rest.
+    pace: priority::HostPace,
 }
 
 /// A count of running hook helper threads, and a condvar signalled when it drops; and
@@ -309,6 +314,14 @@ impl JobShared {
                 ))
             }
         }
+    }
+
+    /// Wake workers waiting for a chunk, a release, the speed limit or a resume: a hook
+    /// has queued saved old data for them (cowbuf.rs).
+    fn wake_workers(&self) {
+        drop(self.lock());
+        self.control_cv.notify_all();
+        self.claims.wake_all();
     }
 
     fn put_buf(&self, b: AlignedBuf) {

@@ -123,6 +123,21 @@ pub struct BackupOptions {
     /// for a source that is a snapshot view ([`crate::Job::snapshot`]): a push from a
     /// fleecing view that leaves the scratch image empty at the end. Default false.
     pub discard_source: bool,
+    /// Memory in bytes in which `cow_before_write` may keep old data instead of writing
+    /// it to the target itself; 0 (default) = none. With room left, the hook reads the
+    /// old data of its clusters into memory and returns: the host's write waits for a
+    /// source read only, never for the target (its lock behind a worker's write, its
+    /// disk). A worker writes the data to the target soon after, before any background
+    /// chunk; failures of that write follow `on_target_error` (the host's write has
+    /// gone ahead, so it cannot be broken any more), and the job completes only when
+    /// every saved byte is in the target. A hook whose data does not fit copies into the
+    /// target as without the buffer. Snapshot view reads of saved clusters wait for
+    /// their write. Needs background workers: not with [`SyncMode::None`].
+    /// Also, while the host writes clusters not yet copied, at most one worker fewer than
+    /// the CPUs copies (the others rest until the host has been quiet for 0.5 s), so the
+    /// host's threads find a free CPU. Suggested: 16 MiB (what a few hundred 64 KiB host
+    /// writes touch), for low host write latency during a backup (PERFORMANCE.md).
+    pub cow_buffer: u64,
 }
 
 /// Smallest and largest cluster sizes.
@@ -153,6 +168,7 @@ impl Default for BackupOptions {
             bitmap: None,
             bitmap_mode: BitmapMode::OnSuccess,
             discard_source: false,
+            cow_buffer: 0,
         }
     }
 }
@@ -176,6 +192,7 @@ impl fmt::Debug for BackupOptions {
             .field("bitmap", &self.bitmap.as_ref().map(|b| b.info()))
             .field("bitmap_mode", &self.bitmap_mode)
             .field("discard_source", &self.discard_source)
+            .field("cow_buffer", &self.cow_buffer)
             .finish()
     }
 }
@@ -200,6 +217,12 @@ impl BackupOptions {
                 "max_chunk {} is invalid: it must be from {MIN_CLUSTER_SIZE} to {MAX_CHUNK_LIMIT}",
                 self.max_chunk
             )));
+        }
+        if self.cow_buffer > 0 && self.sync == SyncMode::None {
+            return Err(Error::invalid(
+                "cow_buffer needs background workers to write the saved data, and sync mode None has none: \
+                 set cow_buffer to 0 (the hook writes the scratch target itself)",
+            ));
         }
         if self.cbw_timeout == Some(Duration::ZERO) {
             return Err(Error::invalid("cbw_timeout must be positive (None: no limit)"));

@@ -8,9 +8,16 @@
 //! wait for the kernel's anti-starvation handoff (4 ms on this machine) and for a CPU.
 //! With the gate, a hook waits at most for the chunks already in flight.
 //!
-//! **The CPU**: workers lower their own CPU and I/O priority at start
-//! ([`WorkerPriority`]), so a host thread that wakes up to write (or to copy in the
-//! hook) gets a CPU at once instead of queueing behind two busy workers.
+//! **The CPU**, with `cow_buffer` set (the host's latency first): while the host is
+//! writing clusters not yet copied (a hook took its slow path in the last
+//! [`HOST_ACTIVE`]), at most one worker fewer than the CPUs copies ([`HostPace`]): on a
+//! 2-CPU machine one worker goes on and the other rests, so a host thread that wakes up
+//! to write finds a free CPU instead of queueing behind two busy workers (the scheduler
+//! may let a running worker finish its slice first: milliseconds). When the host stops
+//! writing, every worker copies again. Without `cow_buffer` every worker always copies:
+//! under a host writing without pause (the gate above already holds each chunk back up
+//! to 2 ms) resting workers would slow the backup down 2-3×. Workers can also lower
+//! their own CPU and I/O priority at start ([`WorkerPriority`], not the default).
 
 use std::time::Duration;
 
@@ -71,6 +78,65 @@ impl HookGate {
     }
 }
 
+/// A hook slow path this recent means the host is writing: pace the workers.
+pub(crate) const HOST_ACTIVE: Duration = Duration::from_millis(500);
+
+/// Longest a resting worker sleeps before it looks again (at the job's state too: a
+/// cancel waits for it at most this long).
+const MAX_REST: Duration = Duration::from_millis(20);
+
+/// When the host last needed the hook's slow path, and how many workers may copy
+/// meanwhile (see the module doc).
+pub(crate) struct HostPace {
+    epoch: std::time::Instant,
+    /// Nanoseconds after `epoch` of the last hook slow path, + 1 (0: never).
+    last: CachePadded<std::sync::atomic::AtomicU64>,
+    /// Workers numbered above this rest while the host writes.
+    busy_workers: usize,
+}
+
+impl HostPace {
+    /// Pacing for a machine with `cpus` CPUs available to this process.
+    pub fn new(cpus: usize) -> HostPace {
+        HostPace {
+            epoch: std::time::Instant::now(),
+            last: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
+            busy_workers: if cpus == usize::MAX { usize::MAX } else { cpus.saturating_sub(1).max(1) },
+        }
+    }
+
+    /// For this process, from `available_parallelism` (cgroup quota and affinity
+    /// included); `enabled` false: every worker always copies.
+    pub fn for_this_machine(enabled: bool) -> HostPace {
+        let cpus = if enabled { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { usize::MAX };
+        HostPace::new(cpus)
+    }
+
+    /// A hook takes its slow path (one clock read; never on the fast path).
+    pub fn host_wrote(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64 + 1;
+        self.last.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Worker number `n` (from 1) should rest now: the host wrote within `HOST_ACTIVE`
+    /// and `n` is above the number of workers that may copy meanwhile.
+    pub fn should_rest(&self, n: usize) -> bool {
+        if n <= self.busy_workers {
+            return false;
+        }
+        let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
+        last != 0 && self.epoch.elapsed().as_nanos() as u64 + 1 - last < HOST_ACTIVE.as_nanos() as u64
+    }
+
+    /// A resting worker's sleep: until `HOST_ACTIVE` after the host's last slow path
+    /// (then it looks again: at the host, and at the job's state), at most `MAX_REST`.
+    pub fn rest(&self) {
+        let last = Duration::from_nanos(self.last.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(1));
+        let left = (last + HOST_ACTIVE).saturating_sub(self.epoch.elapsed());
+        std::thread::sleep(left.clamp(Duration::from_millis(1), MAX_REST));
+    }
+}
+
 /// `ioprio_set` classes and target (linux/ioprio.h).
 const IOPRIO_CLASS_BE: libc::c_int = 2;
 const IOPRIO_CLASS_IDLE: libc::c_int = 3;
@@ -106,6 +172,27 @@ pub(crate) fn lower_this_thread(p: WorkerPriority) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workers_above_the_cpus_less_one_rest_while_the_host_writes() {
+        let two = HostPace::new(2);
+        assert!(!two.should_rest(2), "no host write yet");
+        two.host_wrote();
+        assert!(!two.should_rest(1), "the first worker always copies");
+        assert!(two.should_rest(2));
+        let four = HostPace::new(4);
+        four.host_wrote();
+        assert!(!four.should_rest(3));
+        assert!(four.should_rest(4));
+        let one = HostPace::new(1);
+        one.host_wrote();
+        assert!(!one.should_rest(1), "one CPU: the one worker still copies");
+        let off = HostPace::for_this_machine(false);
+        off.host_wrote();
+        assert!(!off.should_rest(64), "pacing off: every worker copies");
+        std::thread::sleep(HOST_ACTIVE + Duration::from_millis(50));
+        assert!(!two.should_rest(2), "the host went quiet: every worker copies");
+    }
 
     #[test]
     fn workers_wait_for_hooks_but_not_forever() {

@@ -281,6 +281,8 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         group: None,
         unservable,
         discard_source: opts.discard_source,
+        cowbuf: super::cowbuf::CowBuffer::new(opts.cow_buffer),
+        pace: super::priority::HostPace::for_this_machine(opts.cow_buffer > 0),
     }))))
 }
 

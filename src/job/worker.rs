@@ -9,29 +9,40 @@ use std::time::Duration;
 
 use super::claims::Claim;
 use super::copy::{Copied, Copier};
+use super::lifecycle::Next;
 use super::policy::Reaction;
 use super::{panic_error, JobShared};
 use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::trace::TraceEvent;
 
-/// Body of a worker thread `cowbackup-<id>-<n>`, with its copy buffer (allocated at
+/// Body of worker thread `cowbackup-<id>-<n>`, with its copy buffer (allocated at
 /// start for the longest run). A failure or a panic fails the job.
-pub(crate) fn run(job: &JobShared, mut buf: AlignedBuf) {
+pub(crate) fn run(job: &JobShared, n: usize, mut buf: AlignedBuf) {
     let _inside = super::reentry::enter(job.id);
     super::priority::lower_this_thread(job.worker_priority);
-    match catch_unwind(AssertUnwindSafe(|| work(job, &mut buf))) {
+    match catch_unwind(AssertUnwindSafe(|| work(job, n, &mut buf))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => job.fail(e),
         Err(p) => job.fail(panic_error("worker", p)),
     }
 }
 
-fn work(job: &JobShared, buf: &mut AlignedBuf) -> Result<()> {
+fn work(job: &JobShared, n: usize, buf: &mut AlignedBuf) -> Result<()> {
     let copier = job.copier();
     loop {
-        if !job.wait_runnable() {
-            return Ok(());
+        match job.wait_runnable() {
+            Next::Stop => return Ok(()),
+            Next::Saved => {
+                write_saved(job, &copier)?;
+                continue;
+            }
+            Next::Chunk => {}
+        }
+        // The host is writing: leave it a CPU (priority.rs).
+        if job.pace.should_rest(n) {
+            job.pace.rest();
+            continue;
         }
         // Hook copies first: no new chunk while one is copying (bounded, see priority.rs).
         job.hook_gate.yield_to_hooks(super::priority::MAX_YIELD);
@@ -121,4 +132,48 @@ fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, bu
             Ok(())
         }
     }
+}
+
+/// Write the oldest old data a hook saved in memory (cowbuf.rs) to the target and
+/// release its claim clean. On failure the target policy applies, but the data must
+/// never be lost while the job goes on (the source no longer holds it): `Stop` keeps
+/// it queued for the retry after `resume`; `Report` fails the job *before* the claim
+/// is released dirty, so no one copies the source's newer data in its place.
+fn write_saved(job: &JobShared, copier: &Copier<'_>) -> Result<()> {
+    let Some(mut saved) = job.cowbuf.pop() else {
+        return Ok(());
+    };
+    let claim = job.claims.take_saved(saved.clusters.clone());
+    let (off, len) = job.geo.byte_range(saved.clusters.clone());
+    // Never by copy offload from the source: it holds newer data now.
+    let result = copier.put(saved.clusters.clone(), saved.buf.slice_mut(len as usize), None);
+    let result = match result {
+        Ok(done) => {
+            claim.done();
+            job.stats.add(done);
+            job.trace(|| TraceEvent::ChunkCopied { job: job.id, offset: off, len, data: done.data, hook: true });
+            Ok(())
+        }
+        Err(e) => match job.reaction(&e) {
+            Reaction::Stop => {
+                job.stop_on_error(e);
+                claim.keep_saved();
+                job.cowbuf.push_front(saved);
+                return Ok(());
+            }
+            Reaction::Ignore => {
+                job.record_failed(off, len, e);
+                claim.done();
+                Ok(())
+            }
+            Reaction::Report => {
+                job.fail(e.clone());
+                drop(claim);
+                Err(e)
+            }
+        },
+    };
+    job.cowbuf.unreserve(saved.len);
+    job.put_buf(saved.buf);
+    result
 }

@@ -142,7 +142,7 @@ impl Model {
                 self.max_run,
                 &self.gate,
                 stop,
-                |run| self.copy(run, false),
+                |run| self.copy(run, false).map(|()| ((), false)),
                 |run, ()| self.count(run),
             )?;
         }
