@@ -3,6 +3,7 @@
 //! `Stop` with an operator's resume, bitmap marks, snapshot view reads — checked against
 //! a simple reference model after every step and at the end:
 //! - every view read equals the point-in-time image at those bytes;
+//! - with or without `cow_buffer` (half the sequences);
 //! - a job that reports success has a target equal to the point-in-time image on its
 //!   copy set (all of it for Full/Top, the bitmap's clusters for Bitmap);
 //! - the bitmap afterwards follows QEMU's rule (success: the marks made during the job;
@@ -107,6 +108,9 @@ fn run_one(seed: u64) {
         on_target_error: ErrorAction::Stop,
         bitmap: with_bitmap.then(|| bm.clone()),
         bitmap_mode: BitmapMode::OnSuccess,
+        // Half the sequences keep old data in memory (cowbuf.rs), in a buffer of 1 to 16
+        // clusters: hooks both save and copy; saved writes meet Stop faults and pauses.
+        cow_buffer: if sync != SyncMode::None && rng.below(2) == 0 { cluster * (1 + rng.below(16)) } else { 0 },
         ..Default::default()
     };
     let job = backup_start(src.clone(), target.clone(), opts).unwrap();
