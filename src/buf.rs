@@ -61,6 +61,16 @@ impl AlignedBuf {
         Ok(())
     }
 
+    /// The first `len` bytes (at most the capacity), read-only.
+    pub fn slice(&self, len: usize) -> &[u8] {
+        let len = len.min(self.cap);
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: ptr is valid for cap >= len initialised bytes, owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
+    }
+
     /// The first `len` bytes, growing the buffer as needed.
     pub fn slice_mut(&mut self, len: usize) -> &mut [u8] {
         self.reserve(len);

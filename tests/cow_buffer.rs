@@ -229,9 +229,10 @@ fn a_paused_job_writes_saved_data_but_no_chunk() {
     assert_same("target", &target.to_vec(), &data);
 }
 
-/// A snapshot view reading a saved cluster waits for its write and returns the old data.
+/// A snapshot view reads saved clusters from memory: the old data, at once, while the
+/// target has not got it yet, also while the job is paused by a failed saved write.
 #[test]
-fn a_view_read_of_saved_clusters_returns_the_old_data() {
+fn a_view_reads_saved_clusters_from_memory() {
     let size = 4 * MIB;
     let (source, data) = random_mem(size, 6);
     let target = WriteGate::new(size);
@@ -240,25 +241,52 @@ fn a_view_read_of_saved_clusters_returns_the_old_data() {
     let _open = OpenOnDrop(target.clone());
     let view = job.snapshot().unwrap();
     until("the worker blocked in its first target write", || target.waiting.load(Ordering::SeqCst) == 1);
-    let off = size - 2 * CS;
+    let off = size - 3 * CS;
     job.cow_before_write(off, 2 * CS).unwrap();
-    source.write_at(&vec![0x22; 2 * CS as usize], off).unwrap();
-    let done = AtomicBool::new(false);
-    thread::scope(|s| {
-        let reader = s.spawn(|| {
-            let mut b = vec![0u8; 2 * CS as usize];
-            view.read_at(&mut b, off).unwrap();
-            done.store(true, Ordering::SeqCst);
-            b
-        });
-        thread::sleep(Duration::from_millis(100));
-        assert!(!done.load(Ordering::SeqCst), "the view read returned before the saved data was written");
-        target.open();
-        let got = reader.join().unwrap();
-        assert_same("view read", &got, &data[off as usize..]);
-    });
+    source.write_at(&vec![0x22; 3 * CS as usize], off).unwrap();
+    // Saved (2 clusters) and not saved (the last one, copied by nobody yet) in one read,
+    // unaligned at both ends.
+    let (o, n) = (off + 100, 3 * CS - 200);
+    let mut b = vec![0u8; n as usize];
+    view.read_at(&mut b, o).unwrap();
+    // The last cluster was overwritten without a hook: outside the point in time the
+    // view promises, so only the saved part is compared.
+    assert_same(
+        "view read of saved clusters",
+        &b[..(2 * CS - 100) as usize],
+        &data[o as usize..(off + 2 * CS) as usize],
+    );
+    let st = view.block_status(off, 3 * CS).unwrap();
+    assert!(st.len >= 1 && st.len <= 2 * CS, "{st:?}");
+    target.open();
     wait_end(&job, END).unwrap();
-    assert_same("target", &target.inner.to_vec(), &data);
+}
+
+/// The job paused by a failed write of saved data: a view read of those clusters is
+/// served from memory instead of waiting for a resume that the reader itself would give.
+#[test]
+fn a_view_read_does_not_wait_for_a_job_paused_by_a_saved_write() {
+    let size = 4 * MIB;
+    let (mem, data) = random_mem(size, 10);
+    let source = Gate::new(mem.clone(), true);
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    let off = size - CS;
+    target.add(FaultRule::new(FaultOp::Write).range(off, CS).errno(libc::EIO).times(1));
+    let opts = BackupOptions { on_target_error: ErrorAction::Stop, cow_buffer: MIB, ..one_parked_worker() };
+    let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    let _open = source.open_on_drop();
+    let view = job.snapshot().unwrap();
+    wait_parked(&source);
+    job.cow_before_write(off, CS).unwrap();
+    mem.write_at(&vec![0xEE; CS as usize], off).unwrap();
+    source.open();
+    until("the saved write failed and paused the job", || job.info().state == JobState::Paused);
+    let mut b = vec![0u8; CS as usize];
+    view.read_at(&mut b, off).unwrap();
+    assert_same("view read while paused", &b, &data[off as usize..]);
+    job.resume().unwrap();
+    wait_end(&job, END).unwrap();
+    assert_same("target", &target.inner().to_vec(), &data);
 }
 
 /// Cancel with saved data queued: the job ends `Cancelled` at once.

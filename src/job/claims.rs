@@ -7,7 +7,9 @@
 //! - saved (only with `cow_buffer`, cowbuf.rs): a hook read its old data into memory
 //!   and returned; the claim stays in the table, bit still 1, until a worker has
 //!   written that data to the target. Hooks treat it as clean (the host may write
-//!   the source), workers skip it, snapshot views wait for it like for any claim;
+//!   the source), workers skip it, snapshot views read its old data from memory (a
+//!   read hold does not wait for it; the data is visible in the cow buffer before the
+//!   claim is marked saved, and until after its bits are cleared);
 //! - clean: its old data is in the target (bit 0); the host may write it.
 //!
 //! Rules (all under `table`'s mutex, never held across I/O):
@@ -325,7 +327,8 @@ impl Claims {
             if stop() {
                 return None;
             }
-            let copying = table.iter().any(|e| !e.hold && e.range.start < r.end && r.start < e.range.end);
+            // Saved claims do not stop a reader: it reads their old data from memory.
+            let copying = table.iter().any(|e| !e.hold && !e.saved && e.range.start < r.end && r.start < e.range.end);
             if !copying {
                 table.push(Entry { range: r.clone(), hold: true, saved: false });
                 return Some(Hold { owner: self, range: r });

@@ -18,7 +18,7 @@ enum HookCopy {
     /// Copied into the target.
     Copied(Copied),
     /// Old data read into memory, for a worker to write.
-    Saved(Saved),
+    Saved(Arc<Saved>),
 }
 
 impl Job {
@@ -129,7 +129,8 @@ impl JobShared {
             &self.hook_gate,
             stop,
             |r| match self.save_old_data(&copier, r.clone())? {
-                Some(saved) => Ok((HookCopy::Saved(saved), true)),
+                // Visible to snapshot views before the claim is marked saved (claims.rs).
+                Some(saved) => Ok((HookCopy::Saved(self.cowbuf.add(saved)), true)),
                 None => copier.copy(r, &mut buf).map(|done| (HookCopy::Copied(done), false)),
             },
             |r, done| match done {
@@ -142,7 +143,7 @@ impl JobShared {
                 HookCopy::Saved(saved) => {
                     copied += saved.len;
                     saved_any = true;
-                    self.cowbuf.push(saved);
+                    self.cowbuf.enqueue(saved);
                 }
             },
         );

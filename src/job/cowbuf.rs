@@ -11,18 +11,26 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::buf::AlignedBuf;
-use std::sync::{Mutex, MutexGuard};
 
 /// Old data of one saved claim: its clusters and a buffer holding exactly their bytes.
+/// Immutable once saved: a worker writes it while views may read it.
 pub(crate) struct Saved {
     pub clusters: Range<u64>,
     pub buf: AlignedBuf,
     pub len: u64,
 }
 
-/// The saved old data of one job, oldest first, within `capacity` bytes.
+impl Saved {
+    /// The saved bytes.
+    pub fn data(&self) -> &[u8] {
+        self.buf.slice(self.len as usize)
+    }
+}
+
+/// The saved old data of one job, within `capacity` bytes.
 pub(crate) struct CowBuffer {
     capacity: u64,
     state: Mutex<State>,
@@ -32,7 +40,11 @@ pub(crate) struct CowBuffer {
 struct State {
     /// Bytes reserved: saved, or being read by a hook that will save them.
     used: u64,
-    queue: VecDeque<Saved>,
+    /// Every saved claim not yet released, for snapshot views: added before the claim is
+    /// marked saved, removed only after its clusters are clean.
+    entries: Vec<Arc<Saved>>,
+    /// Saved claims for workers to write, oldest first.
+    queue: VecDeque<Arc<Saved>>,
 }
 
 impl CowBuffer {
@@ -58,30 +70,68 @@ impl CowBuffer {
         true
     }
 
-    /// Give back a reservation (the read failed, or the saved data was written).
+    /// Give back a reservation whose data was never added (the read failed).
     pub fn unreserve(&self, len: u64) {
         let mut s = self.lock();
         s.used = s.used.saturating_sub(len);
     }
 
-    /// Queue saved data (its room reserved) for a worker to write.
-    pub fn push(&self, saved: Saved) {
+    /// Make saved data (its room reserved) visible to snapshot views; call before its
+    /// claim is marked saved, and [`CowBuffer::enqueue`] after.
+    pub fn add(&self, saved: Saved) -> Arc<Saved> {
+        let saved = Arc::new(saved);
+        self.lock().entries.push(Arc::clone(&saved));
+        saved
+    }
+
+    /// Queue added data for a worker to write.
+    pub fn enqueue(&self, saved: Arc<Saved>) {
         self.lock().queue.push_back(saved);
     }
 
     /// Put saved data back at the head of the queue (its write failed; retried later).
-    pub fn push_front(&self, saved: Saved) {
+    pub fn push_front(&self, saved: Arc<Saved>) {
         self.lock().queue.push_front(saved);
     }
 
-    /// The oldest saved data, to write.
-    pub fn pop(&self) -> Option<Saved> {
+    /// The oldest queued data, to write. It stays visible to views until released.
+    pub fn pop(&self) -> Option<Arc<Saved>> {
         self.lock().queue.pop_front()
+    }
+
+    /// The data is in the target and its clusters are clean (or the job failed): forget
+    /// it and give back its room. Returns its buffer when nobody else holds it.
+    pub fn release(&self, saved: Arc<Saved>) -> Option<AlignedBuf> {
+        let mut s = self.lock();
+        if let Some(i) = s.entries.iter().position(|e| Arc::ptr_eq(e, &saved)) {
+            s.entries.swap_remove(i);
+            s.used = s.used.saturating_sub(saved.len);
+        }
+        drop(s);
+        Arc::try_unwrap(saved).ok().map(|s| s.buf)
     }
 
     /// Saved data is waiting to be written.
     pub fn pending(&self) -> bool {
         self.capacity != 0 && !self.lock().queue.is_empty()
+    }
+
+    /// For a view: the saved data covering cluster `c`, if any.
+    pub fn find(&self, c: u64) -> Option<Arc<Saved>> {
+        if self.capacity == 0 {
+            return None;
+        }
+        self.lock().entries.iter().find(|e| e.clusters.contains(&c)).cloned()
+    }
+
+    /// For a view: the first cluster after `c` and before `end` where saved data starts
+    /// (`end` if none).
+    pub fn next_start(&self, c: u64, end: u64) -> u64 {
+        if self.capacity == 0 {
+            return end;
+        }
+        let s = self.lock();
+        s.entries.iter().map(|e| e.clusters.start).filter(|&x| x > c && x < end).min().unwrap_or(end)
     }
 
     /// Bytes held now.
@@ -113,14 +163,24 @@ mod tests {
     fn queue_is_oldest_first_and_a_failed_write_goes_back_to_the_head() {
         let b = CowBuffer::new(1 << 20);
         for c in 0..3 {
-            b.push(Saved { clusters: c..c + 1, buf: AlignedBuf::new(), len: 0 });
+            let s = b.add(Saved { clusters: c * 2..c * 2 + 2, buf: AlignedBuf::new(), len: 0 });
+            b.enqueue(s);
         }
         assert!(b.pending());
         let first = b.pop().unwrap();
-        assert_eq!(first.clusters, 0..1);
+        assert_eq!(first.clusters, 0..2);
         b.push_front(first);
-        let order: Vec<_> = std::iter::from_fn(|| b.pop()).map(|s| s.clusters.start).collect();
-        assert_eq!(order, vec![0, 1, 2]);
+        let popped: Vec<_> = std::iter::from_fn(|| b.pop()).collect();
+        assert_eq!(popped.iter().map(|s| s.clusters.start).collect::<Vec<_>>(), vec![0, 2, 4]);
         assert!(!b.pending());
+        // Popped data stays visible to views until released.
+        assert_eq!(b.find(3).unwrap().clusters, 2..4);
+        assert_eq!(b.next_start(0, 10), 2);
+        assert_eq!(b.next_start(2, 4), 4);
+        for s in popped {
+            b.release(s);
+        }
+        assert!(b.find(3).is_none());
+        assert_eq!(b.next_start(0, 10), 10);
     }
 }

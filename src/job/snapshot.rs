@@ -156,8 +156,23 @@ impl BlockDriver for SnapshotView {
         let hold = self.hold(clusters.clone())?;
         let mut c = clusters.start;
         while c < clusters.end {
+            // Old data a hook saved in memory (cowbuf.rs), not yet in the target. Looked up
+            // before the bits: under the hold no cluster becomes saved, and saved data
+            // leaves the buffer only after its clusters are clean.
+            if let Some(saved) = job.cowbuf.find(c) {
+                let e = saved.clusters.end.min(clusters.end);
+                let (roff, rlen) = job.geo.byte_range(c..e);
+                let (from, to) = (roff.max(offset), (roff + rlen).min(end));
+                let base = saved.clusters.start << job.geo.shift;
+                let data = saved.data();
+                buf[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[(from - base) as usize..(to - base) as usize]);
+                c = e;
+                continue;
+            }
+            let next_saved = job.cowbuf.next_start(c, clusters.end);
             // A run of clusters all dirty (read the source) or all copied (read the target).
-            let (dirty, e) = job.claims.run_from(c, clusters.end);
+            let (dirty, e) = job.claims.run_from(c, next_saved);
             let (roff, rlen) = job.geo.byte_range(c..e);
             let (from, to) = (roff.max(offset), (roff + rlen).min(end));
             let piece = &mut buf[(from - offset) as usize..(to - offset) as usize];
@@ -198,7 +213,17 @@ impl BlockDriver for SnapshotView {
         let served_end = job.unservable.next_set(all.start, all.end).unwrap_or(all.end);
         let clusters = all.start..served_end;
         let hold = self.hold(clusters.clone())?;
-        let (dirty, e) = job.claims.run_from(clusters.start, clusters.end);
+        if let Some(saved) = job.cowbuf.find(clusters.start) {
+            // Old data in memory (cowbuf.rs): reported as data.
+            let (roff, rlen) = job.geo.byte_range(clusters.start..saved.clusters.end.min(clusters.end));
+            drop(hold);
+            if self.ended() {
+                return Err(self.stale());
+            }
+            return Ok(BlockStatus { len: (roff + rlen).min(end) - offset, flags: StatusFlags::DATA });
+        }
+        let next_saved = job.cowbuf.next_start(clusters.start, clusters.end);
+        let (dirty, e) = job.claims.run_from(clusters.start, next_saved);
         let (roff, rlen) = job.geo.byte_range(clusters.start..e);
         let run_end = (roff + rlen).min(end);
         let st = if dirty {

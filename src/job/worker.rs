@@ -138,16 +138,16 @@ fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, bu
 /// release its claim clean. On failure the target policy applies, but the data must
 /// never be lost while the job goes on (the source no longer holds it): `Stop` keeps
 /// it queued for the retry after `resume`; `Report` fails the job *before* the claim
-/// is released dirty, so no one copies the source's newer data in its place.
+/// is released dirty, so no one copies the source's newer data in its place. The data
+/// leaves the buffer only after its clusters are clean (views read it until then).
 fn write_saved(job: &JobShared, copier: &Copier<'_>) -> Result<()> {
-    let Some(mut saved) = job.cowbuf.pop() else {
+    let Some(saved) = job.cowbuf.pop() else {
         return Ok(());
     };
     let claim = job.claims.take_saved(saved.clusters.clone());
     let (off, len) = job.geo.byte_range(saved.clusters.clone());
     // Never by copy offload from the source: it holds newer data now.
-    let result = copier.put(saved.clusters.clone(), saved.buf.slice_mut(len as usize), None);
-    let result = match result {
+    let result = match copier.put(saved.clusters.clone(), saved.data(), None) {
         Ok(done) => {
             claim.done();
             job.stats.add(done);
@@ -173,7 +173,8 @@ fn write_saved(job: &JobShared, copier: &Copier<'_>) -> Result<()> {
             }
         },
     };
-    job.cowbuf.unreserve(saved.len);
-    job.put_buf(saved.buf);
+    if let Some(buf) = job.cowbuf.release(saved) {
+        job.put_buf(buf);
+    }
     result
 }
