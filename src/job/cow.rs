@@ -23,9 +23,10 @@ enum HookCopy {
 
 impl Job {
     /// Call before writing `[offset, offset + len)` of the source. Returns when the old
-    /// data of every cluster the range touches is in the target; then the write may go
-    /// ahead. Any byte range is accepted (unaligned, many clusters, the partial last
-    /// cluster); `len == 0` is a no-op.
+    /// data of every cluster the range touches is in the target (or, with
+    /// [`crate::BackupOptions::cow_buffer`] and room left, safe in the job's memory, for a
+    /// worker to write); then the write may go ahead. Any byte range is accepted
+    /// (unaligned, many clusters, the partial last cluster); `len == 0` is a no-op.
     ///
     /// Fast path: when every touched cluster is already copied this costs a few atomic
     /// loads and takes no lock. Otherwise the calling thread copies the dirty clusters

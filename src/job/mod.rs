@@ -5,6 +5,10 @@
 //! host write path ─► Job::cow_before_write ─► claims.rs: claim ─► copy.rs: read, zero?, write ─► claims.rs: release (bits cleared) ─► host writes
 //! worker.rs      ─► claims.rs: next dirty run, claim ─► copy.rs ─► claims.rs: release ─► progress
 //! ```
+//!
+//! With `cow_buffer` (cowbuf.rs, off by default) a hook with room in the buffer stops
+//! after the read: the claim stays, marked saved, and the host writes at once; a worker
+//! then writes the saved data (`worker.rs: write_saved`, before any chunk) and releases it.
 
 mod claims;
 mod copy;
