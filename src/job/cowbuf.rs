@@ -57,6 +57,11 @@ impl CowBuffer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The buffer is on (`cow_buffer` > 0).
+    pub fn enabled(&self) -> bool {
+        self.capacity != 0
+    }
+
     /// Reserve room for `len` bytes; false when they do not fit (or the buffer is off).
     pub fn reserve(&self, len: u64) -> bool {
         if self.capacity == 0 {

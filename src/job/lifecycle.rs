@@ -259,6 +259,7 @@ impl JobShared {
     /// throttled nor held back by `pause`; only a job paused by an error (its retry
     /// waits for `resume`) leaves it queued.
     pub(super) fn wait_runnable(&self) -> Next {
+        let _waiting = super::Waiting::new(&self.waiting_workers);
         let mut c = self.lock();
         loop {
             if self.stop.load(Ordering::Acquire) {

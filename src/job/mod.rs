@@ -37,7 +37,7 @@ pub use options::{
 
 use std::any::Any;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -224,6 +224,28 @@ pub(crate) struct JobShared {
     cowbuf: cowbuf::CowBuffer,
     /// When the host last took the hook's slow path: workers beyond the CPUs less one rest.
     pace: priority::HostPace,
+    /// Workers inside `wait_runnable` or waiting for a release: only then does a hook that
+    /// saved old data wake anyone (see `wake_workers`).
+    waiting_workers: AtomicUsize,
+}
+
+/// A worker counted in `JobShared::waiting_workers` while this lives.
+pub(crate) struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    /// Count the calling worker as waiting; the fence orders the count before the
+    /// worker's next look at the cow buffer (pairs with the one in `wake_workers`).
+    fn new(n: &'a AtomicUsize) -> Waiting<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A count of running hook helper threads, and a condvar signalled when it drops; and
@@ -320,9 +342,16 @@ impl JobShared {
         }
     }
 
-    /// Wake workers waiting for a chunk, a release, the speed limit or a resume: a hook
-    /// has queued saved old data for them (cowbuf.rs).
+    /// Wake workers waiting for a release, the speed limit or a resume: a hook has queued
+    /// saved old data for them (cowbuf.rs). Nobody is woken when no worker waits (a busy
+    /// worker looks at the buffer before its next chunk): no spurious wake-up of `wait`
+    /// callers and hooks on every host write. The fence pairs with the one in
+    /// [`Waiting::new`]: either this sees the worker counted, or the worker sees the data.
     fn wake_workers(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting_workers.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         drop(self.lock());
         self.control_cv.notify_all();
         self.claims.wake_all();

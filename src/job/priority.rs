@@ -29,6 +29,9 @@ use crate::sync::{AtomicUsize, Condvar, Instant, Mutex, Ordering};
 /// Longest a worker waits for hook copies at one time.
 pub(crate) const MAX_YIELD: Duration = Duration::from_millis(2);
 
+/// The same with `cow_buffer`, where a hook's slow path is a source read (tens of µs).
+pub(crate) const MAX_YIELD_BUFFERED: Duration = Duration::from_micros(200);
+
 /// Counts hook calls in their copying (slow) path; workers wait for it to be zero.
 #[derive(Default)]
 pub(crate) struct HookGate {

@@ -283,6 +283,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         discard_source: opts.discard_source,
         cowbuf: super::cowbuf::CowBuffer::new(opts.cow_buffer),
         pace: super::priority::HostPace::for_this_machine(opts.cow_buffer > 0),
+        waiting_workers: Default::default(),
     }))))
 }
 
