@@ -42,6 +42,11 @@ const PAGE_MAGIC: [u8; 4] = *b"CBPG";
 const VERSION: u32 = 1;
 /// Header flag: the bitmap records marks (enabled).
 pub(crate) const HEADER_RECORDING: u32 = 1;
+/// Sequence numbers and epochs only count up, one per switch, from 0 and 1: one at or
+/// above this is damage, and rejecting it keeps `seq + 1` and `epoch + 1` from wrapping
+/// (a header of seq `u64::MAX` would otherwise win over every later one, and a switch
+/// written after it would be lost on the next open; found by fuzz/bitmap_file).
+pub(crate) const MAX_COUNTER: u64 = 1 << 62;
 
 /// A corrupt-file error (`EBADMSG`) with a message.
 pub(crate) fn corrupt(msg: impl Into<String>) -> Error {
@@ -172,6 +177,12 @@ impl Header {
         if h.flags & !HEADER_RECORDING != 0 || b[76..].iter().any(|&x| x != 0) {
             return Err(corrupt(format!("header slot {slot}: unknown flags or fields")));
         }
+        if h.seq >= MAX_COUNTER || h.epoch >= MAX_COUNTER {
+            return Err(corrupt(format!(
+                "header slot {slot}: sequence number {} or epoch {} out of range",
+                h.seq, h.epoch
+            )));
+        }
         Geometry::new(h.size, h.granularity).map_err(|e| corrupt(format!("header slot {slot}: {}", e.message())))?;
         Ok(h)
     }
@@ -220,7 +231,11 @@ pub(crate) fn decode_page(b: &[u8; SECTOR], index: u64, slot: u8, uuid: &[u8; 16
     for (i, w) in words.iter_mut().enumerate() {
         *w = u64_at(b, PAGE_HEADER + 8 * i);
     }
-    Ok(Page { epoch: u64_at(b, 16), words })
+    let epoch = u64_at(b, 16);
+    if epoch >= MAX_COUNTER {
+        return Err(corrupt(format!("{}: epoch {epoch} out of range", at())));
+    }
+    Ok(Page { epoch, words })
 }
 
 #[cfg(test)]
@@ -258,6 +273,13 @@ mod tests {
             assert_eq!(decode_page(&bad, 4, 1, &[9; 16]).err().unwrap().errno(), libc::EBADMSG, "byte {i}");
         }
         assert!(decode_page(&[0; SECTOR], 0, 0, &[9; 16]).is_err());
+        // Counters that the next switch would wrap: damage, not a header that wins forever.
+        for (seq, epoch) in [(u64::MAX, 5), (7, u64::MAX), (MAX_COUNTER, 5)] {
+            let b = Header { seq, epoch, ..h }.encode();
+            assert_eq!(Header::decode(&b, 0).unwrap_err().errno(), libc::EBADMSG, "seq {seq} epoch {epoch}");
+        }
+        let p = encode_page(4, u64::MAX, &[9; 16], &words);
+        assert_eq!(decode_page(&p, 4, 0, &[9; 16]).err().unwrap().errno(), libc::EBADMSG);
     }
 
     #[test]
