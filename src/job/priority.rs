@@ -128,7 +128,7 @@ impl HostPace {
             return false;
         }
         let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
-        last != 0 && self.epoch.elapsed().as_nanos() as u64 + 1 - last < HOST_ACTIVE.as_nanos() as u64
+        last != 0 && (self.epoch.elapsed().as_nanos() as u64 + 1).saturating_sub(last) < HOST_ACTIVE.as_nanos() as u64
     }
 
     /// A resting worker's sleep: until `HOST_ACTIVE` after the host's last slow path
