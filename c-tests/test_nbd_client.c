@@ -5,6 +5,10 @@
  * server is installed. */
 #include "common.h"
 
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
 #include <signal.h>
 #include <spawn.h>
 #include <sys/stat.h>
@@ -23,7 +27,22 @@ static int have(const char *tool)
     return system(cmd) == 0;
 }
 
-/* Start the server on `sock`; wait (at most 20 s) until the socket exists. */
+/* The Unix socket `path` accepts a connection now. */
+static int accepts(const char *path)
+{
+    struct sockaddr_un a = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof a.sun_path)
+        return 0;
+    strcpy(a.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0)
+        return 0;
+    int ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+/* Start the server on `sock`; wait (at most 20 s) until it accepts connections. */
 static pid_t start_server(const char *dir, const char *sock)
 {
     char image[512], size[32];
@@ -42,9 +61,11 @@ static pid_t start_server(const char *dir, const char *sock)
         rc = posix_spawnp(&pid, "qemu-nbd", NULL, NULL, argv, environ);
     }
     REQUIRE(rc == 0);
+    /* Ready when it accepts a connection: the socket file exists as soon as the server
+     * binds, before it listens (a connect then is refused). Both servers take several
+     * clients (nbdkit; qemu-nbd --persistent), so the probe costs nothing. */
     for (int i = 0; i < 2000; i++) {
-        struct stat st;
-        if (stat(sock, &st) == 0)
+        if (accepts(sock))
             return pid;
         sleep_ms(10);
     }
