@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
-//!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,contention,scale] [--grid]
+//!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,qemu-guest,contention,scale] [--grid]
 //!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
 //!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client)
 //!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
@@ -29,6 +29,8 @@ mod latency;
 mod nbd;
 #[path = "bench/offload.rs"]
 mod offload;
+#[path = "bench/qemu_guest.rs"]
+mod qemu_guest;
 #[path = "bench/throughput.rs"]
 mod throughput;
 #[path = "bench/util.rs"]
@@ -66,13 +68,16 @@ impl Args {
 
 fn usage() -> &'static str {
     "usage: bench [--size 2G] [--runs 3] [--shm-dir /dev/shm] [--disk-dir /var/tmp/cowbackup-bench]\n\
-     \x20            [--no-disk] [--only throughput,offload,hook,guest,contention,scale] [--grid]\n\
+     \x20            [--no-disk] [--only throughput,offload,hook,guest,qemu-guest,contention,scale] [--grid]\n\
      \x20            [--scale-size 1T] [--extra-dir DIR]...\n\
      throughput: dd, qemu-img convert and cowbackup, each into a new file and into a preallocated one\n\
      offload: copy_file_range against read + write, 1 MiB requests, on tmpfs, the disk directory\n\
      \x20        (source cached, then cold) and every --extra-dir (cold; e.g. an XFS or Btrfs mount)\n\
      --grid: throughput of every workers {1,2,4} x max_chunk {64K,1M,4M} on tmpfs random data,\n\
      \x20       into preallocated files\n\
+     qemu-guest: guest writes over NBD during a full backup by QEMU (qemu-storage-daemon blockdev-backup,\n\
+     \x20           64 workers and x-perf max-workers 1) and by cowbackup (nbd::Server, defaults and cow_buffer\n\
+     \x20           16 MiB); BENCH_GUEST_THREADS (default 1,4), BENCH_QSD (the daemon's path)\n\
      incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
      snapshot view: --only view,fleece,scratch\n\
      NBD: --only nbd-server (nbdcopy from nbd::Server vs from qemu-nbd),\n\
@@ -305,11 +310,12 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 15] = [
+    let steps: [(&str, Step); 16] = [
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
         ("guest", guest::guest),
+        ("qemu-guest", qemu_guest::qemu_guest),
         ("contention", latency::contention),
         ("scale", scale),
         ("mark", incremental::mark),

@@ -1,0 +1,936 @@
+//! The guest scenario side by side with QEMU's backup job (issue 14): a guest writes
+//! over NBD into a live source image while a full backup of it runs, done once by QEMU
+//! (`blockdev-backup` in a `qemu-storage-daemon` that exports the source over NBD) and
+//! once by cowbackup (`nbd::Server` exporting the source through a driver that calls the
+//! running job's hook before each write). Same images, same client ([`NbdDriver`], one
+//! connection per writer thread), same writes: QD1 64 KiB at random 4 KiB-aligned
+//! offsets every 2 ms, 3 s without a backup (same server) and then during a whole
+//! backup. Every loaded backup is compared with a copy of the source taken just before
+//! it started: the writes went through the backup's copy-before-write (QEMU's filter
+//! node, cowbackup's hook) or the target would hold their data.
+//!
+//! Configurations: QEMU's defaults (64 block-copy workers), QEMU with `x-perf:
+//! {max-workers: 1}`, cowbackup's defaults, cowbackup with `cow_buffer` 16 MiB. Writer
+//! counts from `BENCH_GUEST_THREADS` (default "1,4"); `BENCH_QSD` names the
+//! `qemu-storage-daemon` binary (default: found in `PATH`).
+//!
+//! The QEMU daemon runs with the source (`file` + `raw`, node `src`), a target created
+//! beforehand at full size (`file` + `raw`, node `tgt`), an NBD server on a Unix socket
+//! with a writable export of `src`, and a QMP monitor on a Unix socket, spoken to by the
+//! minimal QMP client below. QEMU's backup time runs from `blockdev-backup` to
+//! `BLOCK_JOB_COMPLETED` plus an `fdatasync` of the target (cowbackup's job flushes its
+//! target before it completes; QEMU's flushes it only when the node is closed).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cowbackup::{backup_start, BackupOptions, BlockDriver, BlockStatus, FileDriver, Job, JobState, NbdDriver};
+use cowbackup::{NbdOptions, OpenFlags};
+
+use crate::util::*;
+use crate::Args;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// How long the daemon's QMP socket may take to accept a connection.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a QMP command may take to answer.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest writes without a backup.
+const IDLE: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------------------------------
+// What is compared
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq)]
+enum Engine {
+    /// QEMU's `blockdev-backup`; `Some(n)`: `x-perf: {max-workers: n}`.
+    Qemu(Option<u32>),
+    /// cowbackup's default options with this `cow_buffer`.
+    Cow(u64),
+}
+
+impl Engine {
+    fn label(self, qemu: &str) -> String {
+        match self {
+            Engine::Qemu(None) => format!("{qemu} blockdev-backup, defaults (64 block-copy workers)"),
+            Engine::Qemu(Some(w)) => format!("{qemu} blockdev-backup, x-perf max-workers {w}"),
+            Engine::Cow(0) => format!("cowbackup, defaults ({} workers)", BackupOptions::default().workers),
+            Engine::Cow(b) => format!("cowbackup, cow_buffer {}", fmt_bytes(b)),
+        }
+    }
+    fn short(self) -> String {
+        match self {
+            Engine::Qemu(None) => "QEMU defaults".into(),
+            Engine::Qemu(Some(w)) => format!("QEMU max-workers {w}"),
+            Engine::Cow(0) => "cowbackup defaults".into(),
+            Engine::Cow(b) => format!("cowbackup cow_buffer {}", fmt_bytes(b)),
+        }
+    }
+}
+
+/// Writer thread counts: `BENCH_GUEST_THREADS` (e.g. "1,2,4"), default 1 and 4.
+fn thread_counts() -> Vec<usize> {
+    std::env::var("BENCH_GUEST_THREADS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|&n| n > 0).collect::<Vec<_>>())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 4])
+}
+
+// ---------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------
+
+/// A directory this step created (it must not exist before), removed with its contents
+/// on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(parent: &Path, tag: &str) -> Result<TempDir, String> {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        let p = parent.join(format!("bench-qguest-{}-{tag}", std::process::id()));
+        std::fs::create_dir(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A new sparse file of `size` bytes at `path` (inside a [`TempDir`]; a previous target
+/// of this step is replaced).
+fn new_target(path: &Path, size: u64) -> Result<(), String> {
+    let _ = std::fs::remove_file(path);
+    let f = File::options().write(true).create_new(true).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.set_len(size).map_err(err)
+}
+
+fn verify(reference: &Path, target: &Path, who: &str) -> Result<(), String> {
+    match first_difference(reference, target).map_err(err)? {
+        None => Ok(()),
+        Some(at) => Err(format!("VERIFY FAILED: {who}'s backup differs from the point in time at byte {at}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// QMP: one JSON object per line; a command's answer is {"return": ...} or {"error": ...},
+// events ({"timestamp": ..., "event": NAME, ...}) can come in between.
+// ---------------------------------------------------------------------------------------
+
+/// `s` as a JSON string.
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// The JSON string that starts at `s` (after its opening quote), unescaped, up to its
+/// closing quote.
+fn json_read_str(s: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'n' => out.push('\n'),
+                't' => out.push('\t'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
+                }
+                c => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// The string value of the first `"key": "..."` in `line` (at any depth).
+fn json_get_str(line: &str, key: &str) -> Option<String> {
+    let pat = json_str(key);
+    let mut from = 0;
+    while let Some(i) = line[from..].find(&pat) {
+        let rest = line[from + i + pat.len()..].trim_start();
+        if let Some(v) = rest.strip_prefix(':') {
+            if let Some(v) = v.trim_start().strip_prefix('"') {
+                return json_read_str(v);
+            }
+        }
+        from += i + pat.len();
+    }
+    None
+}
+
+/// The first key of the object on `line`.
+fn json_first_key(line: &str) -> Option<String> {
+    json_read_str(line.trim_start().strip_prefix('{')?.trim_start().strip_prefix('"')?)
+}
+
+/// A QMP connection.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Events read while waiting for a command's answer.
+    events: VecDeque<String>,
+}
+
+impl Qmp {
+    /// Connect to an accepting socket, read the greeting, leave capabilities negotiation.
+    fn open(stream: UnixStream) -> Result<Qmp, String> {
+        stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(err)?;
+        let writer = stream.try_clone().map_err(err)?;
+        let mut q = Qmp { reader: BufReader::new(stream), writer, events: VecDeque::new() };
+        let greeting = q.line(Instant::now() + QMP_TIMEOUT)?;
+        if json_first_key(&greeting).as_deref() != Some("QMP") {
+            return Err(format!("not a QMP greeting: {greeting}"));
+        }
+        q.execute("qmp_capabilities", None)?;
+        Ok(q)
+    }
+
+    /// The next line, before `deadline`.
+    fn line(&mut self, deadline: Instant) -> Result<String, String> {
+        let mut buf = Vec::new();
+        loop {
+            match self.reader.read_until(b'\n', &mut buf) {
+                Ok(0) => return Err("QMP: the daemon closed the connection".into()),
+                Ok(_) if buf.ends_with(b"\n") => return Ok(String::from_utf8_lossy(&buf).trim().to_string()),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("QMP: {e}")),
+            }
+            if Instant::now() >= deadline {
+                return Err("QMP: no answer in time".into());
+            }
+        }
+    }
+
+    /// Run `command` with `args` (a JSON object) and return its answer line; events that
+    /// come first are kept for [`Qmp::wait_event`].
+    fn execute(&mut self, command: &str, args: Option<&str>) -> Result<String, String> {
+        let msg = match args {
+            Some(a) => format!("{{\"execute\": {}, \"arguments\": {a}}}\n", json_str(command)),
+            None => format!("{{\"execute\": {}}}\n", json_str(command)),
+        };
+        self.writer.write_all(msg.as_bytes()).map_err(|e| format!("QMP {command}: {e}"))?;
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        loop {
+            let line = self.line(deadline).map_err(|e| format!("{command}: {e}"))?;
+            match json_first_key(&line).as_deref() {
+                Some("return") => return Ok(line),
+                Some("error") => {
+                    let desc = json_get_str(&line, "desc").unwrap_or(line);
+                    return Err(format!("QMP {command} failed: {desc}"));
+                }
+                _ if json_get_str(&line, "event").is_some() => self.events.push_back(line),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next event named `name` (events of other names are dropped).
+    fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<String, String> {
+        while let Some(e) = self.events.pop_front() {
+            if json_get_str(&e, "event").as_deref() == Some(name) {
+                return Ok(e);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.line(deadline).map_err(|e| format!("waiting for {name}: {e}"))?;
+            if json_get_str(&line, "event").as_deref() == Some(name) {
+                return Ok(line);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// qemu-storage-daemon
+// ---------------------------------------------------------------------------------------
+
+/// `qemu-storage-daemon`, or `BENCH_QSD`.
+fn qsd_program() -> String {
+    std::env::var("BENCH_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into())
+}
+
+/// The first line of `qemu-storage-daemon --version`; `Err` when it does not run.
+fn qsd_version() -> Result<String, String> {
+    let prog = qsd_program();
+    let out = Command::new(&prog).arg("--version").stdin(Stdio::null()).output().map_err(|e| format!("{prog}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{prog} --version: {}", out.status));
+    }
+    let s = String::from_utf8_lossy(&out.stdout);
+    Ok(s.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// "QEMU 10.0.2" from "qemu-storage-daemon version 10.0.2 (Debian ...)".
+fn qemu_name(version_line: &str) -> String {
+    let mut w = version_line.split_whitespace();
+    match w.position(|x| x == "version").and_then(|_| w.next()) {
+        Some(v) => format!("QEMU {v}"),
+        None => "QEMU".into(),
+    }
+}
+
+/// A key=value option value with QEMU's comma escaping.
+fn opt_val(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// A running `qemu-storage-daemon` serving `src` over NBD with `tgt` as a spare node. It
+/// is stopped (SIGTERM, after 5 s SIGKILL) and reaped on drop, on every path.
+struct Daemon {
+    child: Option<Child>,
+    qmp: Qmp,
+    nbd_sock: PathBuf,
+    log: PathBuf,
+}
+
+/// The daemon's command line (shown in the report).
+fn qsd_args(src: &Path, tgt: &Path, nbd_sock: &Path, qmp_sock: &Path) -> Vec<String> {
+    vec![
+        "--blockdev".into(),
+        format!("driver=file,node-name=src-file,filename={}", opt_val(src)),
+        "--blockdev".into(),
+        "driver=raw,node-name=src,file=src-file".into(),
+        "--blockdev".into(),
+        format!("driver=file,node-name=tgt-file,filename={}", opt_val(tgt)),
+        "--blockdev".into(),
+        "driver=raw,node-name=tgt,file=tgt-file".into(),
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", opt_val(nbd_sock)),
+        "--export".into(),
+        "type=nbd,id=exp0,node-name=src,name=src,writable=on".into(),
+        "--chardev".into(),
+        format!("socket,id=qmp0,path={},server=on,wait=off", opt_val(qmp_sock)),
+        "--monitor".into(),
+        "chardev=qmp0".into(),
+    ]
+}
+
+/// Kill and reap `c` unless it has exited: SIGTERM, then SIGKILL after 5 s.
+fn stop_child(c: &mut Child) {
+    if c.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    while c.try_wait().ok().flatten().is_none() {
+        if t.elapsed() > Duration::from_secs(5) {
+            let _ = c.kill();
+            let _ = c.wait();
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Daemon {
+    /// Start the daemon with sockets and its log in `dir`; wait (at most 10 s) until its
+    /// QMP socket accepts, then negotiate QMP. Once QMP answers, every command-line option
+    /// has been processed: the NBD export is there.
+    fn start(src: &Path, tgt: &Path, dir: &Path) -> Result<Daemon, String> {
+        let (nbd_sock, qmp_sock, log) = (dir.join("qsd-nbd.sock"), dir.join("qsd-qmp.sock"), dir.join("qsd.log"));
+        for p in [&nbd_sock, &qmp_sock] {
+            let _ = std::fs::remove_file(p);
+        }
+        let logf = File::create(&log).map_err(err)?;
+        let mut cmd = Command::new(qsd_program());
+        cmd.args(qsd_args(src, tgt, &nbd_sock, &qmp_sock));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", qsd_program()))?;
+        let mut guard = ChildGuard(Some(child));
+        let t = Instant::now();
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(&qmp_sock) {
+                break s;
+            }
+            if let Ok(Some(st)) = guard.0.as_mut().expect("child").try_wait() {
+                return Err(format!("qemu-storage-daemon exited: {st}: {}", log_tail(&log)));
+            }
+            if t.elapsed() > START_TIMEOUT {
+                return Err(format!("qemu-storage-daemon: no QMP socket within 10 s: {}", log_tail(&log)));
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let qmp = Qmp::open(stream).map_err(|e| format!("{e}: {}", log_tail(&log)))?;
+        Ok(Daemon { child: guard.0.take(), qmp, nbd_sock, log })
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///src?socket={}", self.nbd_sock.display())
+    }
+
+    /// `blockdev-backup` of `src` into `tgt` (sync full; `x-perf` with `max_workers`),
+    /// its copy-before-write filter named `cbw`. Checks that the NBD export now writes
+    /// through that filter: the job put it above `src` and moved `src`'s parents to it.
+    fn start_backup(&mut self, max_workers: Option<u32>) -> Result<(), String> {
+        let perf = max_workers.map(|w| format!(", \"x-perf\": {{\"max-workers\": {w}}}")).unwrap_or_default();
+        let args = format!(
+            "{{\"job-id\": \"bk\", \"device\": \"src\", \"target\": \"tgt\", \"sync\": \"full\", \
+             \"filter-node-name\": \"cbw\"{perf}}}"
+        );
+        self.qmp.execute("blockdev-backup", Some(&args))?;
+        let exports = self.qmp.execute("query-block-exports", None)?;
+        match json_get_str(&exports, "node-name") {
+            Some(n) if n == "cbw" => Ok(()),
+            other => Err(format!(
+                "the NBD export is attached to {other:?}, not to the backup's copy-before-write filter: {exports}"
+            )),
+        }
+    }
+
+    /// Wait for the job's `BLOCK_JOB_COMPLETED` (an error in it fails), then `fdatasync`
+    /// the target file.
+    fn wait_backup(&mut self, tgt: &Path, timeout: Duration) -> Result<(), String> {
+        let ev = self.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout)?;
+        if json_get_str(&ev, "device").as_deref() != Some("bk") {
+            return Err(format!("unexpected job in {ev}"));
+        }
+        if let Some(e) = json_get_str(&ev, "error") {
+            return Err(format!("QEMU's backup failed: {e}"));
+        }
+        File::open(tgt).and_then(|f| f.sync_data()).map_err(|e| format!("fdatasync {}: {e}", tgt.display()))
+    }
+
+    /// `quit`, and wait (at most 10 s) for a clean exit; the drop kills it otherwise.
+    fn stop(mut self) -> Result<(), String> {
+        let _ = self.qmp.execute("quit", None);
+        let mut c = self.child.take().expect("child until stop");
+        let t = Instant::now();
+        let res = loop {
+            match c.try_wait() {
+                Ok(Some(st)) if st.success() => break Ok(()),
+                Ok(Some(st)) => break Err(format!("qemu-storage-daemon exited: {st}: {}", log_tail(&self.log))),
+                Ok(None) if t.elapsed() > Duration::from_secs(10) => {
+                    break Err("qemu-storage-daemon did not quit within 10 s".to_string())
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(5)),
+                Err(e) => break Err(err(e)),
+            }
+        };
+        stop_child(&mut c);
+        res
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            stop_child(c);
+        }
+    }
+}
+
+/// A child that is killed and reaped on drop (until taken).
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            stop_child(c);
+        }
+    }
+}
+
+/// The last lines of the daemon's stderr, for error messages.
+fn log_tail(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    if tail.is_empty() {
+        "(no output)".into()
+    } else {
+        tail
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cowbackup's side: the source exported through the hook
+// ---------------------------------------------------------------------------------------
+
+/// The source as cowbackup's NBD server exports it: every write (and zeroing, discard)
+/// first calls the hook of the running job, if any, as a host's block layer would.
+struct Hooked {
+    file: Arc<FileDriver>,
+    /// The running job. Lock: held only to clone or replace the `Arc`.
+    job: Mutex<Option<Arc<Job>>>,
+}
+
+impl Hooked {
+    fn set_job(&self, job: Option<Arc<Job>>) {
+        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = job;
+    }
+    fn hook(&self, offset: u64, len: u64) -> io::Result<()> {
+        let job = self.job.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match job {
+            Some(j) => j.cow_before_write(offset, len).map_err(io::Error::from),
+            None => Ok(()),
+        }
+    }
+}
+
+impl BlockDriver for Hooked {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.hook(offset, buf.len() as u64)?;
+        self.file.write_at(buf, offset)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.hook(offset, len)?;
+        self.file.write_zeroes_at(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.hook(offset, len)?;
+        self.file.discard(offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        self.file.block_status(offset, len)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The guest
+// ---------------------------------------------------------------------------------------
+
+/// `n` NBD clients of `uri`, one connection each.
+fn connect(uri: &str, n: usize) -> Result<Vec<NbdDriver>, String> {
+    let opts = NbdOptions { connections: 1, ..Default::default() };
+    (0..n).map(|_| NbdDriver::connect_with(uri, &opts).map_err(err)).collect()
+}
+
+/// A QD1 writer until `done`: 64 KiB at random 4 KiB-aligned offsets every 2 ms; the
+/// time of each write in ns.
+fn writer(dev: &NbdDriver, done: &AtomicBool, seed: u64) -> Result<Vec<u64>, String> {
+    let mut rng = Rng(seed | 1);
+    let mut buf = vec![0u8; CLUSTER as usize];
+    rng.fill(&mut buf);
+    let size = dev.size();
+    let mut out = Vec::new();
+    while !done.load(Ordering::Acquire) {
+        let off = rng.next() % ((size - CLUSTER) / 4096) * 4096;
+        buf[..8].copy_from_slice(&rng.next().to_le_bytes());
+        let t = Instant::now();
+        dev.write_at(&buf, off).map_err(|e| format!("guest write at {off}: {e}"))?;
+        out.push(t.elapsed().as_nanos() as u64);
+        thread::sleep(Duration::from_millis(2));
+    }
+    Ok(out)
+}
+
+/// One writer per client in `devs` until `body` returns; all their write times.
+fn writers<T>(devs: &[NbdDriver], seed: u64, body: impl FnOnce() -> T) -> Result<(Vec<u64>, T), String> {
+    let done = AtomicBool::new(false);
+    thread::scope(|s| {
+        let hs: Vec<_> = devs
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let done = &done;
+                s.spawn(move || writer(d, done, seed * 31 + k as u64))
+            })
+            .collect();
+        let r = body();
+        done.store(true, Ordering::Release);
+        let mut all = Vec::new();
+        for h in hs {
+            all.extend(h.join().map_err(|_| "writer panicked".to_string())??);
+        }
+        Ok((all, r))
+    })
+}
+
+/// One measurement: write times without and during a backup, and the backup's seconds.
+struct Sample {
+    idle: Vec<u64>,
+    busy: Vec<u64>,
+    secs: f64,
+}
+
+/// Where one place's files are.
+struct Place<'a> {
+    src: &'a Path,
+    dst: &'a Path,
+    /// The point-in-time copy (always on tmpfs).
+    refp: &'a Path,
+    /// Sockets and the daemon's log.
+    sockdir: &'a Path,
+    size: u64,
+    disk: bool,
+}
+
+impl Place<'_> {
+    /// Drop the page cache before a backup on disk; false when not permitted.
+    fn cold(&self) -> bool {
+        !self.disk || drop_caches()
+    }
+    /// A generous bound for one backup.
+    fn backup_timeout(&self) -> Duration {
+        Duration::from_secs(300 + self.size / (10 * MIB))
+    }
+}
+
+/// QEMU backing up with no writers: seconds.
+fn qemu_alone(p: &Place, max_workers: Option<u32>) -> Result<f64, String> {
+    new_target(p.dst, p.size)?;
+    let mut d = Daemon::start(p.src, p.dst, p.sockdir)?;
+    p.cold();
+    let t = Instant::now();
+    d.start_backup(max_workers)?;
+    d.wait_backup(p.dst, p.backup_timeout())?;
+    let secs = t.elapsed().as_secs_f64();
+    d.stop()?;
+    Ok(secs)
+}
+
+/// QEMU: `n` writers for 3 s, then during a backup; the target verified.
+fn qemu_loaded(p: &Place, max_workers: Option<u32>, n: usize, seed: u64) -> Result<Sample, String> {
+    new_target(p.dst, p.size)?;
+    let mut d = Daemon::start(p.src, p.dst, p.sockdir)?;
+    let devs = connect(&d.uri(), n)?;
+    let (idle, ()) = writers(&devs, seed, || thread::sleep(IDLE))?;
+    std::fs::copy(p.src, p.refp).map_err(err)?;
+    p.cold();
+    let t = Instant::now();
+    d.start_backup(max_workers)?;
+    let timeout = p.backup_timeout();
+    let (busy, r) = writers(&devs, seed + 1, || d.wait_backup(p.dst, timeout).map(|()| t.elapsed().as_secs_f64()))?;
+    let secs = r?;
+    drop(devs);
+    d.stop()?;
+    verify(p.refp, p.dst, "QEMU")?;
+    Ok(Sample { idle, busy, secs })
+}
+
+fn cow_opts(cow_buffer: u64) -> BackupOptions {
+    BackupOptions { cow_buffer, ..Default::default() }
+}
+
+/// cowbackup backing up with no writers (in this process): seconds.
+fn cow_alone(p: &Place, cow_buffer: u64) -> Result<f64, String> {
+    let source = Arc::new(FileDriver::open(p.src, OpenFlags::empty()).map_err(err)?);
+    let _ = std::fs::remove_file(p.dst);
+    let target = Arc::new(FileDriver::create(p.dst, p.size).map_err(err)?);
+    p.cold();
+    let t = Instant::now();
+    let job = backup_start(source, target, cow_opts(cow_buffer)).map_err(err)?;
+    job.wait().map_err(err)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// cowbackup: the source exported by `nbd::Server` through [`Hooked`]; `n` writers for
+/// 3 s, then during a backup; the target verified.
+fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample, String> {
+    let source = Arc::new(FileDriver::open(p.src, OpenFlags::WRITE).map_err(err)?);
+    let hooked = Arc::new(Hooked { file: source.clone(), job: Mutex::new(None) });
+    let sock = p.sockdir.join("cow-nbd.sock");
+    let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
+    server.add("src", hooked.clone(), true).map_err(err)?;
+    let devs = connect(&format!("nbd+unix:///src?socket={}", sock.display()), n)?;
+    let (idle, ()) = writers(&devs, seed, || thread::sleep(IDLE))?;
+    std::fs::copy(p.src, p.refp).map_err(err)?;
+    let _ = std::fs::remove_file(p.dst);
+    let target = Arc::new(FileDriver::create(p.dst, p.size).map_err(err)?);
+    p.cold();
+    let t = Instant::now();
+    let job = Arc::new(backup_start(source, target, cow_opts(cow_buffer)).map_err(err)?);
+    hooked.set_job(Some(job.clone()));
+    let w = writers(&devs, seed + 1, || job.wait().map(|()| t.elapsed().as_secs_f64()));
+    hooked.set_job(None);
+    drop(devs);
+    server.stop();
+    let (busy, r) = w?;
+    let secs = r.map_err(err)?;
+    if job.info().state != JobState::Completed {
+        return Err(format!("cowbackup's job ended {:?}", job.info().state));
+    }
+    drop(job);
+    verify(p.refp, p.dst, "cowbackup")?;
+    Ok(Sample { idle, busy, secs })
+}
+
+// ---------------------------------------------------------------------------------------
+// Results
+// ---------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Lat {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    max: u64,
+    writes: usize,
+}
+
+impl Lat {
+    fn add(&mut self, mut ns: Vec<u64>) {
+        ns.sort_unstable();
+        self.writes += ns.len();
+        self.p50.push(quantile(&ns, 0.5) as f64);
+        self.p99.push(quantile(&ns, 0.99) as f64);
+        self.max = self.max.max(ns.last().copied().unwrap_or(0));
+    }
+    fn p99(&self) -> f64 {
+        summary(&self.p99).median
+    }
+    fn fmt(&self) -> String {
+        let (a, b) = (summary(&self.p50), summary(&self.p99));
+        format!(
+            "p50 {} ({}–{}), p99 {} ({}–{}), max {}",
+            fmt_ns(a.median),
+            fmt_ns(a.min),
+            fmt_ns(a.max),
+            fmt_ns(b.median),
+            fmt_ns(b.min),
+            fmt_ns(b.max),
+            fmt_ns(self.max as f64)
+        )
+    }
+}
+
+/// Results of one engine and one writer count.
+#[derive(Default)]
+struct PerN {
+    idle: Lat,
+    busy: Lat,
+    t_loaded: Vec<f64>,
+}
+
+/// Results of one engine.
+struct PerEngine {
+    engine: Engine,
+    t_alone: Vec<f64>,
+    per_n: Vec<PerN>,
+    /// Why the engine was left out (QEMU refused its options).
+    skipped: Option<String>,
+}
+
+/// Guest write latency over NBD without and during a full backup by QEMU (64 workers,
+/// 1 worker) and by cowbackup (defaults, `cow_buffer` 16 MiB), and each backup's time
+/// with and without the guest; tmpfs and (unless `--no-disk`) disk.
+pub fn qemu_guest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
+    let version = match qsd_version() {
+        Ok(v) => v,
+        Err(e) => {
+            rows.push(Row {
+                scenario: "qemu-guest: guest writes over NBD during QEMU's backup job vs cowbackup's".into(),
+                cowbackup: format!("skipped: qemu-storage-daemon is needed ({e})"),
+                baseline: String::new(),
+                ratio: String::new(),
+                target: String::new(),
+            });
+            eprintln!("qemu-guest: skipped: {e}");
+            return Ok(());
+        }
+    };
+    let shm = TempDir::new(&a.shm_dir, "shm")?;
+    let (s, t) = (Path::new("SRC"), Path::new("TGT"));
+    let (n, q) = (shm.0.join("qsd-nbd.sock"), shm.0.join("qsd-qmp.sock"));
+    eprintln!("qemu-guest: {} {}", qsd_program(), qsd_args(s, t, &n, &q).join(" "));
+    let mut places = vec![(shm.0.clone(), false)];
+    let disk_dir = if a.disk { Some(TempDir::new(&a.disk_dir, "disk")?) } else { None };
+    if let Some(d) = &disk_dir {
+        places.push((d.0.clone(), true));
+    }
+    for (dir, disk) in places {
+        place(a, &dir, &shm.0, disk, &version, rows)?;
+    }
+    Ok(())
+}
+
+fn place(a: &Args, dir: &Path, shm: &Path, disk: bool, version: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+    let (src, dst, refp) = (dir.join("src.img"), dir.join("dst.img"), shm.join("ref.img"));
+    let p = Place { src: &src, dst: &dst, refp: &refp, sockdir: shm, size: a.size, disk };
+    let mut where_ = fs_name(dir);
+    let qemu = qemu_name(version);
+    let counts = thread_counts();
+    let engines = [Engine::Qemu(None), Engine::Qemu(Some(1)), Engine::Cow(0), Engine::Cow(16 << 20)];
+    let mut res: Vec<PerEngine> = engines
+        .iter()
+        .map(|&engine| PerEngine {
+            engine,
+            t_alone: vec![],
+            per_n: counts.iter().map(|_| PerN::default()).collect(),
+            skipped: None,
+        })
+        .collect();
+    eprint!("qemu-guest: {where_}, {} random source, {counts:?} writers, {version} ", fmt_bytes(a.size));
+    if disk && !drop_caches() {
+        where_ = format!("{where_}, WARM cache");
+    }
+    let mut run_all = || -> Result<(), String> {
+        make_image(&src, a.size, Data::Random).map_err(err)?;
+        for run in 0..a.runs {
+            // Rotate the order of the engines and of the writer counts from run to run.
+            for i in 0..res.len() {
+                let e = &mut res[(i + run) % engines.len()];
+                if e.skipped.is_some() {
+                    continue;
+                }
+                let alone = match e.engine {
+                    Engine::Qemu(w) => qemu_alone(&p, w),
+                    Engine::Cow(b) => cow_alone(&p, b),
+                };
+                match alone {
+                    Ok(s) => e.t_alone.push(s),
+                    Err(m) if matches!(e.engine, Engine::Qemu(Some(_))) && m.contains("x-perf") => {
+                        e.skipped = Some(m);
+                        continue;
+                    }
+                    Err(m) => return Err(m),
+                }
+                for j in 0..counts.len() {
+                    let k = (j + run) % counts.len();
+                    let n = counts[k];
+                    let seed = (run * 100 + n) as u64;
+                    let s = match e.engine {
+                        Engine::Qemu(w) => qemu_loaded(&p, w, n, seed)?,
+                        Engine::Cow(b) => cow_loaded(&p, b, n, seed)?,
+                    };
+                    let pn = &mut e.per_n[k];
+                    pn.idle.add(s.idle);
+                    pn.busy.add(s.busy);
+                    pn.t_loaded.push(s.secs);
+                    eprint!(".");
+                }
+            }
+        }
+        Ok(())
+    };
+    let r = run_all();
+    eprintln!();
+    for f in [&src, &dst, &refp] {
+        let _ = std::fs::remove_file(f);
+    }
+    r?;
+    let size = a.size;
+    println!();
+    println!(
+        "qemu-guest, {where_}, {}: guest p99 during / without a backup, backup speed loaded (unloaded)",
+        fmt_bytes(size)
+    );
+    for (k, &n) in counts.iter().enumerate() {
+        let mut side = Vec::new();
+        for e in &res {
+            let label = e.engine.label(&qemu);
+            if let Some(m) = &e.skipped {
+                rows.push(Row {
+                    scenario: format!("qemu-guest: {label}"),
+                    cowbackup: format!("skipped: {m}"),
+                    baseline: String::new(),
+                    ratio: String::new(),
+                    target: String::new(),
+                });
+                continue;
+            }
+            let p = &e.per_n[k];
+            let (ta, tl) = (summary(&e.t_alone), summary(&p.t_loaded));
+            let ratio = p.busy.p99() / p.idle.p99();
+            let speed = ta.median / tl.median;
+            let is_cow = matches!(e.engine, Engine::Cow(_));
+            let checks = format!("{}; {}", check(ratio <= 3.0, "p99 ≤ 3×"), check(speed >= 0.5, "backup ≥ 50 % speed"));
+            rows.push(Row {
+                scenario: format!(
+                    "qemu-guest: {n} writer(s) over NBD, each QD1 64 KiB random writes every 2 ms, during a {} full \
+                     backup ({where_}; {label}; {} writes, targets verified)",
+                    fmt_bytes(size),
+                    p.busy.writes
+                ),
+                cowbackup: format!("{}; backup {}", p.busy.fmt(), fmt_rate(size, tl)),
+                baseline: format!(
+                    "3 s without a backup, same server: {}; backup alone {}",
+                    p.idle.fmt(),
+                    fmt_rate(size, ta)
+                ),
+                ratio: format!("{ratio:.2}× p99; backup at {:.0} % of its unloaded speed", speed * 100.0),
+                target: if is_cow { checks } else { format!("(reference) {checks}") },
+            });
+            println!(
+                "  {n} writer(s), {:<28} p99 {:>9} / {:>9} = {ratio:5.2}×, backup {:.2} GiB/s ({:.2} GiB/s alone, {:.0} %)",
+                e.engine.short(),
+                fmt_ns(p.busy.p99()),
+                fmt_ns(p.idle.p99()),
+                size as f64 / GIB as f64 / tl.median,
+                size as f64 / GIB as f64 / ta.median,
+                speed * 100.0
+            );
+            side.push((e.engine, ratio, p.busy.p99(), size as f64 / GIB as f64 / tl.median, speed));
+        }
+        let fmt_side = |cow: bool| {
+            side.iter()
+                .filter(|s| matches!(s.0, Engine::Cow(_)) == cow)
+                .map(|s| {
+                    format!(
+                        "{}: p99 {} ({:.2}×), backup {:.2} GiB/s ({:.0} %)",
+                        s.0.short(),
+                        fmt_ns(s.2),
+                        s.1,
+                        s.3,
+                        s.4 * 100.0
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let qemu_p99 = side.iter().find(|s| s.0 == Engine::Qemu(None)).map(|s| s.2);
+        let vs = side
+            .iter()
+            .filter(|s| matches!(s.0, Engine::Cow(_)))
+            .filter_map(|s| qemu_p99.map(|q| format!("{}: {:.2}×", s.0.short(), q / s.2)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        rows.push(Row {
+            scenario: format!(
+                "qemu-guest summary: {n} writer(s), {where_}, {}: p99 during the backup (× without), backup speed \
+                 with the guest (% of alone)",
+                fmt_bytes(size)
+            ),
+            cowbackup: fmt_side(true),
+            baseline: format!("{qemu}: {}", fmt_side(false)),
+            ratio: if vs.is_empty() { String::new() } else { format!("QEMU defaults p99 / cowbackup p99: {vs}") },
+            target: String::new(),
+        });
+    }
+    Ok(())
+}
