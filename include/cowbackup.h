@@ -1490,11 +1490,14 @@ int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t e
  follows the target error policy (`cowbackup_options_set_on_target_error`: the host's write
  has gone ahead, it cannot be failed any more), and the job completes only when every saved
  byte is in the target. Old data that does not fit is copied by the hook as without a
- buffer. Snapshot view reads of saved clusters wait for their write. A job with
+ buffer. Snapshot views read saved clusters from memory. A job with
  `COWBACKUP_SYNC_NONE` has no workers to write the data: `cowbackup_backup_start` then
- rejects a non-zero buffer with -EINVAL. With a buffer, while the host writes clusters not
- yet copied, at most one worker fewer than the CPUs copies (the others rest until the host
- has been quiet for 0.5 s), so host threads find a free CPU. Suggested: 16 MiB, for low
+ rejects a non-zero buffer with -EINVAL. With a buffer and `COWBACKUP_WORKER_PRIORITY_NORMAL`
+ (the default) the job also runs a second set of workers, `cowbackup-<id>-<workers + 1>` to
+ `-<2 x workers>`, at `SCHED_IDLE` (the night shift): while the host writes clusters not yet
+ copied (a hook needed a copy in the last 0.5 s) they copy and the first set rests, so host
+ threads always find a CPU; when the host is quiet the first set copies. The cost: while the
+ host writes, the backup gets only CPU time nothing else wants. Suggested: 16 MiB, for low
  host write latency during a backup. Errors: -EINVAL (NULL `o`).
 
  # Safety

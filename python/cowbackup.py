@@ -2037,10 +2037,12 @@ def backup_start(
       hook only reads the old data and returns, so the host's write never waits for the
       target; a worker writes it soon after (its failures follow ``on_target_error``, and
       the job completes only when all of it is in the target). Old data that does not fit
-      is copied by the hook as usual. While the host writes uncopied clusters, at most one
-      worker fewer than the CPUs copies, so host threads find a free CPU. Not with
-      ``sync="none"``. Suggested: 16 MiB, for low host write latency during a backup
-      (PERFORMANCE.md).
+      is copied by the hook as usual. With the default ``worker_priority`` the job also
+      runs a second set of workers at ``SCHED_IDLE`` that copy while the host writes
+      uncopied clusters (the first set rests meanwhile), so host threads always find a
+      CPU; the cost is that, while the host writes, the backup gets only CPU time nothing
+      else wants. Not with ``sync="none"``. Suggested: 16 MiB, for low host write latency
+      during a backup (PERFORMANCE.md).
     - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
       (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
       (pause with ``info().error``; :meth:`Job.resume` retries), ``"enospc"`` (stop on

@@ -61,6 +61,11 @@ impl AlignedBuf {
         Ok(())
     }
 
+    /// Bytes allocated.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
     /// The first `len` bytes (at most the capacity), read-only.
     pub fn slice(&self, len: usize) -> &[u8] {
         let len = len.min(self.cap);

@@ -526,6 +526,40 @@ fn worker_priority_takes_effect() {
     }
 }
 
+/// With `cow_buffer` and the default priority the job runs two shifts (priority.rs):
+/// workers `-1`, `-2` as their starter, copying while the host is quiet, and `-3`, `-4`
+/// at `SCHED_IDLE`, resting until the host writes a cluster not yet copied, and then
+/// copying. The backup is still the point in time.
+#[test]
+fn a_cow_buffer_job_has_a_night_shift_at_idle_priority() {
+    // SAFETY: gettid takes no arguments.
+    let me = sched_of(unsafe { libc::gettid() });
+    let size = 8 * MIB;
+    let data: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
+    let source = Gate::new(MemDriver::from_bytes(&data).unwrap(), true);
+    let target = Arc::new(MemDriver::new(size).unwrap());
+    let opts = BackupOptions { workers: 2, max_chunk: 64 * KIB, cow_buffer: MIB, ..Default::default() };
+    let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+    let _open = source.open_on_drop();
+    // The host is quiet: the day shift copies (parked in its first reads), the night rests.
+    wait_parked_n(&source, 2);
+    let tids = worker_tids(job.id(), 4);
+    assert_eq!(tids.len(), 4, "four worker threads");
+    let policies: Vec<i32> = tids.iter().map(|&t| sched_of(t).0).collect();
+    assert_eq!(policies.iter().filter(|&&p| p == libc::SCHED_IDLE).count(), 2, "night shift: {policies:?}");
+    assert_eq!(policies.iter().filter(|&&p| p == me.0).count(), 2, "day shift as its starter: {policies:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(source.parked().len(), 2, "the night shift copied while the host was quiet");
+    // The host writes a cluster far from the day shift: the night shift starts copying.
+    job.cow_before_write(size - 64 * KIB, 4096).unwrap();
+    source.inner.write_at(&[0xEE; 4096], size - 64 * KIB).unwrap();
+    wait_parked_n(&source, 4);
+    source.open();
+    wait_end(&job, END).unwrap();
+    assert_eq!(job.info().state, JobState::Completed);
+    assert_eq!(target.to_vec(), data, "the backup is the point in time");
+}
+
 /// Real files, real writers, checked by a real peer: `qemu-img compare`.
 #[test]
 fn qemu_img_compare_agrees() {

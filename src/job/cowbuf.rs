@@ -57,6 +57,11 @@ impl CowBuffer {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Bytes it may hold (`cow_buffer`).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     /// The buffer is on (`cow_buffer` > 0).
     pub fn enabled(&self) -> bool {
         self.capacity != 0

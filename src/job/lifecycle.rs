@@ -352,8 +352,9 @@ impl JobShared {
             return self.flush_target();
         }
         thread::scope(|scope| {
-            let mut workers = Vec::with_capacity(self.workers);
-            for n in 1..=self.workers {
+            let count = if self.pace.shifts() { 2 * self.workers } else { self.workers };
+            let mut workers = Vec::with_capacity(count);
+            for n in 1..=count {
                 let buf = self.worker_bufs.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
                 let r = thread::Builder::new()
                     .name(format!("cowbackup-{}-{}", self.id, n))

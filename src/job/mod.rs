@@ -194,7 +194,9 @@ pub(crate) struct JobShared {
     control_cv: Condvar,
     /// Hook calls copying now: workers start no new chunk meanwhile (see priority.rs).
     hook_gate: HookGate,
-    /// Spare hook buffers. Protected by this mutex.
+    /// Spare hook buffers: at most 16, or with a cow buffer as many as its capacity
+    /// holds (a saved claim's buffer comes back when a worker has written it; a fresh
+    /// one would cost the hook a page fault per 4 KiB). Protected by this mutex.
     bufs: Mutex<Vec<AlignedBuf>>,
     on_complete: Option<CompletionFn>,
     on_source_error: ErrorAction,
@@ -359,7 +361,9 @@ impl JobShared {
 
     fn put_buf(&self, b: AlignedBuf) {
         let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-        if bufs.len() < 16 {
+        if bufs.len() < 16
+            || bufs.iter().map(|b| b.capacity() as u64).sum::<u64>() + b.capacity() as u64 <= self.cowbuf.capacity()
+        {
             bufs.push(b);
         }
     }

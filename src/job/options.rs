@@ -131,12 +131,16 @@ pub struct BackupOptions {
     /// chunk; failures of that write follow `on_target_error` (the host's write has
     /// gone ahead, so it cannot be broken any more), and the job completes only when
     /// every saved byte is in the target. A hook whose data does not fit copies into the
-    /// target as without the buffer. Snapshot view reads of saved clusters wait for
-    /// their write. Needs background workers: not with [`SyncMode::None`].
-    /// Also, while the host writes clusters not yet copied, at most one worker fewer than
-    /// the CPUs copies (the others rest until the host has been quiet for 0.5 s), so the
-    /// host's threads find a free CPU. Suggested: 16 MiB (what a few hundred 64 KiB host
-    /// writes touch), for low host write latency during a backup (PERFORMANCE.md).
+    /// target as without the buffer. Snapshot views read saved clusters from memory.
+    /// Needs background workers: not with [`SyncMode::None`].
+    /// With [`WorkerPriority::Normal`] (the default) the job also runs a second set of
+    /// `workers` threads at `SCHED_IDLE`, the night shift: while the host writes clusters
+    /// not yet copied (a hook needed a copy in the last 0.5 s) they copy and the others
+    /// rest, so a host thread always finds a CPU; when the host is quiet the normal
+    /// workers copy. The cost: while the host writes, the backup gets only CPU time
+    /// nothing else wants (on a machine busy with other work it slows down, or waits until
+    /// the host pauses). Suggested: 16 MiB (what a few hundred 64 KiB host writes touch),
+    /// for low host write latency during a backup (PERFORMANCE.md).
     pub cow_buffer: u64,
 }
 

@@ -8,16 +8,24 @@
 //! wait for the kernel's anti-starvation handoff (4 ms on this machine) and for a CPU.
 //! With the gate, a hook waits at most for the chunks already in flight.
 //!
-//! **The CPU**, with `cow_buffer` set (the host's latency first): while the host is
-//! writing clusters not yet copied (a hook took its slow path in the last
-//! [`HOST_ACTIVE`]), at most one worker fewer than the CPUs copies ([`HostPace`]): on a
-//! 2-CPU machine one worker goes on and the other rests, so a host thread that wakes up
-//! to write finds a free CPU instead of queueing behind two busy workers (the scheduler
-//! may let a running worker finish its slice first: milliseconds). When the host stops
-//! writing, every worker copies again. Without `cow_buffer` every worker always copies:
-//! under a host writing without pause (the gate above already holds each chunk back up
-//! to 2 ms) resting workers would slow the backup down 2-3×. Workers can also lower
-//! their own CPU and I/O priority at start ([`WorkerPriority`], not the default).
+//! **The CPU**, with `cow_buffer` set (the host's latency first) and the default
+//! [`WorkerPriority::Normal`]: the job runs two shifts of workers ([`HostPace`]).
+//! The day shift (`cowbackup-<id>-1` to `-<workers>`) keeps the priority of the thread
+//! that started the job and copies while the host is quiet. The night shift
+//! (`-<workers + 1>` to `-<2 × workers>`) runs at `SCHED_IDLE` and copies while the host
+//! is writing clusters not yet copied (a hook took its slow path within [`HOST_ACTIVE`]).
+//! A host thread that wakes up to write so always finds a CPU: the scheduler preempts an
+//! idle-policy thread at once, where two busy normal workers would make it wait for the
+//! end of a time slice (milliseconds). Each shift rests while the other works, and looks
+//! again at least every [`MAX_REST`]. A thread cannot leave `SCHED_IDLE` without
+//! `CAP_SYS_NICE` (or an `RLIMIT_NICE` of 20), hence two sets of threads instead of one
+//! that switches. The cost: while the host writes, the backup uses only CPU time nothing
+//! else wants (PERFORMANCE.md), and a hook that needs a cluster a night worker is copying
+//! waits for that worker, which on a machine whose CPUs are all busy gets little time.
+//! Without `cow_buffer` every worker always copies: under a host writing without pause
+//! (the gate above already holds each chunk back up to 2 ms) fewer workers would slow
+//! the backup down 2-3×. Workers can also lower their own CPU and I/O priority for the
+//! whole job ([`WorkerPriority`], not the default; then there is one shift).
 
 use std::time::Duration;
 
@@ -81,38 +89,36 @@ impl HookGate {
     }
 }
 
-/// A hook slow path this recent means the host is writing: pace the workers.
+/// A hook slow path this recent means the host is writing: the night shift copies.
 pub(crate) const HOST_ACTIVE: Duration = Duration::from_millis(500);
 
-/// Longest a resting worker sleeps before it looks again (at the job's state too: a
-/// cancel waits for it at most this long).
-const MAX_REST: Duration = Duration::from_millis(20);
+/// Longest a resting worker sleeps before it looks again (at the host, and at the
+/// job's state: a cancel waits for it at most this long).
+pub(crate) const MAX_REST: Duration = Duration::from_millis(20);
 
-/// When the host last needed the hook's slow path, and how many workers may copy
-/// meanwhile (see the module doc).
+/// When the host last needed the hook's slow path, and which shift copies meanwhile
+/// (see the module doc).
 pub(crate) struct HostPace {
     epoch: std::time::Instant,
     /// Nanoseconds after `epoch` of the last hook slow path, + 1 (0: never).
     last: CachePadded<std::sync::atomic::AtomicU64>,
-    /// Workers numbered above this rest while the host writes.
-    busy_workers: usize,
+    /// Two shifts; false: one shift that always copies.
+    shifts: bool,
 }
 
 impl HostPace {
-    /// Pacing for a machine with `cpus` CPUs available to this process.
-    pub fn new(cpus: usize) -> HostPace {
+    /// Pacing with two shifts of workers (`shifts`), or none.
+    pub fn new(shifts: bool) -> HostPace {
         HostPace {
             epoch: std::time::Instant::now(),
             last: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
-            busy_workers: if cpus == usize::MAX { usize::MAX } else { cpus.saturating_sub(1).max(1) },
+            shifts,
         }
     }
 
-    /// For this process, from `available_parallelism` (cgroup quota and affinity
-    /// included); `enabled` false: every worker always copies.
-    pub fn for_this_machine(enabled: bool) -> HostPace {
-        let cpus = if enabled { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { usize::MAX };
-        HostPace::new(cpus)
+    /// The job has a night shift.
+    pub fn shifts(&self) -> bool {
+        self.shifts
     }
 
     /// A hook takes its slow path (one clock read; never on the fast path).
@@ -121,23 +127,41 @@ impl HostPace {
         self.last.store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Worker number `n` (from 1) should rest now: the host wrote within `HOST_ACTIVE`
-    /// and `n` is above the number of workers that may copy meanwhile.
-    pub fn should_rest(&self, n: usize) -> bool {
-        if n <= self.busy_workers {
-            return false;
-        }
+    /// The host took the hook's slow path within `HOST_ACTIVE`.
+    fn host_active(&self) -> bool {
         let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
         last != 0 && (self.epoch.elapsed().as_nanos() as u64 + 1).saturating_sub(last) < HOST_ACTIVE.as_nanos() as u64
     }
 
-    /// A resting worker's sleep: until `HOST_ACTIVE` after the host's last slow path
-    /// (then it looks again: at the host, and at the job's state), at most `MAX_REST`.
-    pub fn rest(&self) {
-        let last = Duration::from_nanos(self.last.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(1));
-        let left = (last + HOST_ACTIVE).saturating_sub(self.epoch.elapsed());
+    /// A worker of the night shift (`night`) or the day shift should rest now: it is
+    /// the other shift's time. Never with one shift.
+    pub fn should_rest(&self, night: bool) -> bool {
+        self.shifts && self.host_active() != night
+    }
+
+    /// A resting worker's sleep: the day shift until `HOST_ACTIVE` after the host's last
+    /// slow path, the night shift `MAX_REST`; at least 1 ms, at most `MAX_REST`.
+    pub fn rest(&self, night: bool) {
+        let left = if night {
+            MAX_REST
+        } else {
+            let last = Duration::from_nanos(self.last.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(1));
+            (last + HOST_ACTIVE).saturating_sub(self.epoch.elapsed())
+        };
         std::thread::sleep(left.clamp(Duration::from_millis(1), MAX_REST));
     }
+}
+
+/// A night-shift worker, at its start: `SCHED_IDLE` for the calling thread (its I/O
+/// priority stays: on a disk the idle I/O class would wait behind the target's
+/// writeback). Best effort: refused, the thread stays as it was.
+pub(crate) fn night_shift_this_thread() {
+    if cfg!(miri) {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
 }
 
 /// `ioprio_set` classes and target (linux/ioprio.h).
@@ -177,24 +201,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn workers_above_the_cpus_less_one_rest_while_the_host_writes() {
-        let two = HostPace::new(2);
-        assert!(!two.should_rest(2), "no host write yet");
-        two.host_wrote();
-        assert!(!two.should_rest(1), "the first worker always copies");
-        assert!(two.should_rest(2));
-        let four = HostPace::new(4);
-        four.host_wrote();
-        assert!(!four.should_rest(3));
-        assert!(four.should_rest(4));
-        let one = HostPace::new(1);
-        one.host_wrote();
-        assert!(!one.should_rest(1), "one CPU: the one worker still copies");
-        let off = HostPace::for_this_machine(false);
+    fn the_night_shift_copies_while_the_host_writes_and_the_day_shift_otherwise() {
+        let p = HostPace::new(true);
+        assert!(!p.should_rest(false) && p.should_rest(true), "no host write yet: the day shift copies");
+        p.host_wrote();
+        assert!(p.should_rest(false) && !p.should_rest(true), "the host writes: the night shift copies");
+        let t = Instant::now();
+        p.rest(false);
+        assert!(t.elapsed() <= MAX_REST + Duration::from_millis(500), "a rest is short");
+        let off = HostPace::new(false);
         off.host_wrote();
-        assert!(!off.should_rest(64), "pacing off: every worker copies");
+        assert!(!off.should_rest(false), "one shift: it always copies");
         std::thread::sleep(HOST_ACTIVE + Duration::from_millis(50));
-        assert!(!two.should_rest(2), "the host went quiet: every worker copies");
+        assert!(!p.should_rest(false) && p.should_rest(true), "the host went quiet: the day shift copies");
     }
 
     #[test]

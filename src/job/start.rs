@@ -244,7 +244,12 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
     let scan =
         Scan { geo: &geo, sync: opts.sync, target_zero, claims: &claims, stats: &stats, trace: trace.as_ref(), id };
     let zero_target = scan.run(&*source)?;
-    let worker_bufs = if opts.sync == SyncMode::None { Vec::new() } else { alloc_worker_bufs(&geo, opts.workers)? };
+    // With `cow_buffer` and workers at normal priority, a night shift (priority.rs).
+    let shifts = opts.cow_buffer > 0 && opts.worker_priority == super::options::WorkerPriority::Normal;
+    let worker_bufs = match opts.sync {
+        SyncMode::None => Vec::new(),
+        _ => alloc_worker_bufs(&geo, if shifts { 2 * opts.workers } else { opts.workers })?,
+    };
     let dirty = thaw.0.take();
 
     Ok(Prepared(Some(Arc::new(JobShared {
@@ -282,7 +287,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         unservable,
         discard_source: opts.discard_source,
         cowbuf: super::cowbuf::CowBuffer::new(opts.cow_buffer),
-        pace: super::priority::HostPace::for_this_machine(opts.cow_buffer > 0),
+        pace: super::priority::HostPace::new(shifts),
         waiting_workers: Default::default(),
     }))))
 }

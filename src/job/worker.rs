@@ -17,18 +17,24 @@ use crate::error::{Error, Result};
 use crate::trace::TraceEvent;
 
 /// Body of worker thread `cowbackup-<id>-<n>`, with its copy buffer (allocated at
-/// start for the longest run). A failure or a panic fails the job.
+/// start for the longest run). Workers numbered above `workers` are the night shift
+/// (priority.rs). A failure or a panic fails the job.
 pub(crate) fn run(job: &JobShared, n: usize, mut buf: AlignedBuf) {
     let _inside = super::reentry::enter(job.id);
-    super::priority::lower_this_thread(job.worker_priority);
-    match catch_unwind(AssertUnwindSafe(|| work(job, n, &mut buf))) {
+    let night = n > job.workers;
+    if night {
+        super::priority::night_shift_this_thread();
+    } else {
+        super::priority::lower_this_thread(job.worker_priority);
+    }
+    match catch_unwind(AssertUnwindSafe(|| work(job, night, &mut buf))) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => job.fail(e),
         Err(p) => job.fail(panic_error("worker", p)),
     }
 }
 
-fn work(job: &JobShared, n: usize, buf: &mut AlignedBuf) -> Result<()> {
+fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
     let copier = job.copier();
     loop {
         match job.wait_runnable() {
@@ -39,9 +45,13 @@ fn work(job: &JobShared, n: usize, buf: &mut AlignedBuf) -> Result<()> {
             }
             Next::Chunk => {}
         }
-        // The host is writing: leave it a CPU (priority.rs).
-        if job.pace.should_rest(n) {
-            job.pace.rest();
+        // The other shift's time (priority.rs): the host is writing and this worker
+        // would take its CPU, or the host is quiet and this one is the night shift.
+        if job.pace.should_rest(night) {
+            if job.claims.dirty() == 0 {
+                return Ok(()); // nothing left for either shift
+            }
+            job.pace.rest(night);
             continue;
         }
         // Hook copies first: no new chunk while one is copying (bounded, see priority.rs).
