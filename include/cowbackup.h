@@ -1496,14 +1496,15 @@ int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t e
  (the default) the job also runs a second set of workers, `cowbackup-<id>-<workers + 1>` to
  `-<2 x workers>`, at `SCHED_IDLE` (the night shift): while the host writes clusters not yet
  copied (a hook needed a copy in the last 0.5 s) they copy and the first set rests, so host
- threads always find a CPU; when the host is quiet the first set copies. The cost: while the
- host writes, the backup gets only CPU time nothing else wants. Suggested: 16 MiB, for low
+ threads always find a CPU; when the host is quiet, or the night shift gets no CPU time (no
+ copy finished in 50 ms: every CPU busy with other work), the first set copies. Suggested: 16 MiB, for low
  host write latency during a backup. Errors: -EINVAL (NULL `o`).
 
  # Safety
  `o` is NULL or a live options object.
  */
-int cowbackup_options_set_cow_buffer(struct cowbackup_options *o, uint64_t bytes);
+int cowbackup_options_set_cow_buffer(struct cowbackup_options *o,
+                                     uint64_t bytes);
 
 /*
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is

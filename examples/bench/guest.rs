@@ -317,6 +317,13 @@ fn guest_opts(cow_buffer: u64) -> BackupOptions {
     o
 }
 
+/// A new target; on a disk with `O_DIRECT` when `BENCH_GUEST_TARGET_DIRECT=1`.
+fn target(dst: &Path, size: u64, disk: bool) -> Result<FileDriver, String> {
+    let direct = disk && std::env::var("BENCH_GUEST_TARGET_DIRECT").is_ok_and(|v| v == "1");
+    let flags = if direct { OpenFlags::WRITE | OpenFlags::DIRECT } else { OpenFlags::WRITE };
+    create_new_with(dst, size, flags).map_err(err)
+}
+
 /// Writer thread counts: `BENCH_GUEST_THREADS` (e.g. "1,4"), default 1, 2 and 4.
 fn thread_counts() -> Vec<usize> {
     std::env::var("BENCH_GUEST_THREADS")
@@ -428,7 +435,7 @@ fn place(
             let t = Instant::now();
             let job = backup_start(
                 Arc::new(FileDriver::open(&src, OpenFlags::empty()).map_err(err)?),
-                Arc::new(create_new(&dst, size).map_err(err)?),
+                Arc::new(target(&dst, size, disk)?),
                 guest_opts(cow_buffer),
             )
             .map_err(err)?;
@@ -448,12 +455,8 @@ fn place(
                 std::fs::copy(&src, &refp).map_err(err)?;
                 cold();
                 let t = Instant::now();
-                let job = backup_start(
-                    source.clone(),
-                    Arc::new(create_new(&dst, size).map_err(err)?),
-                    guest_opts(cow_buffer),
-                )
-                .map_err(err)?;
+                let job = backup_start(source.clone(), Arc::new(target(&dst, size, disk)?), guest_opts(cow_buffer))
+                    .map_err(err)?;
                 let (lat, r) =
                     writers(n, &source, Some(&job), seed + 1, || job.wait().map(|()| t.elapsed().as_secs_f64()))?;
                 per[k].t_loaded.push(r.map_err(err)?);

@@ -489,6 +489,9 @@ struct Hooked {
     file: Arc<FileDriver>,
     /// The running job. Lock: held only to clone or replace the `Arc`.
     job: Mutex<Option<Arc<Job>>>,
+    /// How long each hook call took inside the server, ns (the guest's write time less
+    /// this is NBD and the file write).
+    hook_ns: Mutex<Vec<u64>>,
 }
 
 impl Hooked {
@@ -498,7 +501,12 @@ impl Hooked {
     fn hook(&self, offset: u64, len: u64) -> io::Result<()> {
         let job = self.job.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match job {
-            Some(j) => j.cow_before_write(offset, len).map_err(io::Error::from),
+            Some(j) => {
+                let t = Instant::now();
+                let r = j.cow_before_write(offset, len).map_err(io::Error::from);
+                self.hook_ns.lock().unwrap_or_else(|e| e.into_inner()).push(t.elapsed().as_nanos() as u64);
+                r
+            }
             None => Ok(()),
         }
     }
@@ -664,7 +672,7 @@ fn cow_alone(p: &Place, cow_buffer: u64) -> Result<f64, String> {
 /// 3 s, then during a backup; the target verified.
 fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample, String> {
     let source = Arc::new(FileDriver::open(p.src, OpenFlags::WRITE).map_err(err)?);
-    let hooked = Arc::new(Hooked { file: source.clone(), job: Mutex::new(None) });
+    let hooked = Arc::new(Hooked { file: source.clone(), job: Mutex::new(None), hook_ns: Mutex::new(Vec::new()) });
     let sock = p.sockdir.join("cow-nbd.sock");
     let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
     server.add("src", hooked.clone(), true).map_err(err)?;
@@ -687,6 +695,13 @@ fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample,
         return Err(format!("cowbackup's job ended {:?}", job.info().state));
     }
     drop(job);
+    let mut h = std::mem::take(&mut *hooked.hook_ns.lock().unwrap_or_else(|e| e.into_inner()));
+    h.sort_unstable();
+    eprint!(
+        "[cow_buffer {cow_buffer}: hook in the server: p99 {}, max {}]",
+        fmt_ns(quantile(&h, 0.99) as f64),
+        fmt_ns(*h.last().unwrap_or(&0) as f64)
+    );
     verify(p.refp, p.dst, "cowbackup")?;
     Ok(Sample { idle, busy, secs })
 }
@@ -785,7 +800,13 @@ fn place(a: &Args, dir: &Path, shm: &Path, disk: bool, version: &str, rows: &mut
     let mut where_ = fs_name(dir);
     let qemu = qemu_name(version);
     let counts = thread_counts();
-    let engines = [Engine::Qemu(None), Engine::Qemu(Some(1)), Engine::Cow(0), Engine::Cow(16 << 20)];
+    let mut engines = vec![Engine::Qemu(None), Engine::Qemu(Some(1)), Engine::Cow(0), Engine::Cow(16 << 20)];
+    // `BENCH_QEMU_GUEST_ONLY=cowbackup` or `=qemu`: one side only (to explore).
+    match std::env::var("BENCH_QEMU_GUEST_ONLY").as_deref() {
+        Ok("cowbackup") => engines.retain(|e| matches!(e, Engine::Cow(_))),
+        Ok("qemu") => engines.retain(|e| matches!(e, Engine::Qemu(_))),
+        _ => {}
+    }
     let mut res: Vec<PerEngine> = engines
         .iter()
         .map(|&engine| PerEngine {

@@ -291,6 +291,12 @@ pub fn create_new(path: &Path, size: u64) -> io::Result<cowbackup::FileDriver> {
     cowbackup::FileDriver::create(path, size)
 }
 
+/// [`create_new`] with flags (e.g. `OpenFlags::DIRECT`).
+pub fn create_new_with(path: &Path, size: u64, flags: cowbackup::OpenFlags) -> io::Result<cowbackup::FileDriver> {
+    let _ = std::fs::remove_file(path);
+    cowbackup::FileDriver::create_with(path, size, flags)
+}
+
 /// The name of the filesystem holding `dir` (by `statfs` `f_type`), e.g. "ext4".
 pub fn fs_name(dir: &Path) -> String {
     use std::os::unix::ffi::OsStrExt;

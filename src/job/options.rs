@@ -136,10 +136,9 @@ pub struct BackupOptions {
     /// With [`WorkerPriority::Normal`] (the default) the job also runs a second set of
     /// `workers` threads at `SCHED_IDLE`, the night shift: while the host writes clusters
     /// not yet copied (a hook needed a copy in the last 0.5 s) they copy and the others
-    /// rest, so a host thread always finds a CPU; when the host is quiet the normal
-    /// workers copy. The cost: while the host writes, the backup gets only CPU time
-    /// nothing else wants (on a machine busy with other work it slows down, or waits until
-    /// the host pauses). Suggested: 16 MiB (what a few hundred 64 KiB host writes touch),
+    /// rest, so a host thread always finds a CPU; when the host is quiet, or the night
+    /// shift gets no CPU time (no copy finished in 50 ms: every CPU busy with other
+    /// work), the normal workers copy. Suggested: 16 MiB (what a few hundred 64 KiB host writes touch),
     /// for low host write latency during a backup (PERFORMANCE.md).
     pub cow_buffer: u64,
 }

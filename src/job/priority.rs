@@ -17,11 +17,17 @@
 //! A host thread that wakes up to write so always finds a CPU: the scheduler preempts an
 //! idle-policy thread at once, where two busy normal workers would make it wait for the
 //! end of a time slice (milliseconds). Each shift rests while the other works, and looks
-//! again at least every [`MAX_REST`]. A thread cannot leave `SCHED_IDLE` without
+//! again at least every [`MAX_REST`]. The day shift rests only while the night shift
+//! shows it gets CPU time: it finished a chunk in the last [`NIGHT_FRESH`] and spent
+//! less than half of that chunk's time waiting for a CPU ([`RunDelay`], the kernel's
+//! schedstat). A night worker that was starved so stops for [`NIGHT_COOLDOWN`] (it
+//! would hold its claim, and the target's file lock, while waiting for a CPU: a hook
+//! needing either would wait with it). On a machine whose CPUs are all busy with other
+//! work the day shift so copies on, and the backup never waits for the host to pause. A thread cannot leave `SCHED_IDLE` without
 //! `CAP_SYS_NICE` (or an `RLIMIT_NICE` of 20), hence two sets of threads instead of one
-//! that switches. The cost: while the host writes, the backup uses only CPU time nothing
-//! else wants (PERFORMANCE.md), and a hook that needs a cluster a night worker is copying
-//! waits for that worker, which on a machine whose CPUs are all busy gets little time.
+//! that switches. The cost: a hook that needs a cluster a night worker is copying waits
+//! for that worker, which on a machine whose CPUs are all busy gets little time; and on
+//! such a machine the host's threads queue for a CPU anyway (PERFORMANCE.md).
 //! Without `cow_buffer` every worker always copies: under a host writing without pause
 //! (the gate above already holds each chunk back up to 2 ms) fewer workers would slow
 //! the backup down 2-3×. Workers can also lower their own CPU and I/O priority for the
@@ -96,12 +102,24 @@ pub(crate) const HOST_ACTIVE: Duration = Duration::from_millis(500);
 /// job's state: a cancel waits for it at most this long).
 pub(crate) const MAX_REST: Duration = Duration::from_millis(20);
 
+/// The night shift finished no chunk (that it did not mostly spend waiting for a CPU)
+/// for this long: it is starved, the day shift copies.
+pub(crate) const NIGHT_FRESH: Duration = Duration::from_millis(100);
+
+/// How long a starved night worker stops before it tries again.
+pub(crate) const NIGHT_COOLDOWN: Duration = Duration::from_secs(10);
+
 /// When the host last needed the hook's slow path, and which shift copies meanwhile
 /// (see the module doc).
 pub(crate) struct HostPace {
     epoch: std::time::Instant,
     /// Nanoseconds after `epoch` of the last hook slow path, + 1 (0: never).
     last: CachePadded<std::sync::atomic::AtomicU64>,
+    /// The same for the night shift's last chunk not starved of CPU (0: none since the
+    /// last starved one).
+    night: CachePadded<std::sync::atomic::AtomicU64>,
+    /// Nanoseconds after `epoch` of the last starved night chunk, + 1 (0: never).
+    starved: std::sync::atomic::AtomicU64,
     /// Two shifts; false: one shift that always copies.
     shifts: bool,
 }
@@ -112,6 +130,8 @@ impl HostPace {
         HostPace {
             epoch: std::time::Instant::now(),
             last: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
+            night: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
+            starved: std::sync::atomic::AtomicU64::new(0),
             shifts,
         }
     }
@@ -127,16 +147,35 @@ impl HostPace {
         self.last.store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The host took the hook's slow path within `HOST_ACTIVE`.
-    fn host_active(&self) -> bool {
-        let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
-        last != 0 && (self.epoch.elapsed().as_nanos() as u64 + 1).saturating_sub(last) < HOST_ACTIVE.as_nanos() as u64
+    /// A night-shift worker finished a chunk; `starved`: it waited for a CPU more than
+    /// half the time.
+    pub fn night_worked(&self, starved: bool) {
+        let now = self.epoch.elapsed().as_nanos() as u64 + 1;
+        self.night.store(if starved { 0 } else { now }, std::sync::atomic::Ordering::Relaxed);
+        if starved {
+            self.starved.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// `stamp` (0: never) is less than `d` ago.
+    fn within(&self, stamp: &std::sync::atomic::AtomicU64, d: Duration) -> bool {
+        let t = stamp.load(std::sync::atomic::Ordering::Relaxed);
+        t != 0 && (self.epoch.elapsed().as_nanos() as u64 + 1).saturating_sub(t) < d.as_nanos() as u64
     }
 
     /// A worker of the night shift (`night`) or the day shift should rest now: it is
-    /// the other shift's time. Never with one shift.
+    /// the other shift's time. The night shift rests while the host is quiet; the day
+    /// shift while the host writes and the night shift is not starved. Never with one
+    /// shift.
     pub fn should_rest(&self, night: bool) -> bool {
-        self.shifts && self.host_active() != night
+        if !self.shifts {
+            return false;
+        }
+        let host = self.within(&self.last, HOST_ACTIVE);
+        match night {
+            true => !host || self.within(&self.starved, NIGHT_COOLDOWN),
+            false => host && self.within(&self.night, NIGHT_FRESH),
+        }
     }
 
     /// A resting worker's sleep: the day shift until `HOST_ACTIVE` after the host's last
@@ -149,6 +188,31 @@ impl HostPace {
             (last + HOST_ACTIVE).saturating_sub(self.epoch.elapsed())
         };
         std::thread::sleep(left.clamp(Duration::from_millis(1), MAX_REST));
+    }
+}
+
+/// Time the calling thread has spent runnable but waiting for a CPU (the second field
+/// of `/proc/thread-self/schedstat`), for a night-shift worker to tell whether it is
+/// starved. Without schedstat (kernel option, or no /proc) it reads 0: never starved.
+pub(crate) struct RunDelay(Option<std::fs::File>);
+
+impl RunDelay {
+    /// For the calling thread.
+    pub fn open() -> RunDelay {
+        if cfg!(miri) {
+            return RunDelay(None);
+        }
+        RunDelay(std::fs::File::open("/proc/thread-self/schedstat").ok())
+    }
+
+    /// Nanoseconds waited for a CPU so far.
+    pub fn read(&self) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.0 else { return 0 };
+        let mut b = [0u8; 96];
+        let n = f.read_at(&mut b, 0).unwrap_or(0);
+        let s = std::str::from_utf8(&b[..n]).unwrap_or("");
+        s.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 }
 
@@ -205,7 +269,20 @@ mod tests {
         let p = HostPace::new(true);
         assert!(!p.should_rest(false) && p.should_rest(true), "no host write yet: the day shift copies");
         p.host_wrote();
-        assert!(p.should_rest(false) && !p.should_rest(true), "the host writes: the night shift copies");
+        assert!(!p.should_rest(true), "the host writes: the night shift copies");
+        assert!(!p.should_rest(false), "until the night shift has copied, the day shift goes on");
+        p.night_worked(false);
+        assert!(p.should_rest(false), "the night shift copies: the day shift rests");
+        p.night_worked(true);
+        assert!(!p.should_rest(false), "the night shift waited for a CPU: the day shift copies");
+        assert!(p.should_rest(true), "and the night shift stops for a while");
+        p.starved.store(0, std::sync::atomic::Ordering::Relaxed);
+        p.night_worked(false);
+        assert!(p.should_rest(false));
+        std::thread::sleep(NIGHT_FRESH + Duration::from_millis(20));
+        p.host_wrote();
+        assert!(!p.should_rest(false), "no chunk from the night shift for a while: the day shift copies");
+        p.night_worked(false);
         let t = Instant::now();
         p.rest(false);
         assert!(t.elapsed() <= MAX_REST + Duration::from_millis(500), "a rest is short");

@@ -36,6 +36,8 @@ pub(crate) fn run(job: &JobShared, n: usize, mut buf: AlignedBuf) {
 
 fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
     let copier = job.copier();
+    // The night shift watches how long it waits for a CPU (priority.rs).
+    let delay = if night { Some(super::priority::RunDelay::open()) } else { None };
     loop {
         match job.wait_runnable() {
             Next::Stop => return Ok(()),
@@ -79,8 +81,15 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
             continue;
         }
         job.cursor.store(claim.range().end, Ordering::Relaxed);
+        let start = delay.as_ref().map(|d| (std::time::Instant::now(), d.read()));
         match copier.copy(claim.range(), buf) {
-            Ok(done) => finish(job, claim, done),
+            Ok(done) => {
+                finish(job, claim, done);
+                if let (Some(d), Some((t, waited))) = (&delay, start) {
+                    let waited = d.read().saturating_sub(waited);
+                    job.pace.night_worked(waited > t.elapsed().as_nanos() as u64 / 2);
+                }
+            }
             Err(e) => on_error(job, &copier, claim, e, buf)?,
         }
     }
