@@ -264,39 +264,6 @@ fn p99_of(samples: &[Sample]) -> Vec<u64> {
     samples.iter().map(|s| s.total).collect()
 }
 
-struct Lat {
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    max: u64,
-    writes: usize,
-}
-
-impl Lat {
-    fn new() -> Lat {
-        Lat { p50: vec![], p99: vec![], max: 0, writes: 0 }
-    }
-    fn add(&mut self, mut ns: Vec<u64>) {
-        ns.sort_unstable();
-        self.writes += ns.len();
-        self.p50.push(quantile(&ns, 0.5) as f64);
-        self.p99.push(quantile(&ns, 0.99) as f64);
-        self.max = self.max.max(*ns.last().unwrap_or(&0));
-    }
-    fn fmt(&self) -> String {
-        let (a, b) = (summary(&self.p50), summary(&self.p99));
-        format!(
-            "p50 {} ({}–{}), p99 {} ({}–{}), max {}",
-            fmt_ns(a.median),
-            fmt_ns(a.min),
-            fmt_ns(a.max),
-            fmt_ns(b.median),
-            fmt_ns(b.min),
-            fmt_ns(b.max),
-            fmt_ns(self.max as f64)
-        )
-    }
-}
-
 /// The options of the guest scenario's backups: the defaults with `cow_buffer`, and
 /// `BENCH_GUEST_WORKERS`, `BENCH_GUEST_CHUNK` and `BENCH_GUEST_PRIORITY` (normal, low,
 /// idle) from the environment (to explore).

@@ -34,37 +34,6 @@ fn shuffled_clusters(n: u64, seed: u64) -> Vec<u64> {
     v
 }
 
-struct Lat {
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    max: u64,
-}
-
-impl Lat {
-    fn new() -> Lat {
-        Lat { p50: vec![], p99: vec![], max: 0 }
-    }
-    fn add(&mut self, mut ns: Vec<u64>) {
-        ns.sort_unstable();
-        self.p50.push(quantile(&ns, 0.5) as f64);
-        self.p99.push(quantile(&ns, 0.99) as f64);
-        self.max = self.max.max(*ns.last().unwrap_or(&0));
-    }
-    fn fmt(&self) -> String {
-        let (a, b) = (summary(&self.p50), summary(&self.p99));
-        format!(
-            "p50 {} ({}–{}), p99 {} ({}–{}), max {}",
-            fmt_ns(a.median),
-            fmt_ns(a.min),
-            fmt_ns(a.max),
-            fmt_ns(b.median),
-            fmt_ns(b.min),
-            fmt_ns(b.max),
-            fmt_ns(self.max as f64)
-        )
-    }
-}
-
 /// Hook latency: `cow_before_write` of 64 KiB on copied and on uncopied clusters,
 /// next to a plain 64 KiB read + write of the same drivers.
 pub fn hook(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {

@@ -710,40 +710,6 @@ fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample,
 // Results
 // ---------------------------------------------------------------------------------------
 
-#[derive(Default)]
-struct Lat {
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    max: u64,
-    writes: usize,
-}
-
-impl Lat {
-    fn add(&mut self, mut ns: Vec<u64>) {
-        ns.sort_unstable();
-        self.writes += ns.len();
-        self.p50.push(quantile(&ns, 0.5) as f64);
-        self.p99.push(quantile(&ns, 0.99) as f64);
-        self.max = self.max.max(ns.last().copied().unwrap_or(0));
-    }
-    fn p99(&self) -> f64 {
-        summary(&self.p99).median
-    }
-    fn fmt(&self) -> String {
-        let (a, b) = (summary(&self.p50), summary(&self.p99));
-        format!(
-            "p50 {} ({}–{}), p99 {} ({}–{}), max {}",
-            fmt_ns(a.median),
-            fmt_ns(a.min),
-            fmt_ns(a.max),
-            fmt_ns(b.median),
-            fmt_ns(b.min),
-            fmt_ns(b.max),
-            fmt_ns(self.max as f64)
-        )
-    }
-}
-
 /// Results of one engine and one writer count.
 #[derive(Default)]
 struct PerN {

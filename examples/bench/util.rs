@@ -317,3 +317,43 @@ pub fn fs_name(dir: &Path) -> String {
         t => format!("filesystem 0x{t:x}"),
     }
 }
+
+/// Latencies of several runs: per run its p50 and p99, over all the largest and the count.
+#[derive(Default)]
+pub struct Lat {
+    pub p50: Vec<f64>,
+    pub p99: Vec<f64>,
+    pub max: u64,
+    pub writes: usize,
+}
+
+impl Lat {
+    pub fn new() -> Lat {
+        Lat::default()
+    }
+    /// One run's latencies, ns.
+    pub fn add(&mut self, mut ns: Vec<u64>) {
+        ns.sort_unstable();
+        self.writes += ns.len();
+        self.p50.push(quantile(&ns, 0.5) as f64);
+        self.p99.push(quantile(&ns, 0.99) as f64);
+        self.max = self.max.max(ns.last().copied().unwrap_or(0));
+    }
+    /// The median of the runs' p99.
+    pub fn p99(&self) -> f64 {
+        summary(&self.p99).median
+    }
+    pub fn fmt(&self) -> String {
+        let (a, b) = (summary(&self.p50), summary(&self.p99));
+        format!(
+            "p50 {} ({}–{}), p99 {} ({}–{}), max {}",
+            fmt_ns(a.median),
+            fmt_ns(a.min),
+            fmt_ns(a.max),
+            fmt_ns(b.median),
+            fmt_ns(b.min),
+            fmt_ns(b.max),
+            fmt_ns(self.max as f64)
+        )
+    }
+}

@@ -214,39 +214,6 @@ fn fleece_push<T>(
     Ok((r, secs))
 }
 
-struct Lat {
-    p50: Vec<f64>,
-    p99: Vec<f64>,
-    max: u64,
-    n: usize,
-}
-
-impl Lat {
-    fn new() -> Lat {
-        Lat { p50: vec![], p99: vec![], max: 0, n: 0 }
-    }
-    fn add(&mut self, mut ns: Vec<u64>) {
-        ns.sort_unstable();
-        self.p50.push(quantile(&ns, 0.5) as f64);
-        self.p99.push(quantile(&ns, 0.99) as f64);
-        self.max = self.max.max(*ns.last().unwrap_or(&0));
-        self.n += ns.len();
-    }
-    fn fmt(&self) -> String {
-        let (a, b) = (summary(&self.p50), summary(&self.p99));
-        format!(
-            "p50 {} ({}–{}), p99 {} ({}–{}), max {}",
-            fmt_ns(a.median),
-            fmt_ns(a.min),
-            fmt_ns(a.max),
-            fmt_ns(b.median),
-            fmt_ns(b.min),
-            fmt_ns(b.max),
-            fmt_ns(self.max as f64)
-        )
-    }
-}
-
 /// Guest write latency during a backup into a slow target (100 MiB/s): fleecing (the hook
 /// copies into a tmpfs scratch file, a push job from the view feeds the slow target) next to a
 /// direct Full backup into the same slow target (the hook copies into it). Both verified.
@@ -317,12 +284,12 @@ pub fn fleece_latency(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
              fleecing (sync=None into a tmpfs scratch + push job from the view, discard_source; {} writes, verified)",
             fmt_bytes(size),
             fmt_bytes(SLOW),
-            fl.n
+            fl.writes
         ),
         cowbackup: format!("{}; backup {}", fl.fmt(), fmt_secs(summary(&t_fl))),
         baseline: format!(
             "direct sync=Full backup into the same target ({} writes): {}; backup {}",
-            di.n,
+            di.writes,
             di.fmt(),
             fmt_secs(summary(&t_di))
         ),
