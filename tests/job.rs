@@ -543,10 +543,12 @@ fn a_cow_buffer_job_has_a_night_shift_at_idle_priority() {
     let _open = source.open_on_drop();
     // The host is quiet: the day shift copies (parked in its first reads), the night rests.
     wait_parked_n(&source, 2);
-    let tids = worker_tids(job.id(), 4);
-    assert_eq!(tids.len(), 4, "four worker threads");
-    let policies: Vec<i32> = tids.iter().map(|&t| sched_of(t).0).collect();
-    assert_eq!(policies.iter().filter(|&&p| p == libc::SCHED_IDLE).count(), 2, "night shift: {policies:?}");
+    // The night shift starts after the day shift, and lowers itself first thing.
+    let mut policies = vec![];
+    until("four worker threads, two of them at SCHED_IDLE", || {
+        policies = worker_tids(job.id(), 4).iter().map(|&t| sched_of(t).0).collect::<Vec<i32>>();
+        policies.len() == 4 && policies.iter().filter(|&&p| p == libc::SCHED_IDLE).count() == 2
+    });
     assert_eq!(policies.iter().filter(|&&p| p == me.0).count(), 2, "day shift as its starter: {policies:?}");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(source.parked().len(), 2, "the night shift copied while the host was quiet");

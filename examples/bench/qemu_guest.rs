@@ -652,8 +652,14 @@ fn qemu_loaded(p: &Place, max_workers: Option<u32>, n: usize, seed: u64) -> Resu
     Ok(Sample { idle, busy, secs })
 }
 
+/// cowbackup's options: the defaults with `cow_buffer`, and `BENCH_GUEST_WORKERS` from
+/// the environment (to explore, as in the guest step).
 fn cow_opts(cow_buffer: u64) -> BackupOptions {
-    BackupOptions { cow_buffer, ..Default::default() }
+    let mut o = BackupOptions { cow_buffer, ..Default::default() };
+    if let Some(w) = std::env::var("BENCH_GUEST_WORKERS").ok().and_then(|v| v.parse().ok()) {
+        o.workers = w;
+    }
+    o
 }
 
 /// cowbackup backing up with no writers (in this process): seconds.
