@@ -1493,8 +1493,8 @@ int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t e
  buffer. Snapshot views read saved clusters from memory. A job with
  `COWBACKUP_SYNC_NONE` has no workers to write the data: `cowbackup_backup_start` then
  rejects a non-zero buffer with -EINVAL. With a buffer and `COWBACKUP_WORKER_PRIORITY_NORMAL`
- (the default) the job also runs a second set of workers, `cowbackup-<id>-<workers + 1>` to
- `-<2 x workers>`, at `SCHED_IDLE` (the night shift): while the host writes clusters not yet
+ (the default) the job also runs a second set of workers, `cowbackup-<id>-<workers + 1>` and
+ on, one fewer than the CPUs (at least 1, at most `workers`), at `SCHED_IDLE` (the night shift): while the host writes clusters not yet
  copied (a hook needed a copy in the last 0.5 s) they copy and the first set rests, so host
  threads always find a CPU; when the host is quiet, or the night shift gets no CPU time (no
  copy finished in 50 ms: every CPU busy with other work), the first set copies. Suggested: 16 MiB, for low

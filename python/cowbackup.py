@@ -2038,7 +2038,8 @@ def backup_start(
       target; a worker writes it soon after (its failures follow ``on_target_error``, and
       the job completes only when all of it is in the target). Old data that does not fit
       is copied by the hook as usual. With the default ``worker_priority`` the job also
-      runs a second set of workers at ``SCHED_IDLE`` that copy while the host writes
+      runs a second set of workers (one fewer than the CPUs, at most ``workers``) at
+      ``SCHED_IDLE`` that copy while the host writes
       uncopied clusters (the first set rests meanwhile), so host threads always find a
       CPU (when every CPU is busy with other work and the second set gets no time, the
       first set copies on). Not with ``sync="none"``. Suggested: 16 MiB, for low host write latency

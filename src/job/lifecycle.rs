@@ -352,7 +352,7 @@ impl JobShared {
             return self.flush_target();
         }
         thread::scope(|scope| {
-            let count = if self.pace.shifts() { 2 * self.workers } else { self.workers };
+            let count = self.workers + self.pace.night_workers();
             let mut workers = Vec::with_capacity(count);
             for n in 1..=count {
                 let buf = self.worker_bufs.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();

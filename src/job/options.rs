@@ -134,7 +134,8 @@ pub struct BackupOptions {
     /// target as without the buffer. Snapshot views read saved clusters from memory.
     /// Needs background workers: not with [`SyncMode::None`].
     /// With [`WorkerPriority::Normal`] (the default) the job also runs a second set of
-    /// `workers` threads at `SCHED_IDLE`, the night shift: while the host writes clusters
+    /// threads at `SCHED_IDLE`, the night shift (one fewer than the CPUs, at least 1, at
+    /// most `workers`): while the host writes clusters
     /// not yet copied (a hook needed a copy in the last 0.5 s) they copy and the others
     /// rest, so a host thread always finds a CPU; when the host is quiet, or the night
     /// shift gets no CPU time (no copy finished in 50 ms: every CPU busy with other

@@ -246,9 +246,10 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
     let zero_target = scan.run(&*source)?;
     // With `cow_buffer` and workers at normal priority, a night shift (priority.rs).
     let shifts = opts.cow_buffer > 0 && opts.worker_priority == super::options::WorkerPriority::Normal;
+    let pace = super::priority::HostPace::for_job(shifts, opts.workers);
     let worker_bufs = match opts.sync {
         SyncMode::None => Vec::new(),
-        _ => alloc_worker_bufs(&geo, if shifts { 2 * opts.workers } else { opts.workers })?,
+        _ => alloc_worker_bufs(&geo, opts.workers + pace.night_workers())?,
     };
     let dirty = thaw.0.take();
 
@@ -287,7 +288,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         unservable,
         discard_source: opts.discard_source,
         cowbuf: super::cowbuf::CowBuffer::new(opts.cow_buffer),
-        pace: super::priority::HostPace::new(shifts),
+        pace,
         waiting_workers: Default::default(),
     }))))
 }

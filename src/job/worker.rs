@@ -87,7 +87,7 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
                 finish(job, claim, done);
                 if let (Some(d), Some((t, waited))) = (&delay, start) {
                     let waited = d.read().saturating_sub(waited);
-                    job.pace.night_worked(waited > t.elapsed().as_nanos() as u64 / 2);
+                    job.pace.night_worked(super::priority::starved(waited, t.elapsed()));
                 }
             }
             Err(e) => on_error(job, &copier, claim, e, buf)?,
