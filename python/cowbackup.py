@@ -2039,11 +2039,11 @@ def backup_start(
       the job completes only when all of it is in the target). Old data that does not fit
       is copied by the hook as usual. With the default ``worker_priority`` the job also
       runs a second set of workers (one fewer than the CPUs, at most ``workers``) at
-      ``SCHED_IDLE`` that copy while the host writes
-      uncopied clusters (the first set rests meanwhile), so host threads always find a
-      CPU (when every CPU is busy with other work and the second set gets no time, the
-      first set copies on). Not with ``sync="none"``. Suggested: 16 MiB, for low host write latency
-      during a backup (PERFORMANCE.md).
+      ``SCHED_IDLE`` that copy while the host writes uncopied clusters (the first set
+      rests meanwhile), so host threads always find a CPU (when every CPU is busy with
+      other work and the second set gets no time, the first set copies on). Not with
+      ``sync="none"``. Suggested: 16 MiB, for low host write latency during a backup
+      (PERFORMANCE.md).
     - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
       (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
       (pause with ``info().error``; :meth:`Job.resume` retries), ``"enospc"`` (stop on
