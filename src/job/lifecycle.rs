@@ -126,11 +126,22 @@ impl JobShared {
         }
     }
 
+    /// The resume count, for [`JobShared::stop_on_error`]: read before an I/O starts.
+    pub(super) fn resume_epoch(&self) -> u64 {
+        self.resumes.load(Ordering::Acquire)
+    }
+
     /// Policy `Stop`: pause the job with the error; `resume` retries. No effect on a
-    /// job that is ending.
-    pub(super) fn stop_on_error(&self, e: Error) {
+    /// job that is ending, nor for an I/O that began (at resume count `since`) before
+    /// the operator's latest resume: that resume already asked for the retry, and the
+    /// fault this I/O met may be the one the operator has just fixed (two workers'
+    /// writes failing together must not leave the job paused again after one resume).
+    pub(super) fn stop_on_error(&self, e: Error, since: Option<u64>) {
         let mut c = self.lock();
         if c.ending().is_some() {
+            return;
+        }
+        if since.is_some_and(|s| s != self.resumes.load(Ordering::Acquire)) {
             return;
         }
         c.paused = true;
@@ -183,6 +194,7 @@ impl JobShared {
         }
         c.paused = false;
         c.pause_error = None;
+        self.resumes.fetch_add(1, Ordering::AcqRel);
         let ev = self.set_state(&mut c, JobState::Running);
         drop(c);
         self.control_cv.notify_all();
@@ -288,7 +300,7 @@ impl JobShared {
                 Ok(()) => return Ok(()),
                 Err(e) => match self.reaction(&e) {
                     Reaction::Stop => {
-                        self.stop_on_error(e.clone());
+                        self.stop_on_error(e.clone(), None);
                         if !self.wait_resumed() {
                             return Err(e);
                         }

@@ -229,6 +229,10 @@ pub(crate) struct JobShared {
     /// Workers inside `wait_runnable` or waiting for a release: only then does a hook that
     /// saved old data wake anyone (see `wake_workers`).
     waiting_workers: AtomicUsize,
+    /// Resumes so far. Changed under the control lock. A `Stop` error of an I/O that
+    /// began before the latest resume does not pause the job again: the resume retries
+    /// it (lifecycle.rs `stop_on_error`).
+    resumes: std::sync::atomic::AtomicU64,
 }
 
 /// A worker counted in `JobShared::waiting_workers` while this lives.

@@ -290,6 +290,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         cowbuf: super::cowbuf::CowBuffer::new(opts.cow_buffer),
         pace,
         waiting_workers: Default::default(),
+        resumes: Default::default(),
     }))))
 }
 

@@ -76,6 +76,7 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
         };
         // Paused since `wait_runnable` (by the operator, or by another worker's `Stop`
         // error, which pauses before it releases its clusters): copy nothing until resumed.
+        let epoch = job.resume_epoch();
         if job.is_paused() {
             drop(claim);
             continue;
@@ -90,7 +91,7 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
                     job.pace.night_worked(super::priority::starved(waited, t.elapsed()));
                 }
             }
-            Err(e) => on_error(job, &copier, claim, e, buf)?,
+            Err(e) => on_error(job, &copier, claim, e, buf, epoch)?,
         }
     }
 }
@@ -108,15 +109,23 @@ fn finish(job: &JobShared, claim: Claim<'_>, done: Copied) {
     job.trace(|| TraceEvent::ChunkCopied { job: job.id, offset: off, len, data: done.data, hook: false });
 }
 
-/// Apply the error policy to a failed background copy. `Err` fails the job.
-fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, buf: &mut AlignedBuf) -> Result<()> {
+/// Apply the error policy to a failed background copy, begun at resume count `epoch`.
+/// `Err` fails the job.
+fn on_error(
+    job: &JobShared,
+    copier: &Copier<'_>,
+    claim: Claim<'_>,
+    e: Error,
+    buf: &mut AlignedBuf,
+    epoch: u64,
+) -> Result<()> {
     match job.reaction(&e) {
         // The claim is dropped: its clusters stay dirty.
         Reaction::Report => Err(e),
         // Pause first, then release: a worker waiting for these clusters must find the
         // job paused, not copy them again while the error is still there.
         Reaction::Stop => {
-            job.stop_on_error(e);
+            job.stop_on_error(e, Some(epoch));
             drop(claim);
             Ok(())
         }
@@ -143,7 +152,7 @@ fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, bu
                         Reaction::Ignore => lost.push((c, e)),
                         Reaction::Report => return Err(e),
                         Reaction::Stop => {
-                            job.stop_on_error(e);
+                            job.stop_on_error(e, Some(epoch));
                             drop(claim);
                             return Ok(());
                         }
@@ -167,6 +176,7 @@ fn on_error(job: &JobShared, copier: &Copier<'_>, claim: Claim<'_>, e: Error, bu
 /// is released dirty, so no one copies the source's newer data in its place. The data
 /// leaves the buffer only after its clusters are clean (views read it until then).
 fn write_saved(job: &JobShared, copier: &Copier<'_>) -> Result<()> {
+    let epoch = job.resume_epoch();
     let Some(saved) = job.cowbuf.pop() else {
         return Ok(());
     };
@@ -182,7 +192,7 @@ fn write_saved(job: &JobShared, copier: &Copier<'_>) -> Result<()> {
         }
         Err(e) => match job.reaction(&e) {
             Reaction::Stop => {
-                job.stop_on_error(e);
+                job.stop_on_error(e, Some(epoch));
                 claim.keep_saved();
                 job.cowbuf.push_front(saved);
                 return Ok(());
