@@ -132,9 +132,7 @@ pub(crate) struct HostPace {
     night: CachePadded<std::sync::atomic::AtomicU64>,
     /// Nanoseconds after `epoch` of the last starved night chunk, + 1 (0: never).
     starved: std::sync::atomic::AtomicU64,
-    /// Two shifts; false: one shift that always copies.
-    shifts: bool,
-    /// Workers in the night shift.
+    /// Workers in the night shift; 0: one shift, which always copies.
     night_workers: usize,
 }
 
@@ -142,7 +140,7 @@ impl HostPace {
     /// Pacing with two shifts of workers (`shifts`), a night shift of one, or none.
     #[cfg(test)]
     pub fn new(shifts: bool) -> HostPace {
-        HostPace::with_night(shifts, 1)
+        HostPace::with_night(usize::from(shifts))
     }
 
     /// Pacing for a job of `workers` workers: with `shifts`, a night shift of one worker
@@ -150,17 +148,16 @@ impl HostPace {
     /// included), at least 1, at most `workers`.
     pub fn for_job(shifts: bool, workers: usize) -> HostPace {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        HostPace::with_night(shifts, cpus.saturating_sub(1).clamp(1, workers.max(1)))
+        HostPace::with_night(if shifts { cpus.saturating_sub(1).clamp(1, workers.max(1)) } else { 0 })
     }
 
-    fn with_night(shifts: bool, night_workers: usize) -> HostPace {
+    fn with_night(night_workers: usize) -> HostPace {
         HostPace {
             epoch: std::time::Instant::now(),
             last: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
             night: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
             starved: std::sync::atomic::AtomicU64::new(0),
-            shifts,
-            night_workers: if shifts { night_workers } else { 0 },
+            night_workers,
         }
     }
 
@@ -196,7 +193,7 @@ impl HostPace {
     /// shift while the host writes and the night shift is not starved. Never with one
     /// shift.
     pub fn should_rest(&self, night: bool) -> bool {
-        if !self.shifts {
+        if self.night_workers == 0 {
             return false;
         }
         let host = self.within(&self.last, HOST_ACTIVE);
