@@ -350,3 +350,117 @@ fn cow_buffer_with_sync_none_is_rejected() {
     assert!(e.to_string().contains("cow_buffer"), "{e}");
     assert!(target.to_vec().iter().all(|&b| b == 0));
 }
+
+/// Blocks reads (`on_reads`, except the job's own) or writes of the cluster at `off`
+/// until released, and says when someone waits there.
+struct HoldOne {
+    inner: MemDriver,
+    off: u64,
+    on_reads: bool,
+    open: Mutex<bool>,
+    cv: Condvar,
+    waiting: AtomicBool,
+}
+
+impl HoldOne {
+    fn new(inner: MemDriver, off: u64, on_reads: bool) -> Arc<HoldOne> {
+        Arc::new(HoldOne {
+            inner,
+            off,
+            on_reads,
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+            waiting: AtomicBool::new(false),
+        })
+    }
+    fn pass(&self, off: u64) {
+        if off != self.off {
+            return;
+        }
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiting.store(true, Ordering::SeqCst);
+        while !*o {
+            o = self.cv.wait(o).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    fn release(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Releases a [`HoldOne`] when dropped, also while a failing test unwinds.
+struct ReleaseOnDrop(Arc<HoldOne>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl BlockDriver for HoldOne {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.on_reads && !thread::current().name().is_some_and(|n| n.starts_with("cowbackup-")) {
+            self.pass(offset);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.on_reads {
+            self.pass(offset);
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes_at(offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// A hook saves the last dirty cluster in memory while the only worker is busy: the job
+/// must write that saved data before it completes (a saved claim is not clean). The one
+/// worker is stuck writing cluster 0 while a hook reads cluster 1's old data; both are
+/// let go close together, with varying gaps, so the worker finds the copy set empty of
+/// dirty-and-unclaimed clusters right as the hook saves.
+#[test]
+fn saved_data_is_in_the_target_before_the_job_completes() {
+    for run in 0..40u64 {
+        let size = 2 * CS;
+        let data = Rng::new(run + 1).bytes(size as usize);
+        let source = HoldOne::new(MemDriver::from_bytes(&data).unwrap(), CS, true);
+        let target = HoldOne::new(MemDriver::new(size).unwrap(), 0, false);
+        let opts = BackupOptions {
+            workers: 1,
+            max_chunk: CS,
+            cow_buffer: MIB,
+            worker_priority: cowbackup::WorkerPriority::Low, // one shift: exactly one worker
+            ..Default::default()
+        };
+        let job = backup_start(source.clone(), target.clone(), opts).unwrap();
+        let _release = (ReleaseOnDrop(source.clone()), ReleaseOnDrop(target.clone()));
+        until("the worker writing cluster 0", || target.waiting.load(Ordering::SeqCst));
+        thread::scope(|s| {
+            let (job, src) = (&job, &source);
+            let host = s.spawn(move || {
+                job.cow_before_write(CS, CS).unwrap();
+                src.inner.write_at(&vec![0xAB; CS as usize], CS).unwrap();
+            });
+            until("the hook reading cluster 1", || source.waiting.load(Ordering::SeqCst));
+            target.release();
+            thread::sleep(Duration::from_micros(20 * (run % 8)));
+            source.release();
+            common::join_within("the host write", host, END);
+        });
+        let r = job.wait_timeout(END);
+        assert!(matches!(r, Some(Ok(()))), "run {run}: {r:?}");
+        assert_same(&format!("run {run}: the completed target"), &target.inner.to_vec(), &data);
+    }
+}

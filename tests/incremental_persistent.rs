@@ -251,3 +251,73 @@ fn a_power_loss_at_any_step_of_the_end_of_job_switch_keeps_the_old_or_the_new_bi
     }
     panic!("the end-of-job switch did not complete within 64 bitmap writes and flushes");
 }
+
+/// Bitmap mode `Always`, a job that fails (Report) or is cancelled after copying part of
+/// its clusters: the copied clusters leave the persistent bitmap, so they must be durable
+/// in the target first. After a power loss of the target right after the job, every
+/// cluster is either durable in the target with its point-in-time data or still in the
+/// reopened bitmap (the next incremental copies it); and when the final flush fails,
+/// nothing leaves the bitmap.
+#[test]
+fn always_mode_after_a_failure_drops_only_durable_clusters_from_the_bitmap() {
+    const N: u64 = 128;
+    let size = N * K64;
+    for (seed, how) in [(1, "fail"), (2, "cancel"), (3, "fail"), (4, "cancel"), (5, "flush fails")] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.bitmap");
+        let data = Rng::new(seed).bytes(size as usize);
+        let src = Arc::new(FaultDriver::new(MemDriver::from_bytes(&data).unwrap()));
+        let bm = DirtyBitmap::create(&path, size, K64).unwrap();
+        bm.mark(0, size).unwrap();
+        let crash = Arc::new(CrashDriver::with_seed(size, seed).unwrap());
+        let target = Arc::new(FaultDriver::new(Arc::clone(&crash)));
+        if how == "cancel" {
+            src.add(
+                FaultRule::new(FaultOp::Read).range(100 * K64, 1).errno(0).delay(Duration::from_millis(300)).times(1),
+            );
+        } else {
+            // Clusters 0..100 are copied, then cluster 100 cannot be read: Report.
+            src.add(FaultRule::new(FaultOp::Read).range(100 * K64, 1).errno(libc::EIO).forever());
+        }
+        if how == "flush fails" {
+            target.add(FaultRule::new(FaultOp::Flush).errno(libc::EIO).forever());
+        }
+        let opts = BackupOptions {
+            sync: SyncMode::Bitmap,
+            bitmap: Some(bm.clone()),
+            bitmap_mode: BitmapMode::Always,
+            workers: 1,
+            max_chunk: K64,
+            ..Default::default()
+        };
+        let job = backup_start(src.clone(), target.clone(), opts).unwrap();
+        if how == "cancel" {
+            common::until("the worker past cluster 50", || job.info().bytes_copied >= 50 * K64);
+            job.cancel();
+        }
+        assert!(wait_end(&job, T).is_err(), "{how}: the job was meant to end in failure");
+        drop(job);
+        drop(bm);
+        let bm = DirtyBitmap::open(&path).unwrap();
+        crash.crash();
+        crash.restart();
+        let durable = crash.durable_to_vec();
+        let mut left = 0;
+        for c in 0..N {
+            let r = (c * K64) as usize..((c + 1) * K64) as usize;
+            let in_bitmap = bm.next_dirty(c * K64).is_some_and(|(off, _)| off <= c * K64);
+            if !in_bitmap {
+                left += 1;
+                assert!(
+                    durable[r.clone()] == data[r],
+                    "{how}: cluster {c} left the bitmap but is not durable in the target"
+                );
+            }
+        }
+        if how == "flush fails" {
+            assert_eq!(left, 0, "{how}: the flush failed, so every cluster stays in the bitmap");
+        } else {
+            assert!(left >= 50, "{how}: the copied clusters leave the bitmap ({left})");
+        }
+    }
+}

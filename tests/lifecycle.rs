@@ -548,3 +548,38 @@ fn a_paused_job_copies_nothing_when_a_stopped_claim_is_released() {
     assert_eq!(job.info().state, JobState::Completed);
     assert!(target.to_vec() == data, "target differs from the source");
 }
+
+/// Policy `Stop`, two workers whose target writes fail one after the other: the first
+/// pauses the job; the operator fixes the target and resumes once, while the second
+/// write (begun before the resume) is still failing. That late error must not pause the
+/// job again: one resume is enough (the resume-epoch rule), and the job completes exactly.
+#[test]
+fn one_resume_is_enough_when_two_writes_fail_one_after_the_other() {
+    const CS: u64 = 64 * 1024;
+    let size = 16 * CS;
+    let data = Rng::new(5).bytes(size as usize);
+    let source = Arc::new(MemDriver::from_bytes(&data).unwrap());
+    let target = Arc::new(FaultDriver::new(MemDriver::new(size).unwrap()));
+    // Worker 1 (cluster 0) fails after 100 ms, worker 2 (cluster 1) after 400 ms.
+    target.add(FaultRule::new(FaultOp::Write).range(0, CS).errno(libc::EIO).delay(Duration::from_millis(100)));
+    target.add(FaultRule::new(FaultOp::Write).range(CS, CS).errno(libc::EIO).delay(Duration::from_millis(400)));
+    let opts = BackupOptions {
+        workers: 2,
+        max_chunk: CS,
+        on_target_error: ErrorAction::Stop,
+        worker_priority: cowbackup::WorkerPriority::Low,
+        ..Default::default()
+    };
+    let job = backup_start(source, target.clone(), opts).unwrap();
+    common::until("paused by the first error", || job.info().state == JobState::Paused);
+    target.clear();
+    job.resume().unwrap();
+    let r = job.wait_timeout(Duration::from_secs(20));
+    assert!(
+        matches!(r, Some(Ok(()))),
+        "one resume did not finish the job: {r:?}, state {:?}, error {:?}",
+        job.info().state,
+        job.info().error
+    );
+    assert!(target.inner().to_vec() == data);
+}

@@ -684,3 +684,196 @@ fn discard_on_the_view_of_a_full_job_fails_the_job() {
     assert!(e.to_string().contains("discarded"), "{e}");
     assert_eq!(job.info().state, JobState::Failed);
 }
+
+/// A driver whose reads (`on_reads`) or writes made by threads whose name starts with
+/// one of the closed prefixes wait until that prefix is opened. Counts the waiters per prefix.
+struct ByThread<D> {
+    inner: D,
+    on_reads: bool,
+    closed: Mutex<Vec<&'static str>>,
+    waiting: Mutex<Vec<&'static str>>,
+    cv: Condvar,
+}
+
+impl<D: BlockDriver> ByThread<D> {
+    fn new(inner: D, on_reads: bool, closed: &[&'static str]) -> Arc<ByThread<D>> {
+        Arc::new(ByThread {
+            inner,
+            on_reads,
+            closed: Mutex::new(closed.to_vec()),
+            waiting: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+        })
+    }
+    fn open(&self, prefix: &str) {
+        self.closed.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != prefix);
+        self.cv.notify_all();
+    }
+    fn open_all(&self) {
+        self.closed.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.cv.notify_all();
+    }
+    fn waiting(&self, prefix: &str) -> bool {
+        self.waiting.lock().unwrap().contains(&prefix)
+    }
+    fn pass(&self) {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = closed.iter().copied().find(|p| name.starts_with(p)) else { return };
+        self.waiting.lock().unwrap().push(p);
+        while closed.contains(&p) {
+            closed = self.cv.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+        let mut w = self.waiting.lock().unwrap();
+        if let Some(i) = w.iter().position(|x| *x == p) {
+            w.swap_remove(i);
+        }
+    }
+}
+
+/// Opens every gate of a [`ByThread`] when dropped, also while a failing test unwinds.
+struct OpenAllOnDrop<D: BlockDriver>(Arc<ByThread<D>>);
+
+impl<D: BlockDriver> Drop for OpenAllOnDrop<D> {
+    fn drop(&mut self) {
+        self.0.open_all();
+    }
+}
+
+impl<D: BlockDriver> BlockDriver for ByThread<D> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if self.on_reads {
+            self.pass();
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if !self.on_reads {
+            self.pass();
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if !self.on_reads {
+            self.pass();
+        }
+        self.inner.write_zeroes_at(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<BlockStatus> {
+        self.inner.block_status(offset, len)
+    }
+}
+
+/// A view read never waits for the target: with the only worker stuck writing a chunk to
+/// a hung target (the usual fleecing case: scratch on a network disk), reads of those
+/// very clusters, and of every other one, complete from the source with the
+/// point-in-time data. A hook on the stuck clusters waits (their old data is not in the
+/// target yet); once the target answers, the job completes exactly.
+#[test]
+fn view_reads_do_not_wait_for_a_hung_target_write() {
+    let size = 32 * K64;
+    let data = Rng::new(71).bytes(size as usize);
+    let src = Arc::new(MemDriver::from_bytes(&data).unwrap());
+    let target = ByThread::new(MemDriver::new(size).unwrap(), false, &["cowbackup-"]);
+    let opts = BackupOptions { workers: 1, max_chunk: 4 * K64, ..Default::default() };
+    let job = backup_start(src.clone(), target.clone(), opts).unwrap();
+    let view = job.snapshot().unwrap();
+    std::thread::scope(|s| {
+        let _open = OpenAllOnDrop(target.clone());
+        common::until("the worker stuck on its target write", || target.waiting("cowbackup-"));
+        assert!(job.info().bytes_copied == 0, "the first chunk is the one stuck");
+        let reader = s.spawn(|| {
+            let mut all = vec![0u8; size as usize];
+            view.read_at(&mut all, 0).map(|()| all)
+        });
+        let got = common::join_within("a view read while the target hangs", reader, Duration::from_secs(20)).unwrap();
+        common::assert_same("the view while the target hangs", &got, &data);
+        let writer = s.spawn(|| {
+            job.cow_before_write(0, K64).unwrap();
+            src.write_at(&vec![0xEE; K64 as usize], 0).unwrap();
+        });
+        common::until("the hook to wait for the stuck claim", || job.info().cow_waits > 0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!writer.is_finished(), "the hook must wait until the stuck copy is in the target");
+        target.open("cowbackup-");
+        common::join_within("the writer", writer, Duration::from_secs(20));
+    });
+    job.wait().unwrap();
+    common::assert_same("target", &target.inner.to_vec(), &data);
+}
+
+/// The other side of the rule above: a view read of a cluster that a copier (a hook, or
+/// a worker) is copying reads the source; when that copy ends before the read does, the
+/// host must still not write those clusters until the read is done — the claim stays
+/// parked, the hook keeps waiting — or the view would return data written after the
+/// point in time.
+#[test]
+fn a_copy_that_ends_under_a_view_read_keeps_the_host_waiting() {
+    for copier in ["hook-copier", "cowbackup-"] {
+        let size = 16 * K64;
+        let x = 8 * K64;
+        let data = Rng::new(72).bytes(size as usize);
+        // The worker is held too when the hook is the copier (it must not copy x first).
+        let src = ByThread::new(MemDriver::from_bytes(&data).unwrap(), true, &[copier, "view-reader", "cowbackup-"]);
+        let target = Arc::new(MemDriver::new(size).unwrap());
+        let opts = BackupOptions { workers: 1, max_chunk: K64, ..Default::default() };
+        let job = backup_start(src.clone(), target.clone(), opts).unwrap();
+        let view = job.snapshot().unwrap();
+        std::thread::scope(|s| {
+            let _open = OpenAllOnDrop(src.clone());
+            // The copier reads cluster x's old data (and waits there).
+            let first = if copier == "hook-copier" {
+                Some(
+                    std::thread::Builder::new()
+                        .name("hook-copier".into())
+                        .spawn_scoped(s, || {
+                            job.cow_before_write(x, K64).unwrap();
+                            src.inner.write_at(&vec![0xAB; K64 as usize], x).unwrap();
+                        })
+                        .unwrap(),
+                )
+            } else {
+                None // the worker starts at cluster 0 and parks there: its cursor is not x
+            };
+            common::until("the copier reading", || src.waiting(copier));
+            // With the worker as the copier, the chunk it is stuck on is cluster 0.
+            let at = if copier == "hook-copier" { x } else { 0 };
+            let reader = std::thread::Builder::new()
+                .name("view-reader".into())
+                .spawn_scoped(s, move || {
+                    let mut b = vec![0u8; K64 as usize];
+                    view.read_at(&mut b, at).map(|()| b)
+                })
+                .unwrap();
+            common::until("the view reader on the source (it does not wait for the copier)", || {
+                src.waiting("view-reader")
+            });
+            // The copy ends while the read is in flight (and the worker goes on).
+            src.open(copier);
+            src.open("cowbackup-");
+            let host = if copier == "hook-copier" {
+                first.unwrap()
+            } else {
+                common::until("the worker's copy of cluster 0", || job.info().bytes_copied >= K64);
+                s.spawn(|| {
+                    job.cow_before_write(0, K64).unwrap();
+                    src.inner.write_at(&vec![0xAB; K64 as usize], 0).unwrap();
+                })
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(!host.is_finished(), "{copier}: the host wrote a cluster a view was still reading");
+            src.open("view-reader");
+            let got = common::join_within("the view reader", reader, Duration::from_secs(20)).unwrap();
+            common::assert_same(copier, &got, &data[at as usize..(at + K64) as usize]);
+            common::join_within("the host write", host, Duration::from_secs(20));
+        });
+        job.wait().unwrap();
+        common::assert_same(copier, &target.to_vec(), &data);
+    }
+}

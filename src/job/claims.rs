@@ -23,8 +23,15 @@
 //!
 //! A snapshot view reading clusters not yet copied takes a **read hold** on them
 //! (snapshot.rs): several readers may hold the same clusters, nobody may claim them
-//! meanwhile (a hook waits for the hold to go, then copies; a worker skips them), and
-//! a reader waits while a copier holds a claim on its clusters.
+//! meanwhile (a hook waits for the hold to go, then copies; a worker skips them). A
+//! reader never waits for a copier (QEMU's copy-before-write: reads go to the source,
+//! host writes wait for frozen reads), so a slow or hung target never stalls a view:
+//! a claim that is copying when a hold arrives goes on copying, but when it ends (copied,
+//! or saved in memory) while a hold that overlaps it is still there, it is **parked**:
+//! its bits stay set and hooks keep waiting for it, because the reader may be reading
+//! the source there. The last such hold to go finishes the parked claim (clears its
+//! bits, or marks it saved). A new hold waits for parked claims only (so readers cannot
+//! starve the host), which wait for older readers only, never for the target.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -84,8 +91,11 @@ impl Claim<'_> {
     /// writes the data. From now on hooks treat the clusters as clean.
     pub fn save(mut self) {
         let mut table = self.owner.lock();
-        if let Some(e) = table.iter_mut().find(|e| e.range == self.range && !e.hold) {
-            e.saved = true;
+        // A reader holding some of these clusters may be reading the source: hooks must
+        // not treat them as clean before it is done (parked until its hold goes).
+        let kind = if held(&table, &self.range) { Kind::Parked(Then::Saved) } else { Kind::Saved };
+        if let Some(e) = table.iter_mut().find(|e| e.range == self.range && e.kind == Kind::Claim) {
+            e.kind = kind;
         }
         drop(table);
         self.held = false;
@@ -112,16 +122,46 @@ impl Drop for Claim<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     range: Range<u64>,
-    /// A read hold of a snapshot view (shared); else a claim of a copier (exclusive).
-    hold: bool,
-    /// A claim whose old data a hook saved in memory (see the module doc).
-    saved: bool,
+    kind: Kind,
+}
+
+/// What an [`Entry`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A read hold of a snapshot view (shared).
+    Hold,
+    /// A claim of a copier (exclusive), copying.
+    Claim,
+    /// A claim whose old data a hook saved in memory (see the module doc): as good as
+    /// clean for hooks and readers.
+    Saved,
+    /// A claim whose copy ended while read holds that overlap it were there: it
+    /// becomes `Then` when the last of them goes (see the module doc).
+    Parked(Then),
+}
+
+/// What a parked claim becomes once no read hold overlaps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Copied: clear its bits and remove it.
+    Clean,
+    /// Saved in memory by a hook: mark it [`Kind::Saved`].
+    Saved,
 }
 
 impl Entry {
     fn claim(range: Range<u64>) -> Entry {
-        Entry { range, hold: false, saved: false }
+        Entry { range, kind: Kind::Claim }
     }
+
+    fn overlaps(&self, r: &Range<u64>) -> bool {
+        self.range.start < r.end && r.start < self.range.end
+    }
+}
+
+/// True when a read hold overlaps `r`.
+fn held(table: &[Entry], r: &Range<u64>) -> bool {
+    table.iter().any(|e| e.kind == Kind::Hold && e.overlaps(r))
 }
 
 /// The end of a claim or hold covering cluster `c`.
@@ -146,9 +186,32 @@ pub(crate) struct Hold<'a> {
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         let mut table = self.owner.lock();
-        let me = Entry { range: self.range.clone(), hold: true, saved: false };
+        let me = Entry { range: self.range.clone(), kind: Kind::Hold };
         if let Some(i) = table.iter().position(|e| *e == me) {
             table.swap_remove(i);
+        }
+        // Finish the parked claims no other hold overlaps any more.
+        let mut i = 0;
+        while i < table.len() {
+            let Kind::Parked(then) = table[i].kind else {
+                i += 1;
+                continue;
+            };
+            if held(&table, &table[i].range) {
+                i += 1;
+                continue;
+            }
+            match then {
+                Then::Saved => {
+                    table[i].kind = Kind::Saved;
+                    i += 1;
+                }
+                Then::Clean => {
+                    let cleared = self.owner.bitmap.clear_range(table[i].range.clone());
+                    self.owner.dirty.fetch_sub(cleared, Ordering::AcqRel);
+                    table.swap_remove(i);
+                }
+            }
         }
         drop(table);
         self.owner.released.notify_all();
@@ -203,7 +266,7 @@ impl Claims {
             while let Some(d) = self.bitmap.next_set(c, r.end) {
                 if let Some(e) = covering(&table, d) {
                     // Saved in memory by a hook: as good as clean for a hook.
-                    blocked |= !e.saved;
+                    blocked |= e.kind != Kind::Saved;
                     c = e.range.end;
                     continue;
                 }
@@ -297,14 +360,25 @@ impl Claims {
         }
     }
 
+    /// Release the claim on `r`: copied (`clean`: clear the bits, or park the claim while
+    /// an older read hold overlaps it, see the module doc) or failed (bits stay set).
     fn release(&self, r: &Range<u64>, clean: bool) {
         let mut table = self.lock();
-        if clean {
-            let cleared = self.bitmap.clear_range(r.clone());
-            self.dirty.fetch_sub(cleared, Ordering::AcqRel);
-        }
-        if let Some(i) = table.iter().position(|e| e.range == *r && !e.hold) {
-            table.swap_remove(i);
+        let i = table.iter().position(|e| e.range == *r && e.kind != Kind::Hold);
+        // Saved data is read from memory, never from the source: nothing to wait for.
+        let park = clean && i.is_some_and(|i| table[i].kind != Kind::Saved) && held(&table, r);
+        if park {
+            if let Some(i) = i {
+                table[i].kind = Kind::Parked(Then::Clean);
+            }
+        } else {
+            if clean {
+                let cleared = self.bitmap.clear_range(r.clone());
+                self.dirty.fetch_sub(cleared, Ordering::AcqRel);
+            }
+            if let Some(i) = i {
+                table.swap_remove(i);
+            }
         }
         drop(table);
         self.released.notify_all();
@@ -314,23 +388,29 @@ impl Claims {
     /// [`Claim::save`]): the saved claim, now held by the caller. It stays marked
     /// saved (hooks keep treating it as clean) until released.
     pub fn take_saved(&self, r: Range<u64>) -> Claim<'_> {
-        debug_assert!(self.lock().iter().any(|e| e.range == r && e.saved));
+        debug_assert!(self
+            .lock()
+            .iter()
+            .any(|e| e.range == r && matches!(e.kind, Kind::Saved | Kind::Parked(Then::Saved))));
         Claim { owner: self, range: r, held: true }
     }
 
-    /// For a snapshot view: hold clusters `r` for reading, waiting while a copier holds
-    /// a claim on any of them. `None` when `stop()` became true. While held, the bits of
-    /// `r` do not change (only a claim holder clears bits).
+    /// For a snapshot view: hold clusters `r` for reading. Never waits for a copier (its
+    /// claim is parked if it ends while the hold is there); waits only while a parked
+    /// claim overlaps `r`, i.e. for older readers, so a stream of readers cannot keep
+    /// the host from writing. `None` when `stop()` became true. While held, the bits of
+    /// `r` do not change, except those of saved claims (read from memory, see
+    /// snapshot.rs): claims cannot start on held clusters, and claims that were copying
+    /// are parked, not cleared.
     pub fn hold(&self, r: Range<u64>, stop: impl Fn() -> bool) -> Option<Hold<'_>> {
         let mut table = self.lock();
         loop {
             if stop() {
                 return None;
             }
-            // Saved claims do not stop a reader: it reads their old data from memory.
-            let copying = table.iter().any(|e| !e.hold && !e.saved && e.range.start < r.end && r.start < e.range.end);
-            if !copying {
-                table.push(Entry { range: r.clone(), hold: true, saved: false });
+            let parked = table.iter().any(|e| matches!(e.kind, Kind::Parked(_)) && e.overlaps(&r));
+            if !parked {
+                table.push(Entry { range: r.clone(), kind: Kind::Hold });
                 return Some(Hold { owner: self, range: r });
             }
             table = self.released.wait(table).unwrap_or_else(|e| e.into_inner());

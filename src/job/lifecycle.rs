@@ -55,6 +55,10 @@ pub(crate) struct ControlState {
     /// The end-of-job rule has been applied: the result is decided (set just before
     /// `result`, which waits for the bitmap's end-of-job update).
     pub finishing: bool,
+    /// The job's consistency group has decided that every member completes (every one
+    /// finished copying, none failed or was cancelled; group.rs): from then on `cancel`,
+    /// `pause`, `resume` and fatal errors change nothing.
+    pub group_committed: bool,
     /// Set once, when the job ends.
     pub result: Option<Result<()>>,
     /// The completion callback has returned (or there is none).
@@ -74,6 +78,7 @@ impl ControlState {
             complete: false,
             prepared: false,
             finishing: false,
+            group_committed: false,
             result: None,
             callback_done: false,
         }
@@ -81,7 +86,7 @@ impl ControlState {
 
     /// Why `pause`/`resume` no longer apply: the job has ended or is ending.
     fn ending(&self) -> Option<Error> {
-        let why = if self.state.is_terminal() || self.finishing {
+        let why = if self.state.is_terminal() || self.finishing || self.group_committed {
             "the job has ended".to_string()
         } else if let Some(e) = &self.fatal {
             format!("the job is failing: {e}")
@@ -163,7 +168,7 @@ impl JobShared {
     /// it was cancelled first (then it ends `Cancelled`). Final: `resume` does not clear it.
     pub(super) fn fail(&self, e: Error) {
         let mut c = self.lock();
-        if !c.cancel && c.fatal.is_none() && !c.state.is_terminal() && !c.finishing {
+        if !c.cancel && c.fatal.is_none() && !c.state.is_terminal() && !c.finishing && !c.group_committed {
             c.fatal = Some(e);
         }
         self.hook_off.store(true, Ordering::Release);
@@ -202,10 +207,11 @@ impl JobShared {
         Ok(())
     }
 
-    /// Cancel: no effect on a job that has ended or already failed.
+    /// Cancel: no effect on a job that has ended or already failed, nor on a member of a
+    /// consistency group whose members have all finished copying (the group completes).
     pub(super) fn cancel(&self) {
         let mut c = self.lock();
-        if c.state.is_terminal() || c.finishing || c.cancel || c.fatal.is_some() {
+        if c.state.is_terminal() || c.finishing || c.cancel || c.fatal.is_some() || c.group_committed {
             return;
         }
         c.cancel = true;
@@ -453,23 +459,38 @@ impl JobShared {
     /// `sync = (completed || mode == Always) && mode != Never`. If `sync`, the bitmap
     /// becomes the successor (the writes made during the job), plus, after a failure or
     /// cancel under `Always`, the clusters not copied; else frozen ∪ successor.
+    ///
+    /// A cluster leaves the bitmap only once its copy is durable in the target: a job
+    /// that completed has flushed it (`outcome` requires it); after a failure or cancel
+    /// under `Always` the target is flushed here first, and if that flush fails nothing
+    /// leaves the bitmap (frozen ∪ successor, as for `Never`).
     fn give_back_bitmap(&self, completed: bool) {
         let Some(bm) = &self.dirty else { return };
         let mode = self.bitmap_mode;
         let sync = (completed || mode == BitmapMode::Always) && mode != BitmapMode::Never;
-        let end = if sync {
-            let mut add_back = Vec::new();
-            if !completed {
-                for run in self.claims.dirty_runs(0..self.geo.clusters) {
-                    let (off, len) = self.geo.byte_range(run);
-                    super::push_merged(&mut add_back, off, len);
-                }
-                // Given up under Ignore: not copied either.
-                add_back.extend(self.failed.lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
-            }
-            EndOfJob::Replace { add_back }
-        } else {
+        let end = if !sync {
             EndOfJob::Merge
+        } else if completed {
+            EndOfJob::Replace { add_back: Vec::new() }
+        } else {
+            // The clusters not copied, read *before* the flush: a cluster seen clean here
+            // had its target write finished, so the flush below makes it durable (a hook
+            // still copying has its bits set, and goes back into the bitmap).
+            let mut add_back = Vec::new();
+            for run in self.claims.dirty_runs(0..self.geo.clusters) {
+                let (off, len) = self.geo.byte_range(run);
+                super::push_merged(&mut add_back, off, len);
+            }
+            // Given up under Ignore: not copied either.
+            add_back.extend(self.failed.lock().unwrap_or_else(|e| e.into_inner()).iter().copied());
+            match self.target.flush() {
+                Ok(()) => EndOfJob::Replace { add_back },
+                Err(e) => {
+                    let e = Error::io(Side::Target, Op::Flush, 0, self.geo.size, &e);
+                    self.trace(|| TraceEvent::Error { job: self.id, error: e.clone(), action: TraceAction::Report });
+                    EndOfJob::Merge
+                }
+            }
         };
         if let Err(e) = bm.unfreeze(end) {
             // The bitmap is not busy any more and lost nothing (it was merged back, or

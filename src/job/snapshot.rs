@@ -3,7 +3,9 @@
 //!
 //! - A cluster already copied is read from the target. A cluster not yet copied is read
 //!   from the source under a **read hold** (claims.rs): the hook waits for the hold to
-//!   go, then copies. A view read never copies and never writes the target.
+//!   go, then copies. A view read never copies and never writes the target, and never
+//!   waits for a copy in flight: a worker stuck on a slow or hung target does not stall
+//!   readers (the host's write to those clusters waits for the readers instead).
 //! - Clusters outside the job's bitmap (sync `Bitmap`, pull mode) and clusters the reader
 //!   discarded are not served: a read touching any of them fails whole with `EACCES`.
 //! - `discard` = "the reader is done with this range": its whole clusters leave the copy
@@ -157,8 +159,11 @@ impl BlockDriver for SnapshotView {
         let mut c = clusters.start;
         while c < clusters.end {
             // Old data a hook saved in memory (cowbuf.rs), not yet in the target. Looked up
-            // before the bits: under the hold no cluster becomes saved, and saved data
-            // leaves the buffer only after its clusters are clean.
+            // before the bits. Under the hold, a cluster's data may arrive in the buffer (a
+            // copier that was reading when the hold came saves it) or leave it (written to
+            // the target): either way the source still holds the old data until the hold
+            // goes (the claim is parked, claims.rs), so reading the source for a cluster whose
+            // bit is set is right, and a cleared bit means the data is in the target.
             if let Some(saved) = job.cowbuf.find(c) {
                 let e = saved.clusters.end.min(clusters.end);
                 let (roff, rlen) = job.geo.byte_range(c..e);
