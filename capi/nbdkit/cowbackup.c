@@ -205,9 +205,12 @@ static bool seen(int k)
 static int parse_size(const char *key, const char *value, uint64_t *out)
 {
     int64_t r = nbdkit_parse_size(value);
-    if (r < 0)
-        return -1; /* nbdkit_parse_size reported it */
-    (void)key;
+    if (r < 0) {
+        /* nbdkit_parse_size said why; say which parameter. */
+        nbdkit_error("cowbackup: %s=%s: not a size (bytes, or with a suffix: 64K, 1M, ...)",
+                     key, value);
+        return -1;
+    }
     *out = (uint64_t)r;
     return 0;
 }
@@ -301,8 +304,10 @@ static int cowbackup_config(nbdkit_next_config *next, nbdkit_backend *nxdata,
         return parse_path(key, value, &backup_path);
     case K_OVERWRITE: {
         int r = nbdkit_parse_bool(value);
-        if (r < 0)
+        if (r < 0) {
+            nbdkit_error("cowbackup: %s=%s: not a boolean (true or false)", key, value);
             return -1;
+        }
         backup_overwrite = r;
         return 0;
     }
@@ -351,7 +356,7 @@ static int cowbackup_config(nbdkit_next_config *next, nbdkit_backend *nxdata,
         speed = u64;
         return 0;
     case K_WORKERS:
-        if (nbdkit_parse_uint32_t("workers", value, &u32) < 0)
+        if (nbdkit_parse_uint32_t("cowbackup: workers", value, &u32) < 0)
             return -1;
         return library_says(cowbackup_options_set_workers(opts, u32), key, value);
     case K_CBW_ERROR: {
