@@ -574,14 +574,18 @@ static void atfork_child(void)
 }
 
 /* atexit, in every process; acts only in nbdkit's parent right after it forked the daemon
- * (nbdkit's --run parent has reaped its child by the time it exits: nothing to wait for). */
+ * (nbdkit's --run parent has reaped its child by the time it exits: nothing to wait for,
+ * unless children are reaped automatically: then the child's verdict is read all the same,
+ * and a captive nbdkit that started says "ready"). */
 static void wait_for_daemon(void)
 {
     if (getpid() != armed_pid || !forked || ready_pipe[0] < 0)
         return;
+    struct sigaction sa;
+    bool autoreap = sigaction(SIGCHLD, NULL, &sa) == 0 &&
+                    (sa.sa_handler == SIG_IGN || (sa.sa_flags & SA_NOCLDWAIT));
     int status;
-    pid_t child = waitpid(-1, &status, WNOHANG);
-    if (child < 0)
+    if (waitpid(-1, &status, WNOHANG) < 0 && !autoreap)
         return;
     close(ready_pipe[1]);
     ready_pipe[1] = -1;
@@ -607,12 +611,15 @@ static void wait_for_daemon(void)
         long pid = strtol(text, &text, 10);
         fprintf(stderr, "nbdkit: %s\n", *text == ' ' ? text + 1 : text);
         fflush(stderr);
-        for (int i = 0; pid > 0 && child == 0 && i < 300; i++) {
-            child = waitpid((pid_t)pid, &status, WNOHANG);
-            if (child == 0)
+        bool gone = pid <= 0;
+        for (int i = 0; !gone && i < 300; i++) {
+            pid_t w = waitpid((pid_t)pid, &status, WNOHANG);
+            /* Reaped, or not ours to reap (auto-reaped) and no longer there. */
+            gone = w == (pid_t)pid || (w < 0 && kill((pid_t)pid, 0) < 0);
+            if (!gone)
                 usleep(100 * 1000);
         }
-        if (pid > 0 && child == 0) {
+        if (!gone) {
             kill((pid_t)pid, SIGKILL);
             waitpid((pid_t)pid, &status, 0);
         }

@@ -382,7 +382,7 @@ if [ "$(id -u)" != 0 ]; then
 elif ! command -v setpriv >/dev/null; then
     echo "SKIPPED part 7: setpriv (util-linux) is not installed"
 else
-    id -u "$attacker" >/dev/null 2>&1 || useradd -M -s /usr/sbin/nologin "$attacker" 2>/dev/null \
+    id -u "$attacker" >/dev/null 2>&1 || useradd -M -s /bin/bash "$attacker" 2>/dev/null \
         || id -u "$attacker" >/dev/null 2>&1 || fail "t7: cannot add the user $attacker"
     as_attacker() { setpriv --reuid="$attacker" --regid="$attacker" --clear-groups -- "$@"; }
     chmod 711 "$tmp"                         # the attacker reaches the shared dirs, nothing else
