@@ -959,8 +959,12 @@ int cowbackup_backup_start(struct cowbackup_driver *source,
  `sources[i]` into `targets[i]` with `opts[i]` (`opts` NULL, or an entry NULL: defaults).
  Every job is set up before any starts copying; no job reaches `COWBACKUP_JOB_COMPLETED`
  before all have finished copying; when one fails or is cancelled the others are cancelled
- and every bitmap goes back as for a failure. Each job's `cowbackup_job_wait` reports its
- own result. On success `jobs_out[0..n]` are the jobs (free each with `cowbackup_job_free`).
+ and every bitmap goes back as for a failure. The outcome is decided atomically when the
+ last job finishes copying: from then on (every job copied, none failed or cancelled) the
+ group is committed, and `cowbackup_job_cancel` or `cowbackup_job_free` of a member changes
+ nothing (every job ends `COWBACKUP_JOB_COMPLETED`); a cancel before that cancels them all.
+ Each job's `cowbackup_job_wait` reports its own result. On success `jobs_out[0..n]` are
+ the jobs (free each with `cowbackup_job_free`).
 
  All or none: on any error nothing is started, no bitmap changes and `jobs_out` is not
  written. Errors: -EINVAL (`n` 0, a NULL array or entry, the same target or bitmap twice,
@@ -1029,7 +1033,9 @@ int cowbackup_job_resume(struct cowbackup_job *job);
 /*
  Cancel the job: from now on the hook is a no-op, workers stop after their current chunk and
  the job ends `COWBACKUP_JOB_CANCELLED`. Returns at once (`cowbackup_job_wait` waits for the
- end). No effect, and 0, on a job that has ended. Errors: -EINVAL (NULL `job`). Thread-safe.
+ end). No effect, and 0, on a job that has ended, or on a member of a consistency group whose
+ members have all finished copying (the group is committed and completes). Errors: -EINVAL
+ (NULL `job`). Thread-safe.
 
  # Safety
  `job` is NULL or a live job handle.

@@ -1622,7 +1622,8 @@ class Job:
     def cancel(self) -> None:
         """Cancel the job: the hook becomes a no-op, the job ends CANCELLED. Returns at once.
 
-        No effect on a job that has ended.
+        No effect on a job that has ended, nor on a member of a consistency group once
+        every member has finished copying (the group is committed and completes).
         """
         self._simple(_job_cancel, "cowbackup_job_cancel")
 

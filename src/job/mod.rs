@@ -485,7 +485,8 @@ impl Job {
     /// Cancel the job: from now on the hook is a no-op, workers stop after their current
     /// chunk, and the job ends `Cancelled`. Returns at once; [`Job::wait`] waits for the
     /// end. No effect on a job that has ended or has already failed (its result stays the
-    /// failure).
+    /// failure), nor on a member of a consistency group once every member has finished
+    /// copying (the group is committed: it completes, see [`crate::backup_start_group`]).
     pub fn cancel(&self) {
         self.shared.cancel()
     }

@@ -65,8 +65,12 @@ pub type GroupMember = (Arc<dyn BlockDriver>, Arc<dyn BlockDriver>, BackupOption
 /// copying; when one input is bad, nothing starts and every bitmap is left as it was. No
 /// job of the group reaches `Completed` before all have finished copying; when one fails
 /// or is cancelled, the others are cancelled, and every bitmap goes back as for a failure.
-/// Each job's [`Job::wait`] reports its own result (the first failure, `Cancelled` for the
-/// others). The jobs are returned in the order given.
+/// The outcome is decided atomically when the last job finishes copying: from then on
+/// (every job copied, none failed or cancelled) the group is committed, and
+/// [`Job::cancel`] or dropping a member changes nothing (every job completes); a cancel
+/// before that cancels them all. Members never end split. Each job's [`Job::wait`] reports
+/// its own result (the first failure, `Cancelled` for the others). The jobs are returned
+/// in the order given.
 ///
 /// # Errors
 /// As [`backup_start`], for the first entry that fails (the message names its index);
