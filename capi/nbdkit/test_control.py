@@ -1,0 +1,610 @@
+#!/usr/bin/env python3
+"""Tests of the filter's control socket (control=PATH, QMP), run by test-control.sh.
+
+A real workload: nbdkit serves a disk image through the filter; the disk is exposed as a file
+with nbdfuse, attached to a loop device, formatted ext4, mounted, and a writer keeps creating,
+rewriting and deleting files in it (without nbdfuse or loop devices: qemu-io writers). Over the
+control socket, with QEMU's own QMP client library (qemu.qmp, from PyPI: the wire format is
+proven by a client we did not write), without restarting nbdkit:
+  1. block-dirty-bitmap-add, then a full backup (blockdev-backup sync=full with the bitmap: a
+     new chain), then two incrementals (sync=bitmap); before each start the filesystem is
+     frozen (fsfreeze -f) and the image copied (cp --sparse): the point in time; the writer
+     goes on during each backup. Full, full + inc1, full + inc1 + inc2 (restored with each
+     TARGET.extents) == their point-in-time copies (qemu-img compare). Events: JOB_STATUS_CHANGE
+     (created, running, concluded), BLOCK_JOB_COMPLETED without error, with timestamps.
+  2. job control: a throttled job; a second start is refused; job-pause -> paused,
+     job-resume, block-job-set-speed, job-cancel -> BLOCK_JOB_CANCELLED, concluded.
+  3. pull mode: nbd-server-start (unix) + blockdev-backup sync=none + block-export-add with the
+     bitmap; qemu-img convert of the export == the point-in-time copy; nbdinfo maps
+     qemu:dirty-bitmap:b0; job-complete concludes it.
+  4. bad input changes nothing: unknown command (CommandNotFound), missing/unexpected/mistyped
+     arguments, an existing target (not overwritten), unknown bitmap (GenericError); a raw
+     client: commands before qmp_capabilities (CommandNotFound), binary garbage, a 200 KiB
+     message (error, then closed), 40 connections at once (the extra ones are refused), a client
+     that never reads its replies; afterwards nbdkit still serves NBD and QMP.
+Every wait is bounded. Usage: test_control.py FILTER.so TMPDIR
+"""
+import asyncio
+import hashlib
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+from qemu.qmp import QMPClient
+from qemu.qmp.qmp_client import ExecuteError
+
+FILTER, TMP = sys.argv[1], sys.argv[2]
+SIZE = 256 << 20
+procs = []      # writers: killed first
+servers = []    # nbdkit, nbdfuse: killed after the cleanups (unmount, loop device)
+cleanups = []
+
+
+def kill_group(p):
+    """Kill a writer and its children (dd), wait for it."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, 9)
+        except OSError:
+            p.kill()
+    p.wait()
+
+
+def log(*a):
+    print("control test:", *a, flush=True)
+
+
+def fail(msg):
+    raise SystemExit(f"control test: FAILED: {msg}")
+
+
+def run(*cmd, check=True, timeout=120, **kw):
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout, **kw)
+    if not check and r.returncode != 0:
+        log(f"(note: {' '.join(cmd)}: exit {r.returncode}: {r.stdout.strip()[-300:]})")
+    if check and r.returncode != 0:
+        fail(f"{' '.join(cmd)}: exit {r.returncode}: {r.stdout[-2000:]}")
+    return r
+
+
+def wait_for(pred, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def compare(a, b, what):
+    r = run("qemu-img", "compare", "-f", "raw", "-F", "raw", a, b, check=False, timeout=300)
+    if r.returncode != 0:
+        fail(f"{what}: qemu-img compare {a} {b}: {r.stdout.strip()}")
+    log(f"ok: {what}: identical")
+
+
+def extents(path):
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            off, ln = map(int, line.split())
+            out.append((off, ln))
+    return out
+
+
+def apply(dst, src, ext):
+    """The README's restore: every byte of the extents of src over dst."""
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        for off, ln in ext:
+            done = 0
+            while done < ln:
+                n = min(1 << 20, ln - done)
+                buf = os.pread(s.fileno(), n, off + done)
+                if len(buf) != n:
+                    fail(f"short read of {src}")
+                os.pwrite(d.fileno(), buf, off + done)
+                done += n
+
+
+class Workload:
+    """A filesystem on the served disk and a writer, or qemu-io writers."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fs = False
+        self.loop = None
+        self.writer = None
+        self.round = 0
+        fuse = os.path.join(TMP, "fuse")
+        self.mnt = os.path.join(TMP, "mnt")
+        os.makedirs(fuse, exist_ok=True)
+        os.makedirs(self.mnt, exist_ok=True)
+        why = None
+        if not os.path.exists("/dev/fuse") or not shutil.which("nbdfuse"):
+            why = "no /dev/fuse or nbdfuse"
+        elif not all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "fsfreeze", "mount")):
+            why = "no losetup, mkfs.ext4, fsfreeze or mount"
+        if why is None:
+            p = subprocess.Popen(["nbdfuse", fuse + "/disk", "--unix", sock],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append(p)
+            self.fuse_dir = fuse
+            cleanups.append(lambda: run("fusermount3" if shutil.which("fusermount3") else
+                                        "umount", "-u" if shutil.which("fusermount3") else
+                                        "-l", fuse, check=False))
+            try:
+                wait_for(lambda: os.path.exists(fuse + "/disk") or p.poll() is not None,
+                         "nbdfuse", 30)
+            except SystemExit:
+                pass
+            if not os.path.exists(fuse + "/disk"):
+                why = "nbdfuse could not mount"
+        if why is None:
+            r = run("losetup", "-f", "--show", fuse + "/disk", check=False)
+            if r.returncode != 0:
+                why = f"losetup: {r.stdout.strip()}"
+            else:
+                self.loop = r.stdout.strip()
+                cleanups.append(lambda: run("losetup", "-d", self.loop, check=False))
+        if why is None:
+            run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", self.loop, timeout=300)
+            run("mount", self.loop, self.mnt)
+            def unmount():
+                subprocess.run(["fsfreeze", "-u", self.mnt], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # frozen when a check failed
+                for _ in range(20):  # busy while killed writers exit
+                    if subprocess.run(["umount", self.mnt], stderr=subprocess.DEVNULL).returncode == 0:
+                        return
+                    time.sleep(0.5)
+                run("umount", "-l", self.mnt, check=False)
+            cleanups.append(unmount)
+            self.fs = True
+            log(f"workload: ext4 on {self.loop} (nbdfuse {fuse}/disk), mounted at {self.mnt}")
+        else:
+            log(f"workload: qemu-io writers ({why})")
+
+    def start(self):
+        """Writes during a backup."""
+        if self.fs:
+            script = ("cd %s; i=0; while :; do i=$((i+1)); n=$((RANDOM %% 40)); "
+                      "dd if=/dev/urandom of=f$n bs=64k count=$((RANDOM %% 24 + 1)) "
+                      "conv=notrunc 2>/dev/null; "
+                      "[ $((i %% 7)) = 0 ] && rm -f f$((RANDOM %% 40)); "
+                      "[ $((i %% 5)) = 0 ] && sync; done" % self.mnt)
+            self.writer = subprocess.Popen(["bash", "-c", script], stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, start_new_session=True)
+            procs.append(self.writer)
+        else:
+            self.round += 1
+            rnd = random.Random(self.round)
+            cmds = []
+            for _ in range(200):
+                off = rnd.randrange(0, SIZE // 65536) * 65536
+                cmds += ["-c", f"write -P {rnd.randrange(1, 255)} {off} 65536"]
+            self.writer = subprocess.Popen(
+                ["qemu-io", "-f", "raw", *cmds,
+                 f"nbd+unix:///?socket={self.sock}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(self.writer)
+
+    def freeze(self):
+        """Stop changes: the disk image is the point in time until thaw()."""
+        if self.fs:
+            run("fsfreeze", "-f", self.mnt)
+        elif self.writer:
+            self.writer.wait(timeout=300)
+            self.writer = None
+
+    def thaw(self):
+        if self.fs:
+            run("fsfreeze", "-u", self.mnt)
+
+    def stop(self):
+        if self.writer:
+            kill_group(self.writer)
+            self.writer = None
+
+
+async def connect(path):
+    q = QMPClient("test")
+    await q.connect(path)
+    return q
+
+
+async def job_status(q, job_id):
+    for j in await q.execute("query-jobs"):
+        if j["id"] == job_id:
+            return j
+    return None
+
+
+async def wait_concluded(q, job_id, timeout=600):
+    deadline = time.monotonic() + timeout
+    while True:
+        j = await job_status(q, job_id)
+        if j is None:
+            fail(f"job {job_id} is not listed by query-jobs")
+        for k in ("id", "type", "status", "current-progress", "total-progress"):
+            if k not in j:
+                fail(f"query-jobs: JobInfo without {k}: {j}")
+        if j["status"] == "concluded":
+            return j
+        if time.monotonic() > deadline:
+            fail(f"job {job_id} did not conclude in {timeout} s: {j}")
+        await asyncio.sleep(0.2)
+
+
+def drain_events(q):
+    return list(q.events.clear())
+
+
+async def expect_error(q, cmd, args, cls, what):
+    try:
+        r = await q.execute(cmd, args)
+    except ExecuteError as e:
+        if e.error.error.class_ != cls:
+            fail(f"{what}: class {e.error.error.class_}, wanted {cls}: {e.error.error.desc}")
+        return e.error.error.desc
+    fail(f"{what}: {cmd} succeeded ({r}), wanted a {cls} error")
+
+
+async def backup(q, wl, job_id, target, pit, **args):
+    """Freeze, copy the point in time, start the backup, thaw, keep writing, wait."""
+    wl.freeze()
+    run("cp", "--sparse=always", os.path.join(TMP, "disk.img"), pit, timeout=300)
+    drain_events(q)
+    await q.execute("blockdev-backup", {"job-id": job_id, "device": "disk0",
+                                        "target": target, **args})
+    wl.thaw()
+    wl.start()
+    j = await wait_concluded(q, job_id)
+    wl.stop()
+    if "error" in j:
+        fail(f"job {job_id} failed: {j['error']}")
+    await asyncio.sleep(0.3)  # the events queued with the conclusion
+    evs = drain_events(q)
+    st = [e["data"]["status"] for e in evs if e["event"] == "JOB_STATUS_CHANGE"
+          and e["data"]["id"] == job_id]
+    done = [e for e in evs if e["event"] == "BLOCK_JOB_COMPLETED"
+            and e["data"]["device"] == job_id]
+    if st[:1] != ["created"] or "running" not in st or st[-1] != "concluded":
+        fail(f"{job_id}: JOB_STATUS_CHANGE sequence {st}")
+    if len(done) != 1 or "error" in done[0]["data"] or done[0]["data"]["type"] != "backup":
+        fail(f"{job_id}: BLOCK_JOB_COMPLETED events {done}")
+    for e in evs:
+        ts = e.get("timestamp", {})
+        if not isinstance(ts.get("seconds"), int) or not isinstance(ts.get("microseconds"), int):
+            fail(f"event without QMP timestamp: {e}")
+    log(f"ok: {job_id}: {j['total-progress']} bytes, events {st} + BLOCK_JOB_COMPLETED")
+    return j
+
+
+async def raw_client(path):
+    r, w = await asyncio.open_unix_connection(path)
+    greeting = await asyncio.wait_for(r.readline(), 30)
+    if b'"QMP"' not in greeting:
+        fail(f"raw client: greeting {greeting!r}")
+    return r, w
+
+
+async def raw_cmd(r, w, data):
+    w.write(data)
+    await w.drain()
+    return await asyncio.wait_for(r.readline(), 30)
+
+
+async def hostile(path, sock):
+    # Before negotiation.
+    r, w = await raw_client(path)
+    line = await raw_cmd(r, w, b'{"execute": "query-jobs"}\n')
+    if b'CommandNotFound' not in line:
+        fail(f"a command before qmp_capabilities: {line!r}")
+    line = await raw_cmd(r, w, b'{"execute": "qmp_capabilities", "id": {"a": [1, "x"]}}')
+    if b'"return"' not in line or b'"id": {"a": [1, "x"]}' not in line:
+        fail(f"qmp_capabilities with an object id: {line!r}")
+    # Binary garbage, a non-object, bad UTF-8, deep nesting: each a GenericError.
+    for junk in (b'\x00\x01\xfe\xff\x80garbage\n', b'[1, 2]\n', b'"\xc3\x28"\n',
+                 b'[' * 100 + b']' * 100 + b'\n', b'{"execute": 5}\n',
+                 b'{"execute": "query-jobs", "arguments": [], "id": 1}\n'):
+        line = await raw_cmd(r, w, junk)
+        if b'GenericError' not in line:
+            fail(f"junk {junk[:40]!r}: {line!r}")
+    line = await raw_cmd(r, w, b'{"execute": "query-jobs", "id": 7}\r\n')
+    if b'"return"' not in line:
+        fail(f"after junk: {line!r}")
+    # A 200 KiB message: an error, then the connection closes.
+    w.write(b'{"execute": "' + b'a' * (200 << 10) + b'"}\n')
+    try:
+        await w.drain()
+    except (ConnectionError, BrokenPipeError):
+        pass
+    line = await asyncio.wait_for(r.readline(), 30)
+    if b'GenericError' not in line:
+        fail(f"huge message: {line!r}")
+    try:
+        rest = await asyncio.wait_for(r.read(), 30)
+    except ConnectionResetError:
+        rest = b""
+    if rest:
+        fail(f"huge message: connection not closed ({rest[:80]!r})")
+    w.close()
+    log("ok: before negotiation, garbage, bad UTF-8, nesting, a 200 KiB message: QMP errors")
+
+    # Many connections: at most 8 are served, the others told so; then all close.
+    conns = []
+    refused = 0
+    for _ in range(40):
+        rr, ww = await asyncio.open_unix_connection(path)
+        line = await asyncio.wait_for(rr.readline(), 30)
+        if b'too many clients' in line:
+            refused += 1
+            ww.close()
+        elif b'"QMP"' in line:
+            conns.append((rr, ww))
+        else:
+            fail(f"connection {len(conns)}: {line!r}")
+    if refused == 0 or len(conns) > 8:
+        fail(f"40 connections: {len(conns)} served, {refused} refused")
+    for _, ww in conns:
+        ww.close()
+    log(f"ok: 40 connections: {len(conns)} served, {refused} refused")
+
+    # A client that never reads: disconnected when its output passes the limit. (The
+    # server may still be closing the 40: retry the connection, bounded.)
+    for _ in range(300):
+        rr, ww = await asyncio.open_unix_connection(path)
+        line = await asyncio.wait_for(rr.readline(), 30)
+        if b'"QMP"' in line:
+            break
+        ww.close()
+        await asyncio.sleep(0.1)
+    else:
+        fail(f"after closing the 40 connections: {line!r}")
+    ww.write(b'{"execute": "qmp_capabilities"}')
+    ww.write(b'{"execute": "query-commands"}' * 20000)
+    try:
+        await asyncio.wait_for(ww.drain(), 60)
+    except (ConnectionError, BrokenPipeError, asyncio.TimeoutError):
+        pass
+    ww.close()
+    # The daemon still serves NBD and QMP.
+    run("nbdinfo", "--size", f"nbd+unix:///?socket={sock}")
+    q = await connect(path)
+    await q.execute("query-jobs")
+    await q.disconnect()
+    log("ok: a client that never reads; nbdkit still serves NBD and QMP")
+
+
+async def main():
+    disk = os.path.join(TMP, "disk.img")
+    sock = os.path.join(TMP, "nbd.sock")
+    ctl = os.path.join(TMP, "ctl.sock")
+    with open(disk, "wb") as f:
+        f.truncate(SIZE)
+    nbdkit = subprocess.Popen(
+        ["nbdkit", "-f", "-v", "-U", sock, f"--filter={FILTER}", "file", disk,
+         f"control={ctl}"], stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(TMP, "nbdkit.log"), "w"))
+    servers.append(nbdkit)
+    wait_for(lambda: os.path.exists(ctl) or nbdkit.poll() is not None, "the control socket")
+    if nbdkit.poll() is not None:
+        fail(f"nbdkit exited: {open(os.path.join(TMP, 'nbdkit.log')).read()[-2000:]}")
+    mode = os.lstat(ctl).st_mode & 0o777
+    if mode != 0o600:
+        fail(f"the control socket is {oct(mode)}, not 0600")
+    log("ok: control socket created 0600")
+
+    wl = Workload(sock)
+    q = await connect(ctl)
+    if q.greeting is None:
+        fail("no greeting")
+
+    # 1. A full backup and two incrementals, nbdkit running throughout.
+    await q.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "b0"})
+    t = {n: os.path.join(TMP, n) for n in ("full.raw", "inc1.raw", "inc2.raw", "pit0.raw",
+                                            "pit1.raw", "pit2.raw", "pit3.raw", "pull.raw",
+                                            "restored.raw", "scratch.raw", "slow.raw")}
+    wl.start()
+    await asyncio.sleep(2)
+    await backup(q, wl, "full0", t["full.raw"], t["pit0.raw"], sync="full", bitmap="b0",
+                 speed=64 << 20)
+    await asyncio.sleep(1)
+    await backup(q, wl, "inc1", t["inc1.raw"], t["pit1.raw"], sync="bitmap", bitmap="b0",
+                 speed=64 << 20)
+    await asyncio.sleep(1)
+    await backup(q, wl, "inc2", t["inc2.raw"], t["pit2.raw"], sync="incremental",
+                 bitmap="b0", speed=64 << 20)
+    wl.stop()
+    compare(t["full.raw"], t["pit0.raw"], "full backup == the point in time")
+    shutil.copyfile(t["full.raw"], t["restored.raw"])
+    ext1 = extents(t["inc1.raw"] + ".extents")
+    ext2 = extents(t["inc2.raw"] + ".extents")
+    if not ext1 or not ext2 or ext1 == [(0, SIZE)]:
+        fail(f"incremental copy sets: {ext1[:3]} / {ext2[:3]}")
+    apply(t["restored.raw"], t["inc1.raw"], ext1)
+    compare(t["restored.raw"], t["pit1.raw"], "full + inc1 == the second point in time")
+    apply(t["restored.raw"], t["inc2.raw"], ext2)
+    compare(t["restored.raw"], t["pit2.raw"], "full + inc1 + inc2 == the third point in time")
+    for n in ("full.raw", "inc1.raw", "inc2.raw"):
+        m = os.stat(t[n]).st_mode & 0o777
+        if m != 0o600:
+            fail(f"{n} is {oct(m)}, not 0600")
+    log(f"ok: incrementals of {sum(l for _, l in ext1)} and {sum(l for _, l in ext2)} bytes")
+
+    # 2. Job control on a throttled job.
+    drain_events(q)
+    await q.execute("blockdev-backup", {"job-id": "slow", "device": "disk0",
+                                        "target": t["slow.raw"], "sync": "full",
+                                        "speed": 1 << 20})
+    desc = await expect_error(q, "blockdev-backup", {"device": "disk0", "job-id": "other",
+                                                     "target": t["scratch.raw"], "sync": "full"},
+                              "GenericError", "a second backup while one runs")
+    if os.path.exists(t["scratch.raw"]):
+        fail("the refused second backup created its target")
+    await q.execute("job-pause", {"id": "slow"})
+    for _ in range(100):
+        if (await job_status(q, "slow"))["status"] == "paused":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        fail("job-pause: the job is not paused")
+    await q.execute("job-resume", {"id": "slow"})
+    await q.execute("block-job-set-speed", {"device": "slow", "speed": 2 << 20})
+    blk = await q.execute("query-block-jobs")
+    if len(blk) != 1 or blk[0]["device"] != "slow" or blk[0]["type"] != "backup":
+        fail(f"query-block-jobs: {blk}")
+    await q.execute("job-cancel", {"id": "slow"})
+    await wait_concluded(q, "slow", 120)
+    await asyncio.sleep(0.3)
+    evs = drain_events(q)
+    names = [e["event"] for e in evs]
+    st = [e["data"]["status"] for e in evs if e["event"] == "JOB_STATUS_CHANGE"
+          and e["data"]["id"] == "slow"]
+    if "BLOCK_JOB_CANCELLED" not in names or "paused" not in st or st[-1] != "concluded":
+        fail(f"cancelled job: events {names} statuses {st}")
+    log(f"ok: second start refused ({desc}); pause/resume/set-speed/cancel, events {st}")
+
+    # 3. Pull mode.
+    nbd2 = os.path.join(TMP, "pull.sock")
+    await q.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd2}}})
+    wl.start()
+    await asyncio.sleep(1)
+    wl.freeze()
+    run("cp", "--sparse=always", disk, t["pit3.raw"], timeout=300)
+    await q.execute("blockdev-backup", {"job-id": "pull0", "device": "disk0",
+                                        "target": t["scratch.raw"], "sync": "none"})
+    wl.thaw()
+    wl.start()
+    await q.execute("block-export-add", {"type": "nbd", "id": "e0", "node-name": "pull0",
+                                         "name": "pull0", "bitmaps": ["b0"]})
+    uri = f"nbd+unix:///pull0?socket={nbd2}"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, t["pull.raw"], timeout=600)
+    m = run("nbdinfo", "--map=qemu:dirty-bitmap:b0", uri).stdout
+    if not m.strip():
+        fail("nbdinfo --map=qemu:dirty-bitmap:b0: empty")
+    await q.execute("job-complete", {"id": "pull0"})
+    await wait_concluded(q, "pull0", 120)
+    wl.stop()
+    await q.execute("block-export-del", {"id": "e0"})
+    await q.execute("nbd-server-stop")
+    compare(t["pull.raw"], t["pit3.raw"], "pull mode: the exported view == the point in time")
+
+    # 4. Bad input changes nothing.
+    before = sha(t["full.raw"])
+    await expect_error(q, "blockdev-backup", {"device": "disk0", "target": t["full.raw"],
+                                              "sync": "full", "job-id": "again"},
+                       "GenericError", "an existing target")
+    if sha(t["full.raw"]) != before:
+        fail("an existing target was changed")
+    await expect_error(q, "no-such-command", None, "CommandNotFound", "unknown command")
+    await expect_error(q, "blockdev-backup", {"device": "disk0", "sync": "full"},
+                       "GenericError", "missing target")
+    await expect_error(q, "blockdev-backup", {"device": "disk0", "sync": "full",
+                                              "target": t["scratch.raw"] + "x", "bogus": 1},
+                       "GenericError", "unexpected argument")
+    await expect_error(q, "blockdev-backup", {"device": "disk0", "sync": 3,
+                                              "target": t["scratch.raw"] + "x"},
+                       "GenericError", "mistyped argument")
+    await expect_error(q, "blockdev-backup", {"device": "disk0", "sync": "bitmap",
+                                              "bitmap": "nope",
+                                              "target": t["scratch.raw"] + "x"},
+                       "GenericError", "unknown bitmap")
+    await expect_error(q, "block-dirty-bitmap-add", {"node": "disk0", "name": "b0"},
+                       "GenericError", "duplicate bitmap")
+    await expect_error(q, "job-cancel", {"id": "nope"}, "DeviceNotActive", "unknown job")
+    if os.path.exists(t["scratch.raw"] + "x"):
+        fail("a refused backup created its target")
+    jobs = await q.execute("query-jobs")
+    if [j["id"] for j in jobs] != ["pull0"]:
+        fail(f"query-jobs after bad commands: {jobs}")
+    await q.execute("block-dirty-bitmap-clear", {"node": "disk0", "name": "b0"})
+    await q.execute("block-dirty-bitmap-remove", {"node": "disk0", "name": "b0"})
+    await q.execute("job-dismiss", {"id": "pull0"})
+    if await q.execute("query-jobs") != []:
+        fail("job-dismiss: the job is still listed")
+    log("ok: bad commands and arguments: QMP errors, nothing changed")
+    await q.disconnect()
+
+    await hostile(ctl, sock)
+    if nbdkit.poll() is not None:
+        fail("nbdkit died")
+    wl.stop()
+    for c in reversed(cleanups):
+        c()
+    cleanups.clear()
+    for p in servers:
+        if p is not nbdkit and p.poll() is None:
+            p.terminate()
+            p.wait(timeout=60)
+    nbdkit.terminate()
+    nbdkit.wait(timeout=60)
+    if os.path.exists(ctl):
+        fail("the control socket is left after nbdkit exits")
+    log("ok: nbdkit exits cleanly and removes its control socket")
+
+
+async def startup_mode():
+    """backup= and control= together: the start-up job is job backup0 in query-jobs."""
+    disk = os.path.join(TMP, "disk2.img")
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(1 << 20))
+    ctl = os.path.join(TMP, "ctl2.sock")
+    bk = os.path.join(TMP, "startup.raw")
+    nbdkit = subprocess.Popen(
+        ["nbdkit", "-f", "-U", os.path.join(TMP, "nbd2.sock"), f"--filter={FILTER}", "file",
+         disk, f"backup={bk}", "speed=8M", f"control={ctl}"], stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(TMP, "nbdkit2.log"), "w"))
+    servers.append(nbdkit)
+    wait_for(lambda: os.path.exists(ctl) or nbdkit.poll() is not None, "the control socket")
+    q = await connect(ctl)
+    jobs = await q.execute("query-jobs")
+    if len(jobs) != 1 or jobs[0]["id"] != "backup0" or jobs[0]["type"] != "backup":
+        fail(f"backup= job in query-jobs: {jobs}")
+    await expect_error(q, "blockdev-backup", {"device": "disk0", "sync": "full",
+                                              "target": bk + ".second"},
+                       "GenericError", "a start while the backup= job runs")
+    j = await wait_concluded(q, "backup0", 300)
+    if "error" in j:
+        fail(f"backup0: {j}")
+    compare(bk, disk, "backup= job (listed as backup0) == the disk")
+    await q.execute("blockdev-backup", {"device": "disk0", "sync": "full",
+                                        "target": bk + ".second"})
+    await wait_concluded(q, "disk0", 300)
+    compare(bk + ".second", disk, "a control backup after the backup= job")
+    await q.disconnect()
+    nbdkit.terminate()
+    nbdkit.wait(timeout=60)
+    log("ok: backup= mode shows in query-jobs; a control backup after it")
+
+
+try:
+    asyncio.run(main())
+    asyncio.run(startup_mode())
+finally:
+    for p in procs:
+        kill_group(p) if p.args[0] == "bash" else (p.poll() is None and p.kill(), p.wait())
+    for c in reversed(cleanups):
+        try:
+            c()
+        except Exception:
+            pass
+    for p in servers:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
