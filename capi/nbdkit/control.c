@@ -1654,19 +1654,28 @@ int control_start(char *err, size_t errlen)
                  strerror(errno));
         goto fail;
     }
-    r = pthread_create(&control_thread, NULL, control_main, NULL);
-    if (r != 0) {
-        snprintf(err, errlen, "cowbackup: cannot start the control thread: %s", strerror(r));
-        goto fail;
-    }
-    thread_started = true;
-    nbdkit_debug("cowbackup: control socket %s (QMP)", control_path);
     return 0;
 fail:
     close(listen_fd);
     listen_fd = -1;
     unlink(control_path);
     return -1;
+}
+
+/* .after_fork, once the start-up job (if any) is registered: clients are served from now on
+ * (they queue in the listen backlog until then). */
+int control_run(char *err, size_t errlen)
+{
+    if (listen_fd < 0)
+        return 0;
+    int r = pthread_create(&control_thread, NULL, control_main, NULL);
+    if (r != 0) {
+        snprintf(err, errlen, "cowbackup: cannot start the control thread: %s", strerror(r));
+        return -1;
+    }
+    thread_started = true;
+    nbdkit_debug("cowbackup: control socket %s (QMP)", control_path);
+    return 0;
 }
 
 /* .cleanup, first: no command runs afterwards; the clients are gone. */

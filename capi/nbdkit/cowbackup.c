@@ -17,6 +17,12 @@
  *     ones of the chain (the whole disk for sync=full|top).
  * `bitmap=PATH` keeps a persistent, crash-safe dirty bitmap of every write the daemon serves;
  * `sync=bitmap` makes the job an incremental backup of the clusters that bitmap holds.
+ * `control=PATH` adds a QMP socket (control.c) that starts, controls and watches backups at
+ * any time while nbdkit serves (blockdev-backup, query-jobs, job-*, bitmaps, pull mode); the
+ * start-up job of backup= is then its job "backup0". Every job's source is one driver
+ * (source_driver) on the shared context below; client writes take hook_lock (filter.h) for
+ * reading, so a job started by the control thread (which takes it for writing) has a point in
+ * time between writes.
  *
  * Files: every file the filter creates is 0600 (umask 077 around the library's creates; the
  * filter's own temporary files are opened 0600 with O_CREAT | O_EXCL | O_NOFOLLOW under a
@@ -1470,6 +1476,16 @@ static int cowbackup_after_fork(nbdkit_backend *backend)
         goto out;
     }
     r = backup_path ? start_job() : 0;
+    if (r == 0 && control_run(startup_error, sizeof startup_error) < 0) {
+        nbdkit_error("%s", startup_error);
+        r = -1;
+        if (backup_path) { /* the job runs: cancelled (its status says so), freed */
+            cowbackup_job *j = __atomic_load_n(&job, __ATOMIC_ACQUIRE);
+            stop_progress();
+            cowbackup_job_free(j);
+            __atomic_store_n(&job, NULL, __ATOMIC_RELEASE);
+        }
+    }
     if (r < 0) {
         control_stop();
         control_free();

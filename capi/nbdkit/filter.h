@@ -37,7 +37,8 @@ int replace_file(int fd, const char *tmp, const char *path, const char *data, si
 int control_config(const char *value);           /* .config: control=PATH */
 bool control_configured(void);
 int control_check(void);                          /* .config_complete: the path */
-int control_start(char *err, size_t errlen);      /* .after_fork: bind, start the thread */
+int control_start(char *err, size_t errlen);      /* .after_fork: bind and listen */
+int control_run(char *err, size_t errlen);        /* .after_fork, last: the control thread */
 void control_stop(void);                          /* .cleanup: before the jobs are freed */
 void control_free(void);                          /* .cleanup: last */
 void control_unload(void);
