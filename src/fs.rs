@@ -190,14 +190,18 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
     let e = io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
-            // The filesystem (or kernel) has no RENAME_NOREPLACE: link() never replaces either.
-            std::fs::hard_link(from, to)?;
-            let _ = std::fs::remove_file(from);
-            Ok(())
-        }
+        // The filesystem (or kernel) has no RENAME_NOREPLACE.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => link_then_unlink(from, to),
         _ => Err(e),
     }
+}
+
+/// The fallback of [`rename_noreplace`]: `link(from, to)` (which never replaces anything and
+/// never follows a symlink at either end), then `unlink(from)`.
+fn link_then_unlink(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::hard_link(from, to)?;
+    let _ = std::fs::remove_file(from);
+    Ok(())
 }
 
 /// fsync of a directory (makes a create, rename or unlink in it durable).
@@ -209,6 +213,10 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// The engine of [`write_new_atomically`] and [`replace_atomically`], keeping the open file
 /// (it names `path` on success) and what `write` returned. `write` also gets the temp file's
 /// path (e.g. to open a second descriptor of it with other flags, `O_NOFOLLOW` included).
+///
+/// Errors: as [`write_new_atomically`]. The one error after which the file stays in place is
+/// the final sync of the directory (EIO...): the rename happened, only its durability is in
+/// doubt, and removing the complete file then would lose more than it saves.
 pub(crate) fn publish<T>(
     path: &Path,
     how: CreateMode,
@@ -249,7 +257,8 @@ pub(crate) fn publish<T>(
 ///
 /// Errors: `AlreadyExists` (EEXIST) when anything exists at `path` (a dangling symlink too);
 /// `InvalidInput` for a bad mode or a path that does not end in a file name; the errno of
-/// creating, writing, syncing or renaming; `write`'s error as it returned it.
+/// creating, writing, syncing or renaming; `write`'s error as it returned it (see [`publish`]
+/// for the directory sync).
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn write_new_atomically(
     path: &Path,
@@ -357,6 +366,56 @@ mod tests {
         // Over a directory: refused, nothing left.
         std::fs::create_dir(d.path().join("dir")).unwrap();
         assert!(replace_atomically(&d.path().join("dir"), 0o600, |_| Ok(())).is_err());
+        assert!(leftovers(d.path()).is_empty());
+    }
+
+    #[test]
+    fn the_link_fallback_never_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::write(&a, b"new").unwrap();
+        std::fs::write(&b, b"old").unwrap();
+        assert_eq!(link_then_unlink(&a, &b).unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(std::fs::read(&b).unwrap(), b"old");
+        let dangling = d.path().join("dangling");
+        symlink(d.path().join("nowhere"), &dangling).unwrap();
+        assert_eq!(link_then_unlink(&a, &dangling).unwrap_err().raw_os_error(), Some(libc::EEXIST));
+        assert!(!d.path().join("nowhere").exists());
+        let c = d.path().join("c");
+        link_then_unlink(&a, &c).unwrap();
+        assert!(!a.exists());
+        assert_eq!(std::fs::read(&c).unwrap(), b"new");
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_path_one_wins_nothing_left_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("contended");
+        let results: Vec<io::Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8u8)
+                .map(|i| {
+                    let p = &p;
+                    s.spawn(move || write_new_atomically(p, 0o600, |f| f.write_all(&[i; 4096])))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(r.raw_os_error(), Some(libc::EEXIST));
+        }
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(data.len(), 4096);
+        assert!(data.iter().all(|&b| b == data[0]), "the file is one writer's, whole");
+        assert!(leftovers(d.path()).is_empty());
+    }
+
+    #[test]
+    fn long_names_get_temp_names_within_name_max() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("n".repeat(250));
+        write_new_atomically(&p, 0o600, |f| f.write_all(b"x")).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"x");
         assert!(leftovers(d.path()).is_empty());
     }
 
