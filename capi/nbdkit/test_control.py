@@ -599,12 +599,50 @@ async def startup_mode():
                                         "target": bk + ".second"})
     await wait_concluded(q, "disk0", 300)
     compare(bk + ".second", disk, "a control backup after the backup= job")
+    # An NBD target (qemu-nbd), then one that dies mid-job: on-target-error=stop pauses the
+    # job with BLOCK_JOB_ERROR; job-cancel ends it.
+    if shutil.which("qemu-nbd"):
+        for name, kill in (("nbd0", False), ("nbd1", True)):
+            tgt = os.path.join(TMP, name + ".raw")
+            qsock = os.path.join(TMP, name + ".sock")
+            with open(tgt, "wb") as f:
+                f.truncate(64 << 20)
+            qn = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", qsock, "-e", "4", tgt],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append(qn)
+            wait_for(lambda: os.path.exists(qsock), "qemu-nbd")
+            drain_events(q)
+            await q.execute("blockdev-backup", {
+                "device": "disk0", "job-id": name, "sync": "full",
+                "target": f"nbd+unix:///?socket={qsock}", "speed": 8 << 20,
+                "on-target-error": "stop"})
+            if not kill:
+                await wait_concluded(q, name, 300)
+                qn.terminate()
+                qn.wait(timeout=60)
+                compare(tgt, disk, "a backup into an NBD target (qemu-nbd)")
+                continue
+            await asyncio.sleep(1)
+            qn.kill()
+            qn.wait()
+            deadline = time.monotonic() + 120
+            while (await job_status(q, name))["status"] != "paused":
+                if time.monotonic() > deadline:
+                    fail(f"{name}: not paused after its target died")
+                await asyncio.sleep(0.2)
+            evs = [e for e in drain_events(q) if e["event"] == "BLOCK_JOB_ERROR"]
+            if not evs or evs[0]["data"]["device"] != name or \
+                    evs[0]["data"]["action"] != "stop":
+                fail(f"{name}: BLOCK_JOB_ERROR events {evs}")
+            await q.execute("job-cancel", {"id": name})
+            j = await wait_concluded(q, name, 120)
+            log(f"ok: a dead NBD target: BLOCK_JOB_ERROR {evs[0]['data']}, cancelled: {j}")
     await q.disconnect()
     # qmp-shell (qemu.qmp's own shell) as a user would type it.
     shell = os.path.join(os.path.dirname(sys.executable), "qmp-shell")
     r = subprocess.run([shell, ctl], input="query-jobs\nblock-dirty-bitmap-add node=x name=s0\n",
                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    if '"id": "disk0"' not in r.stdout or r.stdout.count('"return": {}') != 1:
+    if '"type": "backup"' not in r.stdout or r.stdout.count('"return": {}') != 1:
         fail(f"qmp-shell: {r.stdout[-1000:]}")
     nbdkit.terminate()
     nbdkit.wait(timeout=60)
