@@ -115,8 +115,9 @@ static size_t n_exports;
 
 struct client {
     int fd;
-    bool negotiated;
-    bool closing;                 /* close once the output is sent (or at once if it can't) */
+    bool negotiated;              /* written under clients_lock (read by event emitters) */
+    bool closing;                 /* close once the output is sent (or at once if it can't);
+                                     written under clients_lock */
     time_t since;
     char msg[MAX_MSG];
     size_t msg_len;
@@ -1320,7 +1321,9 @@ static int dispatch(struct client *c, struct reply *r, const char *cmd, const st
         if (en && en->child)
             return generic(r, "Capability '%.50s' not available",
                            en->child->type == JSON_STRING ? en->child->str : "?");
+        pthread_mutex_lock(&clients_lock);
         c->negotiated = true;
+        pthread_mutex_unlock(&clients_lock);
         jb_lit(&r->ret, "{}");
         return 0;
     }
@@ -1517,6 +1520,14 @@ static int flush_client(struct client *c)
     return 0;
 }
 
+static bool client_closing(struct client *c)
+{
+    pthread_mutex_lock(&clients_lock);
+    bool r = c->closing;
+    pthread_mutex_unlock(&clients_lock);
+    return r;
+}
+
 /* Read what is there; -1: close the client. */
 static int read_client(struct client *c)
 {
@@ -1526,7 +1537,7 @@ static int read_client(struct client *c)
         return 0;
     if (n <= 0)
         return -1;
-    for (ssize_t i = 0; i < n && !c->closing; i++) {
+    for (ssize_t i = 0; i < n && !client_closing(c); i++) {
         char ch = buf[i];
         bool ws = ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n';
         if (!c->frame.started && c->frame.depth == 0 && ws && c->msg_len == 0)
