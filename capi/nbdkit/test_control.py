@@ -649,9 +649,53 @@ async def startup_mode():
     log("ok: backup= mode shows in query-jobs; a control backup after it; qmp-shell")
 
 
+def socket_safety():
+    """control=PATH: a regular file or a live socket there is refused, untouched; a stale
+    socket of ours is replaced; daemon mode (no -f) serves QMP."""
+    disk = os.path.join(TMP, "disk3.img")
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    path = os.path.join(TMP, "ctl3.sock")
+    with open(path, "w") as f:
+        f.write("precious")
+    base = ["nbdkit", "-U", os.path.join(TMP, "nbd3.sock"), f"--filter={FILTER}", "file", disk]
+    r = run(*base, "-f", f"control={path}", check=False, timeout=60)
+    if r.returncode == 0 or "not a socket" not in r.stdout or open(path).read() != "precious":
+        fail(f"control= on a regular file: exit {r.returncode}: {r.stdout[-500:]}")
+    os.unlink(path)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a socket file nobody listens on
+    pidfile = os.path.join(TMP, "nbd3.pid")
+    run(*base, "-P", pidfile, f"control={path}", timeout=60)  # daemon mode
+    try:
+        if not os.path.exists(pidfile):
+            fail("daemon mode: no pid file")
+        async def query():
+            q = await connect(path)
+            r = await q.execute("query-jobs")
+            await q.disconnect()
+            return r
+        if asyncio.run(query()) != []:
+            fail("daemon mode: query-jobs")
+        live = run("nbdkit", "-f", "-U", os.path.join(TMP, "nbd4.sock"), f"--filter={FILTER}",
+                   "file", disk, f"control={path}", check=False, timeout=60)
+        if live.returncode == 0 or "listening" not in live.stdout:
+            fail(f"control= on a live socket: exit {live.returncode}: {live.stdout[-500:]}")
+    finally:
+        with open(pidfile) as f:
+            pid = int(f.read())
+        os.kill(pid, 15)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), "the daemon's exit")
+    if os.path.exists(path):
+        fail("the daemon left its control socket")
+    log("ok: control= on a file or a live socket refused; a stale socket replaced; daemon mode")
+
+
 try:
     asyncio.run(main())
     asyncio.run(startup_mode())
+    socket_safety()
 finally:
     for p in procs:
         kill_group(p) if p.args[0] == "bash" else (p.poll() is None and p.kill(), p.wait())
