@@ -105,6 +105,22 @@ struct qbitmap {
 static struct qbitmap bitmaps[MAX_BITMAPS];
 static size_t n_bitmaps;
 
+/* object-add's objects (control thread only): QEMU's tls-creds-x509 (a directory with
+ * ca-cert.pem, server-cert.pem + server-key.pem or client-cert.pem + client-key.pem) and
+ * authz-simple (one client identity), used by nbd-server-start's tls-creds / tls-authz and by
+ * blockdev-backup's tls-creds for an nbds:// target. */
+#define MAX_OBJECTS 16
+static struct {
+    char id[MAX_NAME];
+    bool authz;                   /* authz-simple; else tls-creds-x509 */
+    char dir[PATH_MAX];           /* tls-creds-x509: its directory */
+    bool server;                  /* endpoint: server (default) or client */
+    bool verify_peer;             /* verify-peer (default true) */
+    char identity[512];           /* authz-simple: the identity */
+} objects[MAX_OBJECTS];
+static size_t n_objects;
+static int find_object(const char *id);
+
 /* Pull mode (control thread only). */
 static cowbackup_nbd_server *nbd_server;
 static struct {
@@ -826,7 +842,7 @@ static int cmd_blockdev_backup(struct reply *r, const struct json *args)
         "job-id:s", "device:s", "!target:s", "!sync:s", "speed:i", "bitmap:s",
         "bitmap-mode:s", "compress:b", "on-source-error:s", "on-target-error:s",
         "auto-finalize:b", "auto-dismiss:b", "filter-node-name:s", "manifest:s", "mode:s",
-        "cluster-size:i", NULL };
+        "cluster-size:i", "tls-creds:s", NULL };
     if (check_args(r, args, spec) < 0)
         return -1;
     const char *target = arg_str(args, "target");
@@ -845,9 +861,14 @@ static int cmd_blockdev_backup(struct reply *r, const struct json *args)
         return generic(r, "compress: not supported (targets are raw images)");
     if (!arg_bool(args, "auto-finalize", true))
         return generic(r, "auto-finalize=false: not supported (jobs finalize themselves)");
+#ifndef HAVE_COWBACKUP_MANIFEST
     if (json_get(args, "manifest"))
         return generic(r, "manifest: not supported by this build of the library (no "
                        "cowbackup_options_set_manifest)");
+#endif
+    const char *manifest = arg_str(args, "manifest");
+    if (manifest && manifest[0] != '/')
+        return generic(r, "manifest '%.200s': give an absolute path of a new file", manifest);
     if (mode && strcmp(mode, "existing") != 0 && strcmp(mode, "absolute-paths") != 0)
         return generic(r, "Parameter 'mode' does not accept value '%.100s' (existing: write "
                        "into an existing image of the disk's size; absolute-paths: create "
@@ -918,6 +939,10 @@ static int cmd_blockdev_backup(struct reply *r, const struct json *args)
         ret = cowbackup_options_set_on_target_error(o, on_tgt);
     if (ret == 0 && bm)
         ret = cowbackup_options_set_bitmap(o, bm, bm_mode);
+#ifdef HAVE_COWBACKUP_MANIFEST
+    if (ret == 0 && manifest)
+        ret = cowbackup_options_set_manifest(o, manifest);
+#endif
     if (ret < 0) {
         generic(r, "%s", cowbackup_last_error());
         cowbackup_options_free(o);
@@ -928,12 +953,35 @@ static int cmd_blockdev_backup(struct reply *r, const struct json *args)
     cowbackup_driver *dst = NULL;
     bool created = false;
     if (is_uri(target)) {
+        const char *creds = arg_str(args, "tls-creds");
+        if (strncmp(target, "nbds", 4) != 0 && creds) {
+            cowbackup_options_free(o);
+            return generic(r, "tls-creds is for an nbds:// target");
+        }
         if (strncmp(target, "nbds", 4) == 0) {
+#ifdef HAVE_COWBACKUP_TLS
+            int k = find_object(creds);
+            if (!creds || k < 0 || objects[k].authz || objects[k].server) {
+                cowbackup_options_free(o);
+                return generic(r, "target %.200s: tls-creds must name a tls-creds-x509 object "
+                               "with endpoint=client (object-add)", target);
+            }
+            char ca[PATH_MAX + 16], cert[PATH_MAX + 16], key[PATH_MAX + 16];
+            snprintf(ca, sizeof ca, "%s/ca-cert.pem", objects[k].dir);
+            snprintf(cert, sizeof cert, "%s/client-cert.pem", objects[k].dir);
+            snprintf(key, sizeof key, "%s/client-key.pem", objects[k].dir);
+            bool have_cert = access(cert, F_OK) == 0;
+            ret = cowbackup_nbd_open_tls(target, COWBACKUP_OPEN_WRITE, ca,
+                                         have_cert ? cert : NULL, have_cert ? key : NULL,
+                                         &dst);
+#else
             cowbackup_options_free(o);
             return generic(r, "target %.200s: TLS (nbds://) is not supported by this build "
                            "of the library (no cowbackup_nbd_open_tls)", target);
+#endif
+        } else {
+            ret = cowbackup_nbd_open(target, COWBACKUP_OPEN_WRITE, &dst);
         }
-        ret = cowbackup_nbd_open(target, COWBACKUP_OPEN_WRITE, &dst);
     } else if (target[0] != '/') {
         cowbackup_options_free(o);
         return generic(r, "target '%.200s': give an absolute path of a new file, or an "
@@ -1170,22 +1218,147 @@ static int socket_address(struct reply *r, const struct json *addr, char *out, s
     return generic(r, "addr.type '%.50s': unix or inet", type);
 }
 
+static int find_object(const char *id)
+{
+    for (size_t i = 0; id && i < n_objects; i++)
+        if (strcmp(objects[i].id, id) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* object-add: qom-type tls-creds-x509 (dir, endpoint, verify-peer) or authz-simple
+ * (identity), QEMU's names; the files are read when a server or a connection uses them. */
+static int cmd_object_add(struct reply *r, const struct json *args)
+{
+    static const char *const spec[] = { "!qom-type:s", "!id:s", "dir:s", "endpoint:s",
+                                        "verify-peer:b", "identity:s", "priority:s",
+                                        "sanity-check:b", "loaded:b", NULL };
+    if (check_args(r, args, spec) < 0)
+        return -1;
+    const char *type = arg_str(args, "qom-type"), *id = arg_str(args, "id");
+    bool authz = strcmp(type, "authz-simple") == 0;
+    if (!authz && strcmp(type, "tls-creds-x509") != 0)
+        return generic(r, "object type '%.100s' is not supported (tls-creds-x509, "
+                       "authz-simple)", type);
+    if (!valid_name(id))
+        return generic(r, "Invalid object id '%.100s'", id);
+    if (find_object(id) >= 0)
+        return generic(r, "attempt to add duplicate property '%s' to object (type "
+                       "'container')", id);
+    if (n_objects == MAX_OBJECTS)
+        return generic(r, "too many objects (at most %d)", MAX_OBJECTS);
+    const char *dir = arg_str(args, "dir"), *endpoint = arg_str(args, "endpoint");
+    const char *identity = arg_str(args, "identity");
+    if (authz) {
+        if (!identity)
+            return generic(r, "Parameter 'identity' is missing");
+        if (dir || endpoint || json_get(args, "verify-peer"))
+            return generic(r, "authz-simple takes an identity only");
+        if (strlen(identity) >= sizeof objects[0].identity)
+            return generic(r, "identity too long");
+    } else {
+        if (!dir || dir[0] != '/')
+            return generic(r, "tls-creds-x509: 'dir' (an absolute directory with ca-cert.pem, "
+                           "server-cert.pem and server-key.pem, or client-cert.pem and "
+                           "client-key.pem) is required");
+        if (strlen(dir) >= PATH_MAX - 32)
+            return generic(r, "dir too long");
+        if (identity)
+            return generic(r, "Parameter 'identity' is unexpected");
+        if (endpoint && strcmp(endpoint, "server") != 0 && strcmp(endpoint, "client") != 0)
+            return generic(r, "Parameter 'endpoint' does not accept value '%.50s'", endpoint);
+    }
+    size_t k = n_objects++;
+    memset(&objects[k], 0, sizeof objects[k]);
+    snprintf(objects[k].id, MAX_NAME, "%s", id);
+    objects[k].authz = authz;
+    if (authz) {
+        snprintf(objects[k].identity, sizeof objects[k].identity, "%s", identity);
+    } else {
+        snprintf(objects[k].dir, sizeof objects[k].dir, "%s", dir);
+        objects[k].server = !endpoint || strcmp(endpoint, "server") == 0;
+        objects[k].verify_peer = arg_bool(args, "verify-peer", true);
+    }
+    jb_lit(&r->ret, "{}");
+    return 0;
+}
+
+static int cmd_object_del(struct reply *r, const struct json *args)
+{
+    static const char *const spec[] = { "!id:s", NULL };
+    if (check_args(r, args, spec) < 0)
+        return -1;
+    int k = find_object(arg_str(args, "id"));
+    if (k < 0)
+        return generic(r, "object '%.200s' not found", arg_str(args, "id"));
+    objects[k] = objects[--n_objects];
+    jb_lit(&r->ret, "{}");
+    return 0;
+}
+
 static int cmd_nbd_server_start(struct reply *r, const struct json *args)
 {
     static const char *const spec[] = { "!addr:o", "tls-creds:s", "tls-authz:s",
                                         "max-connections:i", NULL };
     if (check_args(r, args, spec) < 0)
         return -1;
-    if (json_get(args, "tls-creds") || json_get(args, "tls-authz"))
+    const char *creds = arg_str(args, "tls-creds"), *authz = arg_str(args, "tls-authz");
+#ifndef HAVE_COWBACKUP_TLS
+    if (creds || authz)
         return generic(r, "tls-creds: TLS is not supported by this build of the library (no "
                        "cowbackup_nbd_server_options_*)");
+#endif
+    if (authz && !creds)
+        return generic(r, "tls-authz needs tls-creds");
     if (nbd_server)
         return generic(r, "NBD server already running");
     char addr[PATH_MAX + 16];
     if (socket_address(r, json_get(args, "addr"), addr, sizeof addr) < 0)
         return -1;
+    int ret;
     mode_t old = umask(077);
-    int ret = cowbackup_nbd_server_start(addr, &nbd_server);
+#ifdef HAVE_COWBACKUP_TLS
+    cowbackup_nbd_server_options *so = cowbackup_nbd_server_options_new();
+    if (!so) {
+        umask(old);
+        return generic(r, "out of memory");
+    }
+    ret = 0;
+    uint64_t maxc;
+    if (json_u64(json_get(args, "max-connections"), &maxc) && maxc > 0)
+        ret = cowbackup_nbd_server_options_set_limits(so, maxc > 65536 ? 65536 : (uint32_t)maxc,
+                                                      300000);
+    if (ret == 0 && creds) {
+        int k = find_object(creds);
+        if (k < 0 || objects[k].authz || !objects[k].server) {
+            cowbackup_nbd_server_options_free(so);
+            umask(old);
+            return generic(r, "No TLS credentials with id '%.200s' (object-add qom-type="
+                           "tls-creds-x509 with endpoint=server)", creds);
+        }
+        char ca[PATH_MAX + 16], cert[PATH_MAX + 16], key[PATH_MAX + 16];
+        snprintf(ca, sizeof ca, "%s/ca-cert.pem", objects[k].dir);
+        snprintf(cert, sizeof cert, "%s/server-cert.pem", objects[k].dir);
+        snprintf(key, sizeof key, "%s/server-key.pem", objects[k].dir);
+        ret = cowbackup_nbd_server_options_set_tls(so, cert, key,
+                                                   objects[k].verify_peer ? ca : NULL);
+    }
+    if (ret == 0 && authz) {
+        int k = find_object(authz);
+        if (k < 0 || !objects[k].authz) {
+            cowbackup_nbd_server_options_free(so);
+            umask(old);
+            return generic(r, "No authorization object with id '%.200s' (object-add "
+                           "qom-type=authz-simple)", authz);
+        }
+        ret = cowbackup_nbd_server_options_allow(so, objects[k].identity);
+    }
+    if (ret == 0)
+        ret = cowbackup_nbd_server_start_with(addr, so, &nbd_server);
+    cowbackup_nbd_server_options_free(so);
+#else
+    ret = cowbackup_nbd_server_start(addr, &nbd_server);
+#endif
     umask(old);
     if (ret < 0) {
         nbd_server = NULL;
@@ -1305,7 +1478,8 @@ static const char *const commands[] = {
     "block-job-pause", "block-job-resume", "block-job-cancel", "block-job-complete",
     "block-job-set-speed", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable",
-    "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del", NULL };
+    "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del",
+    "object-add", "object-del", NULL };
 
 static int dispatch(struct client *c, struct reply *r, const char *cmd, const struct json *args)
 {
@@ -1376,6 +1550,10 @@ static int dispatch(struct client *c, struct reply *r, const char *cmd, const st
         return cmd_block_export_add(r, args);
     if (strcmp(cmd, "block-export-del") == 0)
         return cmd_block_export_del(r, args);
+    if (strcmp(cmd, "object-add") == 0)
+        return cmd_object_add(r, args);
+    if (strcmp(cmd, "object-del") == 0)
+        return cmd_object_del(r, args);
     return error_reply(r, "CommandNotFound", "The command %.100s has not been found", cmd);
 }
 
