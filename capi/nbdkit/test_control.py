@@ -692,8 +692,108 @@ def socket_safety():
     log("ok: control= on a file or a live socket refused; a stale socket replaced; daemon mode")
 
 
+def make_certs(d):
+    """A CA, a server certificate for localhost, a client certificate CN=client (openssl):
+    d/srv (QEMU's server layout) and d/cli (client layout, also libnbd's)."""
+    srv, cli = os.path.join(d, "srv"), os.path.join(d, "cli")
+    os.makedirs(srv)
+    os.makedirs(cli)
+    o = lambda *a: run("openssl", *a, timeout=120)
+    o("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+      "-keyout", f"{d}/ca-key.pem", "-out", f"{srv}/ca-cert.pem",
+      "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=keyCertSign")
+    shutil.copy(f"{srv}/ca-cert.pem", f"{cli}/ca-cert.pem")
+    for who, where, cn, ext in (("server", srv, "localhost",
+                                 "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                 "extendedKeyUsage=serverAuth"),
+                                ("client", cli, "client", "extendedKeyUsage=clientAuth")):
+        o("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+          "-keyout", f"{where}/{who}-key.pem", "-out", f"{d}/{who}.csr")
+        with open(f"{d}/{who}.ext", "w") as f:
+            f.write(ext + "\n")
+        o("x509", "-req", "-in", f"{d}/{who}.csr", "-CA", f"{srv}/ca-cert.pem",
+          "-CAkey", f"{d}/ca-key.pem", "-CAcreateserial", "-days", "2",
+          "-extfile", f"{d}/{who}.ext", "-out", f"{where}/{who}-cert.pem")
+    return srv, cli
+
+
+async def tls_mode():
+    """Pull mode over TLS (tls-creds + tls-authz) and a push into an nbds:// target, when the
+    library has TLS (else the commands say so, and this part is skipped)."""
+    if not shutil.which("openssl") or not shutil.which("nbdcopy"):
+        log("TLS part SKIPPED: openssl or nbdcopy missing")
+        return
+    d = os.path.join(TMP, "tls")
+    os.makedirs(d)
+    srv, cli = make_certs(d)
+    disk = os.path.join(TMP, "disk5.img")
+    with open(disk, "wb") as f:
+        f.write(os.urandom(16 << 20))
+    ctl = os.path.join(TMP, "ctl5.sock")
+    nbdkit = subprocess.Popen(
+        ["nbdkit", "-f", "-U", os.path.join(TMP, "nbd5.sock"), f"--filter={FILTER}", "file",
+         disk, f"control={ctl}"], stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(TMP, "nbdkit5.log"), "w"))
+    servers.append(nbdkit)
+    wait_for(lambda: os.path.exists(ctl) or nbdkit.poll() is not None, "the control socket")
+    q = await connect(ctl)
+    await q.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": srv,
+                                   "endpoint": "server", "verify-peer": True})
+    await q.execute("object-add", {"qom-type": "authz-simple", "id": "auth0",
+                                   "identity": "CN=client"})
+    await q.execute("object-add", {"qom-type": "tls-creds-x509", "id": "tlsc", "dir": cli,
+                                   "endpoint": "client"})
+    psock = os.path.join(TMP, "pull5.sock")
+    try:
+        await q.execute("nbd-server-start", {"addr": {"type": "unix", "path": psock},
+                                             "tls-creds": "tls0", "tls-authz": "auth0"})
+    except ExecuteError as e:
+        if "not supported by this build" in e.error.error.desc:
+            log(f"TLS part SKIPPED: {e.error.error.desc}")
+            await q.disconnect()
+            nbdkit.terminate()
+            nbdkit.wait(timeout=60)
+            return
+        raise
+    await q.execute("blockdev-backup", {"device": "disk0", "job-id": "tpull", "sync": "none",
+                                        "target": os.path.join(TMP, "scratch5.raw")})
+    await q.execute("block-export-add", {"type": "nbd", "id": "e5", "node-name": "tpull"})
+    out = os.path.join(TMP, "tls-pull.raw")
+    run("nbdcopy", f"nbds+unix:///tpull?socket={psock}&tls-certificates={cli}", out,
+        timeout=300)
+    compare(out, disk, "pull mode over TLS (tls-creds, tls-authz CN=client)")
+    r = run("nbdinfo", "--size", f"nbd+unix:///tpull?socket={psock}", check=False)
+    if r.returncode == 0:
+        fail("the TLS export answered a plaintext client")
+    await q.execute("job-complete", {"id": "tpull"})
+    await wait_concluded(q, "tpull", 120)
+    await q.execute("nbd-server-stop")
+    # Push into an nbds:// target: nbdkit's memory plugin with TLS.
+    tsock = os.path.join(TMP, "tlstarget.sock")
+    tgt = subprocess.Popen(["nbdkit", "-f", "-U", tsock, "--tls=require",
+                            f"--tls-certificates={srv}", "memory", str(16 << 20)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers.append(tgt)
+    wait_for(lambda: os.path.exists(tsock), "the TLS target")
+    await q.execute("blockdev-backup", {"device": "disk0", "job-id": "tpush", "sync": "full",
+                                        "target": f"nbds+unix:///?socket={tsock}",
+                                        "tls-creds": "tlsc"})
+    j = await wait_concluded(q, "tpush", 300)
+    if "error" in j:
+        fail(f"push into nbds://: {j}")
+    out2 = os.path.join(TMP, "tls-push.raw")
+    run("nbdcopy", f"nbds+unix:///?socket={tsock}&tls-certificates={cli}", out2, timeout=300)
+    compare(out2, disk, "a backup into an nbds:// target (tls-creds endpoint=client)")
+    await q.disconnect()
+    tgt.terminate()
+    nbdkit.terminate()
+    nbdkit.wait(timeout=60)
+    log("ok: TLS: pull mode with tls-creds + tls-authz, push into nbds://")
+
+
 try:
     asyncio.run(main())
+    asyncio.run(tls_mode())
     asyncio.run(startup_mode())
     socket_safety()
 finally:
