@@ -765,6 +765,18 @@ async def tls_mode():
     r = run("nbdinfo", "--size", f"nbd+unix:///tpull?socket={psock}", check=False)
     if r.returncode == 0:
         fail("the TLS export answered a plaintext client")
+    await q.execute("block-export-del", {"id": "e5"})
+    await q.execute("nbd-server-stop")
+    # tls-authz naming another identity: our client certificate is refused.
+    await q.execute("object-add", {"qom-type": "authz-simple", "id": "auth1",
+                                   "identity": "CN=somebody-else"})
+    await q.execute("nbd-server-start", {"addr": {"type": "unix", "path": psock},
+                                         "tls-creds": "tls0", "tls-authz": "auth1"})
+    await q.execute("block-export-add", {"type": "nbd", "id": "e6", "node-name": "tpull"})
+    r = run("nbdinfo", "--size", f"nbds+unix:///tpull?socket={psock}&tls-certificates={cli}",
+            check=False)
+    if r.returncode == 0:
+        fail("tls-authz: a client certificate of another identity was let in")
     await q.execute("job-complete", {"id": "tpull"})
     await wait_concluded(q, "tpull", 120)
     await q.execute("nbd-server-stop")
@@ -788,7 +800,8 @@ async def tls_mode():
     tgt.terminate()
     nbdkit.terminate()
     nbdkit.wait(timeout=60)
-    log("ok: TLS: pull mode with tls-creds + tls-authz, push into nbds://")
+    log("ok: TLS: pull mode with tls-creds + tls-authz (another identity refused), push into "
+        "nbds://")
 
 
 try:
