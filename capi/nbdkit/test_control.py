@@ -804,9 +804,65 @@ async def tls_mode():
         "nbds://")
 
 
+async def manifest_mode():
+    """blockdev-backup's manifest: a full and an incremental each write their manifest (0600,
+    never over an existing file) when the library has manifests; else a clear error."""
+    disk = os.path.join(TMP, "disk6.img")
+    with open(disk, "wb") as f:
+        f.write(os.urandom(16 << 20))
+    ctl = os.path.join(TMP, "ctl6.sock")
+    nbdkit = subprocess.Popen(
+        ["nbdkit", "-f", "-U", os.path.join(TMP, "nbd6.sock"), f"--filter={FILTER}", "file",
+         disk, f"control={ctl}"], stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(TMP, "nbdkit6.log"), "w"))
+    servers.append(nbdkit)
+    wait_for(lambda: os.path.exists(ctl) or nbdkit.poll() is not None, "the control socket")
+    q = await connect(ctl)
+    await q.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "m0"})
+    full, man = os.path.join(TMP, "m-full.raw"), os.path.join(TMP, "m-full.manifest")
+    try:
+        await q.execute("blockdev-backup", {"device": "disk0", "job-id": "mfull",
+                                            "sync": "full", "bitmap": "m0", "target": full,
+                                            "manifest": man})
+    except ExecuteError as e:
+        if "not supported by this build" not in e.error.error.desc:
+            raise
+        if os.path.exists(full):
+            fail("a refused manifest backup created its target")
+        log(f"manifest part SKIPPED: {e.error.error.desc}")
+    else:
+        j = await wait_concluded(q, "mfull", 300)
+        if "error" in j or not os.path.getsize(man) or os.stat(man).st_mode & 0o777 != 0o600:
+            fail(f"manifest of a full backup: {j}")
+        run("qemu-io", "-f", "raw", "-c", "write -P 7 1M 64k",
+            f"nbd+unix:///?socket={os.path.join(TMP, 'nbd6.sock')}")
+        man2 = os.path.join(TMP, "m-inc.manifest")
+        await q.execute("blockdev-backup", {"device": "disk0", "job-id": "minc",
+                                            "sync": "bitmap", "bitmap": "m0",
+                                            "target": os.path.join(TMP, "m-inc.raw"),
+                                            "manifest": man2})
+        j = await wait_concluded(q, "minc", 300)
+        if "error" in j or not os.path.getsize(man2):
+            fail(f"manifest of an incremental: {j}")
+        with open(man, "rb") as f:
+            before = f.read()
+        await expect_error(q, "blockdev-backup", {"device": "disk0", "sync": "full",
+                                                  "target": os.path.join(TMP, "m-again.raw"),
+                                                  "manifest": man},
+                           "GenericError", "a manifest over an existing file")
+        with open(man, "rb") as f:
+            if f.read() != before:
+                fail("an existing manifest was changed")
+        log("ok: manifests of a full and an incremental backup; an existing one is kept")
+    await q.disconnect()
+    nbdkit.terminate()
+    nbdkit.wait(timeout=60)
+
+
 try:
     asyncio.run(main())
     asyncio.run(tls_mode())
+    asyncio.run(manifest_mode())
     asyncio.run(startup_mode())
     socket_safety()
 finally:
