@@ -56,6 +56,7 @@
 #define MAX_MSG (64 * 1024)
 #define MAX_OUT (1024 * 1024)
 #define NEGOTIATE_TIMEOUT 30
+#define CLOSE_LINGER 5
 #define MAX_BITMAPS 16
 #define MAX_EXPORTS 16
 #define MAX_NAME 128
@@ -134,7 +135,8 @@ struct client {
     bool negotiated;              /* written under clients_lock (read by event emitters) */
     bool closing;                 /* close once the output is sent (or at once if it can't);
                                      written under clients_lock */
-    time_t since;
+    time_t since;                 /* connected */
+    time_t closing_at;            /* control thread: when `closing` was first seen (0: not) */
     char msg[MAX_MSG];
     size_t msg_len;
     struct json_frame frame;
@@ -1713,8 +1715,16 @@ static int read_client(struct client *c)
     ssize_t n = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
     if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
         return 0;
-    if (n <= 0)
+    if (n < 0)
         return -1;
+    if (n == 0) {
+        /* The peer is done sending (maybe only half-closed, waiting for its replies): close
+         * once they are sent. */
+        pthread_mutex_lock(&clients_lock);
+        c->closing = true;
+        pthread_mutex_unlock(&clients_lock);
+        return 0;
+    }
     for (ssize_t i = 0; i < n && !client_closing(c); i++) {
         char ch = buf[i];
         bool ws = ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n';
@@ -1756,7 +1766,11 @@ static void *control_main(void *arg)
                 continue;
             if (!c->negotiated && now - c->since > NEGOTIATE_TIMEOUT)
                 c->closing = true, c->out.len = 0;
-            if (flush_client(c) < 0 || (c->closing && (c->out.len == 0 || c->out.failed))) {
+            if (c->closing && !c->closing_at)
+                c->closing_at = now;
+            /* A closing client gets CLOSE_LINGER seconds to read what is left. */
+            if (flush_client(c) < 0 || (c->closing && (c->out.len == 0 || c->out.failed ||
+                                                       now - c->closing_at > CLOSE_LINGER))) {
                 pthread_mutex_unlock(&clients_lock);
                 close_client(i);
                 pthread_mutex_lock(&clients_lock);
