@@ -357,6 +357,26 @@ async def hostile(path, sock):
     w.close()
     log("ok: before negotiation, garbage, bad UTF-8, nesting, a 200 KiB message: QMP errors")
 
+    # A client that sends its commands and half-closes gets every reply, then EOF.
+    def half_close():
+        c = socket.socket(socket.AF_UNIX)
+        c.settimeout(30)
+        c.connect(path)
+        c.sendall(b'{"execute": "qmp_capabilities"}' + b'{"execute": "query-jobs"}' * 500)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        c.close()
+        return got
+    got = await asyncio.to_thread(half_close)
+    if got.count(b"\r\n") != 502 or got.count(b'"return"') != 501:
+        fail(f"half-closed client: {len(got.splitlines())} lines")
+    log("ok: a half-closed client gets its 501 replies")
+
     # Many connections: at most 8 are served, the others told so; then all close.
     conns = []
     refused = 0
