@@ -1474,6 +1474,107 @@ static int cmd_block_export_del(struct reply *r, const struct json *args)
     return generic(r, "Export '%.200s' is not found", id);
 }
 
+/* transaction: QEMU's atomic group of actions, for the usual pairs (a new bitmap and the
+ * full backup that starts its chain; a bitmap clear and a backup). The actions run in order;
+ * when one fails, the ones before are undone (an added bitmap removed, a cleared bitmap
+ * given its bits back, a started backup cancelled) and the error is the failed action's.
+ * Writes between two actions are in both (a bitmap added just before a full backup holds a
+ * few writes the backup has too: an incremental then copies them again, never misses one). */
+static int cmd_transaction(struct reply *r, const struct json *args)
+{
+    static const char *const spec[] = { "!actions:a", "properties:o", NULL };
+    if (check_args(r, args, spec) < 0)
+        return -1;
+    const struct json *actions = json_get(args, "actions");
+    enum { MAX_ACTIONS = 16 };
+    struct {
+        int kind; /* 0 bitmap-add, 1 bitmap-clear, 2 backup */
+        char name[MAX_NAME];
+        cowbackup_bitmap *saved;
+    } done[MAX_ACTIONS];
+    size_t n = 0;
+    int ret = 0;
+    if (actions->len > MAX_ACTIONS)
+        return generic(r, "transaction: at most %d actions", MAX_ACTIONS);
+    for (const struct json *a = actions->child; a && ret == 0; a = a->next) {
+        static const char *const aspec[] = { "!type:s", "data:o", NULL };
+        if (a->type != JSON_OBJECT) {
+            ret = generic(r, "Invalid parameter type for 'actions[]', expected: object");
+            break;
+        }
+        if ((ret = check_args(r, a, aspec)) < 0)
+            break;
+        const char *type = arg_str(a, "type");
+        const struct json *data = json_get(a, "data");
+        const char *name = arg_str(data, "name");
+        if (strcmp(type, "block-dirty-bitmap-add") == 0) {
+            if ((ret = cmd_bitmap(r, data, "add")) == 0) {
+                done[n].kind = 0;
+                snprintf(done[n].name, MAX_NAME, "%s", name);
+                done[n++].saved = NULL;
+            }
+        } else if (strcmp(type, "block-dirty-bitmap-clear") == 0) {
+            cowbackup_bitmap *bm = name ? lookup_bitmap(name) : NULL;
+            cowbackup_bitmap *copy = NULL;
+            cowbackup_bitmap_info bi;
+            if (bm && cowbackup_bitmap_query(bm, &bi) == 0 &&
+                (cowbackup_bitmap_new(bi.size, bi.granularity, &copy) < 0 ||
+                 cowbackup_bitmap_merge(copy, bm) < 0)) {
+                cowbackup_bitmap_free(copy);
+                ret = generic(r, "transaction: cannot keep a copy of bitmap %s: %s", name,
+                              cowbackup_last_error());
+                break;
+            }
+            if ((ret = cmd_bitmap(r, data, "clear")) == 0) {
+                done[n].kind = 1;
+                snprintf(done[n].name, MAX_NAME, "%s", name);
+                done[n++].saved = copy;
+            } else {
+                cowbackup_bitmap_free(copy);
+            }
+        } else if (strcmp(type, "blockdev-backup") == 0) {
+            if ((ret = cmd_blockdev_backup(r, data)) == 0) {
+                done[n].kind = 2;
+                done[n++].saved = NULL;
+            }
+        } else {
+            ret = generic(r, "transaction: action type '%.100s' is not supported "
+                          "(block-dirty-bitmap-add, block-dirty-bitmap-clear, "
+                          "blockdev-backup)", type);
+        }
+        if (ret == 0) {
+            jb_free(&r->ret);
+            jb_init(&r->ret, MAX_OUT / 2);
+        }
+    }
+    /* Undo (on failure) or drop the saved copies (on success), last first. */
+    while (n > 0) {
+        n--;
+        if (ret < 0) {
+            if (done[n].kind == 0) {
+                struct qbitmap *b = find_bitmap(done[n].name);
+                if (b) {
+                    cowbackup_bitmap *bm = b->bm;
+                    pthread_rwlock_wrlock(&hook_lock);
+                    *b = bitmaps[--n_bitmaps];
+                    pthread_rwlock_unlock(&hook_lock);
+                    cowbackup_bitmap_free(bm);
+                }
+            } else if (done[n].kind == 1) {
+                cowbackup_bitmap *bm = lookup_bitmap(done[n].name);
+                if (bm)
+                    cowbackup_bitmap_merge(bm, done[n].saved);
+            } else if (cur && cur->job) {
+                cowbackup_job_cancel(cur->job);
+            }
+        }
+        cowbackup_bitmap_free(done[n].saved);
+    }
+    if (ret == 0)
+        jb_lit(&r->ret, "{}");
+    return ret;
+}
+
 static const char *const commands[] = {
     "qmp_capabilities", "query-version", "query-commands", "blockdev-backup", "query-jobs",
     "query-block-jobs", "job-pause", "job-resume", "job-cancel", "job-complete", "job-dismiss",
@@ -1481,7 +1582,7 @@ static const char *const commands[] = {
     "block-job-set-speed", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable",
     "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del",
-    "object-add", "object-del", NULL };
+    "object-add", "object-del", "transaction", NULL };
 
 static int dispatch(struct client *c, struct reply *r, const char *cmd, const struct json *args)
 {
@@ -1554,6 +1655,8 @@ static int dispatch(struct client *c, struct reply *r, const char *cmd, const st
         return cmd_block_export_del(r, args);
     if (strcmp(cmd, "object-add") == 0)
         return cmd_object_add(r, args);
+    if (strcmp(cmd, "transaction") == 0)
+        return cmd_transaction(r, args);
     if (strcmp(cmd, "object-del") == 0)
         return cmd_object_del(r, args);
     return error_reply(r, "CommandNotFound", "The command %.100s has not been found", cmd);

@@ -657,6 +657,22 @@ async def startup_mode():
             await q.execute("job-cancel", {"id": name})
             j = await wait_concluded(q, name, 120)
             log(f"ok: a dead NBD target: BLOCK_JOB_ERROR {evs[0]['data']}, cancelled: {j}")
+    # transaction: a new bitmap and the full backup that starts its chain; a failing one
+    # is undone (its bitmap is gone again).
+    tx = os.path.join(TMP, "tx-full.raw")
+    await q.execute("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "t0"}},
+        {"type": "blockdev-backup", "data": {"device": "disk0", "job-id": "tx0",
+                                             "sync": "full", "target": tx}}]})
+    await wait_concluded(q, "tx0", 300)
+    compare(tx, disk, "transaction: bitmap-add + full backup")
+    await expect_error(q, "transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "t1"}},
+        {"type": "blockdev-backup", "data": {"device": "disk0", "sync": "full",
+                                             "target": "relative.raw"}}]},
+        "GenericError", "a transaction whose backup fails")
+    await q.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "t1"})  # was undone
+    log("ok: transaction (bitmap-add + blockdev-backup); a failed one is undone")
     await q.disconnect()
     # qmp-shell (qemu.qmp's own shell) as a user would type it.
     shell = os.path.join(os.path.dirname(sys.executable), "qmp-shell")
