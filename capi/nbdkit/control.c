@@ -122,6 +122,23 @@ static struct {
 static size_t n_objects;
 static int find_object(const char *id);
 
+/* blockdev-add's nodes (control thread only): named backup targets. */
+#define MAX_NODES 16
+static struct {
+    char name[MAX_NAME];
+    char target[PATH_MAX + 64];   /* an absolute path (an existing file) or an NBD URI */
+    char creds[MAX_NAME];         /* nbd with tls-creds: the tls-creds-x509 object */
+} nodes[MAX_NODES];
+static size_t n_nodes;
+
+static int find_node(const char *name)
+{
+    for (size_t i = 0; name && i < n_nodes; i++)
+        if (strcmp(nodes[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}
+
 /* Pull mode (control thread only). */
 static cowbackup_nbd_server *nbd_server;
 static struct {
@@ -540,6 +557,7 @@ static int check_args(struct reply *r, const struct json *args, const char *cons
                 case 'i': ok = json_u64(m, &u); break;
                 case 'b': ok = m->type == JSON_TRUE || m->type == JSON_FALSE; break;
                 case 'a': ok = m->type == JSON_ARRAY; break;
+                case '?': ok = true; break;
                 default: ok = m->type == JSON_OBJECT; break;
                 }
                 if (!ok)
@@ -723,8 +741,10 @@ static int job_op(struct reply *r, const struct json *args, const char *key, con
     snprintf(req, sizeof req, "!%s:s", key);
     const char *spec_id[] = { req, NULL };
     const char *spec_speed[] = { req, "!speed:i", NULL };
+    const char *spec_cancel[] = { req, "force:b", NULL }; /* block-job-cancel's force */
     bool is_speed = strcmp(verb, "set-speed") == 0;
-    if (check_args(r, args, is_speed ? spec_speed : spec_id) < 0)
+    bool block_cancel = strcmp(key, "device") == 0 && strcmp(verb, "cancel") == 0;
+    if (check_args(r, args, is_speed ? spec_speed : block_cancel ? spec_cancel : spec_id) < 0)
         return -1;
     struct qjob *q = job_arg(r, args, key);
     if (!q)
@@ -876,6 +896,17 @@ static int cmd_blockdev_backup(struct reply *r, const struct json *args)
                        "into an existing image of the disk's size; absolute-paths: create "
                        "a new file, the default)", mode);
     bool existing = mode && strcmp(mode, "existing") == 0;
+    /* A node made by blockdev-add: an existing file, or an NBD export. */
+    const char *node_creds = NULL;
+    int node = find_node(target);
+    if (node >= 0) {
+        target = nodes[node].target;
+        existing = !is_uri(target);
+        node_creds = nodes[node].creds[0] ? nodes[node].creds : NULL;
+        if (mode || json_get(args, "tls-creds"))
+            return generic(r, "target '%s' is a node (blockdev-add): give mode and tls-creds "
+                           "there", nodes[node].name);
+    }
 
     static const char *const sync_names[] = { "full", "top", "none", "bitmap", "incremental",
                                               NULL };
@@ -955,7 +986,7 @@ static int cmd_blockdev_backup(struct reply *r, const struct json *args)
     cowbackup_driver *dst = NULL;
     bool created = false;
     if (is_uri(target)) {
-        const char *creds = arg_str(args, "tls-creds");
+        const char *creds = node_creds ? node_creds : arg_str(args, "tls-creds");
         if (strncmp(target, "nbds", 4) != 0 && creds) {
             cowbackup_options_free(o);
             return generic(r, "tls-creds is for an nbds:// target");
@@ -1298,6 +1329,104 @@ static int cmd_object_del(struct reply *r, const struct json *args)
     return 0;
 }
 
+static int socket_address(struct reply *r, const struct json *addr, char *out, size_t n);
+
+/* blockdev-add: a named target for blockdev-backup, as QEMU's drivers spell it: `file`
+ * (`filename`: an existing image of the disk's size, written into), `raw` over a `file`
+ * (inline or a node name), `nbd` (`server`: SocketAddress, `export`, `tls-creds`). Nothing is
+ * opened until a backup uses it. */
+static int cmd_blockdev_add(struct reply *r, const struct json *args)
+{
+    static const char *const spec[] = {
+        "!driver:s", "!node-name:s", "filename:s", "file:?", "server:o", "export:s",
+        "tls-creds:s", "read-only:b", "auto-read-only:b", "discard:s", "cache:o", "aio:s",
+        "detect-zeroes:s", "locking:s", "force-share:b", NULL };
+    if (check_args(r, args, spec) < 0)
+        return -1;
+    const char *driver = arg_str(args, "driver"), *name = arg_str(args, "node-name");
+    if (!valid_name(name))
+        return generic(r, "Invalid node-name: '%.100s'", name);
+    if (find_node(name) >= 0)
+        return generic(r, "Duplicate nodes with node-name='%s'", name);
+    if (n_nodes == MAX_NODES)
+        return generic(r, "too many nodes (at most %d)", MAX_NODES);
+    if (arg_bool(args, "read-only", false))
+        return generic(r, "a backup target is written: read-only is refused");
+    char target[PATH_MAX + 64] = "", creds[MAX_NAME] = "";
+    const struct json *file = json_get(args, "file");
+    if (strcmp(driver, "raw") == 0 && file) {
+        if (file->type == JSON_STRING) {
+            int k = find_node(file->str);
+            if (k < 0)
+                return generic(r, "Cannot find device='' nor node-name='%.100s'", file->str);
+            snprintf(target, sizeof target, "%s", nodes[k].target);
+            snprintf(creds, sizeof creds, "%s", nodes[k].creds);
+        } else if (file->type == JSON_OBJECT) {
+            const char *fd = arg_str(file, "driver"), *fn = arg_str(file, "filename");
+            if (!fd || strcmp(fd, "file") != 0 || !fn)
+                return generic(r, "raw: 'file' must be {\"driver\": \"file\", "
+                               "\"filename\": PATH} or a node name");
+            if (fn[0] != '/' || strlen(fn) >= PATH_MAX)
+                return generic(r, "filename '%.200s': give an absolute path", fn);
+            snprintf(target, sizeof target, "%s", fn);
+        } else {
+            return generic(r, "Invalid parameter type for 'file', expected: object or string");
+        }
+    } else if (strcmp(driver, "file") == 0 || strcmp(driver, "host_device") == 0) {
+        const char *fn = arg_str(args, "filename");
+        if (!fn)
+            return generic(r, "Parameter 'filename' is missing");
+        if (fn[0] != '/' || strlen(fn) >= PATH_MAX)
+            return generic(r, "filename '%.200s': give an absolute path", fn);
+        snprintf(target, sizeof target, "%s", fn);
+    } else if (strcmp(driver, "nbd") == 0) {
+        const struct json *server = json_get(args, "server");
+        if (!server)
+            return generic(r, "Parameter 'server' is missing");
+        char addr[PATH_MAX + 16];
+        if (socket_address(r, server, addr, sizeof addr) < 0)
+            return -1;
+        const char *exp = arg_str(args, "export") ? arg_str(args, "export") : "";
+        const char *tls = arg_str(args, "tls-creds");
+        if (strchr(exp, '?') || strchr(exp, '#') || strchr(exp, '%') || strlen(exp) > 1024)
+            return generic(r, "export '%.100s': not supported in a target", exp);
+        int len;
+        if (strncmp(addr, "unix:", 5) == 0)
+            len = snprintf(target, sizeof target, "%s:///%s?socket=%s",
+                           tls ? "nbds+unix" : "nbd+unix", exp, addr + 5);
+        else
+            len = snprintf(target, sizeof target, "%s://%s/%s", tls ? "nbds" : "nbd",
+                           addr + 4, exp);
+        if (len < 0 || (size_t)len >= sizeof target)
+            return generic(r, "nbd: address too long");
+        if (tls)
+            snprintf(creds, sizeof creds, "%s", tls);
+    } else {
+        return generic(r, "driver '%.50s' is not supported for a backup target (file, raw "
+                       "over file, nbd: e.g. a qcow2 image served by qemu-nbd)", driver);
+    }
+    snprintf(nodes[n_nodes].name, MAX_NAME, "%s", name);
+    snprintf(nodes[n_nodes].target, sizeof nodes[0].target, "%s", target);
+    snprintf(nodes[n_nodes].creds, MAX_NAME, "%s", creds);
+    n_nodes++;
+    jb_lit(&r->ret, "{}");
+    return 0;
+}
+
+static int cmd_blockdev_del(struct reply *r, const struct json *args)
+{
+    static const char *const spec[] = { "!node-name:s", NULL };
+    if (check_args(r, args, spec) < 0)
+        return -1;
+    int k = find_node(arg_str(args, "node-name"));
+    if (k < 0)
+        return generic(r, "Failed to find node with node-name='%.200s'",
+                       arg_str(args, "node-name"));
+    nodes[k] = nodes[--n_nodes];
+    jb_lit(&r->ret, "{}");
+    return 0;
+}
+
 static int cmd_nbd_server_start(struct reply *r, const struct json *args)
 {
     static const char *const spec[] = { "!addr:o", "tls-creds:s", "tls-authz:s",
@@ -1582,7 +1711,7 @@ static const char *const commands[] = {
     "block-job-set-speed", "block-dirty-bitmap-add", "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable",
     "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del",
-    "object-add", "object-del", "transaction", NULL };
+    "object-add", "object-del", "transaction", "blockdev-add", "blockdev-del", NULL };
 
 static int dispatch(struct client *c, struct reply *r, const char *cmd, const struct json *args)
 {
@@ -1657,6 +1786,10 @@ static int dispatch(struct client *c, struct reply *r, const char *cmd, const st
         return cmd_object_add(r, args);
     if (strcmp(cmd, "transaction") == 0)
         return cmd_transaction(r, args);
+    if (strcmp(cmd, "blockdev-add") == 0)
+        return cmd_blockdev_add(r, args);
+    if (strcmp(cmd, "blockdev-del") == 0)
+        return cmd_blockdev_del(r, args);
     if (strcmp(cmd, "object-del") == 0)
         return cmd_object_del(r, args);
     return error_reply(r, "CommandNotFound", "The command %.100s has not been found", cmd);

@@ -657,6 +657,35 @@ async def startup_mode():
             await q.execute("job-cancel", {"id": name})
             j = await wait_concluded(q, name, 120)
             log(f"ok: a dead NBD target: BLOCK_JOB_ERROR {evs[0]['data']}, cancelled: {j}")
+    # blockdev-add targets, as QEMU users make them: raw over file (an existing image), nbd.
+    node_img = os.path.join(TMP, "node.raw")
+    run("qemu-img", "create", "-q", "-f", "raw", node_img, str(64 << 20))
+    await q.execute("blockdev-add", {"driver": "raw", "node-name": "tgt0",
+                                     "file": {"driver": "file", "filename": node_img}})
+    await q.execute("blockdev-backup", {"device": "disk0", "job-id": "node0", "sync": "full",
+                                        "target": "tgt0"})
+    await wait_concluded(q, "node0", 300)
+    compare(node_img, disk, "a backup into a blockdev-add node (raw over file)")
+    if shutil.which("qemu-nbd"):
+        nsock = os.path.join(TMP, "node-nbd.sock")
+        nimg = os.path.join(TMP, "node-nbd.raw")
+        run("qemu-img", "create", "-q", "-f", "raw", nimg, str(64 << 20))
+        qn = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", nsock, "-x", "exp", nimg],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers.append(qn)
+        wait_for(lambda: os.path.exists(nsock), "qemu-nbd")
+        await q.execute("blockdev-add", {"driver": "nbd", "node-name": "tgt1", "export": "exp",
+                                         "server": {"type": "unix", "path": nsock}})
+        await q.execute("blockdev-backup", {"device": "disk0", "job-id": "node1",
+                                            "sync": "full", "target": "tgt1"})
+        await wait_concluded(q, "node1", 300)
+        qn.terminate()
+        qn.wait(timeout=60)
+        compare(nimg, disk, "a backup into a blockdev-add node (nbd, qemu-nbd)")
+    await expect_error(q, "blockdev-add", {"driver": "qcow2", "node-name": "q",
+                                           "file": "tgt0"}, "GenericError", "qcow2 node")
+    await q.execute("blockdev-del", {"node-name": "tgt0"})
+    log("ok: blockdev-add targets (raw over file, nbd); qcow2 refused; blockdev-del")
     # transaction: a new bitmap and the full backup that starts its chain; a failing one
     # is undone (its bitmap is gone again).
     tx = os.path.join(TMP, "tx-full.raw")
