@@ -861,6 +861,13 @@ async def tls_mode():
     out2 = os.path.join(TMP, "tls-push.raw")
     run("nbdcopy", f"nbds+unix:///?socket={tsock}&tls-certificates={cli}", out2, timeout=300)
     compare(out2, disk, "a backup into an nbds:// target (tls-creds endpoint=client)")
+    await q.execute("blockdev-add", {"driver": "nbd", "node-name": "ttgt", "tls-creds": "tlsc",
+                                     "server": {"type": "unix", "path": tsock}})
+    await q.execute("blockdev-backup", {"device": "disk0", "job-id": "tpush2", "sync": "full",
+                                        "target": "ttgt"})
+    j = await wait_concluded(q, "tpush2", 300)
+    if "error" in j:
+        fail(f"push into a blockdev-add nbd node with tls-creds: {j}")
     await q.disconnect()
     tgt.terminate()
     nbdkit.terminate()
