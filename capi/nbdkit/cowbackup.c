@@ -186,6 +186,20 @@ static void unlock_plugin(void)
         pthread_mutex_unlock(&plugin_lock);
 }
 
+/* hook_lock around a client write; only with control= (without it the set of jobs and
+ * bitmaps never changes after start-up: nothing to wait for). */
+static void hook_rdlock(void)
+{
+    if (control_configured())
+        pthread_rwlock_rdlock(&hook_lock);
+}
+
+static void hook_unlock(void)
+{
+    if (control_configured())
+        pthread_rwlock_unlock(&hook_lock);
+}
+
 /* A start-up failure: nbdkit's log, and the message the waiting parent prints. */
 static void startup_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void startup_fail(const char *fmt, ...)
@@ -1616,14 +1630,14 @@ static int cowbackup_pwrite(nbdkit_next *next, void *handle, const void *buf, ui
 {
     (void)handle;
     /* The whole write under hook_lock (read): a job starts between writes (filter.h). */
-    pthread_rwlock_rdlock(&hook_lock);
+    hook_rdlock();
     int r = before_write("write", count, offset, err);
     if (r == 0) {
         lock_plugin();
         r = next->pwrite(next, buf, count, offset, flags, err);
         unlock_plugin();
     }
-    pthread_rwlock_unlock(&hook_lock);
+    hook_unlock();
     return r;
 }
 
@@ -1632,14 +1646,14 @@ static int cowbackup_zero(nbdkit_next *next, void *handle, uint32_t count, uint6
 {
     (void)handle;
     /* The whole write under hook_lock (read): a job starts between writes (filter.h). */
-    pthread_rwlock_rdlock(&hook_lock);
+    hook_rdlock();
     int r = before_write("zero", count, offset, err);
     if (r == 0) {
         lock_plugin();
         r = next->zero(next, count, offset, flags, err);
         unlock_plugin();
     }
-    pthread_rwlock_unlock(&hook_lock);
+    hook_unlock();
     return r;
 }
 
@@ -1648,14 +1662,14 @@ static int cowbackup_trim(nbdkit_next *next, void *handle, uint32_t count, uint6
 {
     (void)handle;
     /* The whole write under hook_lock (read): a job starts between writes (filter.h). */
-    pthread_rwlock_rdlock(&hook_lock);
+    hook_rdlock();
     int r = before_write("trim", count, offset, err);
     if (r == 0) {
         lock_plugin();
         r = next->trim(next, count, offset, flags, err);
         unlock_plugin();
     }
-    pthread_rwlock_unlock(&hook_lock);
+    hook_unlock();
     return r;
 }
 

@@ -21,7 +21,7 @@ extern cowbackup_bitmap *bitmap;        /* bitmap= (persistent), NULL without it
 extern char *bitmap_path;               /* bitmap=, absolute */
 extern uint64_t cluster_size;           /* cluster-size= (also the control jobs' default) */
 
-/* The write path holds hook_lock for reading across a whole client write (bitmap marks,
+/* With control=, the write path holds hook_lock for reading across a whole client write (marks,
  * copy-before-write, the plugin's write); the control thread takes it for writing to
  * change the set of jobs and bitmaps the write path uses: taking it drains the writes in
  * flight, so a job started under it has a point in time no write straddles. Writer
