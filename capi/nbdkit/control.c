@@ -352,7 +352,8 @@ static void job_trace_event(struct qjob *q, const cowbackup_trace_event *ev)
     if (ev->kind == COWBACKUP_TRACE_STATE) {
         const char *s = state_status(ev->to_state);
         pthread_mutex_lock(&jobs_lock);
-        if (s && !q->ended)
+        /* Before the start is published it reports "created", then the state it finds. */
+        if (s && !q->ended && q->published)
             set_status(q, s);
         pthread_mutex_unlock(&jobs_lock);
     } else if (ev->kind == COWBACKUP_TRACE_ERROR) {
