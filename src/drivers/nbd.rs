@@ -1335,6 +1335,13 @@ fn tls_config(uri: &str, parsed: &NbdUri, opts: &NbdOptions) -> io::Result<TlsCo
         }
         return Ok(None);
     }
+    if opts.tls.is_none() && parsed.tls_certificates.is_none() {
+        return Err(bad_uri(
+            uri,
+            "nbds:// needs the TLS files: tls-certificates=DIR in the URI, or a CA file (NbdOptions::tls, \
+             cowbackup_nbd_open_tls)",
+        ));
+    }
     let mut t = opts.tls.clone().unwrap_or_default();
     if let Some(dir) = &parsed.tls_certificates {
         if t.ca_pem.is_none() {
