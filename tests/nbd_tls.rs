@@ -660,3 +660,162 @@ fn our_client_against_qemu_nbd_and_nbdkit_with_tls() {
     assert!(connect_tls(&uri, pki.client(None)).is_err());
     let _ = Path::new("");
 }
+
+// ---------------------------------------------------------------------------------------
+// A hostile server against our client (the evil_server.py findings)
+// ---------------------------------------------------------------------------------------
+
+const REPMAGIC: u64 = 0x0003_e889_0455_65a9;
+
+fn rep(s: &mut UnixStream, opt: u32, typ: u32, data: &[u8]) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPMAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    s.write_all(&b)
+}
+
+/// Serve one connection's handshake per `scenario` on a Unix socket; for "ok"-style
+/// scenarios go on to transmission, where "trickle_write" answers writes one byte per
+/// 300 ms. Every loop ends when the client goes away or after 120 s.
+fn evil_server(scenario: &'static str) -> (tempfile::TempDir, String, std::thread::JoinHandle<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evil.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(120);
+        l.set_nonblocking(true).unwrap();
+        while Instant::now() < end {
+            let mut s = match l.accept() {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = evil_conn(&mut s, scenario, end);
+            if scenario != "trickle_write" {
+                return; // one connection per scenario
+            }
+        }
+    });
+    (dir, format!("nbd+unix:///?socket={}", path.display()), t)
+}
+
+fn evil_conn(s: &mut UnixStream, scenario: &str, end: Instant) -> std::io::Result<()> {
+    let mut g = Vec::new();
+    g.extend_from_slice(b"NBDMAGICIHAVEOPT");
+    g.extend_from_slice(&3u16.to_be_bytes());
+    s.write_all(&g)?;
+    let mut f = [0u8; 4];
+    s.read_exact(&mut f)?;
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h)?;
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match opt {
+            OPT_STRUCTURED_REPLY => rep(s, opt, 1, &[])?,
+            OPT_SET_META_CONTEXT if scenario == "meta_flood" => {
+                // Valid-looking replies, never an ACK, as fast as the client reads.
+                while Instant::now() < end {
+                    let mut d = 4u32.to_be_bytes().to_vec();
+                    d.extend_from_slice(b"junk");
+                    rep(s, opt, 2, &d)?;
+                }
+                return Ok(());
+            }
+            OPT_SET_META_CONTEXT => {
+                let mut d = 1u32.to_be_bytes().to_vec();
+                d.extend_from_slice(b"base:allocation");
+                rep(s, opt, 4, &d)?;
+                rep(s, opt, 1, &[])?;
+            }
+            OPT_GO if scenario == "endless_info" => {
+                // An unknown INFO every 100 ms, never an ACK.
+                while Instant::now() < end {
+                    rep(s, opt, 3, &[0x77, 0x77, b'j', b'u', b'n', b'k'])?;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                return Ok(());
+            }
+            OPT_GO => {
+                let mut d = 0u16.to_be_bytes().to_vec();
+                d.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                d.extend_from_slice(&(1u16 | 4 | 0x100).to_be_bytes());
+                rep(s, opt, 3, &d)?;
+                rep(s, opt, 1, &[])?;
+                break;
+            }
+            _ => rep(s, opt, 0x8000_0001, &[])?,
+        }
+    }
+    // Transmission: reads answered at once, writes trickled.
+    loop {
+        let mut h = [0u8; 28];
+        s.read_exact(&mut h)?;
+        let cmd = u16::from_be_bytes(h[6..8].try_into().unwrap());
+        let cookie = &h[8..16];
+        let len = u32::from_be_bytes(h[24..28].try_into().unwrap());
+        if cmd == CMD_WRITE {
+            let mut p = vec![0u8; len as usize];
+            s.read_exact(&mut p)?;
+        }
+        if cmd == CMD_DISC {
+            return Ok(());
+        }
+        let mut reply = 0x6744_6698u32.to_be_bytes().to_vec();
+        reply.extend_from_slice(&0u32.to_be_bytes());
+        reply.extend_from_slice(cookie);
+        for b in reply {
+            if Instant::now() > end {
+                return Ok(());
+            }
+            s.write_all(&[b])?;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+#[test]
+fn endless_handshake_replies_are_bounded() {
+    let opts = NbdOptions { timeout: Duration::from_secs(2), ..Default::default() };
+    // Endless INFO replies (slow): the handshake deadline ends it with ETIMEDOUT.
+    let (_d, uri, t) = evil_server("endless_info");
+    let start = Instant::now();
+    let e = NbdDriver::connect_with(&uri, &opts).unwrap_err();
+    assert_eq!(errno(&e), libc::ETIMEDOUT, "{e}");
+    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    t.join().unwrap();
+    // A flood of meta contexts (fast): cut after a bounded number of replies.
+    let (_d, uri, t) = evil_server("meta_flood");
+    let e = NbdDriver::connect_with(&uri, &opts).unwrap_err();
+    assert!([libc::EIO, libc::ETIMEDOUT].contains(&errno(&e)), "{e}");
+    t.join().unwrap();
+}
+
+/// A backup job whose NBD target trickles every write reply: cancel + wait return within
+/// the driver's request timeout (plus slack for a loaded machine), not the trickle's time.
+#[test]
+fn cancel_unblocks_a_job_stuck_on_a_trickling_nbd_target() {
+    let (_d, uri, _t) = evil_server("trickle_write");
+    let opts = NbdOptions { timeout: Duration::from_secs(2), ..Default::default() };
+    let target = Arc::new(NbdDriver::connect_with(&uri, &opts).unwrap());
+    let src = Arc::new(MemDriver::new(1 << 20).unwrap());
+    src.write_at(&data(1 << 20, 9)[..], 0).unwrap();
+    let job = cowbackup::backup_start(src, target, cowbackup::BackupOptions::default()).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    job.cancel();
+    let _ = job.wait();
+    let took = start.elapsed();
+    // The bound: one request timeout (2 s here, 30 s by default) per write in flight, which
+    // run in parallel; 20 s leaves room for a loaded machine.
+    assert!(took < Duration::from_secs(20), "cancel + wait took {took:?}");
+}
