@@ -324,11 +324,9 @@ pub fn tls(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         eprint!("tls: {} random ", fmt_bytes(a.size));
         make_image(&src, a.size, Data::Random).map_err(err)?;
         let ca = |f: &str| dir.join("server").join(f);
-        let mut opts = cowbackup::nbd::ServerOptions::default();
-        opts.tls = Some(
-            cowbackup::nbd::ServerTls::from_pem_files(&ca("server-cert.pem"), &ca("server-key.pem"), None)
-                .map_err(err)?,
-        );
+        let server_tls = cowbackup::nbd::ServerTls::from_pem_files(&ca("server-cert.pem"), &ca("server-key.pem"), None)
+            .map_err(err)?;
+        let opts = cowbackup::nbd::ServerOptions { tls: Some(server_tls), ..Default::default() };
         let plain_sock = dir.join("ours-plain.sock");
         let tls_sock = dir.join("ours-tls.sock");
         let plain = cowbackup::nbd::Server::start(&format!("unix:{}", plain_sock.display())).map_err(err)?;
