@@ -17,6 +17,17 @@
 //! connections, opened on demand). Without it, the spec gives no consistency between
 //! connections, so the driver uses exactly one and calls take turns on it.
 //!
+//! # TLS and deadlines
+//!
+//! `nbds://` and `nbds+unix://` URIs (cargo feature `tls`) send `NBD_OPT_STARTTLS` first on
+//! every connection and verify the server's certificate ([`crate::nbd::ClientTls`]: CA,
+//! host name or IP, `localhost` for Unix sockets, optional pinned SHA-256); a server that
+//! refuses fails the connect (`ENOTSUP`), never a plaintext fallback. Connecting plus the
+//! whole handshake, and every request with its whole reply, must finish within
+//! [`NbdOptions::timeout`] (`ETIMEDOUT`), however slowly a server trickles its bytes; a
+//! handshake option gets at most 1024 replies. So a job stuck on a dead or hostile NBD
+//! target notices a cancel within that timeout (30 s by default).
+//!
 //! A connection that fails (the server died, a timeout, a protocol violation) is closed;
 //! the next call opens a new one. A write acknowledged on a lost connection and not yet
 //! covered by a flush may be lost with it: the next [`BlockDriver::flush`] then fails with
@@ -1131,12 +1142,16 @@ impl Drop for Taken<'_> {
 
 impl NbdDriver {
     /// Connect to the export named by `uri` (`nbd://host[:port]/export`,
-    /// `nbd+unix:///export?socket=PATH`) with the default [`NbdOptions`]: writable when the
+    /// `nbd+unix:///export?socket=PATH`; over TLS `nbds://…` / `nbds+unix://…` with
+    /// `tls-certificates=DIR`) with the default [`NbdOptions`]: writable when the
     /// export is, up to 4 connections, 30 s timeouts.
     ///
     /// Errors: `EINVAL` (`InvalidInput`) for a bad URI; the connection's errno
     /// (`ECONNREFUSED`, `ENOENT` for a missing socket, `ETIMEDOUT`...); `ENOENT` when the
-    /// server has no such export; `EIO` for a peer that breaks the protocol. Every
+    /// server has no such export; `EIO` for a peer that breaks the protocol or a failed TLS
+    /// handshake (untrusted certificate, wrong name; `ECONNRESET` or `EIO` when the server refuses our certificate); `EACCES` for a
+    /// plaintext URI to a server that requires TLS; `ENOTSUP` when the server refuses
+    /// STARTTLS; `ETIMEDOUT` when the handshake does not finish in time. Every
     /// message names the URI.
     pub fn connect(uri: &str) -> io::Result<NbdDriver> {
         Self::connect_with(uri, &NbdOptions::default())

@@ -16,12 +16,24 @@
 //! # Hardening
 //!
 //! At most [`ServerOptions::max_connections`] connections at once (more are closed at
-//! once); the whole handshake must finish within [`ServerOptions::handshake_timeout`]
-//! and within [`ServerOptions::max_options`] options; option data is bounded (64 KiB);
-//! a read longer than [`ServerOptions::max_payload`] gets `NBD_EINVAL` (`NBD_EOVERFLOW`
-//! with `DF`) and a longer write payload closes the connection (it cannot be skipped
-//! safely); every range is checked against the export size, with overflow, before the
-//! driver sees it. A connection's buffers never exceed `max_payload` plus a header.
+//! once); the whole handshake (TLS included) must finish within
+//! [`ServerOptions::handshake_timeout`] and within [`ServerOptions::max_options`] options;
+//! option data is bounded (64 KiB); in transmission each request (header and payload) must
+//! arrive within [`ServerOptions::idle_timeout`], else the connection is closed, so idle
+//! clients give their slot back; a read longer than [`ServerOptions::max_payload`] gets
+//! `NBD_EINVAL` (`NBD_EOVERFLOW` with `DF`) and a longer write payload closes the
+//! connection (it cannot be skipped safely); a write payload is buffered as it arrives
+//! (1 MiB steps), and read and dropped in 16 KiB pieces when the write will fail anyway
+//! (read-only export, out of range); every range is checked against the export size, with
+//! overflow, before the driver sees it. A connection's buffers never exceed `max_payload`
+//! plus a header.
+//!
+//! # Security
+//!
+//! With [`ServerOptions::tls`], every option before `NBD_OPT_STARTTLS` gets
+//! `NBD_REP_ERR_TLS_REQD` and no information, and client certificates are checked against
+//! the CA and allow-list of [`super::tls::ServerTls`]. Unix sockets are created 0600; a
+//! TCP address that is not loopback needs TLS or [`ServerOptions::insecure`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -389,19 +401,24 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 impl Server {
-    /// Start a server on `address`: `"unix:PATH"` (a Unix socket created at `PATH`) or
-    /// `"tcp:HOST:PORT"` (`PORT` 0 picks a free port; [`Server::address`] says which).
+    /// Start a server on `address`: `"unix:PATH"` (a Unix socket created at `PATH`, mode
+    /// 0600: only this user may connect until the caller widens it) or `"tcp:HOST:PORT"`
+    /// (`PORT` 0 picks a free port; [`Server::address`] says which). Without TLS (see
+    /// [`Server::start_with`] and [`ServerOptions::tls`]) a TCP address must be loopback.
     /// The server exports nothing until [`Server::add`].
     ///
     /// # Errors
-    /// `InvalidInput` (EINVAL) for a malformed address; `EADDRINUSE` when a server already
+    /// `InvalidInput` (EINVAL) for a malformed address; `EPERM` for a TCP address that is
+    /// not loopback without TLS or [`ServerOptions::insecure`]; `EADDRINUSE` when a server already
     /// listens there; `EEXIST` when `PATH` exists and is not a socket (never removed); a
     /// stale socket file (nobody listening) is replaced. Other socket errors as errno.
     pub fn start(address: &str) -> Result<Server> {
         Server::start_with(address, ServerOptions::default())
     }
 
-    /// [`Server::start`] with explicit [`ServerOptions`].
+    /// [`Server::start`] with explicit [`ServerOptions`] (TLS, client authorization, the
+    /// insecure switch, limits). Errors as [`Server::start`]; `EINVAL` also for a zero
+    /// limit or timeout.
     pub fn start_with(address: &str, options: ServerOptions) -> Result<Server> {
         if options.max_connections == 0
             || options.max_payload < 4096
