@@ -262,6 +262,7 @@ fn our_client_and_server_over_tls_with_and_without_client_certs() {
     connect_tls(&format!("nbds://127.0.0.1:{p}/disk"), t).unwrap();
     let t = ClientTls { pin_sha256: Some([1; 32]), ..Default::default() };
     assert!(connect_tls(&format!("nbds://127.0.0.1:{p}/disk"), t).is_err());
+    NbdDriver::connect_tls(&format!("nbds://localhost:{p}/disk"), pki.client(None)).unwrap();
     // tls-certificates=DIR in the URI (libnbd's layout).
     let uri = format!("nbds://localhost:{p}/disk?tls-certificates={}", pki.s("anon"));
     NbdDriver::connect(&uri).unwrap();

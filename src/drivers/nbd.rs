@@ -1157,6 +1157,14 @@ impl NbdDriver {
         Self::connect_with(uri, &NbdOptions::default())
     }
 
+    /// Connect over TLS to an `nbds://` or `nbds+unix://` URI with the default options and
+    /// the TLS settings `tls` (CA, optional client certificate, hostname, pin). Errors as
+    /// [`NbdDriver::connect`]; `EINVAL` for a plaintext URI or TLS files that are not valid.
+    #[cfg(feature = "tls")]
+    pub fn connect_tls(uri: &str, tls: crate::nbd::ClientTls) -> io::Result<NbdDriver> {
+        Self::connect_with(uri, &NbdOptions { tls: Some(tls), ..Default::default() })
+    }
+
     /// Connect with explicit options (see [`NbdOptions`]). Errors as [`NbdDriver::connect`].
     pub fn connect_with(uri: &str, opts: &NbdOptions) -> io::Result<NbdDriver> {
         let parsed = NbdUri::parse(uri)?;
