@@ -831,3 +831,16 @@ fn cancel_unblocks_a_job_stuck_on_a_trickling_nbd_target() {
     // run in parallel; 20 s leaves room for a loaded machine.
     assert!(took < Duration::from_secs(20), "cancel + wait took {took:?}");
 }
+
+/// nbds:// to a server without TLS: STARTTLS is refused and the open fails (ENOTSUP), never a
+/// plaintext fallback.
+#[test]
+fn no_plaintext_fallback_when_the_server_has_no_tls() {
+    need!("openssl");
+    let pki = Pki::new();
+    let server = Server::start("tcp:127.0.0.1:0").unwrap();
+    server.add("disk", Arc::new(MemDriver::new(1 << 20).unwrap()), false).unwrap();
+    let e = connect_tls(&format!("nbds://localhost:{}/disk", port(&server)), pki.client(None)).unwrap_err();
+    assert_eq!(errno(&e), libc::ENOTSUP, "{e}");
+    server.stop();
+}
