@@ -79,7 +79,8 @@ int main(void)
               "cowbackup_nbd_server_options_set_tls");
     CHECK_ERR(cowbackup_nbd_server_options_set_tls(o, f("server-cert.pem"), f("alice-key.pem"), NULL), EINVAL,
               "cowbackup_nbd_server_options_set_tls");
-    CHECK_ERR(cowbackup_nbd_server_options_allow(o, "CN=alice"), EINVAL, "cowbackup_nbd_server_options_allow");
+    CHECK_ERR(cowbackup_nbd_server_options_allow(o, "garbage"), EINVAL, "cowbackup_nbd_server_options_allow");
+    CHECK_ERR(cowbackup_nbd_server_options_allow(NULL, "CN=alice"), EINVAL, "cowbackup_nbd_server_options_allow");
     CHECK_ERR(cowbackup_nbd_server_options_set_limits(o, 0, 1000), EINVAL, "cowbackup_nbd_server_options_set_limits");
     CHECK_ERR(cowbackup_nbd_server_options_set_limits(o, 4, 0), EINVAL, "cowbackup_nbd_server_options_set_limits");
     CHECK_ERR(cowbackup_nbd_server_options_set_insecure(NULL, true), EINVAL,
@@ -96,6 +97,18 @@ int main(void)
     cowbackup_nbd_server_stop(s);
     s = NULL;
     CHECK_RC(cowbackup_nbd_server_options_set_insecure(o, false), 0);
+
+    SAY("an allow-list without TLS with a CA: -EINVAL at start");
+    cowbackup_nbd_server_options *o2 = cowbackup_nbd_server_options_new();
+    REQUIRE(o2 != NULL);
+    CHECK_RC(cowbackup_nbd_server_options_allow(o2, "CN=alice"), 0);
+    char addr2[700];
+    snprintf(addr2, sizeof addr2, "unix:%s", f("s2.sock"));
+    CHECK_ERR(cowbackup_nbd_server_start_with(addr2, o2, &s), EINVAL, "cowbackup_nbd_server_start_with");
+    CHECK_RC(cowbackup_nbd_server_options_set_tls(o2, f("server-cert.pem"), f("server-key.pem"), NULL), 0);
+    CHECK_ERR(cowbackup_nbd_server_start_with(addr2, o2, &s), EINVAL, "cowbackup_nbd_server_start_with");
+    CHECK(s == NULL);
+    cowbackup_nbd_server_options_free(o2);
 
     SAY("TLS with client certificates, allow-list: alice by DN");
     CHECK_RC(cowbackup_nbd_server_options_set_tls(o, f("server-cert.pem"), f("server-key.pem"), f("ca-cert.pem")), 0);

@@ -1211,7 +1211,7 @@ void cowbackup_nbd_server_options_free(struct cowbackup_nbd_server_options *o);
  is one of them. With TLS, a client that sends any option but STARTTLS (or ABORT) first
  gets `NBD_REP_ERR_TLS_REQD` and learns nothing (no export names, sizes or flags); after
  STARTTLS everything is encrypted, with no way back. The files are read now. Setting TLS
- again replaces the credentials and clears the allow-list.
+ again replaces the credentials (the allow-list stays).
 
  Errors: -EINVAL (NULL `o`, `cert_pem` or `key_pem`; a file that is not PEM or holds no
  certificate / key; a key that does not match the certificate; the message names the
@@ -1226,7 +1226,8 @@ int cowbackup_nbd_server_options_set_tls(struct cowbackup_nbd_server_options *o,
                                          const char *ca_pem);
 
 /*
- Allow one client identity (after `cowbackup_nbd_server_options_set_tls` with a CA): a
+ Allow one client identity (TLS with a CA must be set by the time the server starts;
+ `cowbackup_nbd_server_start_with` fails with -EINVAL otherwise): a
  certificate subject DN, most specific attribute first as GnuTLS and QEMU's `tls-authz`
  print it (`"CN=alice,O=Example"`; the reverse order `"O=Example,CN=alice"` that
  `openssl x509 -subject` prints matches too; attribute names case-insensitive, values
@@ -1235,8 +1236,7 @@ int cowbackup_nbd_server_options_set_tls(struct cowbackup_nbd_server_options *o,
  client whose verified certificate matches none is refused after the TLS handshake. No
  call: every certificate the CA signed is accepted.
 
- Errors: -EINVAL (NULL argument, malformed identity, no TLS with a CA set yet);
- -ENOTSUP (built without TLS).
+ Errors: -EINVAL (NULL argument, malformed identity); -ENOTSUP (built without TLS).
 
  # Safety
  `o` is NULL or a live options object; `identity` is NULL or NUL-terminated.
@@ -1275,7 +1275,7 @@ int cowbackup_nbd_server_options_set_limits(struct cowbackup_nbd_server_options 
  `cowbackup_nbd_server_options_set_insecure(o, true)`.
 
  Errors: as `cowbackup_nbd_server_start` (-EPERM: non-loopback TCP without TLS or
- insecure).
+ insecure); -EINVAL also for an allow-list without TLS with a CA.
 
  # Safety
  `address` is NULL or NUL-terminated; `o` is NULL or a live options object; `out` is NULL

@@ -100,6 +100,8 @@ unsafe fn start(address: &str, opts: ServerOptions, out: *mut *mut cowbackup_nbd
 /// afterwards). Not thread-safe: do not change one options object from two threads at once.
 pub struct cowbackup_nbd_server_options {
     inner: ServerOptions,
+    /// Allowed client identities (checked for syntax when added, applied by start_with).
+    allow: Vec<String>,
 }
 
 /// New server options with the defaults. Free with `cowbackup_nbd_server_options_free`.
@@ -107,7 +109,7 @@ pub struct cowbackup_nbd_server_options {
 #[no_mangle]
 pub extern "C" fn cowbackup_nbd_server_options_new() -> *mut cowbackup_nbd_server_options {
     ffi_panic_boundary!("cowbackup_nbd_server_options_new", {
-        Box::into_raw(Box::new(cowbackup_nbd_server_options { inner: ServerOptions::default() }))
+        Box::into_raw(Box::new(cowbackup_nbd_server_options { inner: ServerOptions::default(), allow: Vec::new() }))
     })
 }
 
@@ -145,7 +147,7 @@ unsafe fn path<'a>(s: *const c_char) -> &'a std::path::Path {
 /// is one of them. With TLS, a client that sends any option but STARTTLS (or ABORT) first
 /// gets `NBD_REP_ERR_TLS_REQD` and learns nothing (no export names, sizes or flags); after
 /// STARTTLS everything is encrypted, with no way back. The files are read now. Setting TLS
-/// again replaces the credentials and clears the allow-list.
+/// again replaces the credentials (the allow-list stays).
 ///
 /// Errors: -EINVAL (NULL `o`, `cert_pem` or `key_pem`; a file that is not PEM or holds no
 /// certificate / key; a key that does not match the certificate; the message names the
@@ -187,7 +189,8 @@ pub unsafe extern "C" fn cowbackup_nbd_server_options_set_tls(
     })
 }
 
-/// Allow one client identity (after `cowbackup_nbd_server_options_set_tls` with a CA): a
+/// Allow one client identity (TLS with a CA must be set by the time the server starts;
+/// `cowbackup_nbd_server_start_with` fails with -EINVAL otherwise): a
 /// certificate subject DN, most specific attribute first as GnuTLS and QEMU's `tls-authz`
 /// print it (`"CN=alice,O=Example"`; the reverse order `"O=Example,CN=alice"` that
 /// `openssl x509 -subject` prints matches too; attribute names case-insensitive, values
@@ -196,8 +199,7 @@ pub unsafe extern "C" fn cowbackup_nbd_server_options_set_tls(
 /// client whose verified certificate matches none is refused after the TLS handshake. No
 /// call: every certificate the CA signed is accepted.
 ///
-/// Errors: -EINVAL (NULL argument, malformed identity, no TLS with a CA set yet);
-/// -ENOTSUP (built without TLS).
+/// Errors: -EINVAL (NULL argument, malformed identity); -ENOTSUP (built without TLS).
 ///
 /// # Safety
 /// `o` is NULL or a live options object; `identity` is NULL or NUL-terminated.
@@ -215,10 +217,11 @@ pub unsafe extern "C" fn cowbackup_nbd_server_options_allow(
         };
         #[cfg(feature = "tls")]
         {
-            let Some(t) = o.inner.tls.as_mut() else {
-                return invalid("cowbackup_nbd_server_options_allow: set TLS with a CA first");
-            };
-            result("cowbackup_nbd_server_options_allow", t.allow(identity))
+            if let Err(e) = crate::nbd::tls::check_identity(identity) {
+                return fail("cowbackup_nbd_server_options_allow", &e);
+            }
+            o.allow.push(identity.to_owned());
+            0
         }
         #[cfg(not(feature = "tls"))]
         {
@@ -280,7 +283,7 @@ pub unsafe extern "C" fn cowbackup_nbd_server_options_set_limits(
 /// `cowbackup_nbd_server_options_set_insecure(o, true)`.
 ///
 /// Errors: as `cowbackup_nbd_server_start` (-EPERM: non-loopback TCP without TLS or
-/// insecure).
+/// insecure); -EINVAL also for an allow-list without TLS with a CA.
 ///
 /// # Safety
 /// `address` is NULL or NUL-terminated; `o` is NULL or a live options object; `out` is NULL
@@ -299,7 +302,28 @@ pub unsafe extern "C" fn cowbackup_nbd_server_start_with(
             return -libc::EINVAL;
         };
         // SAFETY: NULL or a live options object (caller's guarantee).
-        let opts = if o.is_null() { ServerOptions::default() } else { unsafe { &*o }.inner.clone() };
+        let (opts, allow) = if o.is_null() {
+            (ServerOptions::default(), Vec::new())
+        } else {
+            // SAFETY: as above.
+            let o = unsafe { &*o };
+            (o.inner.clone(), o.allow.clone())
+        };
+        #[allow(unused_mut)]
+        let mut opts = opts;
+        #[cfg(feature = "tls")]
+        if !allow.is_empty() {
+            let Some(t) = opts.tls.as_mut() else {
+                return invalid("cowbackup_nbd_server_start_with: an allow-list needs TLS with a CA");
+            };
+            for id in &allow {
+                if let Err(e) = t.allow(id) {
+                    return fail("cowbackup_nbd_server_start_with", &e);
+                }
+            }
+        }
+        #[cfg(not(feature = "tls"))]
+        let _ = allow;
         // SAFETY: `out` was checked non-NULL; the caller guarantees it is writable.
         unsafe { start(address, opts, out, "cowbackup_nbd_server_start_with") }
     })

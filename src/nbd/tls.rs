@@ -217,6 +217,15 @@ impl Identity {
     }
 }
 
+/// Check the syntax of a client identity for [`ServerTls::allow`] (a subject DN or
+/// `"sha256:HEX"`) without a server configuration. Pure function.
+///
+/// # Errors
+/// `EINVAL` for a malformed identity (the message says why).
+pub fn check_identity(identity: &str) -> Result<()> {
+    Identity::parse(identity).map(|_| ())
+}
+
 // ---------------------------------------------------------------------------------------
 // A small DER walk: the subject of a certificate
 // ---------------------------------------------------------------------------------------
