@@ -35,8 +35,10 @@ pub mod drivers;
 mod error;
 #[cfg(feature = "capi")]
 pub mod ffi;
+mod fs;
 mod job;
 pub mod nbd;
+pub mod repo;
 mod sync;
 mod trace;
 mod zero;

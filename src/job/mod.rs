@@ -233,6 +233,8 @@ pub(crate) struct JobShared {
     /// began before the latest resume does not pause the job again: the resume retries
     /// it (lifecycle.rs `stop_on_error`).
     resumes: std::sync::atomic::AtomicU64,
+    /// The manifest to write on completion, and the digests recorded for it (repo/).
+    manifest: Option<crate::repo::ManifestPlan>,
 }
 
 /// A worker counted in `JobShared::waiting_workers` while this lives.
@@ -328,6 +330,7 @@ impl JobShared {
             target_zero: self.target_zero,
             trace: self.trace.as_ref(),
             job: self.id,
+            record: self.manifest.as_ref().map(|m| &m.rec),
         }
     }
 
