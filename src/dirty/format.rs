@@ -272,6 +272,12 @@ mod tests {
             generation: 3,
             epoch: 5,
             flags: HEADER_RECORDING,
+            disk_id: {
+                let mut d = [0; 1 + MAX_DISK_ID];
+                d[0] = 3;
+                d[1..4].copy_from_slice(b"vda");
+                d
+            },
         };
         let b = h.encode();
         assert_eq!(Header::decode(&b, 0).unwrap(), h);
