@@ -114,6 +114,25 @@ int main(void)
         cowbackup_driver_free(r);
         cowbackup_driver_free(chain);
     }
+    /* consolidate full + incr1 into one backup; [it, incr2] reads as the newest point in time. */
+    {
+        char ci[256], cm[256];
+        path_in_dir(ci, sizeof ci, "c.img");
+        path_in_dir(cm, sizeof cm, "c.manifest");
+        const char *two[2] = {paths[0], paths[1]};
+        CHECK_RC(cowbackup_chain_consolidate(two, 2, ci, cm), 0);
+        CHECK_ERR(cowbackup_chain_consolidate(two, 2, ci, cm), EEXIST, "cowbackup_chain_consolidate");
+        CHECK_ERR(cowbackup_chain_consolidate(two, 0, ci, cm), EINVAL, "cowbackup_chain_consolidate");
+        const char *merged[2] = {cm, paths[2]};
+        cowbackup_driver *chain = NULL;
+        CHECK_RC(cowbackup_chain_open(merged, 2, COWBACKUP_CHAIN_VERIFY, &chain), 0);
+        if (chain) {
+            uint8_t *got = read_all(chain, SIZE);
+            CHECK(first_diff(got, pit[2], SIZE) < 0);
+            free(got);
+            cowbackup_driver_free(chain);
+        }
+    }
     /* verify: clean, then one flipped byte named by the callback and the report. */
     char img0[256];
     path_in_dir(img0, sizeof img0, "b0.img");

@@ -1610,6 +1610,28 @@ int cowbackup_chain_open(const char *const *manifest_paths,
                          struct cowbackup_driver **out);
 
 /*
+ Merge the `n` backups of `manifest_paths` (a contiguous part of a chain, oldest first:
+ a full backup and incrementals after it, or consecutive incrementals) into one new
+ backup: the image `target_path` and its manifest `manifest_path`, neither of which may
+ exist (-EEXIST). Each cluster comes from the newest merged backup that holds it, read
+ with digest checks (a damaged cluster fails with -EBADMSG and nothing is published).
+ The new manifest records the last merged one's root as `replaces_root`, so a chain may
+ name the new backup in place of the merged ones. Crash-safe: image then manifest, each
+ written to a temporary file, fsynced and renamed without replacing; the old backups are
+ not changed and stay valid; a crash leaves no new manifest or a complete one.
+ Errors: as `cowbackup_chain_open` for the links, -EEXIST, -EINVAL (NULL arguments,
+ `n` = 0), I/O errors. Thread-safe.
+
+ # Safety
+ `manifest_paths` points to `n` NUL-terminated strings; `target_path` and
+ `manifest_path` are NUL-terminated strings.
+ */
+int cowbackup_chain_consolidate(const char *const *manifest_paths,
+                                size_t n,
+                                const char *target_path,
+                                const char *manifest_path);
+
+/*
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is
  called for every event of a job (state changes, chunks copied, zero runs, hook calls
  that copy or wait, errors with the action taken). It runs on the thread that caused the

@@ -2137,6 +2137,8 @@ _verify = _declare("cowbackup_verify", c_int,
 _chain_open = _declare("cowbackup_chain_open", c_int,
                        [ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t, ctypes.c_uint32, ctypes.POINTER(c_void_p)])
 CHAIN_VERIFY = 1
+_consolidate = _declare("cowbackup_chain_consolidate", c_int,
+                        [ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t, ctypes.c_char_p, ctypes.c_char_p])
 
 
 def verify(manifest: Any, target: Driver, raise_on_mismatch: bool = True) -> VerifyReport:
@@ -2183,6 +2185,17 @@ def chain_open(manifests: Any, verify: bool = False) -> Driver:
     arr = (ctypes.c_char_p * len(paths))(*paths)
     flags = CHAIN_VERIFY if verify else 0
     return Driver(_out_handle(_chain_open, "cowbackup_chain_open", arr, len(paths), flags), "chain")
+
+
+def consolidate(manifests: Any, target: Any, manifest: Any) -> None:
+    """Merge the backups of ``manifests`` (a contiguous part of a chain, oldest first) into
+    one new backup: the image ``target`` and its manifest ``manifest`` (neither may exist:
+    ``FileExistsError``). Clusters are read with digest checks (:class:`Corrupt` on damage).
+    Crash-safe: image then manifest, each published whole by rename; the old backups are
+    not changed. In a chain the new manifest stands in place of the merged ones."""
+    paths = [_path_arg(m) for m in manifests]
+    arr = (ctypes.c_char_p * len(paths))(*paths)
+    _check(_consolidate(arr, len(paths), _path_arg(target), _path_arg(manifest)), "cowbackup_chain_consolidate")
 
 
 def backup_start_group(jobs: Any, **defaults: Any) -> List[Job]:

@@ -367,3 +367,98 @@ fn killed_writer_leaves_no_half_manifest() {
         }
     }
 }
+
+/// consolidate: merging the full backup with the first incrementals, or incrementals in
+/// the middle, gives a backup that verifies and stands in the chain for the merged ones.
+#[test]
+fn consolidate_merges_and_keeps_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Disk::new(dir.path(), "m", 3 << 20, 9);
+    let ms: Vec<PathBuf> = (0..4).map(|_| d.backup(|_| {})).collect();
+    let pit = d.backups[3].1.clone();
+    let p = |n: &str| dir.path().join(n);
+    let head = cowbackup::repo::consolidate(&ms[..3], p("head.img"), p("head.manifest")).unwrap();
+    assert_eq!(head.sync, "full");
+    verify(p("head.manifest"), &FileDriver::open(p("head.img"), OpenFlags::empty()).unwrap()).unwrap();
+    assert_same("[head, i3]", &contents(&Chain::open(&[p("head.manifest"), ms[3].clone()], true).unwrap()), &pit);
+    let mid = cowbackup::repo::consolidate(&ms[1..3], p("mid.img"), p("mid.manifest")).unwrap();
+    assert_eq!(mid.sync, "bitmap");
+    let chain = Chain::open(&[ms[0].clone(), p("mid.manifest"), ms[3].clone()], true).unwrap();
+    assert_same("[full, mid, i3]", &contents(&chain), &pit);
+    // The old chain is untouched; the new paths are never written over.
+    assert_same("old chain", &contents(&Chain::open(&ms, true).unwrap()), &pit);
+    let e = cowbackup::repo::consolidate(&ms[..2], p("head.img"), p("other.manifest")).unwrap_err();
+    assert_eq!(errno(&e), libc::EEXIST, "{e}");
+    // A damaged cluster in a merged backup fails the merge; nothing is published.
+    let m1 = Manifest::load(&ms[1]).unwrap();
+    if let Some(r) = m1.runs.iter().find(|r| r.data) {
+        let t = FileDriver::open(m1.target_path(&ms[1]).unwrap(), OpenFlags::WRITE).unwrap();
+        let mut b = [0u8; 1];
+        t.read_at(&mut b, r.start * CS).unwrap();
+        t.write_at(&[!b[0]], r.start * CS).unwrap();
+        // Only when no later backup holds that cluster is the damaged copy read.
+        let later = |c: u64| Manifest::load(&ms[2]).unwrap().runs.iter().any(|r| r.start <= c && c < r.start + r.count);
+        if !later(r.start) {
+            let e = cowbackup::repo::consolidate(&ms[1..3], p("bad.img"), p("bad.manifest")).unwrap_err();
+            assert_eq!(errno(&e), libc::EBADMSG, "{e}");
+            assert!(!p("bad.manifest").exists() && !p("bad.img").exists());
+        }
+    }
+}
+
+/// kill -9 during consolidate: the old chain stays valid, and a consolidated manifest
+/// that exists is complete and verifies against its image.
+#[test]
+fn killed_consolidate_leaves_old_chain_and_no_half_backup() {
+    if let Ok(dir) = std::env::var("COWBACKUP_CONSOLIDATE_CHILD") {
+        let dir = PathBuf::from(dir);
+        let ms: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("k.{i}.manifest"))).collect();
+        for i in 0.. {
+            cowbackup::repo::consolidate(&ms, dir.join(format!("c{i}.img")), dir.join(format!("c{i}.cmanifest")))
+                .unwrap();
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Disk::new(dir.path(), "k", 8 << 20, 10);
+    let ms: Vec<PathBuf> = (0..3).map(|_| d.backup(|_| {})).collect();
+    let pit = d.backups[2].1.clone();
+    for round in 0..4u64 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "killed_consolidate_leaves_old_chain_and_no_half_backup", "--nocapture"])
+            .env("COWBACKUP_CONSOLIDATE_CHILD", dir.path())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let done = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".cmanifest"))
+                .count()
+        };
+        while done() < 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(round * 7));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_same("old chain", &contents(&Chain::open(&ms, true).unwrap()), &pit);
+        for e in std::fs::read_dir(dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "cmanifest") {
+                let m = Manifest::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                let t = FileDriver::open(m.target_path(&p).unwrap(), OpenFlags::empty()).unwrap();
+                verify(&p, &t).unwrap();
+                assert_same("consolidated", &contents(&Chain::open(&[&p], true).unwrap()), &pit);
+            }
+        }
+        // Clear the consolidated files (and any temporary leftovers) for the next round.
+        for e in std::fs::read_dir(dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with('c') || name.starts_with(".c") {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+}

@@ -59,6 +59,13 @@ def test_chain_restore_verify_and_corruption(tmp_path):
         assert _read_all(out) == pits[-1]
         out.close()
         chain.close()
+    # Consolidate the full backup and the first incremental; the result replaces them.
+    cowbackup.consolidate(manifests[:2], str(tmp_path / "c.img"), str(tmp_path / "c.manifest"))
+    chain = cowbackup.chain_open([str(tmp_path / "c.manifest"), manifests[2]], verify=True)
+    assert _read_all(chain) == pits[2]
+    chain.close()
+    with pytest.raises(FileExistsError):
+        cowbackup.consolidate(manifests[:2], str(tmp_path / "c.img"), str(tmp_path / "c2.manifest"))
     full_target = Driver.open(str(tmp_path / "b0.img"), write=True)
     rep = cowbackup.verify(manifests[0], full_target)
     assert rep.clusters_checked == SIZE // CS and rep.mismatched_clusters == 0 and rep.mismatches == []

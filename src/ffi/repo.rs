@@ -211,3 +211,48 @@ pub unsafe extern "C" fn cowbackup_chain_open(
         }
     })
 }
+
+/// Merge the `n` backups of `manifest_paths` (a contiguous part of a chain, oldest first:
+/// a full backup and incrementals after it, or consecutive incrementals) into one new
+/// backup: the image `target_path` and its manifest `manifest_path`, neither of which may
+/// exist (-EEXIST). Each cluster comes from the newest merged backup that holds it, read
+/// with digest checks (a damaged cluster fails with -EBADMSG and nothing is published).
+/// The new manifest records the last merged one's root as `replaces_root`, so a chain may
+/// name the new backup in place of the merged ones. Crash-safe: image then manifest, each
+/// written to a temporary file, fsynced and renamed without replacing; the old backups are
+/// not changed and stay valid; a crash leaves no new manifest or a complete one.
+/// Errors: as `cowbackup_chain_open` for the links, -EEXIST, -EINVAL (NULL arguments,
+/// `n` = 0), I/O errors. Thread-safe.
+///
+/// # Safety
+/// `manifest_paths` points to `n` NUL-terminated strings; `target_path` and
+/// `manifest_path` are NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_chain_consolidate(
+    manifest_paths: *const *const c_char,
+    n: usize,
+    target_path: *const c_char,
+    manifest_path: *const c_char,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_chain_consolidate", {
+        if manifest_paths.is_null() || n == 0 || target_path.is_null() || manifest_path.is_null() {
+            return invalid("cowbackup_chain_consolidate: a path argument is NULL or n is 0");
+        }
+        let mut paths = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: `manifest_paths` has `n` elements (caller's guarantee).
+            let p = unsafe { *manifest_paths.add(i) };
+            if p.is_null() {
+                return invalid(format!("cowbackup_chain_consolidate: manifest_paths[{i}] is NULL"));
+            }
+            // SAFETY: not NULL; NUL-terminated (caller's guarantee).
+            paths.push(unsafe { path_buf(p) });
+        }
+        // SAFETY: not NULL; NUL-terminated (caller's guarantee).
+        let (t, m) = unsafe { (path_buf(target_path), path_buf(manifest_path)) };
+        match crate::repo::consolidate(&paths, &t, &m) {
+            Ok(_) => 0,
+            Err(e) => fail("cowbackup_chain_consolidate", &e),
+        }
+    })
+}

@@ -62,6 +62,12 @@ impl Chain {
     /// (`EBADMSG` for a damaged one); opening a target (`ENOENT`, ...), or a target of
     /// another size (EINVAL).
     pub fn open<P: AsRef<Path>>(manifests: &[P], verify_on_read: bool) -> Result<Chain> {
+        Chain::open_part(manifests, verify_on_read, false)
+    }
+
+    /// [`Chain::open`], with `part`: the first link may be an incremental (a part of a
+    /// chain, for [`crate::repo::consolidate`]).
+    pub(crate) fn open_part<P: AsRef<Path>>(manifests: &[P], verify_on_read: bool, part: bool) -> Result<Chain> {
         if manifests.is_empty() {
             return Err(Error::invalid("a backup chain needs at least one manifest"));
         }
@@ -71,7 +77,7 @@ impl Chain {
             let m = Manifest::load(&path)?;
             match links.last() {
                 None => {
-                    if m.sync == "bitmap" {
+                    if m.sync == "bitmap" && !part {
                         return Err(link_error(
                             i,
                             &path,
@@ -118,6 +124,17 @@ impl Chain {
     /// The cluster size of the chain's backups.
     pub fn cluster_size(&self) -> u64 {
         self.cluster_size
+    }
+
+    /// The manifests, oldest first.
+    pub(crate) fn manifest_list(&self) -> Vec<&Manifest> {
+        self.links.iter().map(|l| &l.manifest).collect()
+    }
+
+    /// Where cluster `c` comes from: `None` when no backup holds it, else the digest of
+    /// its data (`None` for a zero cluster).
+    pub(crate) fn held(&self, c: u64) -> Option<Option<super::digest::Digest>> {
+        self.links.iter().rev().find_map(|l| l.manifest.lookup(&l.index, c).map(|d| d.copied()))
     }
 
     fn source(&self, c: u64) -> Source {
@@ -199,7 +216,7 @@ fn check_link(i: usize, path: &Path, m: &Manifest, prev: &Link) -> Result<()> {
         ));
     }
     if let Some(parent) = m.parent_root {
-        if parent != p.root {
+        if parent != p.root && Some(parent) != p.replaces_root {
             return Err(link_error(
                 i,
                 path,

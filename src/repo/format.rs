@@ -66,6 +66,9 @@ pub struct Manifest {
     pub bitmap: Option<BitmapRef>,
     /// Root digest of the previous backup of the chain (an incremental), when known.
     pub parent_root: Option<[u8; 32]>,
+    /// A consolidated backup ([`crate::repo::consolidate`]): the root digest of the newest
+    /// backup it merged, so the incremental that followed that one still links to it.
+    pub replaces_root: Option<[u8; 32]>,
     /// The target image file: relative paths are relative to the manifest's directory.
     /// `None` when the target was not a file.
     pub target: Option<String>,
@@ -114,12 +117,13 @@ impl Manifest {
             .unwrap_or_else(|| "-".into());
         format!(
             "version {MANIFEST_VERSION}\nsize {}\ncluster_size {}\nsync {}\ndisk_id {}\nbitmap {bitmap}\nparent {}\n\
-             target {}\ntimes {} {}\nbytes {} {}\n",
+             replaces {}\ntarget {}\ntimes {} {}\nbytes {} {}\n",
             self.size,
             self.cluster_size,
             self.sync,
             opt(&self.disk_id),
             self.parent_root.map(|r| hex(&r)).unwrap_or_else(|| "-".into()),
+            self.replaces_root.map(|r| hex(&r)).unwrap_or_else(|| "-".into()),
             opt(&self.target),
             self.started_ms,
             self.ended_ms,
@@ -173,6 +177,7 @@ impl Manifest {
             "disk_id": self.disk_id,
             "bitmap": bitmap,
             "parent_root": self.parent_root.map(|r| hex(&r)),
+            "replaces_root": self.replaces_root.map(|r| hex(&r)),
             "target": self.target,
             "started_unix_ms": self.started_ms,
             "ended_unix_ms": self.ended_ms,
@@ -253,6 +258,7 @@ impl Manifest {
             }
         };
         let parent_root = opt_str("parent_root")?.map(|s| hex32(&s, "parent_root")).transpose()?;
+        let replaces_root = opt_str("replaces_root")?.map(|s| hex32(&s, "replaces_root")).transpose()?;
         let root = hex32(field("root_digest")?.as_str().ok_or_else(|| damaged(path, "root_digest"))?, "root_digest")?;
         let sync = field("sync")?.as_str().ok_or_else(|| damaged(path, "sync"))?.to_string();
         let size = num("size")?;
@@ -307,6 +313,7 @@ impl Manifest {
             disk_id: opt_str("disk_id")?,
             bitmap,
             parent_root,
+            replaces_root,
             target: opt_str("target")?,
             started_ms: num("started_unix_ms")?,
             ended_ms: num("ended_unix_ms")?,

@@ -73,18 +73,18 @@ impl Recorder {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+pub(crate) fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     let errno = e.raw_os_error().unwrap_or(libc::EIO);
     let kind = if errno == libc::EEXIST { ErrorKind::InvalidInput } else { ErrorKind::Io };
     Error::new(kind, errno, format!("{what} {}: {e}", path.display()))
 }
 
 /// `path` relative to `dir` when it lies below it, else `path` as it is (absolute).
-fn relative_to(path: &Path, dir: &Path) -> PathBuf {
+pub(crate) fn relative_to(path: &Path, dir: &Path) -> PathBuf {
     match path.strip_prefix(dir) {
         Ok(rel) => rel.to_path_buf(),
         Err(_) => path.to_path_buf(),
@@ -199,6 +199,7 @@ impl ManifestPlan {
                 generation_end: b.generation(),
             }),
             parent_root: self.parent_root,
+            replaces_root: None,
             target: self.target.clone(),
             started_ms: self.started_ms,
             ended_ms: now_ms(),
