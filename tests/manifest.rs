@@ -462,3 +462,32 @@ fn killed_consolidate_leaves_old_chain_and_no_half_backup() {
         }
     }
 }
+
+/// A full backup made without the bitmap links to its incremental only through an explicit
+/// `parent_manifest`; the chain then reads as the incremental's point in time.
+#[test]
+fn explicit_parent_manifest_links_without_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Disk::new(dir.path(), "p", 2 << 20, 11);
+    let full = d.backup(|o| o.bitmap = None);
+    let linked = d.backup(|o| o.parent_manifest = Some(full.clone()));
+    let chain = Chain::open(&[&full, &linked], true).unwrap();
+    assert_same("[full, linked]", &contents(&chain), &d.backups[1].1);
+    // The next incremental's parent is `linked` (from the bitmap): not the full backup.
+    let next = d.backup(|_| {});
+    let e = chain_err(&[&full, &next]);
+    assert!(e.to_string().contains("without a dirty bitmap"), "{e}");
+    Chain::open(&[&full, &linked, &next], true).unwrap();
+    // A parent manifest that cannot be read is refused at start.
+    let tp = dir.path().join("other.img");
+    let opts = BackupOptions {
+        sync: SyncMode::Bitmap,
+        bitmap: Some(d.bitmap.clone()),
+        disk_id: Some("p".into()),
+        manifest: Some(dir.path().join("other.manifest")),
+        parent_manifest: Some(dir.path().join("missing.manifest")),
+        ..Default::default()
+    };
+    let e = backup_start(d.source.clone(), Arc::new(FileDriver::create(&tp, 2 << 20).unwrap()), opts).err().unwrap();
+    assert_eq!(errno(&e), libc::ENOENT, "{e}");
+}

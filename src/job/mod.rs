@@ -446,7 +446,9 @@ impl Job {
     /// else is meant. A cluster of the copy set that read as zero may be a hole in the
     /// target (zeroes are not written to a target that reads as zero), so a restore
     /// applies every byte of these extents, holes as zeroes; bytes outside them come
-    /// from the earlier backups of the chain. Keep this list with the backup.
+    /// from the earlier backups of the chain. Keep this list with the backup:
+    /// [`BackupOptions::manifest`] records it (with a digest per cluster), and
+    /// [`crate::repo::Chain`] applies this rule.
     pub fn extents(&self) -> Vec<(u64, u64)> {
         // The copy set is what a snapshot view serves: the clear bits of `unservable`.
         let (geo, out) = (&self.shared.geo, &self.shared.unservable);

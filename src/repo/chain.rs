@@ -198,7 +198,13 @@ fn check_link(i: usize, path: &Path, m: &Manifest, prev: &Link) -> Result<()> {
             format!("is a {} backup, not an incremental: only the first link is full", m.sync),
         ));
     }
+    let parent_named = m.parent_root.is_some_and(|r| r == p.root || Some(r) == p.replaces_root);
     let (Some(b), Some(pb)) = (m.bitmap, p.bitmap) else {
+        // Without a bitmap on both sides only an explicit parent link
+        // (`BackupOptions::parent_manifest`) ties them.
+        if parent_named {
+            return Ok(());
+        }
         return Err(link_error(i, path, format!("{prev_name} was made without a dirty bitmap: nothing links them")));
     };
     if b.uuid != pb.uuid {
