@@ -112,8 +112,13 @@ __all__ = [
     "STATUS_ZERO",
     "backup_start",
     "backup_start_group",
+    "CHAIN_VERIFY",
+    "VerifyReport",
+    "chain_open",
+    "consolidate",
     "library_path",
     "library_version",
+    "verify",
 ]
 
 log = logging.getLogger("cowbackup")
