@@ -52,9 +52,10 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Bytes of the hex string `s`; `None` unless it is exactly `n` bytes of hex.
+/// Bytes of the hex string `s`; `None` unless it is exactly `n` bytes of lower-case hex
+/// (one spelling per value: a changed letter case is a change).
 pub fn unhex(s: &str, n: usize) -> Option<Vec<u8>> {
-    if s.len() != 2 * n || !s.is_ascii() {
+    if s.len() != 2 * n || !s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
         return None;
     }
     (0..n).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
@@ -70,6 +71,6 @@ mod tests {
         assert_eq!(zero_digest(512), digest(&[0u8; 512]));
         assert_ne!(zero_digest(512), zero_digest(1024));
         assert_eq!(unhex(&hex(&[1, 0xab, 0xff]), 3).unwrap(), vec![1, 0xab, 0xff]);
-        assert!(unhex("zz", 1).is_none());
+        assert!(unhex("zz", 1).is_none() && unhex("AB", 1).is_none() && unhex("+1", 1).is_none());
     }
 }
