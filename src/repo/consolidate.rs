@@ -120,8 +120,7 @@ pub fn consolidate<P: AsRef<Path>>(
         digests,
         root: [0; 32],
     };
-    let bytes = m.seal();
-    crate::fs::write_new_atomically(manifest_path, 0o600, |f| std::io::Write::write_all(f, &bytes)).map_err(|e| {
+    m.write_new(manifest_path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             exists_error("manifest", manifest_path)
         } else {

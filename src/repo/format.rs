@@ -157,8 +157,9 @@ impl Manifest {
         hash_parts(ROOT_CONTEXT, &[self.canonical().as_bytes(), body])
     }
 
-    /// Set `root` from the contents; returns the whole file's bytes.
-    pub(crate) fn seal(&mut self) -> Vec<u8> {
+    /// Set `root` from the contents; returns the file's two parts, the header line and
+    /// the body (written one after the other: no copy of a large body).
+    pub(crate) fn seal_parts(&mut self) -> (Vec<u8>, Vec<u8>) {
         let body = self.body();
         self.root = self.root_of(&body);
         let bitmap = self.bitmap.map(|b| {
@@ -189,10 +190,26 @@ impl Manifest {
             "body_len": body.len(),
             "root_digest": hex(&self.root),
         });
-        let mut out = header.to_string().into_bytes();
-        out.push(b'\n');
-        out.extend_from_slice(&body);
-        out
+        let mut head = header.to_string().into_bytes();
+        head.push(b'\n');
+        (head, body)
+    }
+
+    /// Set `root` from the contents; returns the whole file's bytes.
+    #[cfg(test)]
+    pub(crate) fn seal(&mut self) -> Vec<u8> {
+        let (mut head, body) = self.seal_parts();
+        head.extend_from_slice(&body);
+        head
+    }
+
+    /// Write the sealed manifest to `path`: atomically, mode 0600, never over a file.
+    pub(crate) fn write_new(&mut self, path: &Path) -> std::io::Result<()> {
+        let (head, body) = self.seal_parts();
+        crate::fs::write_new_atomically(path, 0o600, |f| {
+            std::io::Write::write_all(f, &head)?;
+            std::io::Write::write_all(f, &body)
+        })
     }
 
     /// Read and check the manifest at `path`: `EBADMSG` (damaged: truncated, a field or

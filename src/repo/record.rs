@@ -209,9 +209,7 @@ impl ManifestPlan {
             digests,
             root: [0; 32],
         };
-        let bytes = m.seal();
-        crate::fs::write_new_atomically(&self.path, 0o600, |f| std::io::Write::write_all(f, &bytes))
-            .map_err(|e| io_err("writing manifest", &self.path, e))?;
+        m.write_new(&self.path).map_err(|e| io_err("writing manifest", &self.path, e))?;
         if let Some((b, _, _)) = &self.bitmap {
             b.set_last_manifest_root(m.root);
         }
