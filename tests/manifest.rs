@@ -524,3 +524,50 @@ fn zero_clusters_and_holes_are_in_the_copy_set() {
         assert_same(name, &contents(&Chain::open(&[&mp], true).unwrap()), &want);
     }
 }
+
+/// A source whose second half is unallocated without reading as zeroes (a backing file's
+/// data, as an overlay reports it).
+struct Overlay(FileDriver);
+
+impl BlockDriver for Overlay {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<cowbackup::BlockStatus> {
+        let half = self.size() / 2;
+        Ok(if offset < half {
+            cowbackup::BlockStatus { len: len.min(half - offset), flags: cowbackup::StatusFlags::DATA }
+        } else {
+            cowbackup::BlockStatus { len, flags: cowbackup::StatusFlags::empty() }
+        })
+    }
+}
+
+/// Sync `Top`: unallocated clusters that do not read as zeroes are not in the copy set
+/// (the backup does not hold their data), so a chain does not claim them as zeroes.
+#[test]
+fn top_leaves_unallocated_data_out_of_the_copy_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1u64 << 20;
+    let sp = dir.path().join("overlay.src");
+    std::fs::write(&sp, Rng::new(13).bytes(size as usize)).unwrap();
+    let source = Arc::new(Overlay(FileDriver::open(&sp, OpenFlags::WRITE).unwrap()));
+    let tp = dir.path().join("top.img");
+    let target = Arc::new(FileDriver::create(&tp, size).unwrap());
+    let mp = dir.path().join("top.manifest");
+    let opts = BackupOptions { sync: SyncMode::Top, manifest: Some(mp.clone()), ..Default::default() };
+    backup_start(source.clone(), target, opts).unwrap().wait().unwrap();
+    let m = Manifest::load(&mp).unwrap();
+    assert_eq!(m.runs, vec![cowbackup::repo::Run { start: 0, count: size / 2 / CS, data: true }]);
+    let chain = Chain::open(&[&mp], true).unwrap();
+    let img = contents(&chain);
+    assert_same("held half", &img[..(size / 2) as usize], &contents(&*source)[..(size / 2) as usize]);
+    assert!(img[(size / 2) as usize..].iter().all(|&b| b == 0));
+    assert_eq!(chain.block_status(size / 2, size / 2).unwrap().flags, cowbackup::StatusFlags::ZERO);
+}

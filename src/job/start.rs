@@ -360,7 +360,9 @@ impl Scan<'_> {
             if first < last {
                 let (b_off, b_len) = geo.byte_range(first..last);
                 if sync == SyncMode::Top && !flags.contains(StatusFlags::DATA) {
-                    self.settle(first..last, target_zero || flags.contains(StatusFlags::ZERO));
+                    // In the copy set only where the point in time reads zeroes: an
+                    // unallocated range that is not ZERO (a backing file's data) is not held.
+                    self.settle(first..last, flags.contains(StatusFlags::ZERO));
                     self.stats.skipped.fetch_add(b_len, Ordering::Relaxed);
                     if !target_zero && flags.contains(StatusFlags::ZERO) {
                         push_merged(&mut zero_target, b_off, b_len);
