@@ -23,6 +23,7 @@ proven by a client we did not write), without restarting nbdkit:
      message (error, then closed), 40 connections at once (the extra ones are refused), a client
      that never reads its replies; afterwards nbdkit still serves NBD and QMP.
 Every wait is bounded. Usage: test_control.py FILTER.so TMPDIR
+(CONTROL_TEST_WRITERS=qemu-io: the qemu-io writers even where a filesystem could be used.)
 """
 import asyncio
 import hashlib
@@ -134,7 +135,9 @@ class Workload:
         os.makedirs(fuse, exist_ok=True)
         os.makedirs(self.mnt, exist_ok=True)
         why = None
-        if not os.path.exists("/dev/fuse") or not shutil.which("nbdfuse"):
+        if os.environ.get("CONTROL_TEST_WRITERS") == "qemu-io":
+            why = "CONTROL_TEST_WRITERS=qemu-io"
+        elif not os.path.exists("/dev/fuse") or not shutil.which("nbdfuse"):
             why = "no /dev/fuse or nbdfuse"
         elif not all(shutil.which(t) for t in ("losetup", "mkfs.ext4", "fsfreeze", "mount")):
             why = "no losetup, mkfs.ext4, fsfreeze or mount"
