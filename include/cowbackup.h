@@ -227,6 +227,12 @@
 #define COWBACKUP_NBD_WRITABLE 1
 
 /*
+ Flag of `cowbackup_chain_open`: check every data cluster read against its digest
+ (a damaged cluster fails the read with -EBADMSG; the others still read).
+ */
+#define COWBACKUP_CHAIN_VERIFY 1
+
+/*
  Event kind: the job's state changed (`from_state` → `to_state`).
  */
 #define COWBACKUP_TRACE_STATE 0
@@ -321,6 +327,16 @@ typedef struct cowbackup_job cowbackup_job;
  `cowbackup_nbd_server_stop`, which must be the last call on it.
  */
 typedef struct cowbackup_nbd_server cowbackup_nbd_server;
+
+/*
+ Options of an NBD server (opaque): TLS credentials, client authorization, the insecure
+ switch, limits. Made by `cowbackup_nbd_server_options_new` with the defaults (no TLS,
+ loopback/Unix only, 16 connections, 5 minutes idle timeout), changed by the setters (each
+ validates at once; a failed setter changes nothing), read by
+ `cowbackup_nbd_server_start_with` (which copies them: they may be freed or reused
+ afterwards). Not thread-safe: do not change one options object from two threads at once.
+ */
+typedef struct cowbackup_nbd_server_options cowbackup_nbd_server_options;
 
 /*
  Options of a backup job (opaque): cluster size, sync mode, workers, speed, error
@@ -515,6 +531,31 @@ typedef struct cowbackup_range {
    */
   uint64_t len;
 } cowbackup_range;
+
+/*
+ Called by `cowbackup_verify` once per mismatching byte range (adjacent bad clusters
+ merged), on the calling thread; return 0 to go on, non-zero to stop the check.
+ */
+typedef int (*cowbackup_mismatch_fn)(void *opaque, uint64_t offset, uint64_t len);
+
+/*
+ What `cowbackup_verify` checked. Pass `sizeof(cowbackup_verify_report)` as `out_size`:
+ a caller compiled against an older, shorter struct gets the fields it knows.
+ */
+typedef struct cowbackup_verify_report {
+  /*
+   Clusters of the copy set checked (data and zero).
+   */
+  uint64_t clusters_checked;
+  /*
+   Bytes of those clusters.
+   */
+  uint64_t bytes_checked;
+  /*
+   Clusters that did not match the manifest.
+   */
+  uint64_t mismatched_clusters;
+} cowbackup_verify_report;
 
 /*
  One trace event (`cowbackup_options_set_trace`). Fields a kind does not use are 0.
@@ -1226,16 +1267,117 @@ int cowbackup_job_complete(struct cowbackup_job *job);
  back with `cowbackup_nbd_server_address`). The server exports nothing until
  `cowbackup_nbd_server_add`. Protocol: fixed newstyle NBD with structured replies,
  metadata contexts `base:allocation` and `qemu:dirty-bitmap:NAME`; at most 16 clients at a
- time, 32 MiB requests; a misbehaving client gets an NBD error or is disconnected.
+ time, 32 MiB requests, 5 minutes idle timeout; a misbehaving client gets an NBD error or
+ is disconnected. No TLS: a TCP address that is not loopback is refused (-EPERM); use
+ `cowbackup_nbd_server_start_with` for TLS, client authorization, limits, or to serve
+ plaintext beyond loopback on purpose. The Unix socket file is created mode 0600 (the
+ caller may chmod it afterwards to let others in).
 
  On success `*out` is the server (stop and free it with `cowbackup_nbd_server_stop`).
- Errors: -EINVAL (NULL argument, malformed address); -EADDRINUSE (a server listens there);
- -EEXIST; other socket errors as -errno.
+ Errors: -EINVAL (NULL argument, malformed address); -EPERM (non-loopback TCP address);
+ -EADDRINUSE (a server listens there); -EEXIST; other socket errors as -errno.
 
  # Safety
  `address` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
  */
 int cowbackup_nbd_server_start(const char *address, struct cowbackup_nbd_server **out);
+
+/*
+ New server options with the defaults. Free with `cowbackup_nbd_server_options_free`.
+ Returns NULL only on an internal error. Thread-safe.
+ */
+struct cowbackup_nbd_server_options *cowbackup_nbd_server_options_new(void);
+
+/*
+ Free server options. NULL: nothing. Servers started with them are not affected.
+
+ # Safety
+ `o` is NULL or a live options object, not used afterwards.
+ */
+void cowbackup_nbd_server_options_free(struct cowbackup_nbd_server_options *o);
+
+/*
+ Serve NBD over TLS (`NBD_OPT_STARTTLS`, TLS 1.3 or 1.2) with the server certificate
+ chain `cert_pem` (PEM file, leaf first) and its private key `key_pem` (PEM: PKCS#8,
+ PKCS#1 or SEC1). `ca_pem`: NULL (clients need no certificate) or a PEM file of the CA
+ that signs client certificates: then every client must present a certificate that
+ chains to it, and, when identities were allowed with `cowbackup_nbd_server_options_allow`,
+ is one of them. With TLS, a client that sends any option but STARTTLS (or ABORT) first
+ gets `NBD_REP_ERR_TLS_REQD` and learns nothing (no export names, sizes or flags); after
+ STARTTLS everything is encrypted, with no way back. The files are read now. Setting TLS
+ again replaces the credentials (the allow-list stays).
+
+ Errors: -EINVAL (NULL `o`, `cert_pem` or `key_pem`; a file that is not PEM or holds no
+ certificate / key; a key that does not match the certificate; the message names the
+ file); the file's errno (-ENOENT, -EACCES); -ENOTSUP (built without the `tls` feature).
+
+ # Safety
+ `o` is NULL or a live options object; the paths are NULL or NUL-terminated.
+ */
+int cowbackup_nbd_server_options_set_tls(struct cowbackup_nbd_server_options *o,
+                                         const char *cert_pem,
+                                         const char *key_pem,
+                                         const char *ca_pem);
+
+/*
+ Allow one client identity (TLS with a CA must be set by the time the server starts;
+ `cowbackup_nbd_server_start_with` fails with -EINVAL otherwise): a
+ certificate subject DN, most specific attribute first as GnuTLS and QEMU's `tls-authz`
+ print it (`"CN=alice,O=Example"`; the reverse order `"O=Example,CN=alice"` that
+ `openssl x509 -subject` prints matches too; attribute names case-insensitive, values
+ exact, `\` escapes `,` `+` `=`), or the SHA-256 fingerprint of the certificate's DER
+ (`"sha256:HEX"`, 64 hex digits, `:` separators allowed). Call once per identity; a
+ client whose verified certificate matches none is refused after the TLS handshake. No
+ call: every certificate the CA signed is accepted.
+
+ Errors: -EINVAL (NULL argument, malformed identity); -ENOTSUP (built without TLS).
+
+ # Safety
+ `o` is NULL or a live options object; `identity` is NULL or NUL-terminated.
+ */
+int cowbackup_nbd_server_options_allow(struct cowbackup_nbd_server_options *o,
+                                       const char *identity);
+
+/*
+ Allow (`true`) a TCP address that is not loopback without TLS. Default `false`: such a
+ server refuses to start (-EPERM), since anyone who reaches the port could read every
+ export and write the writable ones. Errors: -EINVAL (NULL `o`).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_nbd_server_options_set_insecure(struct cowbackup_nbd_server_options *o,
+                                              bool insecure);
+
+/*
+ Set the most connections served at once (default 16; more are disconnected at once) and
+ the idle timeout in milliseconds (default 300000): a connection past the handshake that
+ does not send a whole request (header and payload) within it is closed, so idle or
+ trickling clients cannot hold the connection slots. (The handshake has its own 30 s
+ limit.) Errors: -EINVAL (NULL `o`, either value 0, more than 65536 connections).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_nbd_server_options_set_limits(struct cowbackup_nbd_server_options *o,
+                                            uint32_t max_connections,
+                                            uint32_t idle_timeout_ms);
+
+/*
+ `cowbackup_nbd_server_start` with options `o` (copied; NULL: the defaults). With TLS set,
+ any TCP address is allowed; without, a non-loopback TCP address needs
+ `cowbackup_nbd_server_options_set_insecure(o, true)`.
+
+ Errors: as `cowbackup_nbd_server_start` (-EPERM: non-loopback TCP without TLS or
+ insecure); -EINVAL also for an allow-list without TLS with a CA.
+
+ # Safety
+ `address` is NULL or NUL-terminated; `o` is NULL or a live options object; `out` is NULL
+ or valid for writes.
+ */
+int cowbackup_nbd_server_start_with(const char *address,
+                                    const struct cowbackup_nbd_server_options *o,
+                                    struct cowbackup_nbd_server **out);
 
 /*
  The address the server listens on, as bound: `"unix:PATH"` or `"tcp:IP:PORT"` (with the
@@ -1317,14 +1459,19 @@ void cowbackup_nbd_server_stop(struct cowbackup_nbd_server *s);
  `uri` is an NBD URI: `"nbd://HOST[:PORT]/EXPORT"` (TCP, port 10809 by default) or
  `"nbd+unix:///EXPORT?socket=PATH"` (Unix socket); the export name is the path after the
  first `/`, percent-decoded, and may be empty (the server's default export). TLS URIs
- (`nbds://`) are not supported. `flags`: 0 (read-only) or `COWBACKUP_OPEN_WRITE` (writable
+ (`nbds://`, `nbds+unix://`) work here when they carry `tls-certificates=DIR` (a directory
+ with `ca-cert.pem`, and optionally `client-cert.pem` + `client-key.pem`, as libnbd and
+ QEMU lay them out); `cowbackup_nbd_open_tls` takes the files as arguments. `flags`: 0 (read-only) or `COWBACKUP_OPEN_WRITE` (writable
  when the export is). An export the server marks read-only opens read-only whatever the
  flags: its writes, zeroing and discards then fail with -EROFS.
 
  The driver negotiates structured replies and `base:allocation` (block status reports the
  export's holes and zeroes), splits requests to the server's maximum (at most 32 MiB), and
  opens up to 4 connections on demand when the server allows several (`CAN_MULTI_CONN`), so
- a job's workers write in parallel. Every send and receive times out after 30 s. A lost
+ a job's workers write in parallel. Connecting plus the whole handshake, and every request
+ with its whole reply, must finish within 30 s (-ETIMEDOUT otherwise, however the server
+ trickles its bytes): a job stuck on a dead or hostile NBD target notices a cancel within
+ 30 s. A lost
  connection fails its request (-ECONNRESET, -EPIPE, -ETIMEDOUT...) and the next request
  reconnects; a flush after a connection was lost with unflushed writes fails with -EIO.
  Server errors come back as their errno with the server's message.
@@ -1339,7 +1486,36 @@ void cowbackup_nbd_server_stop(struct cowbackup_nbd_server *s);
  # Safety
  `uri` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
  */
-int cowbackup_nbd_open(const char *uri, uint32_t flags, struct cowbackup_driver **out);
+int cowbackup_nbd_open(const char *uri,
+                       uint32_t flags,
+                       struct cowbackup_driver **out);
+
+/*
+ `cowbackup_nbd_open` over TLS: `uri` must be `nbds://HOST[:PORT]/EXPORT` or
+ `nbds+unix:///EXPORT?socket=PATH`. `ca_pem`: PEM file of the CA(s) that sign the server's
+ certificate (required). `cert_pem` + `key_pem`: the client certificate and its key, for
+ servers that require one (both NULL, or both set). The server's certificate must carry
+ the URI's host name or IP address (for `nbds+unix://`: `localhost`, as libnbd does); a
+ `tls-hostname=NAME` URI parameter names another. TLS 1.3 or 1.2; every connection of the
+ driver (several with multi-conn) uses TLS, and a server that refuses STARTTLS fails the
+ open (-ENOTSUP) instead of falling back to plaintext.
+
+ Errors: as `cowbackup_nbd_open`; -EINVAL also for a NULL `ca_pem`, a certificate without
+ its key, files that are not PEM or do not match, a plaintext `nbd://` URI; -EIO when the
+ TLS handshake fails (the server's certificate is not trusted or not for that name, or the
+ server refused our certificate; the message says which); -ENOTSUP (built without the
+ `tls` feature, or the server does not offer TLS). Thread-safe.
+
+ # Safety
+ `uri` and `ca_pem` are NULL or NUL-terminated; `cert_pem` and `key_pem` are NULL or
+ NUL-terminated; `out` is NULL or valid for writes.
+ */
+int cowbackup_nbd_open_tls(const char *uri,
+                           uint32_t flags,
+                           const char *ca_pem,
+                           const char *cert_pem,
+                           const char *key_pem,
+                           struct cowbackup_driver **out);
 
 /*
  New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers at
@@ -1568,6 +1744,100 @@ int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t e
  */
 int cowbackup_options_set_cow_buffer(struct cowbackup_options *o,
                                      uint64_t bytes);
+
+/*
+ Write a manifest of the backup to `path` when the job completes (and only then): the
+ copy set, a BLAKE3 digest of each copied cluster's point-in-time data (from the
+ buffers the job read), the disk id, the bitmap's uuid and generations, the parent's
+ root digest for an incremental, times and byte counts (layout: docs/manifest.md).
+ Written atomically (temporary file, fsync, rename that never replaces, fsync of the
+ directory), mode 0600. `cowbackup_backup_start` fails with -EEXIST when `path` exists,
+ and with -EINVAL under `COWBACKUP_SYNC_NONE`. A file target is named in the manifest
+ relative to the manifest's directory. NULL `path`: no manifest (the default).
+ Errors: -EINVAL (NULL `o`, empty path).
+
+ # Safety
+ `o` is NULL or a live options object; `path` is NULL or a NUL-terminated string.
+ */
+int cowbackup_options_set_manifest(struct cowbackup_options *o, const char *path);
+
+/*
+ Set the host's identity of the source disk (1 to 128 bytes of UTF-8; NULL: none, the
+ default). With a dirty bitmap, a bitmap without a disk id adopts it (durably for a
+ persistent bitmap), and `cowbackup_backup_start` fails with -EINVAL when the bitmap
+ belongs to another disk id. Recorded in the manifest; a chain links only backups of
+ one disk id. Errors: -EINVAL (NULL `o`, empty, too long or not UTF-8).
+
+ # Safety
+ `o` is NULL or a live options object; `disk_id` is NULL or a NUL-terminated string.
+ */
+int cowbackup_options_set_disk_id(struct cowbackup_options *o, const char *disk_id);
+
+/*
+ Re-read the backup in `target` and check every cluster of the copy set of the
+ manifest at `manifest_path`: data clusters against their digests, zero clusters for
+ zeroes. Needs no source. `on_mismatch` (may be NULL) is called for each bad range;
+ `*out` (may be NULL; `out_size` bytes of it) gets the counts, also when clusters
+ mismatch. Returns 0 when everything matches, -EBADMSG when a cluster does not (or
+ when the manifest is damaged: then `*out` is not written), -EINVAL (NULL
+ arguments, a target of another size, `out_size` larger than the struct), the
+ manifest's or the target's -errno otherwise. Thread-safe.
+
+ # Safety
+ `manifest_path` is a NUL-terminated string; `target` a live driver handle; `out` NULL
+ or valid for `out_size` bytes; `on_mismatch` safe to call with `opaque`.
+ */
+int cowbackup_verify(const char *manifest_path,
+                     struct cowbackup_driver *target,
+                     cowbackup_mismatch_fn on_mismatch,
+                     void *opaque,
+                     struct cowbackup_verify_report *out,
+                     size_t out_size);
+
+/*
+ Open the backup chain of the `n` manifests at `manifest_paths` (oldest first: the full
+ backup, then its incrementals) as a read-only driver of the newest point in time: each
+ cluster from the newest backup that holds it, zeroes where none does; block_status says
+ DATA or ZERO; writes fail with -EROFS. Each backup's target file is found from its
+ manifest (relative to the manifest's directory). `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
+ Restore = a backup job with this driver as the source; instant access = export it with
+ `cowbackup_nbd_server_add`. On success `*out` is a new handle (free with
+ `cowbackup_driver_free`).
+
+ Errors: -EINVAL naming the link for a broken chain (missing or reordered link, a
+ foreign disk, another size, an incremental first), NULL arguments, `n` = 0, unknown
+ flags; -EBADMSG for a damaged manifest; -ENOENT (or another -errno) for a missing
+ manifest or target. Thread-safe; the driver may be read from many threads.
+
+ # Safety
+ `manifest_paths` points to `n` NUL-terminated strings; `out` is valid for writes.
+ */
+int cowbackup_chain_open(const char *const *manifest_paths,
+                         size_t n,
+                         uint32_t flags,
+                         struct cowbackup_driver **out);
+
+/*
+ Merge the `n` backups of `manifest_paths` (a contiguous part of a chain, oldest first:
+ a full backup and incrementals after it, or consecutive incrementals) into one new
+ backup: the image `target_path` and its manifest `manifest_path`, neither of which may
+ exist (-EEXIST). Each cluster comes from the newest merged backup that holds it, read
+ with digest checks (a damaged cluster fails with -EBADMSG and nothing is published).
+ The new manifest records the last merged one's root as `replaces_root`, so a chain may
+ name the new backup in place of the merged ones. Crash-safe: image then manifest, each
+ written to a temporary file, fsynced and renamed without replacing; the old backups are
+ not changed and stay valid; a crash leaves no new manifest or a complete one.
+ Errors: as `cowbackup_chain_open` for the links, -EEXIST, -EINVAL (NULL arguments,
+ `n` = 0), I/O errors. Thread-safe.
+
+ # Safety
+ `manifest_paths` points to `n` NUL-terminated strings; `target_path` and
+ `manifest_path` are NUL-terminated strings.
+ */
+int cowbackup_chain_consolidate(const char *const *manifest_paths,
+                                size_t n,
+                                const char *target_path,
+                                const char *manifest_path);
 
 /*
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is
