@@ -928,12 +928,12 @@ async def manifest_mode():
         with open(man, "rb") as f:
             if f.read() != before:
                 fail("an existing manifest was changed")
-        # The library checks them (python/cowbackup.py): each backup against its manifest,
+        # The library checks them (python/cowbackup/): each backup against its manifest,
         # and the chain full + incremental reads as the disk now (no write since the inc).
         build = os.path.dirname(os.path.dirname(os.path.dirname(FILTER)))
         lib = os.path.join(build, "libcowbackup.so.0")
         pydir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python")
-        if os.path.exists(lib) and os.path.exists(os.path.join(pydir, "cowbackup.py")):
+        if os.path.exists(lib) and os.path.exists(os.path.join(pydir, "cowbackup", "__init__.py")):
             code = (
                 "import sys, cowbackup as c\n"
                 "full, man, inc, man2, disk = sys.argv[1:]\n"

@@ -19,13 +19,14 @@ needs nothing but the standard library::
         disk.write(offset, data)
         job.wait()      # backup.img is disk.img as it was at backup_start
 
-Finding the library: ``$COWBACKUP_LIB`` (a path; when set, only it is tried), then
-``libcowbackup.so`` next to this file, then ``../target/release/libcowbackup.so`` relative
-to this file (a cargo build, when the module is imported from the repository's source tree),
-then an installed one: ``ctypes.util.find_library("cowbackup")``, then ``libcowbackup.so.0``
-on the dynamic loader's path (``LD_LIBRARY_PATH``, the ldconfig cache, /usr/lib...).
-:class:`ImportError` names every place tried. ``pip install ./python`` installs this module
-alone (not the library).
+Finding the library: ``$COWBACKUP_LIB`` (a path; when set, only it is tried), then the
+library the package carries (``_libcowbackup*.so`` in this package: ``pip install ./python``
+builds it with cargo, and a built wheel holds it), then ``libcowbackup.so`` in this package,
+then ``../../target/release/libcowbackup.so`` relative to this file (a cargo build, when the
+package is imported from the repository's source tree), then an installed one:
+``ctypes.util.find_library("cowbackup")``, then ``libcowbackup.so.0`` on the dynamic
+loader's path (``LD_LIBRARY_PATH``, the ldconfig cache, /usr/lib...). :class:`ImportError`
+names every place tried.
 
 Threads: every call into the library releases the GIL (ctypes ``CDLL``), so the hook,
 ``wait`` and driver I/O of many Python threads run in parallel, and the library's own
@@ -69,6 +70,7 @@ import ctypes.util
 import dataclasses
 import enum
 import errno as _errno
+import glob
 import logging
 import math
 import operator
@@ -266,10 +268,14 @@ def _candidates() -> List[Tuple[str, str]]:
     env = os.environ.get("COWBACKUP_LIB")
     if env:
         return [("$COWBACKUP_LIB", env)]
+    # The library a wheel carries: built by `pip install` (setup.py, setuptools-rust) into
+    # the package as _libcowbackup<EXT_SUFFIX>; or one copied next to the package by hand.
+    bundled = sorted(glob.glob(os.path.join(_HERE, "_libcowbackup*.so")))
     out = [
+        ("carried by the package", bundled[0] if bundled else os.path.join(_HERE, "_libcowbackup.so")),
         ("next to the module", os.path.join(_HERE, "libcowbackup.so")),
         ("the repository's cargo build",
-         os.path.normpath(os.path.join(_HERE, "..", "target", "release", "libcowbackup.so"))),
+         os.path.normpath(os.path.join(_HERE, "..", "..", "target", "release", "libcowbackup.so"))),
     ]
     system = ctypes.util.find_library("cowbackup")
     out.append(("installed (ctypes.util.find_library('cowbackup'))", system or ""))
@@ -296,8 +302,9 @@ def _load() -> Tuple[ctypes.CDLL, str]:
             tried.append(f"  {where}: {path}: {e}")
     raise ImportError(
         "cowbackup: libcowbackup not found; looked in:\n" + "\n".join(tried)
-        + "\nBuild it (`cargo build --release --lib` in the repository, or meson: see README.md), "
-        "install it (`meson install`), or set COWBACKUP_LIB to its path."
+        + "\nInstall the package with its library (`pip install ./python` with a Rust toolchain, "
+        "or a built wheel), build it (`cargo build --release` in the repository, or meson: see "
+        "README.md), install it (`meson install`), or set COWBACKUP_LIB to its path."
     )
 
 
