@@ -35,6 +35,7 @@ pub mod drivers;
 mod error;
 #[cfg(feature = "capi")]
 pub mod ffi;
+mod fs;
 mod job;
 pub mod nbd;
 mod sync;
@@ -50,6 +51,7 @@ pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;
 pub use drivers::nbd::{NbdAddress, NbdDriver, NbdOptions, NbdUri};
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
+pub use fs::DEFAULT_FILE_MODE;
 pub use job::{
     backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,
     GroupMember, Job, JobInfo, JobState, SnapshotView, SyncMode, WorkerPriority, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
