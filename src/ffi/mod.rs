@@ -25,6 +25,7 @@ pub mod job;
 pub mod nbd;
 pub mod nbd_client;
 pub mod options;
+pub mod repo;
 pub mod trace;
 
 pub use bitmap::*;
@@ -34,6 +35,7 @@ pub use job::*;
 pub use nbd::*;
 pub use nbd_client::*;
 pub use options::*;
+pub use repo::*;
 pub use trace::*;
 
 /// Sync mode `FULL` (the default): copy every cluster of the source.
