@@ -74,6 +74,17 @@ pub struct BackupArgs {
     /// Largest copy request (e.g. 1M, 8M).
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub max_chunk: Option<u64>,
+    /// Write a manifest of the backup here when it completes (what the target holds, a
+    /// digest per copied cluster): for `verify`, `restore` and `consolidate`. Must not exist.
+    #[arg(long, value_name = "PATH")]
+    pub manifest: Option<PathBuf>,
+    /// The source disk's identity, recorded in the manifest (and adopted by the bitmap);
+    /// a chain links only backups of one disk id.
+    #[arg(long, value_name = "ID")]
+    pub disk_id: Option<String>,
+    /// The previous backup's manifest, linked as the parent of this incremental's manifest.
+    #[arg(long, value_name = "PATH", requires = "manifest")]
+    pub parent_manifest: Option<PathBuf>,
     /// Replace an existing target file.
     #[arg(long)]
     pub overwrite: bool,
@@ -157,6 +168,9 @@ pub fn run(a: BackupArgs) -> CliResult<()> {
         workers: a.workers,
         speed: a.speed,
         bitmap: bitmap.clone(),
+        manifest: a.manifest.clone(),
+        disk_id: a.disk_id.clone(),
+        parent_manifest: a.parent_manifest.clone(),
         bitmap_mode: match a.bitmap_mode {
             Mode::OnSuccess => BitmapMode::OnSuccess,
             Mode::Always => BitmapMode::Always,
@@ -230,6 +244,9 @@ pub fn run(a: BackupArgs) -> CliResult<()> {
         if let Some(bm) = &bitmap {
             v["bitmap"] = bitmap_json(bm);
             v["bitmap"]["path"] = json!(a.bitmap.as_ref().map(|p| p.display().to_string()));
+        }
+        if let Some(m) = &a.manifest {
+            v["manifest"] = json!(m.display().to_string());
         }
         if let Some(e) = &error {
             v["error"] = json!(e);

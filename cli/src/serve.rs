@@ -16,7 +16,13 @@ use crate::util::{failed, open_source, signal_name, usage, wait_signal, CliResul
 #[command(group(clap::ArgGroup::new("listen").required(true).args(["socket", "tcp"])))]
 pub struct ServeArgs {
     /// The image file, block device or NBD URI to export, read-only.
-    pub image: String,
+    #[arg(required_unless_present = "chain")]
+    pub image: Option<String>,
+    /// Export a chain of backups instead (instant access to the newest point in time):
+    /// their manifests, oldest (the full backup) first. Every cluster read is checked
+    /// against its digest.
+    #[arg(long, num_args = 1.., value_name = "MANIFEST", conflicts_with = "image")]
+    pub chain: Vec<PathBuf>,
     /// Listen on a Unix socket at PATH (created 0600 by the server).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -86,7 +92,12 @@ pub fn run(a: ServeArgs) -> CliResult<()> {
         }
         _ => return Err(usage("give exactly one of --socket and --tcp")),
     };
-    let driver = open_source(&a.image, false)?;
+    let driver: std::sync::Arc<dyn cowbackup::BlockDriver> = match &a.image {
+        Some(image) => open_source(image, false)?,
+        None => std::sync::Arc::new(
+            cowbackup::repo::Chain::open(&a.chain, true).map_err(|e| failed(format!("chain: {e}")))?,
+        ),
+    };
     let bitmap = match &a.bitmap {
         Some(p) => Some(DirtyBitmap::open(p).map_err(|e| failed(format!("bitmap {}: {e}", p.display())))?),
         None => None,

@@ -201,7 +201,16 @@ fn usage_errors_exit_2_and_change_nothing() {
     assert!(!dst.exists(), "a usage error created the target");
     assert!(!dir.path().join("b").exists());
     // --help of every subcommand works.
-    for sub in [&["backup"][..], &["bitmap", "dump"], &["serve"], &["ctl"]] {
+    for sub in [
+        &["backup"][..],
+        &["bitmap", "dump"],
+        &["serve"],
+        &["ctl"],
+        &["pull"],
+        &["verify"],
+        &["restore"],
+        &["consolidate"],
+    ] {
         let mut a = sub.to_vec();
         a.push("--help");
         let out = ok(&a);
@@ -576,4 +585,198 @@ fn ctl_speaks_qmp_to_qemu_storage_daemon() {
     fails(&["ctl", p(&dir.path().join("none.sock")), "query-jobs"], 1, "none.sock");
     ok(&["ctl", s, "quit"]);
     assert!(wait_child(&mut qsd.0, "qemu-storage-daemon").success());
+}
+
+/// Checks that `got` holds `want` exactly in the `dirty` ranges and zeroes elsewhere.
+fn assert_only(got: &[u8], want: &[u8], dirty: &[(u64, u64)]) {
+    assert_eq!(got.len(), want.len());
+    let mut at = 0usize;
+    for &(o, l) in dirty {
+        let (o, l) = (o as usize, l as usize);
+        assert!(got[at..o].iter().all(|&b| b == 0), "data outside the dirty extents in {at}..{o}");
+        assert!(got[o..o + l] == want[o..o + l], "dirty extent {o}+{l} differs");
+        at = o + l;
+    }
+    assert!(got[at..].iter().all(|&b| b == 0), "data after the last dirty extent");
+}
+
+#[test]
+fn pull_from_our_own_server() {
+    let dir = tempdir();
+    let img = dir.path().join("img");
+    let bm = dir.path().join("bm");
+    let sock = dir.path().join("nbd.sock");
+    let data = make_image(&img, 8 * MIB, 12);
+    ok(&["bitmap", "create", p(&bm), "--like", p(&img), "--granularity", "64K"]);
+    {
+        let b = DirtyBitmap::open(&bm).unwrap();
+        b.mark(0, 1).unwrap();
+        b.mark(3 * MIB + 5, 200_000).unwrap();
+        b.mark(8 * MIB - 1, 1).unwrap();
+    }
+    let dirty = [(0, 65536), (3 * MIB, 4 * 65536), (8 * MIB - 65536, 65536)];
+    let (mut child, uri) = serve(&[p(&img), "--socket", p(&sock), "--export", "d", "--bitmap", p(&bm)]);
+    let out = dir.path().join("inc.img");
+    let v = json(&ok(&["pull", &uri, p(&out), "--bitmap", "bitmap0", "--json"]));
+    assert_eq!(v["result"], "completed");
+    assert_eq!(v["dirty_bytes"], 6 * 65536);
+    assert_eq!(v["dirty_extents"], 3);
+    assert_eq!(v["bytes_skipped"], 8 * MIB - 6 * 65536);
+    assert_only(&std::fs::read(&out).unwrap(), &data, &dirty);
+    // No such bitmap: a clear error, no target.
+    let none = dir.path().join("none.img");
+    fails(&["pull", &uri, p(&none), "--bitmap", "nope"], 1, "qemu:dirty-bitmap:nope");
+    assert!(!none.exists());
+    // Not an NBD URI: a usage error.
+    fails(&["pull", p(&img), p(&none), "--bitmap", "bitmap0"], 2, "NBD URI");
+    kill(&child, libc::SIGTERM);
+    assert!(wait_child(&mut child, "serve").success());
+}
+
+#[test]
+fn pull_from_qemu_storage_daemon_fleecing_export() {
+    need!("qemu-img", "qemu-io", "qemu-storage-daemon");
+    let dir = tempdir();
+    let d = dir.path();
+    let disk = d.join("disk.qcow2");
+    let fleece = d.join("fleece.qcow2");
+    let sock = d.join("nbd.sock");
+    let run = |args: &[&str]| {
+        let st = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success(), "{args:?}");
+    };
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", p(&disk), "16M"]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 16M", p(&disk)]);
+    // A persistent bitmap, then writes that qemu-io records in it.
+    run(&["qemu-img", "bitmap", "--add", p(&disk), "b0"]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 64k", "-c", "write -P 0x33 5M 200k", p(&disk)]);
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", p(&fleece), "16M"]);
+    // Fleecing: copy-before-write into the scratch image, its snapshot-access node
+    // exported with the bitmap (QEMU's pull-mode backup).
+    let mut qsd = Qsd(Command::new("qemu-storage-daemon")
+        .args(["--blockdev", &format!("driver=file,node-name=disk-file,filename={}", p(&disk))])
+        .args(["--blockdev", "driver=qcow2,node-name=disk,file=disk-file"])
+        .args(["--blockdev", &format!("driver=file,node-name=tmp-file,filename={}", p(&fleece))])
+        .args(["--blockdev", "driver=qcow2,node-name=tmp,file=tmp-file"])
+        .args(["--blockdev", r#"{"driver":"copy-before-write","node-name":"cbw","file":"disk","target":"tmp"}"#])
+        .args(["--blockdev", "driver=snapshot-access,node-name=acc,file=cbw"])
+        .args(["--nbd-server", &format!("addr.type=unix,addr.path={}", p(&sock))])
+        .args([
+            "--export",
+            r#"{"type":"nbd","id":"e0","node-name":"acc","name":"fleece","bitmaps":[{"node":"disk","name":"b0"}]}"#,
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "qemu-storage-daemon did not start");
+        assert!(qsd.0.try_wait().unwrap().is_none(), "qemu-storage-daemon exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///fleece?socket={}", p(&sock));
+    let out = d.join("inc.img");
+    let v = json(&ok(&["pull", &uri, p(&out), "--bitmap", "b0", "--json", "--progress=always"]));
+    assert_eq!(v["result"], "completed");
+    // 64 KiB at 1 MiB; 200 KiB at 5 MiB = four 64 KiB granules.
+    assert_eq!(v["dirty_bytes"], 5 * 65536);
+    let mut want = vec![0x11u8; 16 << 20];
+    want[1 << 20..(1 << 20) + 65536].fill(0x22);
+    want[5 << 20..(5 << 20) + 200 * 1024].fill(0x33);
+    assert_only(&std::fs::read(&out).unwrap(), &want, &[(1 << 20, 65536), (5 << 20, 4 * 65536)]);
+    drop(qsd);
+}
+
+#[test]
+fn manifests_verify_restore_serve_chain_consolidate() {
+    let dir = tempdir();
+    let d = dir.path();
+    let (src, bm) = (d.join("disk.img"), d.join("disk.bitmap"));
+    let (full, fullm) = (d.join("full.img"), d.join("full.manifest"));
+    let (inc, incm) = (d.join("inc1.img"), d.join("inc1.manifest"));
+    let t0 = make_image(&src, 8 * MIB, 13);
+    let v = json(&ok(&[
+        "backup",
+        p(&src),
+        p(&full),
+        "--bitmap",
+        p(&bm),
+        "--manifest",
+        p(&fullm),
+        "--disk-id",
+        "vm1-disk0",
+        "--json",
+    ]));
+    assert_eq!(v["manifest"], p(&fullm));
+    let t1 = host_writes(&src, &bm, &[(MIB, 4096), (6 * MIB + 1, 300_000)], 0x5A);
+    ok(&[
+        "backup",
+        p(&src),
+        p(&inc),
+        "--bitmap",
+        p(&bm),
+        "--incremental",
+        "--manifest",
+        p(&incm),
+        "--disk-id",
+        "vm1-disk0",
+    ]);
+    // A manifest is never replaced.
+    fails(&["backup", p(&src), p(&d.join("again.img")), "--manifest", p(&fullm)], 1, "full.manifest");
+
+    // verify: the target named in the manifest, or one given.
+    let out = ok(&["verify", p(&fullm)]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    let v = json(&ok(&["verify", p(&incm), p(&inc), "--json"]));
+    assert_eq!(v["result"], "ok");
+    assert_eq!(v["mismatched_clusters"], 0);
+    assert!(v["clusters_checked"].as_u64().unwrap() >= 6);
+
+    // restore the chain: the point in time of the incremental.
+    let r = d.join("restored.img");
+    let v = json(&ok(&["restore", p(&fullm), p(&incm), p(&r), "--json"]));
+    assert_eq!(v["result"], "completed");
+    assert_eq!(std::fs::read(&r).unwrap(), t1);
+    // The full backup alone: the first point in time.
+    let r0 = d.join("restored0.img");
+    ok(&["restore", p(&fullm), p(&r0)]);
+    assert_eq!(std::fs::read(&r0).unwrap(), t0);
+    // A broken chain (the incremental alone) is refused, nothing created.
+    let bad = d.join("bad.img");
+    fails(&["restore", p(&incm), p(&bad)], 1, "chain");
+    assert!(!bad.exists());
+    fails(&["restore", p(&fullm), p(&r0)], 1, "--overwrite");
+
+    // serve --chain: instant access over NBD.
+    let sock = d.join("chain.sock");
+    let (mut child, uri) = serve(&["--chain", p(&fullm), p(&incm), "--socket", p(&sock)]);
+    let nbd = NbdDriver::connect(&uri).unwrap();
+    let mut got = vec![0u8; t1.len()];
+    nbd.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, t1);
+    drop(nbd);
+    kill(&child, libc::SIGTERM);
+    assert!(wait_child(&mut child, "serve").success());
+
+    // consolidate: one backup holding both; verified and restorable on its own.
+    let (cimg, cm) = (d.join("merged.img"), d.join("merged.manifest"));
+    ok(&["consolidate", p(&fullm), p(&incm), "--target", p(&cimg), "--manifest", p(&cm)]);
+    ok(&["verify", p(&cm)]);
+    let r2 = d.join("restored2.img");
+    ok(&["restore", p(&cm), p(&r2)]);
+    assert_eq!(std::fs::read(&r2).unwrap(), t1);
+
+    // Damage: one flipped byte in the incremental's image.
+    let mut b = std::fs::read(&inc).unwrap();
+    b[MIB as usize] ^= 0xff;
+    std::fs::write(&inc, &b).unwrap();
+    let out = cowbackup(&["verify", p(&incm), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v = json(&out);
+    assert_eq!(v["result"], "mismatch");
+    assert_eq!(v["mismatched_clusters"], 1);
+    assert_eq!(v["mismatches"][0]["offset"], MIB);
+    fails(&["verify", p(&incm)], 1, "do not match");
+    // restore reads with verification: the damage fails it.
+    fails(&["restore", p(&fullm), p(&incm), p(&d.join("r3.img"))], 1, "restore");
 }
