@@ -87,10 +87,13 @@ pub fn run_verify(a: VerifyArgs) -> CliResult<()> {
 /// Arguments of `restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The chain's manifests, oldest (the full backup) first, then the destination: a new
-    /// file, a block device, or a writable NBD URI.
-    #[arg(required = true, num_args = 2.., value_name = "MANIFEST... DST")]
-    pub paths: Vec<String>,
+    /// The chain's manifests, oldest (the full backup) first.
+    #[arg(required = true, num_args = 1.., value_name = "MANIFEST")]
+    pub manifests: Vec<PathBuf>,
+    /// The destination: a new file, a block device of the chain's size, or a writable NBD
+    /// URI. An existing file is not replaced unless --overwrite.
+    #[arg(required = true)]
+    pub dst: String,
     /// Replace an existing destination file.
     #[arg(long)]
     pub overwrite: bool,
@@ -118,7 +121,7 @@ pub struct RestoreArgs {
 
 /// Run `restore`.
 pub fn run_restore(a: RestoreArgs) -> CliResult<()> {
-    let (dst, manifests) = a.paths.split_last().expect("clap: at least two");
+    let (dst, manifests) = (&a.dst, &a.manifests);
     let chain = Chain::open(manifests, !a.no_verify).map_err(|e| failed(format!("chain: {e}")))?;
     let cluster_size = chain.cluster_size();
     let chain: Arc<dyn BlockDriver> = Arc::new(chain);
@@ -157,7 +160,7 @@ pub fn run_restore(a: RestoreArgs) -> CliResult<()> {
     if a.json {
         let mut v = json!({
             "result": match info.state { JobState::Completed => "completed", JobState::Cancelled => "cancelled", _ => "failed" },
-            "manifests": manifests,
+            "manifests": manifests.iter().map(|m| m.display().to_string()).collect::<Vec<_>>(),
             "target": dst,
             "target_kind": kind.name(),
             "size": size,
