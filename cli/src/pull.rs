@@ -36,6 +36,13 @@ pub struct PullArgs {
     /// Copy threads (1 to 64).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Write a manifest of the pulled incremental here when it completes (for `verify`).
+    /// Must not exist.
+    #[arg(long, value_name = "PATH")]
+    pub manifest: Option<std::path::PathBuf>,
+    /// The disk's identity, recorded in the manifest.
+    #[arg(long, value_name = "ID", requires = "manifest")]
+    pub disk_id: Option<String>,
     /// Replace an existing target file.
     #[arg(long)]
     pub overwrite: bool,
@@ -118,6 +125,8 @@ pub fn run(a: PullArgs) -> CliResult<()> {
         sync: SyncMode::Bitmap,
         bitmap: Some(bitmap),
         workers: a.workers,
+        manifest: a.manifest.clone(),
+        disk_id: a.disk_id.clone(),
         ..BackupOptions::default()
     };
     job_opts.validate().map_err(|e| usage(e.to_string()))?;
@@ -167,6 +176,9 @@ pub fn run(a: PullArgs) -> CliResult<()> {
             "bytes_skipped": info.bytes_skipped,
             "seconds": secs,
         });
+        if let Some(m) = &a.manifest {
+            v["manifest"] = json!(m.display().to_string());
+        }
         if let Some(e) = &error {
             v["error"] = json!(e);
         }

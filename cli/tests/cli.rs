@@ -617,8 +617,14 @@ fn pull_from_our_own_server() {
     let dirty = [(0, 65536), (3 * MIB, 4 * 65536), (8 * MIB - 65536, 65536)];
     let (mut child, uri) = serve(&[p(&img), "--socket", p(&sock), "--export", "d", "--bitmap", p(&bm)]);
     let out = dir.path().join("inc.img");
-    let v = json(&ok(&["pull", &uri, p(&out), "--bitmap", "bitmap0", "--json"]));
+    let m = dir.path().join("inc.manifest");
+    let v = json(&ok(&["pull", &uri, p(&out), "--bitmap", "bitmap0", "--json", "--manifest", p(&m)]));
     assert_eq!(v["result"], "completed");
+    assert_eq!(v["manifest"], p(&m));
+    // The manifest holds the pulled extents: verify checks them.
+    let r = json(&ok(&["verify", p(&m), "--json"]));
+    assert_eq!(r["result"], "ok");
+    assert_eq!(r["bytes_checked"], 6 * 65536);
     assert_eq!(v["dirty_bytes"], 6 * 65536);
     assert_eq!(v["dirty_extents"], 3);
     assert_eq!(v["bytes_skipped"], 8 * MIB - 6 * 65536);
