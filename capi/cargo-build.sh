@@ -3,5 +3,5 @@
 # output path. Usage: cargo-build.sh CARGO MANIFEST TARGET_DIR OUTPUT
 set -eu
 cargo=$1 manifest=$2 target_dir=$3 output=$4
-"$cargo" build --release --lib --manifest-path "$manifest" --target-dir "$target_dir"
+"$cargo" build --release --manifest-path "$manifest" --target-dir "$target_dir"
 cp "$target_dir/release/libcowbackup.a" "$output"

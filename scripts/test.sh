@@ -14,10 +14,14 @@ stage "system tools (scripts/deps.sh)"
 scripts/deps.sh
 stage "rustfmt"
 cargo fmt --all --check
-stage "clippy (the library and the cowbackup command)"
+stage "clippy (the library, the C library and the cowbackup command)"
 cargo clippy --workspace --all-targets -- -D warnings
+# The library as Rust users build it: no C ABI, no optional feature.
+cargo clippy -p cowbackup --lib -- -D warnings
 stage "Rust tests"
 cargo test --release
+stage "a Rust user's fresh project: rlib only (scripts/test-rust-user.sh)"
+scripts/test-rust-user.sh
 stage "the cowbackup command (cli/: its tests drive the real binary)"
 cargo test --release -p cowbackup-cli
 stage "loom model of the claim protocol (scripts/loom.sh --quick)"
