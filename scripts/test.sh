@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc; the model test with its
+# Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc, the `cowbackup` command; the model test with its
 # 15 s budget), a short soak, loom, and where the nightly toolchain is present Miri,
 # ThreadSanitizer and the fuzz targets (CI budget), C (meson: plain, ASan+UBSan, valgrind;
 # exports; header drift; the nbdkit filter) and Python (ctypes binding, pytest).
@@ -13,15 +13,17 @@ stage() { echo; echo "=== $* ($(($(date +%s) - start)) s) ==="; }
 stage "system tools (scripts/deps.sh)"
 scripts/deps.sh
 stage "rustfmt"
-cargo fmt --check
-stage "clippy"
-cargo clippy --all-targets -- -D warnings
+cargo fmt --all --check
+stage "clippy (the library, the C library and the cowbackup command)"
+cargo clippy --workspace --all-targets -- -D warnings
 # The library as Rust users build it: no C ABI, no optional feature.
 cargo clippy -p cowbackup --lib -- -D warnings
 stage "Rust tests"
 cargo test --release
 stage "a Rust user's fresh project: rlib only (scripts/test-rust-user.sh)"
 scripts/test-rust-user.sh
+stage "the cowbackup command (cli/: its tests drive the real binary)"
+cargo test --release -p cowbackup-cli
 stage "loom model of the claim protocol (scripts/loom.sh --quick)"
 scripts/loom.sh --quick
 stage "Miri (scripts/miri.sh --quick; skipped without the nightly toolchain)"

@@ -547,3 +547,50 @@ fn client_and_our_own_server() {
     drop(job);
     server.stop();
 }
+
+#[test]
+fn context_extents_of_an_exported_dirty_bitmap() {
+    use cowbackup::nbd::Server;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let server = Server::start(&format!("unix:{}", sock.display())).unwrap();
+    let size = 8 * MIB + 4096; // the last granule is short
+    server.add("d", Arc::new(cowbackup::MemDriver::new(size).unwrap()), false).unwrap();
+    let bm = cowbackup::DirtyBitmap::new(size, 65536).unwrap();
+    bm.mark(65536, 1).unwrap();
+    bm.mark(2 * 65536, 65536).unwrap();
+    bm.mark(5 * MIB + 7, 70_000).unwrap();
+    bm.mark(size - 1, 1).unwrap();
+    server.add_bitmap("d", "b0", bm).unwrap();
+    let nbd = NbdDriver::connect(&format!("nbd+unix:///d?socket={}", sock.display())).unwrap();
+
+    // Adjacent dirty granules merge; the extents cover the range exactly, clipped to it.
+    let all = nbd.context_extents("qemu:dirty-bitmap:b0", 0, size).unwrap();
+    assert_eq!(
+        all,
+        vec![
+            (0, 65536, 0),
+            (65536, 2 * 65536, 1),
+            (3 * 65536, 5 * MIB - 3 * 65536, 0),
+            (5 * MIB, 2 * 65536, 1),
+            (5 * MIB + 2 * 65536, 3 * MIB - 2 * 65536, 0),
+            (8 * MIB, 4096, 1),
+        ]
+    );
+    let part = nbd.context_extents("qemu:dirty-bitmap:b0", 100_000, 10).unwrap();
+    assert_eq!(part, vec![(100_000, 10, 1)]);
+    // base:allocation through the same call: a MemDriver of zeroes reads as holes.
+    let base = nbd.context_extents("base:allocation", 0, MIB).unwrap();
+    assert_eq!(base.iter().map(|e| e.1).sum::<u64>(), MIB);
+    // A context the server does not offer; bad input; the driver's own I/O goes on.
+    let e = nbd.context_extents("qemu:dirty-bitmap:nope", 0, size).unwrap_err();
+    assert_eq!(errno_of(&e), libc::ENOTSUP, "{e}");
+    assert!(e.to_string().contains("qemu:dirty-bitmap:nope"), "{e}");
+    assert_eq!(errno_of(&nbd.context_extents("", 0, 1).unwrap_err()), libc::EINVAL);
+    assert_eq!(errno_of(&nbd.context_extents("base:allocation", size, 1).unwrap_err()), libc::EINVAL);
+    let mut b = [1u8; 4096];
+    nbd.read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [0u8; 4096]);
+    drop(nbd);
+    server.stop();
+}

@@ -608,6 +608,9 @@ enum Sink<'a> {
     Read(&'a mut [u8]),
     /// The `base:allocation` extents of a block status request.
     Status(&'a mut Vec<Extent>),
+    /// The extents of the connection's extra metadata context (see
+    /// [`NbdDriver::context_extents`]).
+    Context(&'a mut Vec<Extent>),
 }
 
 /// One connection in transmission phase. Protected by the pool: only the thread that took
@@ -620,6 +623,9 @@ struct Conn {
     structured: bool,
     /// The id the server gave `base:allocation` on this connection.
     base_allocation: Option<u32>,
+    /// An extra metadata context asked for (`qemu:dirty-bitmap:NAME`, ...), and the id
+    /// the server gave it.
+    extra_context: Option<(String, Option<u32>)>,
     next_cookie: u64,
     /// Sequence number of the last write acknowledged on this connection (0: none).
     last_write: u64,
@@ -629,6 +635,17 @@ impl Conn {
     /// Connect and negotiate: greeting, structured replies, `base:allocation`, `GO` (or
     /// `EXPORT_NAME` for servers without `GO`).
     fn open(addr: &NbdAddress, export: &str, timeout: Duration, tls: &TlsConfig) -> io::Result<(Conn, ExportInfo)> {
+        Conn::open_with_context(addr, export, timeout, tls, None)
+    }
+
+    /// [`Conn::open`], also asking for the metadata context `extra` (besides `base:allocation`).
+    fn open_with_context(
+        addr: &NbdAddress,
+        export: &str,
+        timeout: Duration,
+        tls: &TlsConfig,
+        extra: Option<&str>,
+    ) -> io::Result<(Conn, ExportInfo)> {
         // One deadline for connecting and the whole handshake.
         let deadline = std::time::Instant::now() + timeout;
         let stream = Stream::connect(addr, timeout)?;
@@ -638,6 +655,7 @@ impl Conn {
             handle,
             structured: false,
             base_allocation: None,
+            extra_context: extra.map(|name| (name.to_owned(), None)),
             next_cookie: 1,
             last_write: 0,
         };
@@ -728,7 +746,14 @@ impl Conn {
         if self.structured {
             self.send_option(&ClientOption::SetMetaContext(MetaContextRequest {
                 export: export.to_owned(),
-                queries: vec![CONTEXT_BASE_ALLOCATION.into()],
+                queries: std::iter::once(CONTEXT_BASE_ALLOCATION.to_owned())
+                    .chain(
+                        self.extra_context
+                            .as_ref()
+                            .map(|(name, _)| name.clone())
+                            .filter(|name| name != CONTEXT_BASE_ALLOCATION),
+                    )
+                    .collect(),
             }))?;
             for n in 0.. {
                 if n == MAX_OPTION_REPLIES {
@@ -737,8 +762,18 @@ impl Conn {
                 let r = read_option_reply(&mut self.io, &limits)?;
                 expect_option(r.option, OPT_SET_META_CONTEXT)?;
                 match r.parse()? {
-                    OptionReplyBody::MetaContext { id, name } if name == CONTEXT_BASE_ALLOCATION => {
-                        self.base_allocation = Some(id);
+                    OptionReplyBody::MetaContext { id, name }
+                        if name == CONTEXT_BASE_ALLOCATION
+                            || self.extra_context.as_ref().is_some_and(|(want, _)| *want == name) =>
+                    {
+                        if name == CONTEXT_BASE_ALLOCATION {
+                            self.base_allocation = Some(id);
+                        }
+                        if let Some((want, got)) = &mut self.extra_context {
+                            if *want == name {
+                                *got = Some(id);
+                            }
+                        }
                     }
                     OptionReplyBody::MetaContext { name, .. } => {
                         return Err(ProtoError::Malformed(format!("server set a context not asked for: {name}")));
@@ -876,7 +911,8 @@ impl Conn {
 
     fn structured_reply(&mut self, req: &Request, sink: &mut Sink<'_>) -> Result<(), ReqError> {
         let limits = Limits::default();
-        let contexts: Vec<u32> = self.base_allocation.into_iter().collect();
+        let extra = self.extra_context.as_ref().and_then(|(_, id)| *id);
+        let contexts: Vec<u32> = self.base_allocation.into_iter().chain(extra).collect();
         let mut covered: Vec<(u64, u64)> = Vec::new();
         let mut error: Option<io::Error> = None;
         let mut got_status = false;
@@ -920,8 +956,13 @@ impl Conn {
                         covered.push((offset, u64::from(len)));
                     }
                 }
-                Chunk::BlockStatus { extents, .. } => {
-                    if let Sink::Status(out) = sink {
+                Chunk::BlockStatus { context_id, extents } => {
+                    let mine = match sink {
+                        Sink::Status(out) if Some(context_id) == self.base_allocation => Some(out),
+                        Sink::Context(out) if Some(context_id) == extra => Some(out),
+                        _ => None,
+                    };
+                    if let Some(out) = mine {
                         if got_status {
                             return Err(fatal(ProtoError::Malformed("two block status chunks for one context".into())));
                         }
@@ -959,6 +1000,11 @@ impl Conn {
             }
             Sink::Status(_) if !got_status => {
                 return Err(fatal(ProtoError::Malformed("block status reply without base:allocation".into())));
+            }
+            Sink::Context(_) if !got_status => {
+                return Err(fatal(ProtoError::Malformed(
+                    "block status reply without the metadata context asked".into(),
+                )));
             }
             _ => {}
         }
@@ -1235,6 +1281,73 @@ impl NbdDriver {
     /// [`BlockDriver::block_status`] reports holes and zeroes).
     pub fn has_block_status(&self) -> bool {
         self.info.base_allocation
+    }
+
+    /// The extents of `[offset, offset + len)` in the metadata context `context` (for
+    /// example `qemu:dirty-bitmap:NAME`, a dirty bitmap that QEMU's or cowbackup's NBD
+    /// server exports): `(offset, len, flags)` in order, covering the range, adjacent
+    /// extents of equal flags merged. The flags' meaning is the context's (for a dirty
+    /// bitmap, 1 = dirty).
+    ///
+    /// Opens a connection of its own that negotiates `context` (the driver's pooled
+    /// connections negotiate `base:allocation` only) and closes it before returning.
+    /// Thread-safe.
+    ///
+    /// # Errors
+    /// `EINVAL` for a range past the end or an empty context name; `ENOTSUP` when the
+    /// server has no structured replies or does not offer `context` on this export; the
+    /// connection's and the server's errors otherwise, naming the URI.
+    pub fn context_extents(&self, context: &str, offset: u64, len: u64) -> io::Result<Vec<(u64, u64, u32)>> {
+        self.check_range("context_extents", offset, len)?;
+        if context.is_empty() || context.len() > MAX_STRING as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("NBD {}: metadata context name must be 1 to {MAX_STRING} bytes", self.uri),
+            ));
+        }
+        let (mut conn, _) =
+            Conn::open_with_context(&self.address, &self.export, self.timeout, &self.tls, Some(context))
+                .map_err(|e| with_uri(&self.uri, "connect", e))?;
+        if conn.extra_context.as_ref().and_then(|(_, id)| *id).is_none() {
+            conn.disconnect();
+            return Err(err(
+                libc::ENOTSUP,
+                format!("NBD {}: the server does not offer the metadata context {context} on this export", self.uri),
+            ));
+        }
+        let mut out: Vec<(u64, u64, u32)> = Vec::new();
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(MAX_NO_PAYLOAD) as u32;
+            let req =
+                Request { flags: CommandFlags::empty(), command: CMD_BLOCK_STATUS, cookie: 0, offset: at, len: n };
+            let mut extents = Vec::new();
+            if let Err(e) = conn.request(req, &[], Sink::Context(&mut extents), self.timeout) {
+                if !e.fatal {
+                    conn.disconnect();
+                }
+                return Err(with_context(&self.uri, "context_extents", at, u64::from(n), e.err));
+            }
+            let before = at;
+            for e in extents {
+                let l = u64::from(e.len).min(end - at);
+                if l == 0 {
+                    break;
+                }
+                match out.last_mut() {
+                    Some((o, ol, f)) if *f == e.flags && *o + *ol == at => *ol += l,
+                    _ => out.push((at, l, e.flags)),
+                }
+                at += l;
+            }
+            if at == before {
+                conn.disconnect();
+                return Err(err(libc::EIO, format!("NBD {}: block status at {at} made no progress", self.uri)));
+            }
+        }
+        conn.disconnect();
+        Ok(out)
     }
 
     /// Most connections this driver opens: [`NbdOptions::connections`] when the server

@@ -1,0 +1,213 @@
+//! `cowbackup verify`, `restore` and `consolidate`: backups with manifests, and chains of
+//! them (the library's `repo` module).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use cowbackup::repo::{consolidate, verify_with, Chain, Manifest};
+use cowbackup::{backup_start, BackupOptions, BlockDriver, FileDriver, JobState, NbdDriver, NbdOptions, OpenFlags};
+use serde_json::json;
+
+use crate::progress::{Progress, When};
+use crate::util::{failed, is_nbd_uri, open_target, print_json, signal_name, wait_signal, CliResult};
+
+/// Arguments of `verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The backup's manifest.
+    pub manifest: PathBuf,
+    /// The backup's image (file, block device or NBD URI); default: the target the
+    /// manifest names (relative to the manifest's directory).
+    pub target: Option<String>,
+    /// Print the report as JSON (also when clusters do not match).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn open_readonly(what: &str, s: &str) -> CliResult<Arc<dyn BlockDriver>> {
+    if is_nbd_uri(s) {
+        let opts = NbdOptions { write: false, ..NbdOptions::default() };
+        return Ok(Arc::new(NbdDriver::connect_with(s, &opts).map_err(|e| failed(format!("{what} {s}: {e}")))?));
+    }
+    Ok(Arc::new(FileDriver::open(s, OpenFlags::empty()).map_err(|e| failed(format!("{what}: {e}")))?))
+}
+
+/// Run `verify`.
+pub fn run_verify(a: VerifyArgs) -> CliResult<()> {
+    let target = match &a.target {
+        Some(t) => t.clone(),
+        None => {
+            let m =
+                Manifest::load(&a.manifest).map_err(|e| failed(format!("manifest {}: {e}", a.manifest.display())))?;
+            m.target_path(&a.manifest)
+                .ok_or_else(|| {
+                    failed(format!("manifest {} names no target file: give the target", a.manifest.display()))
+                })?
+                .display()
+                .to_string()
+        }
+    };
+    let driver = open_readonly("target", &target)?;
+    let started = Instant::now();
+    let report = verify_with(&a.manifest, &*driver, &mut |_, _| true)
+        .map_err(|e| failed(format!("verify of {} against {target}: {e}", a.manifest.display())))?;
+    let secs = started.elapsed().as_secs_f64();
+    let good = report.mismatched_clusters == 0;
+    if a.json {
+        let mm: Vec<_> = report.mismatches.iter().map(|&(o, l)| json!({"offset": o, "length": l})).collect();
+        print_json(&json!({
+            "result": if good { "ok" } else { "mismatch" },
+            "manifest": a.manifest.display().to_string(),
+            "target": target,
+            "clusters_checked": report.clusters_checked,
+            "bytes_checked": report.bytes_checked,
+            "mismatched_clusters": report.mismatched_clusters,
+            "mismatches": mm,
+            "seconds": secs,
+        }))?;
+    } else if good {
+        println!("{target}: ok ({} clusters, {} bytes checked)", report.clusters_checked, report.bytes_checked);
+    }
+    if good {
+        return Ok(());
+    }
+    let first: Vec<String> = report.mismatches.iter().take(8).map(|(o, l)| format!("{o}+{l}")).collect();
+    Err(failed(format!(
+        "verify of {target}: {} of {} clusters do not match manifest {}, at bytes {}{}",
+        report.mismatched_clusters,
+        report.clusters_checked,
+        a.manifest.display(),
+        first.join(", "),
+        if report.mismatches.len() > 8 { ", ..." } else { "" }
+    )))
+}
+
+/// Arguments of `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The chain's manifests, oldest (the full backup) first.
+    #[arg(required = true, num_args = 1.., value_name = "MANIFEST")]
+    pub manifests: Vec<PathBuf>,
+    /// The destination: a new file, a block device of the chain's size, or a writable NBD
+    /// URI. An existing file is not replaced unless --overwrite.
+    #[arg(required = true)]
+    pub dst: String,
+    /// Replace an existing destination file.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Do not check each cluster against its manifest digest while reading.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Background copy threads (1 to 64).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Show progress on stderr (see `backup --help`).
+    #[arg(
+        short = 'p',
+        long,
+        value_enum,
+        value_name = "WHEN",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "auto"
+    )]
+    pub progress: Option<When>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `restore`.
+pub fn run_restore(a: RestoreArgs) -> CliResult<()> {
+    let (dst, manifests) = (&a.dst, &a.manifests);
+    let chain = Chain::open(manifests, !a.no_verify).map_err(|e| failed(format!("chain: {e}")))?;
+    let cluster_size = chain.cluster_size();
+    let chain: Arc<dyn BlockDriver> = Arc::new(chain);
+    let size = chain.size();
+    let (target, kind) = open_target(dst, size, a.overwrite, false)?;
+    let opts = BackupOptions { cluster_size, workers: a.workers, ..BackupOptions::default() };
+    let started = Instant::now();
+    let job = Arc::new(backup_start(chain, target, opts).map_err(|e| failed(format!("restore: {e}")))?);
+    let signalled = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    {
+        let (job, signalled) = (job.clone(), signalled.clone());
+        std::thread::Builder::new()
+            .name("cowbackup-signals".into())
+            .spawn(move || {
+                signalled.store(wait_signal(), std::sync::atomic::Ordering::SeqCst);
+                job.cancel();
+            })
+            .map_err(|e| failed(format!("starting the signal thread: {e}")))?;
+    }
+    let mut progress = Progress::new(a.progress, job.len());
+    let result = loop {
+        match job.wait_timeout(Duration::from_millis(100)) {
+            Some(r) => break r,
+            None => progress.update(job.info().offset),
+        }
+    };
+    let info = job.info();
+    progress.finish(info.offset);
+    let secs = started.elapsed().as_secs_f64();
+    let sig = signalled.load(std::sync::atomic::Ordering::SeqCst);
+    let error = match &result {
+        Ok(()) => None,
+        Err(_) if sig != 0 && info.state == JobState::Cancelled => Some(format!("cancelled by {}", signal_name(sig))),
+        Err(e) => Some(e.to_string()),
+    };
+    if a.json {
+        let mut v = json!({
+            "result": match info.state { JobState::Completed => "completed", JobState::Cancelled => "cancelled", _ => "failed" },
+            "manifests": manifests.iter().map(|m| m.display().to_string()).collect::<Vec<_>>(),
+            "target": dst,
+            "target_kind": kind.name(),
+            "size": size,
+            "bytes_copied": info.bytes_copied,
+            "bytes_zero": info.bytes_zero,
+            "seconds": secs,
+        });
+        if let Some(e) = &error {
+            v["error"] = json!(e);
+        }
+        print_json(&v)?;
+    }
+    match error {
+        None => Ok(()),
+        Some(e) => Err(failed(format!("restore to {dst} failed (the destination is incomplete): {e}"))),
+    }
+}
+
+/// Arguments of `consolidate`.
+#[derive(Debug, Args)]
+pub struct ConsolidateArgs {
+    /// Manifests of consecutive backups of one chain, oldest first.
+    #[arg(required = true)]
+    pub manifests: Vec<PathBuf>,
+    /// The new backup's image (must not exist).
+    #[arg(long, value_name = "IMAGE")]
+    pub target: PathBuf,
+    /// The new backup's manifest (must not exist).
+    #[arg(long, value_name = "PATH")]
+    pub manifest: PathBuf,
+    /// Print the new backup's summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `consolidate`.
+pub fn run_consolidate(a: ConsolidateArgs) -> CliResult<()> {
+    let m = consolidate(&a.manifests, &a.target, &a.manifest).map_err(|e| failed(format!("consolidate: {e}")))?;
+    if a.json {
+        print_json(&json!({
+            "manifest": a.manifest.display().to_string(),
+            "target": a.target.display().to_string(),
+            "size": m.size,
+            "cluster_size": m.cluster_size,
+            "bytes_copied": m.bytes_copied,
+            "bytes_zero": m.bytes_zero,
+        }))?;
+    }
+    Ok(())
+}
