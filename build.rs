@@ -15,6 +15,12 @@ fn main() {
     // Integration tests find the generated header through this variable.
     println!("cargo:rustc-env=COWBACKUP_GENERATED_HEADER={}", header.display());
 
+    // The RBD driver's librbd and librados (feature `rbd` only; Debian: librbd-dev).
+    if env::var_os("CARGO_FEATURE_RBD").is_some() {
+        println!("cargo:rustc-link-lib=dylib=rbd");
+        println!("cargo:rustc-link-lib=dylib=rados");
+    }
+
     if env::var_os("CARGO_FEATURE_CAPI").is_none() {
         return;
     }

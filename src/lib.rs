@@ -49,6 +49,8 @@ pub use drivers::fault::{FaultDriver, FaultOp, FaultRule, RuleId};
 pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;
 pub use drivers::nbd::{NbdAddress, NbdDriver, NbdOptions, NbdUri};
+#[cfg(feature = "rbd")]
+pub use drivers::rbd::{RbdDriver, RbdOptions, RbdSpec, RBD_DEFAULT_TIMEOUT};
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
 pub use job::{
     backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,
