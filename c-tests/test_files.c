@@ -3,14 +3,24 @@
  * job starts, not remembered from its creation (issue 16, defect 1: another handle had
  * written 0xEE over a fresh target and the backup "completed" with the 0xEE left in it);
  * cowbackup_file_open refuses FIFOs, sockets, directories and character devices at once,
- * without blocking (issue 16, defect 6); error messages name the path and say what to do. */
+ * without blocking (issue 16, defect 6); error messages name the path and say what to do.
+ * Issue 23, files no one else can hijack: backups and bitmap files are 0600 whatever the umask
+ * (or exactly the mode asked for with the _mode functions), a symlink at the path is never
+ * followed (-EEXIST; -ELOOP with COWBACKUP_CREATE_OVERWRITE), a file planted by another,
+ * unprivileged user (cbatk, created with useradd; skipped with the reason when not root) is
+ * never adopted and OVERWRITE replaces it by rename, and a failed create leaves no temporary
+ * file behind. */
 #include "common.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -268,6 +278,233 @@ static void messages_say_what_to_do(void)
     cowbackup_driver_free(t);
 }
 
+static mode_t mode_of(const char *path)
+{
+    struct stat st;
+    REQUIRE(lstat(path, &st) == 0);
+    return st.st_mode & 07777;
+}
+
+/* Number of entries of `d` that look like a temporary file of the library. */
+static int leftovers(const char *d)
+{
+    DIR *dp = opendir(d);
+    REQUIRE(dp != NULL);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(dp)) != NULL)
+        if (strstr(e->d_name, "cowbackup-tmp") != NULL) {
+            fprintf(stderr, "leftover temporary file: %s/%s\n", d, e->d_name);
+            n++;
+        }
+    closedir(dp);
+    return n;
+}
+
+static void modes_are_exact_whatever_the_umask(void)
+{
+    const mode_t masks[] = { 0, 022, 077 };
+    for (size_t i = 0; i < sizeof masks / sizeof masks[0]; i++) {
+        SAY("umask %03o: cowbackup_file_create and cowbackup_bitmap_create make 0600 files; the _mode "
+            "functions exactly the mode asked for", (unsigned)masks[i]);
+        mode_t old = umask(masks[i]);
+        char b[512], bm[512], w[512], wbm[512];
+        snprintf(b, sizeof b, "%s/backup-%03o.raw", dir, (unsigned)masks[i]);
+        snprintf(bm, sizeof bm, "%s/disk-%03o.bitmap", dir, (unsigned)masks[i]);
+        snprintf(w, sizeof w, "%s/wide-%03o.raw", dir, (unsigned)masks[i]);
+        snprintf(wbm, sizeof wbm, "%s/wide-%03o.bitmap", dir, (unsigned)masks[i]);
+        cowbackup_driver *d = NULL;
+        cowbackup_bitmap *m = NULL;
+        CHECK_RC(cowbackup_file_create(b, MiB, 0, &d), 0);
+        cowbackup_driver_free(d);
+        CHECK_RC(cowbackup_bitmap_create(bm, MiB, 65536, &m), 0);
+        cowbackup_bitmap_free(m);
+        CHECK(mode_of(b) == COWBACKUP_FILE_MODE_DEFAULT && mode_of(b) == 0600);
+        CHECK(mode_of(bm) == 0600);
+        d = NULL;
+        CHECK_RC(cowbackup_file_create_mode(w, MiB, COWBACKUP_OPEN_DIRECT, 0640, &d), 0);
+        cowbackup_driver_free(d);
+        CHECK(mode_of(w) == 0640);
+        m = NULL;
+        CHECK_RC(cowbackup_bitmap_create_mode(wbm, MiB, 65536, 0644, &m), 0);
+        cowbackup_bitmap_free(m);
+        CHECK(mode_of(wbm) == 0644);
+        SAY("umask %03o: COWBACKUP_CREATE_OVERWRITE of a 0666 file makes a 0600 file", (unsigned)masks[i]);
+        REQUIRE(chmod(w, 0666) == 0);
+        d = NULL;
+        CHECK_RC(cowbackup_file_create(w, MiB, COWBACKUP_CREATE_OVERWRITE, &d), 0);
+        cowbackup_driver_free(d);
+        CHECK(mode_of(w) == 0600);
+        umask(old);
+        unlink(b), unlink(bm), unlink(w), unlink(wbm);
+    }
+    SAY("a mode with bits outside 0777: -EINVAL, nothing created");
+    char bad[512];
+    path_in_dir(bad, sizeof bad, "setuid.raw");
+    cowbackup_driver *d = NULL;
+    cowbackup_bitmap *m = NULL;
+    CHECK_ERR(cowbackup_file_create_mode(bad, MiB, 0, 04755, &d), EINVAL, "cowbackup_file_create_mode");
+    CHECK_ERR(cowbackup_bitmap_create_mode(bad, MiB, 65536, 01777, &m), EINVAL, "cowbackup_bitmap_create_mode");
+    CHECK_ERR(cowbackup_file_create_mode(NULL, MiB, 0, 0600, &d), EINVAL, "cowbackup_file_create_mode");
+    CHECK_ERR(cowbackup_file_create_mode(bad, MiB, 0, 0600, NULL), EINVAL, "cowbackup_file_create_mode");
+    CHECK_ERR(cowbackup_bitmap_create_mode(NULL, MiB, 65536, 0600, &m), EINVAL, "cowbackup_bitmap_create_mode");
+    CHECK(d == NULL && m == NULL);
+    CHECK(access(bad, F_OK) != 0);
+    CHECK(leftovers(dir) == 0);
+}
+
+static void symlinks_are_never_followed(void)
+{
+    char victim[512], link[512], dangling[512], nowhere[512];
+    path_in_dir(victim, sizeof victim, "victim.db");
+    path_in_dir(link, sizeof link, "link.raw");
+    path_in_dir(dangling, sizeof dangling, "dangling.raw");
+    path_in_dir(nowhere, sizeof nowhere, "created-through-the-link");
+    write_file(victim, 0x42, 19);
+    REQUIRE(symlink(victim, link) == 0);
+    REQUIRE(symlink(nowhere, dangling) == 0);
+    cowbackup_driver *d = NULL;
+    cowbackup_bitmap *m = NULL;
+
+    SAY("a symlink at the path: -EEXIST; with COWBACKUP_CREATE_OVERWRITE -ELOOP; the file it points to is untouched");
+    CHECK_ERR(cowbackup_file_create(link, MiB, 0, &d), EEXIST, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create(link, MiB, COWBACKUP_CREATE_OVERWRITE, &d), ELOOP, "symbolic link");
+    CHECK(contains(cowbackup_last_error(), link));
+    CHECK_ERR(cowbackup_file_create_mode(link, MiB, COWBACKUP_CREATE_OVERWRITE | COWBACKUP_OPEN_DIRECT, 0644, &d),
+              ELOOP, "cowbackup_file_create_mode");
+    CHECK_ERR(cowbackup_bitmap_create(link, MiB, 65536, &m), EEXIST, "cowbackup_bitmap_create");
+    CHECK(file_is(victim, 0x42, 19));
+    CHECK(mode_of(victim) == 0600);
+    struct stat st;
+    CHECK(lstat(link, &st) == 0 && S_ISLNK(st.st_mode));
+
+    SAY("a dangling symlink: -EEXIST / -ELOOP, nothing is created where it points");
+    CHECK_ERR(cowbackup_file_create(dangling, MiB, 0, &d), EEXIST, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create(dangling, MiB, COWBACKUP_CREATE_OVERWRITE, &d), ELOOP, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_bitmap_create(dangling, MiB, 65536, &m), EEXIST, "cowbackup_bitmap_create");
+    CHECK(access(nowhere, F_OK) != 0);
+    CHECK(d == NULL && m == NULL);
+    CHECK(leftovers(dir) == 0);
+    unlink(link), unlink(dangling), unlink(victim);
+}
+
+static void failed_creates_leave_nothing_behind(void)
+{
+    char path[512];
+    path_in_dir(path, sizeof path, "too-big.raw");
+    cowbackup_driver *d = NULL;
+    SAY("sizing fails (UINT64_MAX bytes): an error, nothing at the path, no temporary file");
+    int rc = cowbackup_file_create(path, UINT64_MAX, 0, &d);
+    CHECK(rc == -EFBIG || rc == -EINVAL);
+    CHECK(access(path, F_OK) != 0);
+    SAY("the same with COWBACKUP_CREATE_OVERWRITE over a file: the old file stays as it was");
+    write_file(path, 0x33, 4 * KiB);
+    rc = cowbackup_file_create(path, UINT64_MAX, COWBACKUP_CREATE_OVERWRITE, &d);
+    CHECK(rc == -EFBIG || rc == -EINVAL);
+    CHECK(file_is(path, 0x33, 4 * KiB));
+    CHECK(d == NULL);
+    CHECK(leftovers(dir) == 0);
+    unlink(path);
+}
+
+/* The unprivileged attacker cbatk (created when missing): 0 and its ids, or -1 with the reason. */
+static int attacker(uid_t *uid, gid_t *gid, const char **why)
+{
+    if (geteuid() != 0) {
+        *why = "not root: cannot act as a second user";
+        return -1;
+    }
+    for (int i = 0; i < 20; i++) {
+        struct passwd *pw = getpwnam("cbatk");
+        if (pw != NULL) {
+            *uid = pw->pw_uid, *gid = pw->pw_gid;
+            return 0;
+        }
+        /* Several test programs may add it at once: useradd then fails on its lock; retry. */
+        if (system("useradd -M -s /bin/sh cbatk >/dev/null 2>&1") == -1)
+            break;
+        usleep(100 * 1000);
+    }
+    *why = "cannot create the user cbatk (useradd)";
+    return -1;
+}
+
+/* Run `script` with sh -c as uid:gid in a child; 1 when it exited 0. */
+static int as_user(uid_t uid, gid_t gid, const char *script)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        if (setgroups(0, NULL) != 0 || setgid(gid) != 0 || setuid(uid) != 0)
+            _exit(99);
+        execl("/bin/sh", "sh", "-c", script, (char *)NULL);
+        _exit(98);
+    }
+    int status;
+    REQUIRE(waitpid(pid, &status, 0) == pid);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+static void another_users_files_are_never_adopted(void)
+{
+    uid_t uid;
+    gid_t gid;
+    const char *why;
+    if (attacker(&uid, &gid, &why) != 0) {
+        SAY("SKIP the attacks by a second user: %s", why);
+        return;
+    }
+    /* A shared directory like /tmp (1777) and a root-owned victim elsewhere. */
+    char shared[] = "/tmp/cowbackup-files-shared-XXXXXX";
+    REQUIRE(mkdtemp(shared) != NULL);
+    REQUIRE(chmod(shared, 01777) == 0);
+    char victim[512], planted[512], link[512], bmp[512], script[4096];
+    path_in_dir(victim, sizeof victim, "root-owned.db");
+    write_file(victim, 0x52, 19);
+    snprintf(planted, sizeof planted, "%s/planted.raw", shared);
+    snprintf(link, sizeof link, "%s/link.raw", shared);
+    snprintf(bmp, sizeof bmp, "%s/planted.bitmap", shared);
+    snprintf(script, sizeof script, "umask 000 && printf mine > '%s' && printf mine > '%s' && ln -s '%s' '%s'",
+             planted, bmp, victim, link);
+    SAY("cbatk plants a 0666 file, a bitmap file and a symlink to a root-owned file in a 1777 directory");
+    REQUIRE(as_user(uid, gid, script));
+
+    cowbackup_driver *d = NULL;
+    cowbackup_bitmap *m = NULL;
+    SAY("without COWBACKUP_CREATE_OVERWRITE: -EEXIST, cbatk's files are not adopted");
+    CHECK_ERR(cowbackup_file_create(planted, MiB, 0, &d), EEXIST, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_file_create(link, MiB, 0, &d), EEXIST, "cowbackup_file_create");
+    CHECK_ERR(cowbackup_bitmap_create(bmp, MiB, 65536, &m), EEXIST, "cowbackup_bitmap_create");
+
+    SAY("COWBACKUP_CREATE_OVERWRITE through cbatk's symlink: -ELOOP, the root-owned file is untouched");
+    CHECK_ERR(cowbackup_file_create(link, MiB, COWBACKUP_CREATE_OVERWRITE, &d), ELOOP, "cowbackup_file_create");
+    CHECK(file_is(victim, 0x52, 19));
+
+    SAY("COWBACKUP_CREATE_OVERWRITE over cbatk's file (held open): a new root-owned 0600 file, cbatk's keeps "
+        "\"mine\" and cbatk cannot read or write the backup");
+    int held = open(planted, O_RDONLY);
+    REQUIRE(held >= 0);
+    CHECK_RC(cowbackup_file_create(planted, MiB, COWBACKUP_CREATE_OVERWRITE, &d), 0);
+    REQUIRE(d != NULL);
+    CHECK_RC(cowbackup_driver_write(d, 0, "DISK-CONTENT", 12), 0);
+    CHECK_RC(cowbackup_driver_flush(d), 0);
+    cowbackup_driver_free(d);
+    struct stat st;
+    CHECK(lstat(planted, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == 0 && (st.st_mode & 07777) == 0600);
+    char old[16] = { 0 };
+    CHECK(pread(held, old, sizeof old, 0) == 4 && memcmp(old, "mine", 4) == 0);
+    close(held);
+    snprintf(script, sizeof script, "cat '%s' >/dev/null 2>&1", planted);
+    CHECK(!as_user(uid, gid, script));
+    snprintf(script, sizeof script, "{ printf x >> '%s'; } 2>/dev/null", planted);
+    CHECK(!as_user(uid, gid, script));
+    CHECK(leftovers(shared) == 0);
+
+    unlink(planted), unlink(link), unlink(bmp), unlink(victim);
+    CHECK(rmdir(shared) == 0);
+}
+
 int main(void)
 {
     REQUIRE(mkdtemp(dir) != NULL);
@@ -275,6 +512,10 @@ int main(void)
     fresh_target_is_checked_on_the_file();
     open_refuses_non_files_without_blocking();
     messages_say_what_to_do();
+    modes_are_exact_whatever_the_umask();
+    symlinks_are_never_followed();
+    failed_creates_leave_nothing_behind();
+    another_users_files_are_never_adopted();
     rmdir(dir);
     return test_finish();
 }

@@ -177,11 +177,20 @@
 #define COWBACKUP_OPEN_DIRECT 2
 
 /*
- `cowbackup_file_create` flag: replace (truncate) an existing regular file. Without it,
+ `cowbackup_file_create` flag: replace an existing regular file (a new file is renamed over
+ it: it is never written through, truncated or followed; a symlink at the path is refused
+ with `-ELOOP`), or open an existing block device (never replaced). Without it,
  `cowbackup_file_create` on an existing path fails with `-EEXIST` and changes nothing.
  `cowbackup_file_open` refuses it (`-EINVAL`).
  */
 #define COWBACKUP_CREATE_OVERWRITE 4
+
+/*
+ The mode of every file the library creates (backups, bitmap files) unless the caller passes
+ another to `cowbackup_file_create_mode` or `cowbackup_bitmap_create_mode`: 0600, read and
+ write for the owner only, whatever the umask.
+ */
+#define COWBACKUP_FILE_MODE_DEFAULT 384
 
 /*
  `cowbackup_driver_new` flag: the library calls this driver's ops one at a time (under a
@@ -584,8 +593,10 @@ int cowbackup_bitmap_new(uint64_t size, uint64_t granularity, struct cowbackup_b
 /*
  Create a persistent, crash-safe dirty bitmap in a new file at `path` (geometry as
  `cowbackup_bitmap_new`) and open it. The file is built under a temporary name in the same
- directory and linked into place when complete; an existing file is never touched. The
- file is locked while the bitmap is open.
+ directory and renamed into place when complete, never over anything: an existing file, or
+ a symlink at `path` (even dangling), is never touched nor followed (-EEXIST). The file is
+ mode 0600 whatever the umask (`cowbackup_bitmap_create_mode` widens it) and locked while
+ the bitmap is open.
 
  On success `*out` is a new handle (free with `cowbackup_bitmap_free`). Errors: -EINVAL
  (NULL argument, `size` 0, bad granularity); -EEXIST (`path` exists); the errno of creating
@@ -599,6 +610,23 @@ int cowbackup_bitmap_create(const char *path,
                             uint64_t size,
                             uint64_t granularity,
                             struct cowbackup_bitmap **out);
+
+/*
+ `cowbackup_bitmap_create` with the permission bits of the new file: `mode` (0 to 0777) is
+ applied exactly, whatever the umask (e.g. 0640 lets the file's group read it).
+
+ On success `*out` is a new handle (free with `cowbackup_bitmap_free`). Errors: as
+ `cowbackup_bitmap_create`; -EINVAL for a mode with bits outside 0777 (setuid, setgid,
+ sticky). Thread-safe.
+
+ # Safety
+ `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+ */
+int cowbackup_bitmap_create_mode(const char *path,
+                                 uint64_t size,
+                                 uint64_t granularity,
+                                 uint32_t mode,
+                                 struct cowbackup_bitmap **out);
 
 /*
  Open the persistent dirty bitmap in the file at `path`, as it was last made durable: after
@@ -775,16 +803,27 @@ int cowbackup_file_open(const char *path, uint32_t flags, struct cowbackup_drive
 
  An existing `path` is **not** replaced: the call fails with -EEXIST and the file is left
  as it was (a target pointed at the source's path by mistake must not wipe the source).
- The file is created with `O_CREAT | O_EXCL`, so there is no window between a check and the
- create. Pass `COWBACKUP_CREATE_OVERWRITE` to replace (truncate) an existing regular file on
- purpose. `flags`: 0 or a combination of `COWBACKUP_OPEN_WRITE` (implied),
- `COWBACKUP_OPEN_DIRECT`, `COWBACKUP_CREATE_OVERWRITE`.
+ The file is mode 0600 whatever the umask (`cowbackup_file_create_mode` widens it), made
+ under a random temporary name in the same directory with `O_CREAT | O_EXCL | O_NOFOLLOW`,
+ sized, synced and renamed into place without replacing anything: there is no window
+ between a check and the create, and a symlink (even dangling) or a file planted at `path`
+ by someone else is never followed nor adopted (-EEXIST).
+
+ Pass `COWBACKUP_CREATE_OVERWRITE` to replace an existing regular file on purpose: a new
+ file is renamed over it (the directory must be writable; the old file is never written
+ through or truncated). With it, a symlink at `path` is refused with -ELOOP (neither the
+ link nor what it points to is touched: pass the resolved path to write there), and a
+ block device at `path` is opened read-write, never replaced: it must hold at least `size`
+ bytes and the driver's size is the device's. `flags`: 0 or a combination of
+ `COWBACKUP_OPEN_WRITE` (implied), `COWBACKUP_OPEN_DIRECT`, `COWBACKUP_CREATE_OVERWRITE`.
 
  On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EEXIST (the
- path exists and `COWBACKUP_CREATE_OVERWRITE` was not given); -EINVAL (NULL argument, `size`
- 0, unknown flags, overwrite of something that is not a regular file); the errno of creating
- or sizing the file (-EACCES, -EFBIG, ...; a file this call created is removed again). The
- message names the path. Thread-safe.
+ path exists and `COWBACKUP_CREATE_OVERWRITE` was not given); -ELOOP (overwrite of a
+ symlink); -EINVAL (NULL argument, `size` 0, unknown flags, a path that does not end in a
+ file name, overwrite of something that is not a regular file or block device, a block
+ device smaller than `size`); the errno of creating, sizing or renaming the file (-EACCES,
+ -EFBIG, ...; the temporary file is removed again and `path` is untouched). The message
+ names the path. Thread-safe.
 
  # Safety
  `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
@@ -793,6 +832,24 @@ int cowbackup_file_create(const char *path,
                           uint64_t size,
                           uint32_t flags,
                           struct cowbackup_driver **out);
+
+/*
+ `cowbackup_file_create` with the permission bits of the new file: `mode` (0 to 0777) is
+ applied exactly with `fchmod`, whatever the umask (the file is created 0600 and widened only
+ once it is the caller's, before it is renamed into place); e.g. 0640 lets the file's group
+ read the backup. Not applied to a block device opened with `COWBACKUP_CREATE_OVERWRITE`.
+
+ Errors: as `cowbackup_file_create`; -EINVAL for a mode with bits outside 0777 (setuid,
+ setgid, sticky). Thread-safe.
+
+ # Safety
+ `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+ */
+int cowbackup_file_create_mode(const char *path,
+                               uint64_t size,
+                               uint32_t flags,
+                               uint32_t mode,
+                               struct cowbackup_driver **out);
 
 /*
  Create an in-memory device of `size` bytes (1 byte to 1 TiB) that reads as zeroes. Memory

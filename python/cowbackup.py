@@ -97,6 +97,7 @@ __all__ = [
     "Busy",
     "Corrupt",
     "CowbackupError",
+    "DEFAULT_FILE_MODE",
     "DEFAULT_GRANULARITY",
     "Driver",
     "Extent",
@@ -149,6 +150,11 @@ _OPEN_WRITE = 1
 _OPEN_DIRECT = 2
 _CREATE_OVERWRITE = 4
 _DRIVER_SERIALIZE = 1
+
+#: The mode of every file the library creates (backups, bitmap files) unless ``mode=`` says
+#: otherwise: 0o600, read and write for the owner only, whatever the umask
+#: (``COWBACKUP_FILE_MODE_DEFAULT``).
+DEFAULT_FILE_MODE = 0o600
 
 #: The usual granularity of a dirty bitmap (64 KiB); granularities are powers of two from
 #: 512 bytes to 2 GiB.
@@ -450,6 +456,7 @@ _driver_new = _declare("cowbackup_driver_new", c_int,
                        [POINTER(_DriverOps), c_size_t, c_void_p, c_uint64, c_uint32, _PP])
 _file_open = _declare("cowbackup_file_open", c_int, [c_char_p, c_uint32, _PP])
 _file_create = _declare("cowbackup_file_create", c_int, [c_char_p, c_uint64, c_uint32, _PP])
+_file_create_mode = _declare("cowbackup_file_create_mode", c_int, [c_char_p, c_uint64, c_uint32, c_uint32, _PP])
 _memory_new = _declare("cowbackup_memory_new", c_int, [c_uint64, _PP])
 _nbd_open = _declare("cowbackup_nbd_open", c_int, [c_char_p, c_uint32, _PP])
 _rbd_open = _declare("cowbackup_rbd_open", c_int, [c_char_p, c_char_p, c_uint32, _PP])
@@ -499,6 +506,8 @@ _backup_start_group = _declare("cowbackup_backup_start_group", c_int,
                                [c_size_t, _PP, _PP, _PP, _PP], tracked=False)
 _bitmap_new = _declare("cowbackup_bitmap_new", c_int, [c_uint64, c_uint64, _PP])
 _bitmap_create = _declare("cowbackup_bitmap_create", c_int, [c_char_p, c_uint64, c_uint64, _PP])
+_bitmap_create_mode = _declare("cowbackup_bitmap_create_mode", c_int,
+                               [c_char_p, c_uint64, c_uint64, c_uint32, _PP])
 _bitmap_open = _declare("cowbackup_bitmap_open", c_int, [c_char_p, _PP])
 _bitmap_mark = _declare("cowbackup_bitmap_mark", c_int, [_P, c_uint64, c_uint64])
 _bitmap_clear = _declare("cowbackup_bitmap_clear", c_int, [_P])
@@ -953,23 +962,34 @@ class Driver:
 
     @classmethod
     def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,
-               direct: bool = False, overwrite: bool = False) -> "Driver":
+               direct: bool = False, overwrite: bool = False,
+               mode: int = DEFAULT_FILE_MODE) -> "Driver":
         """Create a new sparse raw image of ``size`` bytes, opened read-write.
 
-        The new file reads as zeroes, so a backup into it skips zero clusters. An existing
-        ``path`` is never replaced unless ``overwrite`` is true: it raises
-        ``FileExistsError`` (a :class:`CowbackupError`, errno EEXIST) and the file is left as
-        it was, so a backup pointed at the wrong path cannot wipe it. ``overwrite=True``
-        replaces (truncates) an existing regular file; anything else is refused
-        (:class:`InvalidArgument`).
+        The new file reads as zeroes, so a backup into it skips zero clusters. It is made
+        with permission bits ``mode`` (default 0o600, owner only), applied exactly whatever
+        the umask, under a temporary name in the same directory and renamed into place: a
+        symlink (even dangling) or a file someone else planted at ``path`` is never followed
+        nor adopted. An existing ``path`` is never replaced unless ``overwrite`` is true: it
+        raises ``FileExistsError`` (a :class:`CowbackupError`, errno EEXIST) and the file is
+        left as it was, so a backup pointed at the wrong path cannot wipe it.
+        ``overwrite=True`` replaces an existing regular file by renaming the new one over it
+        (never writing through it), opens an existing block device (never replaced; it must
+        hold ``size`` bytes), refuses a symlink with errno ELOOP (link and target untouched)
+        and anything else with :class:`InvalidArgument`. A ``mode`` outside 0o777 raises
+        :class:`InvalidArgument`.
         """
         raw = _path_arg(path)
         size = _u64(size, "size")
         if not isinstance(overwrite, bool):
             raise TypeError("overwrite must be a bool")
+        if not isinstance(mode, int) or isinstance(mode, bool):
+            raise TypeError("mode must be an int")
+        if not 0 <= mode <= 0o777:
+            raise InvalidArgument(_errno.EINVAL, f"mode {mode:#o} is invalid: only the permission bits 0o777 may be set")
         flags = (_OPEN_DIRECT if direct else 0) | (_CREATE_OVERWRITE if overwrite else 0)
         try:
-            ptr = _out_handle(_file_create, "cowbackup_file_create", raw, size, flags)
+            ptr = _out_handle(_file_create_mode, "cowbackup_file_create_mode", raw, size, flags, mode)
         except CowbackupError as e:
             if e.errno == _errno.EEXIST:  # say it in Python's terms
                 e.strerror = e.strerror.replace("pass COWBACKUP_CREATE_OVERWRITE", "pass overwrite=True")
@@ -1261,16 +1281,23 @@ class Bitmap:
 
     @classmethod
     def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,
-               granularity: int = DEFAULT_GRANULARITY) -> "Bitmap":
+               granularity: int = DEFAULT_GRANULARITY, mode: int = DEFAULT_FILE_MODE) -> "Bitmap":
         """Create a persistent, crash-safe bitmap in a new file at ``path`` and open it
-        (geometry as :meth:`new`). An existing ``path`` is never touched: it raises
-        ``FileExistsError`` (a :class:`CowbackupError`, errno EEXIST). A missing directory
-        raises ``FileNotFoundError``; other errnos of creating the file as they come.
+        (geometry as :meth:`new`). The file has the permission bits ``mode`` (default 0o600,
+        owner only), applied exactly whatever the umask. An existing ``path``, or a symlink
+        there (even dangling), is never touched nor followed: it raises ``FileExistsError``
+        (a :class:`CowbackupError`, errno EEXIST). A missing directory raises
+        ``FileNotFoundError``; other errnos of creating the file as they come; a ``mode``
+        outside 0o777 :class:`InvalidArgument`.
         """
         raw = _path_arg(path)
         size = _u64(size, "size")
         granularity = _u64(granularity, "granularity")
-        ptr = _out_handle(_bitmap_create, "cowbackup_bitmap_create", raw, size, granularity)
+        if not isinstance(mode, int) or isinstance(mode, bool):
+            raise TypeError("mode must be an int")
+        if not 0 <= mode <= 0o777:
+            raise InvalidArgument(_errno.EINVAL, f"mode {mode:#o} is invalid: only the permission bits 0o777 may be set")
+        ptr = _out_handle(_bitmap_create_mode, "cowbackup_bitmap_create_mode", raw, size, granularity, mode)
         return cls(ptr, os.fsdecode(raw))
 
     @classmethod

@@ -95,8 +95,9 @@ pub struct Error {
     context: Option<IoContext>,
 }
 
-/// `Result` with cowbackup's [`Error`].
-pub type Result<T> = std::result::Result<T, Error>;
+/// `Result` with cowbackup's [`Error`] by default. The second parameter keeps the two-
+/// parameter form working, so `use cowbackup::*` does not break `Result<T, E>` elsewhere.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// A bad-input error with a message naming the problem.
@@ -171,6 +172,29 @@ impl From<Error> for io::Error {
             _ => io::Error::from_raw_os_error(e.errno).kind(),
         };
         io::Error::new(kind, e)
+    }
+}
+
+/// `?` on a [`crate::BlockDriver`] call (an `io::Result`) inside a function returning
+/// cowbackup's [`Result`]: the cowbackup error an `io::Error` carries (one made by
+/// `From<Error> for io::Error`) comes back as it was; any other keeps its errno and
+/// message, as an [`ErrorKind::Io`] (or `InvalidInput`, `TimedOut`) error without context.
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        let errno = errno_of(&e);
+        let kind = match e.kind() {
+            io::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
+            io::ErrorKind::TimedOut => ErrorKind::TimedOut,
+            io::ErrorKind::OutOfMemory => ErrorKind::OutOfMemory,
+            _ => ErrorKind::Io,
+        };
+        let message = e.to_string();
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            if let Some(Ok(inner)) = e.into_inner().map(|inner| inner.downcast::<Error>()) {
+                return *inner;
+            }
+        }
+        Error { kind, errno, message, context: None }
     }
 }
 

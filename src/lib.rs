@@ -9,23 +9,42 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use cowbackup::{backup_start, BackupOptions, BlockDriver, MemDriver};
+//! use cowbackup::{backup_start, BackupOptions, BlockDriver, Job, MemDriver};
 //!
-//! let source = Arc::new(MemDriver::from_bytes(&[0x42; 1 << 20]).unwrap());
-//! let target = Arc::new(MemDriver::new(1 << 20).unwrap());
-//! let job = backup_start(source.clone(), target.clone(), BackupOptions::default()).unwrap();
-//! // The host's write path: hook first, then the write.
-//! job.cow_before_write(4096, 512).unwrap();
-//! source.write_at(&[0x23; 512], 4096).unwrap();
-//! job.wait().unwrap();
-//! assert_eq!(target.to_vec(), vec![0x42; 1 << 20]); // the point in time
+//! // The host's write path: the hook first, then the write. `?` works both ways:
+//! // cowbackup's errors convert into `io::Error` and `io::Error` into cowbackup's.
+//! fn host_write(job: &Job, disk: &MemDriver, data: &[u8], offset: u64) -> std::io::Result<()> {
+//!     job.cow_before_write(offset, data.len() as u64)?; // old data of those clusters is safe
+//!     disk.write_at(data, offset)
+//! }
+//!
+//! fn main() -> cowbackup::Result<()> {
+//!     let source = Arc::new(MemDriver::from_bytes(&[0x42; 1 << 20])?);
+//!     let target = Arc::new(MemDriver::new(1 << 20)?);
+//!     // `Job` is Send + Sync: share it with the host's threads in an Arc.
+//!     let job = Arc::new(backup_start(source.clone(), target.clone(), BackupOptions::default())?);
+//!     let writer = {
+//!         let (job, source) = (job.clone(), source.clone());
+//!         std::thread::spawn(move || host_write(&job, &source, &[0x23; 512], 4096))
+//!     };
+//!     writer.join().expect("writer thread")?;
+//!     job.wait()?;
+//!     assert_eq!(target.to_vec(), vec![0x42; 1 << 20]); // the point in time
+//!     Ok(())
+//! }
 //! ```
 //!
 //! Threads: a job runs a thread `cowbackup-<id>` and workers `cowbackup-<id>-<n>`; the
 //! hook runs on (and blocks) the caller's thread. Driver methods and the completion
-//! callback are called from any of these threads, concurrently.
+//! callback are called from any of these threads, concurrently. [`Job`],
+//! [`DirtyBitmap`] and every driver are `Send + Sync`.
+//!
+//! Errors: one type, [`Error`], with a [`ErrorKind`] to match on and the errno the C API
+//! returns; [`Result`] defaults to it (`Result<T, E>` still works after `use cowbackup::*`).
+//! `MemDriver::new` and `from_bytes` return `io::Result` because they allocate the whole
+//! device up front (a size too large for memory is an error, not an abort).
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod bitmap;
 mod buf;
@@ -35,6 +54,7 @@ pub mod drivers;
 mod error;
 #[cfg(feature = "capi")]
 pub mod ffi;
+mod fs;
 mod job;
 pub mod nbd;
 mod sync;
@@ -52,6 +72,7 @@ pub use drivers::nbd::{NbdAddress, NbdDriver, NbdOptions, NbdUri};
 #[cfg(feature = "rbd")]
 pub use drivers::rbd::{RbdDriver, RbdOptions, RbdSpec, RBD_DEFAULT_TIMEOUT};
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
+pub use fs::DEFAULT_FILE_MODE;
 pub use job::{
     backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,
     GroupMember, Job, JobInfo, JobState, SnapshotView, SyncMode, WorkerPriority, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,

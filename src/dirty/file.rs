@@ -1,18 +1,19 @@
 //! `BitmapFile`: the file of a persistent bitmap opened by path, locked with
 //! `flock(LOCK_EX | LOCK_NB)` for as long as it is open (one opener, across processes and
-//! within one: the lock belongs to the open file description), and created under a
-//! temporary name then linked into place (never over an existing file).
+//! within one: the lock belongs to the open file description), and created (mode 0600 by
+//! default, never through a symlink) under a temporary name then renamed into place (never
+//! over an existing file) by `crate::fs`.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::driver::BlockDriver;
 use crate::error::{errno_of, Error, ErrorKind, Result};
+use crate::fs::{self, CreateMode};
 
 /// A locked bitmap file: positional I/O, `fdatasync` as flush.
 pub(super) struct BitmapFile {
@@ -61,59 +62,49 @@ impl BitmapFile {
         BitmapFile::from_file(path, file)
     }
 
-    /// Create `path` as a `len`-byte file filled by `build`, atomically: the file is made and
-    /// built under a temporary name in the same directory, then hard-linked to `path` (which
-    /// fails with EEXIST rather than replace anything) and the directory is synced.
-    pub(super) fn create<T>(path: &Path, len: u64, build: impl FnOnce(Arc<dyn BlockDriver>) -> Result<T>) -> Result<T> {
+    /// Create `path` as a `len`-byte file filled by `build`, atomically, with the permission
+    /// bits `mode` (applied exactly, whatever the umask): the file is made (`O_EXCL |
+    /// O_NOFOLLOW`, random name) and built under a temporary name in the same directory, then
+    /// renamed to `path` without replacing anything (EEXIST when anything is there, a
+    /// dangling symlink included) and the directory is synced (see `crate::fs`). On any
+    /// error the temporary file is removed and `path` is untouched.
+    pub(super) fn create<T>(
+        path: &Path,
+        len: u64,
+        mode: u32,
+        build: impl FnOnce(Arc<dyn BlockDriver>) -> Result<T>,
+    ) -> Result<T> {
+        let exists =
+            || Error::new(ErrorKind::Io, libc::EEXIST, format!("dirty bitmap file {} already exists", path.display()));
+        fs::check_mode(mode).map_err(|e| Error::invalid(format!("dirty bitmap file {}: {e}", path.display())))?;
+        // Fail early, before building anything; the rename decides in the end.
         if path.symlink_metadata().is_ok() {
-            return Err(Error::new(
-                ErrorKind::Io,
-                libc::EEXIST,
-                format!("dirty bitmap file {} already exists", path.display()),
-            ));
+            return Err(exists());
         }
-        let name = path
-            .file_name()
-            .ok_or_else(|| Error::invalid(format!("dirty bitmap file {}: not a file name", path.display())))?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".{}.cowbackup-tmp.{}.{}",
-            name.to_string_lossy(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(|e| io_error(path, "cannot create", &e))?;
-        let built = (|| {
-            file.set_len(len).map_err(|e| io_error(path, "cannot size", &e))?;
-            let f = BitmapFile::from_file(path, file)?;
-            let t = build(Arc::new(f))?;
-            std::fs::hard_link(&tmp, path).map_err(|e| {
-                if e.raw_os_error() == Some(libc::EEXIST) {
-                    Error::new(
-                        ErrorKind::Io,
-                        libc::EEXIST,
-                        format!("dirty bitmap file {} already exists", path.display()),
-                    )
-                } else {
-                    io_error(path, "cannot link the new file into place", &e)
-                }
-            })?;
-            Ok(t)
-        })();
-        let _ = std::fs::remove_file(&tmp);
-        let t = built?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io_error(path, "cannot sync the directory", &e))?;
-        Ok(t)
+        let mut build_error = None;
+        let published = fs::publish(path, CreateMode { mode, overwrite: false }, |file, _| {
+            file.set_len(len)?;
+            // A second descriptor of the same open file description: the lock taken through it
+            // stays with the file after the rename.
+            let built = file
+                .try_clone()
+                .map_err(|e| io_error(path, "cannot duplicate the descriptor", &e))
+                .and_then(|f| BitmapFile::from_file(path, f))
+                .and_then(|f| build(Arc::new(f)));
+            built.map_err(|e| {
+                build_error = Some(e);
+                io::Error::from_raw_os_error(libc::ECANCELED)
+            })
+        });
+        match published {
+            Ok((_, t)) => Ok(t),
+            Err(_) if build_error.is_some() => Err(build_error.take().expect("checked")),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                Err(Error::invalid(format!("dirty bitmap file {}: {e}", path.display())))
+            }
+            Err(e) => Err(io_error(path, "cannot create", &e)),
+        }
     }
 }
 

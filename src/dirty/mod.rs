@@ -176,14 +176,31 @@ impl DirtyBitmap {
 
     /// Create a persistent bitmap in a new file at `path` (like [`DirtyBitmap::new`] otherwise)
     /// and open it. The file is built under a temporary name in the same directory and
-    /// linked into place only when complete, so `path` never names a half-made bitmap; an
-    /// existing file is never touched. The file is locked (`flock`) while the bitmap is open.
+    /// renamed into place only when complete (never over anything), so `path` never names a
+    /// half-made bitmap; an existing file, or a symlink at `path` (dangling or not), is never
+    /// touched nor followed. The file is mode 0600 ([`DEFAULT_FILE_MODE`](crate::DEFAULT_FILE_MODE),
+    /// whatever the umask; [`DirtyBitmap::create_with_mode`] widens it) and locked (`flock`)
+    /// while the bitmap is open.
     ///
     /// Errors: `InvalidInput` (EINVAL) for a bad size or granularity; `Io` with EEXIST when
-    /// `path` exists, or the errno of creating or writing the file (ENOENT for a missing
-    /// directory, EACCES, ENOSPC...); `OutOfMemory` (ENOMEM).
+    /// anything exists at `path`, or the errno of creating or writing the file (ENOENT for a
+    /// missing directory, EACCES, ENOSPC...: the temporary file is removed again);
+    /// `OutOfMemory` (ENOMEM). Thread-safe.
     pub fn create(path: impl AsRef<Path>, size: u64, granularity: u64) -> Result<Arc<DirtyBitmap>> {
-        persistent::create_file(path.as_ref(), size, granularity)
+        persistent::create_file(path.as_ref(), size, granularity, crate::DEFAULT_FILE_MODE)
+    }
+
+    /// [`DirtyBitmap::create`] with the permission bits of the new file: `mode` (0 to 0o777)
+    /// is applied exactly, whatever the umask (e.g. 0o640 lets the file's group read it).
+    ///
+    /// Errors: as [`DirtyBitmap::create`]; `InvalidInput` for a mode with bits outside 0o777.
+    pub fn create_with_mode(
+        path: impl AsRef<Path>,
+        size: u64,
+        granularity: u64,
+        mode: u32,
+    ) -> Result<Arc<DirtyBitmap>> {
+        persistent::create_file(path.as_ref(), size, granularity, mode)
     }
 
     /// Open the persistent bitmap in the file at `path` as it was last made durable:

@@ -741,9 +741,9 @@ pub(super) fn open_on(driver: Arc<dyn BlockDriver>) -> Result<Arc<DirtyBitmap>> 
 }
 
 /// [`DirtyBitmap::create`].
-pub(super) fn create_file(path: &Path, size: u64, granularity: u64) -> Result<Arc<DirtyBitmap>> {
+pub(super) fn create_file(path: &Path, size: u64, granularity: u64, mode: u32) -> Result<Arc<DirtyBitmap>> {
     let geo = Geometry::new(size, granularity)?;
-    BitmapFile::create(path, geo.file_size(), |driver| create_on(driver, size, granularity, false))
+    BitmapFile::create(path, geo.file_size(), mode, |driver| create_on(driver, size, granularity, false))
 }
 
 /// [`DirtyBitmap::open`].

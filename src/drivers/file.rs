@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::buf::IO_ALIGN;
 use crate::driver::{BlockDriver, BlockStatus, StatusFlags};
 use crate::error::{errno_of, Error, ErrorKind};
+use crate::fs::{self, CreateMode, DEFAULT_FILE_MODE};
 
 bitflags::bitflags! {
     /// How [`FileDriver::open`] and [`FileDriver::create_with`] open a file. Same values as
@@ -19,9 +20,11 @@ bitflags::bitflags! {
         const WRITE = 1;
         /// Bypass the page cache with `O_DIRECT` for aligned requests.
         const DIRECT = 2;
-        /// [`FileDriver::create_with`] only: replace an existing regular file (truncate it).
-        /// Without it, creating over an existing path fails with `AlreadyExists` and leaves
-        /// the file alone. [`FileDriver::open`] refuses it (`InvalidInput`).
+        /// [`FileDriver::create_with`] only: replace an existing regular file (by renaming a
+        /// new file over it, never by writing through it; a symlink at the path is refused
+        /// with `ELOOP`) or open an existing block device. Without it, creating over an
+        /// existing path fails with `AlreadyExists` and leaves the file alone.
+        /// [`FileDriver::open`] refuses it (`InvalidInput`).
         const OVERWRITE = 4;
     }
 }
@@ -154,52 +157,108 @@ impl FileDriver {
     /// Create `path` as a new sparse file of `size` bytes and open it read-write. The new
     /// file reads as zeroes, so a job backing up into it skips zero clusters entirely.
     ///
+    /// The file is created mode 0600 ([`DEFAULT_FILE_MODE`], whatever the umask:
+    /// [`FileDriver::create_with_mode`] widens it), under a random temporary name in the same
+    /// directory (`O_CREAT | O_EXCL | O_NOFOLLOW`), sized, synced and then renamed into place
+    /// without replacing anything (`renameat2(RENAME_NOREPLACE)`): no window between a check
+    /// and the create, a symlink or file planted at `path` is never followed or adopted, and
+    /// `path` never names a half-made file.
+    ///
     /// # Errors
-    /// `AlreadyExists` when `path` exists (nothing is changed: a backup pointed at the
-    /// wrong path must not destroy it; [`FileDriver::create_with`] with
-    /// [`OpenFlags::OVERWRITE`] replaces a file on purpose); `InvalidInput` when `size` is 0;
-    /// the error of creating or sizing the file otherwise. Messages name the path.
+    /// `AlreadyExists` (EEXIST) when anything exists at `path`, a dangling symlink included
+    /// (nothing is changed: a backup pointed at the wrong path must not destroy it;
+    /// [`FileDriver::create_with`] with [`OpenFlags::OVERWRITE`] replaces a file on purpose);
+    /// `InvalidInput` when `size` is 0 or `path` does not end in a file name; the error of
+    /// creating, sizing or renaming the file otherwise (the temporary file is removed again).
+    /// Messages name the path. Thread-safe.
     pub fn create(path: impl AsRef<Path>, size: u64) -> io::Result<FileDriver> {
         FileDriver::create_with(path, size, OpenFlags::WRITE)
     }
 
     /// [`FileDriver::create`] with flags: [`OpenFlags::DIRECT`], and
-    /// [`OpenFlags::OVERWRITE`] to replace (truncate) an existing regular file instead of
-    /// failing with `AlreadyExists`. [`OpenFlags::WRITE`] is implied.
+    /// [`OpenFlags::OVERWRITE`] to replace an existing file instead of failing with
+    /// `AlreadyExists`. [`OpenFlags::WRITE`] is implied. Mode 0600 ([`DEFAULT_FILE_MODE`]).
     ///
-    /// The file is created with `O_CREAT | O_EXCL` (no window between a check and the
-    /// create). When sizing it fails, the new file is removed again. With `OVERWRITE` the
-    /// path must be a regular file if it exists (a block device, FIFO or directory is
-    /// refused with `InvalidInput`, untouched).
+    /// With `OVERWRITE`:
+    /// - a regular file at `path` is **replaced**, not truncated: the new file is made under a
+    ///   temporary name in the same directory and renamed over `path` (so the directory must
+    ///   be writable; other hard links of the old file keep the old contents, and a file
+    ///   pre-created by another user never receives the data nor keeps its owner or mode);
+    /// - a **symbolic link** at `path` is refused with `ELOOP` and left alone, as is what it
+    ///   points to: a link is never followed (pass the resolved path, e.g. of a
+    ///   `/dev/disk/by-id/` link, to write through it on purpose);
+    /// - a **block device** at `path` is opened read-write (with `O_NOFOLLOW`), never
+    ///   replaced nor resized: it must hold at least `size` bytes (`InvalidInput` otherwise)
+    ///   and the driver's size is the device's; its node's owner and mode are left as they are;
+    /// - a directory, FIFO, socket or character device is refused with `InvalidInput`,
+    ///   untouched.
+    ///
+    /// # Errors
+    /// As [`FileDriver::create`], plus the cases above.
     pub fn create_with(path: impl AsRef<Path>, size: u64, flags: OpenFlags) -> io::Result<FileDriver> {
+        FileDriver::create_with_mode(path, size, flags, DEFAULT_FILE_MODE)
+    }
+
+    /// [`FileDriver::create_with`] with the permission bits of the new file: `mode` (0 to
+    /// 0o777) is applied exactly with `fchmod`, whatever the umask (the file is created 0600
+    /// and widened only once it is ours, before it is renamed into place). For example 0o640
+    /// lets the file's group read the backup. Not applied to a block device opened with
+    /// [`OpenFlags::OVERWRITE`] (its node is not replaced).
+    ///
+    /// # Errors
+    /// As [`FileDriver::create_with`]; `InvalidInput` for a mode with bits outside 0o777
+    /// (setuid, setgid, sticky).
+    pub fn create_with_mode(path: impl AsRef<Path>, size: u64, flags: OpenFlags, mode: u32) -> io::Result<FileDriver> {
         let path = path.as_ref();
         if size == 0 {
             return Err(invalid(format!("create {}: device size must not be 0", path.display())));
         }
+        fs::check_mode(mode).map_err(|e| with_path("create", path, e))?;
         let overwrite = flags.contains(OpenFlags::OVERWRITE);
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(true);
+        let direct = flags.contains(OpenFlags::DIRECT);
         if overwrite {
-            match std::fs::metadata(path) {
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(io::Error::from(Error::new(
+                        ErrorKind::Io,
+                        libc::ELOOP,
+                        format!(
+                            "create {}: is a symbolic link; a target is never created or replaced through a link \
+                             (the link and what it points to are left alone; pass the resolved path to write there)",
+                            path.display()
+                        ),
+                    )))
+                }
+                Ok(meta) if meta.file_type().is_block_device() => {
+                    return FileDriver::overwrite_block_device(path, size, direct, &meta)
+                }
                 Ok(meta) if !meta.file_type().is_file() => {
                     return Err(invalid(format!(
-                        "create {}: is {}: only a regular file can be overwritten",
+                        "create {}: is {}: only a regular file can be replaced (or a block device opened)",
                         path.display(),
-                        if meta.file_type().is_block_device() {
-                            "a block device"
-                        } else {
-                            type_name(&meta.file_type())
-                        }
+                        type_name(&meta.file_type())
                     )))
                 }
                 _ => {}
             }
-            opts.create(true).truncate(true);
-        } else {
-            opts.create_new(true);
         }
-        let file = match open_checked("create", path, &mut opts, 0) {
-            Ok(f) => f,
+        let how = CreateMode { mode, overwrite };
+        let published = fs::publish(path, how, |file, tmp| {
+            file.set_len(size)?;
+            if !direct {
+                return Ok(None);
+            }
+            // The O_DIRECT descriptor of the same (still temporary, still ours) file, made
+            // before the rename so a failure leaves nothing behind.
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(tmp)
+                .map(Some)
+        });
+        let (file, direct) = match published {
+            Ok(p) => p,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(io::Error::from(Error::new(
                     ErrorKind::Io,
@@ -210,20 +269,39 @@ impl FileDriver {
                     ),
                 )))
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(with_path("create", path, e)),
         };
-        let sized = file.set_len(size).map_err(|e| with_path("create", path, e)).and_then(|()| {
-            let direct = match flags.contains(OpenFlags::DIRECT) {
-                true => Some(open_checked("create", path, OpenOptions::new().read(true).write(true), libc::O_DIRECT)?),
-                false => None,
-            };
-            FileDriver::from_files(path, file, direct, true)
-        });
-        if sized.is_err() && !overwrite {
-            // Ours, made a moment ago: leave nothing behind.
-            let _ = std::fs::remove_file(path);
+        FileDriver::from_files(path, file, direct, true)
+    }
+
+    /// `create_with(OVERWRITE)` of a block device: open it (never follow a link, never replace
+    /// the node), check it is still the device `seen` and big enough.
+    fn overwrite_block_device(
+        path: &Path,
+        size: u64,
+        direct: bool,
+        seen: &std::fs::Metadata,
+    ) -> io::Result<FileDriver> {
+        let open =
+            |extra| open_checked("create", path, OpenOptions::new().read(true).write(true), libc::O_NOFOLLOW | extra);
+        let file = open(0)?;
+        let meta = file.metadata().map_err(|e| with_path("create", path, e))?;
+        if !meta.file_type().is_block_device() || meta.rdev() != seen.rdev() {
+            return Err(invalid(format!(
+                "create {}: the block device changed while it was being opened",
+                path.display()
+            )));
         }
-        sized
+        let direct = if direct { Some(open(libc::O_DIRECT)?) } else { None };
+        let d = FileDriver::from_files(path, file, direct, true)?;
+        if d.size < size {
+            return Err(invalid(format!(
+                "create {}: the block device holds {} bytes, less than the {size} bytes asked for (a device is never resized)",
+                path.display(),
+                d.size
+            )));
+        }
+        Ok(d)
     }
 
     fn from_files(path: &Path, file: File, direct: Option<File>, writable: bool) -> io::Result<FileDriver> {

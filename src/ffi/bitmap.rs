@@ -97,8 +97,10 @@ pub unsafe extern "C" fn cowbackup_bitmap_new(size: u64, granularity: u64, out: 
 
 /// Create a persistent, crash-safe dirty bitmap in a new file at `path` (geometry as
 /// `cowbackup_bitmap_new`) and open it. The file is built under a temporary name in the same
-/// directory and linked into place when complete; an existing file is never touched. The
-/// file is locked while the bitmap is open.
+/// directory and renamed into place when complete, never over anything: an existing file, or
+/// a symlink at `path` (even dangling), is never touched nor followed (-EEXIST). The file is
+/// mode 0600 whatever the umask (`cowbackup_bitmap_create_mode` widens it) and locked while
+/// the bitmap is open.
 ///
 /// On success `*out` is a new handle (free with `cowbackup_bitmap_free`). Errors: -EINVAL
 /// (NULL argument, `size` 0, bad granularity); -EEXIST (`path` exists); the errno of creating
@@ -125,6 +127,38 @@ pub unsafe extern "C" fn cowbackup_bitmap_create(
             // SAFETY: `out` was checked above.
             Ok(bm) => unsafe { new_handle(bm, out) },
             Err(e) => fail("cowbackup_bitmap_create", &e),
+        }
+    })
+}
+
+/// `cowbackup_bitmap_create` with the permission bits of the new file: `mode` (0 to 0777) is
+/// applied exactly, whatever the umask (e.g. 0640 lets the file's group read it).
+///
+/// On success `*out` is a new handle (free with `cowbackup_bitmap_free`). Errors: as
+/// `cowbackup_bitmap_create`; -EINVAL for a mode with bits outside 0777 (setuid, setgid,
+/// sticky). Thread-safe.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_bitmap_create_mode(
+    path: *const c_char,
+    size: u64,
+    granularity: u64,
+    mode: u32,
+    out: *mut *mut cowbackup_bitmap,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_bitmap_create_mode", {
+        check_out!(out, "cowbackup_bitmap_create_mode", "out");
+        if path.is_null() {
+            return invalid("cowbackup_bitmap_create_mode: path is NULL");
+        }
+        // SAFETY: non-NULL, NUL-terminated (caller's guarantee).
+        let path = unsafe { path_of(path) };
+        match DirtyBitmap::create_with_mode(path, size, granularity, mode) {
+            // SAFETY: `out` was checked above.
+            Ok(bm) => unsafe { new_handle(bm, out) },
+            Err(e) => fail("cowbackup_bitmap_create_mode", &e),
         }
     })
 }

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::error::{fail_io, fail_with, invalid};
-use super::{COWBACKUP_CREATE_OVERWRITE, COWBACKUP_DRIVER_SERIALIZE, COWBACKUP_OPEN_DIRECT, COWBACKUP_OPEN_WRITE};
+use super::{
+    COWBACKUP_CREATE_OVERWRITE, COWBACKUP_DRIVER_SERIALIZE, COWBACKUP_FILE_MODE_DEFAULT, COWBACKUP_OPEN_DIRECT,
+    COWBACKUP_OPEN_WRITE,
+};
 use crate::error::{Error, ErrorKind};
 use crate::{BlockDriver, BlockStatus, FileDriver, MemDriver, OpenFlags, StatusFlags};
 
@@ -474,16 +477,27 @@ pub unsafe extern "C" fn cowbackup_file_open(
 ///
 /// An existing `path` is **not** replaced: the call fails with -EEXIST and the file is left
 /// as it was (a target pointed at the source's path by mistake must not wipe the source).
-/// The file is created with `O_CREAT | O_EXCL`, so there is no window between a check and the
-/// create. Pass `COWBACKUP_CREATE_OVERWRITE` to replace (truncate) an existing regular file on
-/// purpose. `flags`: 0 or a combination of `COWBACKUP_OPEN_WRITE` (implied),
-/// `COWBACKUP_OPEN_DIRECT`, `COWBACKUP_CREATE_OVERWRITE`.
+/// The file is mode 0600 whatever the umask (`cowbackup_file_create_mode` widens it), made
+/// under a random temporary name in the same directory with `O_CREAT | O_EXCL | O_NOFOLLOW`,
+/// sized, synced and renamed into place without replacing anything: there is no window
+/// between a check and the create, and a symlink (even dangling) or a file planted at `path`
+/// by someone else is never followed nor adopted (-EEXIST).
+///
+/// Pass `COWBACKUP_CREATE_OVERWRITE` to replace an existing regular file on purpose: a new
+/// file is renamed over it (the directory must be writable; the old file is never written
+/// through or truncated). With it, a symlink at `path` is refused with -ELOOP (neither the
+/// link nor what it points to is touched: pass the resolved path to write there), and a
+/// block device at `path` is opened read-write, never replaced: it must hold at least `size`
+/// bytes and the driver's size is the device's. `flags`: 0 or a combination of
+/// `COWBACKUP_OPEN_WRITE` (implied), `COWBACKUP_OPEN_DIRECT`, `COWBACKUP_CREATE_OVERWRITE`.
 ///
 /// On success `*out` is a new handle (free with `cowbackup_driver_free`). Errors: -EEXIST (the
-/// path exists and `COWBACKUP_CREATE_OVERWRITE` was not given); -EINVAL (NULL argument, `size`
-/// 0, unknown flags, overwrite of something that is not a regular file); the errno of creating
-/// or sizing the file (-EACCES, -EFBIG, ...; a file this call created is removed again). The
-/// message names the path. Thread-safe.
+/// path exists and `COWBACKUP_CREATE_OVERWRITE` was not given); -ELOOP (overwrite of a
+/// symlink); -EINVAL (NULL argument, `size` 0, unknown flags, a path that does not end in a
+/// file name, overwrite of something that is not a regular file or block device, a block
+/// device smaller than `size`); the errno of creating, sizing or renaming the file (-EACCES,
+/// -EFBIG, ...; the temporary file is removed again and `path` is untouched). The message
+/// names the path. Thread-safe.
 ///
 /// # Safety
 /// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
@@ -499,34 +513,80 @@ pub unsafe extern "C" fn cowbackup_file_create(
         if path.is_null() {
             return invalid("cowbackup_file_create: path is NULL");
         }
-        let flags = match open_flags(
-            "cowbackup_file_create",
-            flags,
-            COWBACKUP_OPEN_WRITE | COWBACKUP_OPEN_DIRECT | COWBACKUP_CREATE_OVERWRITE,
-            "COWBACKUP_OPEN_WRITE, COWBACKUP_OPEN_DIRECT and COWBACKUP_CREATE_OVERWRITE",
-        ) {
-            Ok(f) => f | OpenFlags::WRITE,
-            Err(e) => return e,
-        };
-        if size == 0 {
-            return invalid("cowbackup_file_create: size is 0");
-        }
-        // SAFETY: non-NULL, NUL-terminated (caller's guarantee).
-        let path = unsafe { path_of(path) };
-        match FileDriver::create_with(path, size, flags) {
-            // SAFETY: `out` was checked above.
-            Ok(d) => unsafe { new_handle(Arc::new(d), out) },
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fail_with(
-                libc::EEXIST,
-                format!(
-                    "cowbackup_file_create: {}: the file already exists; refusing to overwrite it \
-                     (pass COWBACKUP_CREATE_OVERWRITE to replace it)",
-                    path.to_string_lossy()
-                ),
-            ),
-            Err(e) => fail_io("cowbackup_file_create", &e),
-        }
+        // SAFETY: non-NULL, NUL-terminated (caller's guarantee); `out` was checked above.
+        unsafe { file_create("cowbackup_file_create", path_of(path), size, flags, COWBACKUP_FILE_MODE_DEFAULT, out) }
     })
+}
+
+/// `cowbackup_file_create` with the permission bits of the new file: `mode` (0 to 0777) is
+/// applied exactly with `fchmod`, whatever the umask (the file is created 0600 and widened only
+/// once it is the caller's, before it is renamed into place); e.g. 0640 lets the file's group
+/// read the backup. Not applied to a block device opened with `COWBACKUP_CREATE_OVERWRITE`.
+///
+/// Errors: as `cowbackup_file_create`; -EINVAL for a mode with bits outside 0777 (setuid,
+/// setgid, sticky). Thread-safe.
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_file_create_mode(
+    path: *const c_char,
+    size: u64,
+    flags: u32,
+    mode: u32,
+    out: *mut *mut cowbackup_driver,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_file_create_mode", {
+        check_out!(out, "cowbackup_file_create_mode", "out");
+        if path.is_null() {
+            return invalid("cowbackup_file_create_mode: path is NULL");
+        }
+        // SAFETY: non-NULL, NUL-terminated (caller's guarantee); `out` was checked above.
+        unsafe { file_create("cowbackup_file_create_mode", path_of(path), size, flags, mode, out) }
+    })
+}
+
+/// The body of `cowbackup_file_create` and `cowbackup_file_create_mode`, inside their panic
+/// boundary, after the NULL checks.
+///
+/// # Safety
+/// `out` is valid for writes.
+unsafe fn file_create(
+    function: &str,
+    path: &OsStr,
+    size: u64,
+    flags: u32,
+    mode: u32,
+    out: *mut *mut cowbackup_driver,
+) -> c_int {
+    let flags = match open_flags(
+        function,
+        flags,
+        COWBACKUP_OPEN_WRITE | COWBACKUP_OPEN_DIRECT | COWBACKUP_CREATE_OVERWRITE,
+        "COWBACKUP_OPEN_WRITE, COWBACKUP_OPEN_DIRECT and COWBACKUP_CREATE_OVERWRITE",
+    ) {
+        Ok(f) => f | OpenFlags::WRITE,
+        Err(e) => return e,
+    };
+    if size == 0 {
+        return invalid(format!("{function}: size is 0"));
+    }
+    if mode & !0o777 != 0 {
+        return invalid(format!("{function}: mode {mode:#o} is invalid: only the permission bits 0777 may be set"));
+    }
+    match FileDriver::create_with_mode(path, size, flags, mode) {
+        // SAFETY: the caller's guarantee.
+        Ok(d) => unsafe { new_handle(Arc::new(d), out) },
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => fail_with(
+            libc::EEXIST,
+            format!(
+                "{function}: {}: the file already exists; refusing to overwrite it \
+                 (pass COWBACKUP_CREATE_OVERWRITE to replace it)",
+                path.to_string_lossy()
+            ),
+        ),
+        Err(e) => fail_io(function, &e),
+    }
 }
 
 /// Largest memory device: its bookkeeping is allocated up front (about 50 bytes per MiB).

@@ -116,10 +116,17 @@ pub const COWBACKUP_STATUS_ZERO: u32 = 2;
 pub const COWBACKUP_OPEN_WRITE: u32 = 1;
 /// `cowbackup_file_open` / `cowbackup_file_create` flag: use `O_DIRECT` for aligned requests.
 pub const COWBACKUP_OPEN_DIRECT: u32 = 2;
-/// `cowbackup_file_create` flag: replace (truncate) an existing regular file. Without it,
+/// `cowbackup_file_create` flag: replace an existing regular file (a new file is renamed over
+/// it: it is never written through, truncated or followed; a symlink at the path is refused
+/// with `-ELOOP`), or open an existing block device (never replaced). Without it,
 /// `cowbackup_file_create` on an existing path fails with `-EEXIST` and changes nothing.
 /// `cowbackup_file_open` refuses it (`-EINVAL`).
 pub const COWBACKUP_CREATE_OVERWRITE: u32 = 4;
+
+/// The mode of every file the library creates (backups, bitmap files) unless the caller passes
+/// another to `cowbackup_file_create_mode` or `cowbackup_bitmap_create_mode`: 0600, read and
+/// write for the owner only, whatever the umask.
+pub const COWBACKUP_FILE_MODE_DEFAULT: u32 = 0o600;
 
 /// `cowbackup_driver_new` flag: the library calls this driver's ops one at a time (under a
 /// mutex of the driver), for ops that are not thread-safe.

@@ -398,9 +398,10 @@ impl JobShared {
     }
 }
 
-/// A running backup job. All methods take `&self` and may be called from any thread;
-/// share the job with `Arc` or scoped threads. Dropping the job cancels it (if still
-/// running) and waits for its threads.
+/// A running backup job. `Job` is `Send + Sync`: all methods take `&self` and may be
+/// called from any thread at once; share it with `Arc<Job>` (the host's write path on
+/// many threads, a control thread calling `pause`/`cancel`/`wait`) or scoped threads.
+/// Dropping the job cancels it (if still running) and waits for its threads.
 pub struct Job {
     shared: Arc<JobShared>,
     thread: Mutex<Option<JoinHandle<()>>>,

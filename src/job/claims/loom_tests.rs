@@ -384,3 +384,25 @@ fn view_reads_the_point_in_time_image() {
         m.check_end();
     });
 }
+
+/// A snapshot view reads while a worker copies and the host writes: the view never waits
+/// for the worker's copy, yet always reads the point-in-time image (a copy that ends
+/// under the view's hold is parked, so the host waits for the read).
+#[test]
+fn view_reads_the_point_in_time_image_while_a_worker_copies() {
+    model(|| {
+        let m = Arc::new(Model::new(2, 2));
+        let w = {
+            let m = m.clone();
+            thread::spawn(move || m.worker(false))
+        };
+        let v = {
+            let m = m.clone();
+            thread::spawn(move || m.view_read(0..2))
+        };
+        m.host_write(1..2).unwrap();
+        assert_eq!(v.join().unwrap(), Some(vec![OLD, OLD]), "the view read data written after the point in time");
+        w.join().unwrap();
+        m.check_end();
+    });
+}
