@@ -410,6 +410,18 @@ fn the_cluster_going_away_fails_or_pauses_jobs_and_nothing_hangs() {
     eprintln!("Stop job paused after {:?}: {ib:?}", t.elapsed());
     let e = ib.error.expect("a paused job shows its error");
     assert!(e.to_string().contains("rbd:rbd/dead-b"), "{e}");
+    // The hook of the paused job must copy an uncopied cluster to the dead target: the guest
+    // write fails (BreakGuestWrite, the default) after the timeout instead of hanging.
+    let b = Arc::new(b);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hb = b.clone();
+    thread::spawn(move || {
+        let _ = tx.send(hb.cow_before_write(size - 4096, 4096));
+    });
+    let hook = rx.recv_timeout(T).expect("the hook hung on a dead cluster");
+    let e = hook.expect_err("the hook cannot have copied to a dead cluster");
+    eprintln!("hook on the dead cluster after {:?}: {e}", t.elapsed());
+    assert_ne!(b.info().state, JobState::Completed);
     b.cancel();
     let rb = wait_end(&b, T);
     assert_eq!(b.info().state, JobState::Cancelled, "{rb:?}");
