@@ -237,6 +237,17 @@ fn driver_operations(c: &Cluster) {
     let mut tail = vec![0u8; 4096];
     ro.read_at(&mut tail, size - 4096).unwrap();
     assert_eq!(tail, data[..4096], "a second handle sees the first one's writes");
+    // Two handles on one image: the same storage, refused as source and target of one job.
+    assert_eq!(ro.storage_id(), d.storage_id());
+    assert!(d.storage_id().is_some());
+    match backup_start(ro.clone(), d.clone(), BackupOptions::default()) {
+        Ok(_) => panic!("a job from an RBD image onto itself started"),
+        Err(e) => assert!(e.to_string().contains("same"), "{e}"),
+    }
+    c.create("ops2", size);
+    let other = c.open("rbd:rbd/ops2", true);
+    assert_ne!(other.storage_id(), d.storage_id());
+    drop(other);
     for (spec, errno) in [("rbd:rbd/nope", libc::ENOENT), ("rbd:nopool/ops", libc::ENOENT)] {
         let e = RbdDriver::open(spec, Some(&c.conf), true).unwrap_err();
         assert_eq!(errno_of(&e), errno, "{spec}: {e}");

@@ -86,6 +86,9 @@ mod sys {
         pub fn rados_ioctx_create(cluster: rados_t, pool_name: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int;
         pub fn rados_ioctx_destroy(io: rados_ioctx_t);
         pub fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
+        pub fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
+        pub fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: usize) -> c_int;
+        pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: usize) -> c_int;
 
         pub fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap: *const c_char) -> c_int;
         pub fn rbd_open_read_only(
@@ -241,7 +244,9 @@ impl Default for RbdOptions {
 ///   which `DATA` allows) and what no extent covers is a hole (`ZERO`, no `DATA`);
 /// - `reads_as_zero`: asks the cluster, each call, whether the image has any allocated
 ///   extent at all;
-/// - `size`: `rbd_get_size` when opened (an image resized while a job runs is not seen).
+/// - `size`: `rbd_get_size` when opened (an image resized while a job runs is not seen);
+/// - `storage_id`: a hash of the cluster fsid, pool, namespace, image id and snapshot, so a
+///   job refuses an image as both source and target through two handles.
 pub struct RbdDriver {
     /// The cluster handle (`rados_shutdown` last).
     cluster: sys::rados_t,
@@ -255,6 +260,9 @@ pub struct RbdDriver {
     write: bool,
     /// [`RbdOptions::timeout`]: bounds the close in `Drop`.
     timeout: Duration,
+    /// `storage_id`: (cluster fsid + pool id + namespace, image id + snapshot), hashed, with
+    /// the top bit set (never a file's `st_dev`).
+    identity: Option<(u64, u64)>,
 }
 
 // SAFETY: librados cluster handles and I/O contexts and librbd image handles are
@@ -394,6 +402,7 @@ impl RbdDriver {
         // SAFETY: open image; valid out-pointer.
         let r = unsafe { sys::rbd_get_size(h.image, &mut size) };
         check(r, "rbd_get_size")?;
+        let identity = identity(&h, &parsed);
         let h = std::mem::ManuallyDrop::new(h);
         Ok(RbdDriver {
             cluster: h.cluster,
@@ -403,6 +412,7 @@ impl RbdDriver {
             size,
             write: opts.write,
             timeout: opts.timeout,
+            identity,
         })
     }
 
@@ -488,6 +498,34 @@ impl RbdDriver {
         v.sort_unstable();
         Ok(v)
     }
+}
+
+/// The storage identity of an open image (see `RbdDriver::identity`), `None` when librados or
+/// librbd cannot say.
+fn identity(h: &Handles, spec: &RbdSpec) -> Option<(u64, u64)> {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+    let mut fsid = [0u8; 64];
+    // SAFETY: connected cluster handle; the buffer is valid for `len` bytes.
+    let n = unsafe { sys::rados_cluster_fsid(h.cluster, fsid.as_mut_ptr().cast(), fsid.len()) };
+    if n <= 0 {
+        return None;
+    }
+    let mut id = [0u8; 128];
+    // SAFETY: open image; the buffer is valid for `len` bytes (librbd NUL-terminates).
+    if unsafe { sys::rbd_get_id(h.image, id.as_mut_ptr().cast(), id.len()) } < 0 {
+        return None;
+    }
+    // SAFETY: live I/O context.
+    let pool = unsafe { sys::rados_ioctx_get_id(h.ioctx) };
+    let fsid = fsid[..(n as usize).min(fsid.len())].split(|&b| b == 0).next().unwrap_or(&[]);
+    let image_id = id.split(|&b| b == 0).next().unwrap_or(&[]);
+    let mut st = DefaultHasher::new();
+    (fsid, pool, &spec.namespace).hash(&mut st);
+    let dev = st.finish() | (1 << 63);
+    let mut st = DefaultHasher::new();
+    (image_id, &spec.snapshot).hash(&mut st);
+    Some((dev, st.finish()))
 }
 
 fn rbd_err(errno: i32, image: &str, op: &str, why: &str) -> io::Error {
@@ -632,6 +670,12 @@ impl BlockDriver for RbdDriver {
             Some(()) => Ok(BlockStatus { len: pos - offset, flags: StatusFlags::DATA }),
             None => Ok(BlockStatus { len: window, flags: StatusFlags::ZERO }),
         }
+    }
+
+    /// The same image (or snapshot) of the same cluster gives the same identity through any
+    /// handle, so a job refuses an RBD image as both its source and its target.
+    fn storage_id(&self) -> Option<(u64, u64)> {
+        self.identity
     }
 
     fn reads_as_zero(&self) -> bool {
