@@ -152,6 +152,9 @@ static void concurrent_writers_get_the_point_in_time(void)
     CHECK_RC(cowbackup_options_set_cow_buffer(s.o, 256 * KiB), 0);
     CHECK_RC(cowbackup_options_set_max_chunk(s.o, 256 * KiB), 0);
     REQUIRE(cowbackup_backup_start(s.src, s.dst, s.o, &s.job) == 0);
+    /* Paused until the writers' hooks have copied (they work while the job is paused): on a
+     * loaded machine the whole backup could otherwise end before a writer thread runs. */
+    CHECK_RC(cowbackup_job_pause(s.job), 0);
     atomic_int stop = 0;
     struct writer w[3];
     pthread_t th[3];
@@ -159,6 +162,9 @@ static void concurrent_writers_get_the_point_in_time(void)
         w[i] = (struct writer){ .job = s.job, .sm = s.sm, .stop = &stop, .seed = 100 + (uint64_t)i };
         REQUIRE(pthread_create(&th[i], NULL, writer_main, &w[i]) == 0);
     }
+    for (int i = 0; i < 10000 && query(s.job).cow_requests < 3; i++)
+        sleep_ms(1);
+    CHECK_RC(cowbackup_job_resume(s.job), 0);
     int rc = cowbackup_job_wait(s.job);
     atomic_store(&stop, 1);
     for (int i = 0; i < 3; i++) {

@@ -5,7 +5,7 @@
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
 //!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,qemu-guest,contention,scale] [--grid]
 //!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
-//!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client)
+//!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client,tls)
 //!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
 //! ```
 //!
@@ -82,6 +82,7 @@ fn usage() -> &'static str {
      snapshot view: --only view,fleece,scratch\n\
      NBD: --only nbd-server (nbdcopy from nbd::Server vs from qemu-nbd),\n\
      \x20    nbd-client (backup through the NBD client into qemu-nbd vs qemu-img convert into it)\n\
+     \x20    tls (nbdcopy from nbd::Server over TLS vs plaintext, qemu-nbd --tls-creds alongside)\n\
      \x20       (default: the default options, plus workers 1 and 4, max_chunk 64K and 4M)"
 }
 
@@ -310,7 +311,7 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 16] = [
+    let steps: [(&str, Step); 17] = [
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
@@ -327,6 +328,7 @@ fn main() -> ExitCode {
         ("scratch", view::scratch_peak),
         ("nbd-server", nbd::server),
         ("nbd-client", nbd::client),
+        ("tls", nbd::tls),
     ];
     for (name, step) in steps {
         if a.wants(name) {

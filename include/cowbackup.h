@@ -324,6 +324,16 @@ typedef struct cowbackup_job cowbackup_job;
 typedef struct cowbackup_nbd_server cowbackup_nbd_server;
 
 /*
+ Options of an NBD server (opaque): TLS credentials, client authorization, the insecure
+ switch, limits. Made by `cowbackup_nbd_server_options_new` with the defaults (no TLS,
+ loopback/Unix only, 16 connections, 5 minutes idle timeout), changed by the setters (each
+ validates at once; a failed setter changes nothing), read by
+ `cowbackup_nbd_server_start_with` (which copies them: they may be freed or reused
+ afterwards). Not thread-safe: do not change one options object from two threads at once.
+ */
+typedef struct cowbackup_nbd_server_options cowbackup_nbd_server_options;
+
+/*
  Options of a backup job (opaque): cluster size, sync mode, workers, speed, error
  policies, completion callback. Made by `cowbackup_options_new` with the defaults, changed
  by the `cowbackup_options_set_*` functions (each validates its value: a failed setter
@@ -1227,16 +1237,117 @@ int cowbackup_job_complete(struct cowbackup_job *job);
  back with `cowbackup_nbd_server_address`). The server exports nothing until
  `cowbackup_nbd_server_add`. Protocol: fixed newstyle NBD with structured replies,
  metadata contexts `base:allocation` and `qemu:dirty-bitmap:NAME`; at most 16 clients at a
- time, 32 MiB requests; a misbehaving client gets an NBD error or is disconnected.
+ time, 32 MiB requests, 5 minutes idle timeout; a misbehaving client gets an NBD error or
+ is disconnected. No TLS: a TCP address that is not loopback is refused (-EPERM); use
+ `cowbackup_nbd_server_start_with` for TLS, client authorization, limits, or to serve
+ plaintext beyond loopback on purpose. The Unix socket file is created mode 0600 (the
+ caller may chmod it afterwards to let others in).
 
  On success `*out` is the server (stop and free it with `cowbackup_nbd_server_stop`).
- Errors: -EINVAL (NULL argument, malformed address); -EADDRINUSE (a server listens there);
- -EEXIST; other socket errors as -errno.
+ Errors: -EINVAL (NULL argument, malformed address); -EPERM (non-loopback TCP address);
+ -EADDRINUSE (a server listens there); -EEXIST; other socket errors as -errno.
 
  # Safety
  `address` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
  */
 int cowbackup_nbd_server_start(const char *address, struct cowbackup_nbd_server **out);
+
+/*
+ New server options with the defaults. Free with `cowbackup_nbd_server_options_free`.
+ Returns NULL only on an internal error. Thread-safe.
+ */
+struct cowbackup_nbd_server_options *cowbackup_nbd_server_options_new(void);
+
+/*
+ Free server options. NULL: nothing. Servers started with them are not affected.
+
+ # Safety
+ `o` is NULL or a live options object, not used afterwards.
+ */
+void cowbackup_nbd_server_options_free(struct cowbackup_nbd_server_options *o);
+
+/*
+ Serve NBD over TLS (`NBD_OPT_STARTTLS`, TLS 1.3 or 1.2) with the server certificate
+ chain `cert_pem` (PEM file, leaf first) and its private key `key_pem` (PEM: PKCS#8,
+ PKCS#1 or SEC1). `ca_pem`: NULL (clients need no certificate) or a PEM file of the CA
+ that signs client certificates: then every client must present a certificate that
+ chains to it, and, when identities were allowed with `cowbackup_nbd_server_options_allow`,
+ is one of them. With TLS, a client that sends any option but STARTTLS (or ABORT) first
+ gets `NBD_REP_ERR_TLS_REQD` and learns nothing (no export names, sizes or flags); after
+ STARTTLS everything is encrypted, with no way back. The files are read now. Setting TLS
+ again replaces the credentials (the allow-list stays).
+
+ Errors: -EINVAL (NULL `o`, `cert_pem` or `key_pem`; a file that is not PEM or holds no
+ certificate / key; a key that does not match the certificate; the message names the
+ file); the file's errno (-ENOENT, -EACCES); -ENOTSUP (built without the `tls` feature).
+
+ # Safety
+ `o` is NULL or a live options object; the paths are NULL or NUL-terminated.
+ */
+int cowbackup_nbd_server_options_set_tls(struct cowbackup_nbd_server_options *o,
+                                         const char *cert_pem,
+                                         const char *key_pem,
+                                         const char *ca_pem);
+
+/*
+ Allow one client identity (TLS with a CA must be set by the time the server starts;
+ `cowbackup_nbd_server_start_with` fails with -EINVAL otherwise): a
+ certificate subject DN, most specific attribute first as GnuTLS and QEMU's `tls-authz`
+ print it (`"CN=alice,O=Example"`; the reverse order `"O=Example,CN=alice"` that
+ `openssl x509 -subject` prints matches too; attribute names case-insensitive, values
+ exact, `\` escapes `,` `+` `=`), or the SHA-256 fingerprint of the certificate's DER
+ (`"sha256:HEX"`, 64 hex digits, `:` separators allowed). Call once per identity; a
+ client whose verified certificate matches none is refused after the TLS handshake. No
+ call: every certificate the CA signed is accepted.
+
+ Errors: -EINVAL (NULL argument, malformed identity); -ENOTSUP (built without TLS).
+
+ # Safety
+ `o` is NULL or a live options object; `identity` is NULL or NUL-terminated.
+ */
+int cowbackup_nbd_server_options_allow(struct cowbackup_nbd_server_options *o,
+                                       const char *identity);
+
+/*
+ Allow (`true`) a TCP address that is not loopback without TLS. Default `false`: such a
+ server refuses to start (-EPERM), since anyone who reaches the port could read every
+ export and write the writable ones. Errors: -EINVAL (NULL `o`).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_nbd_server_options_set_insecure(struct cowbackup_nbd_server_options *o,
+                                              bool insecure);
+
+/*
+ Set the most connections served at once (default 16; more are disconnected at once) and
+ the idle timeout in milliseconds (default 300000): a connection past the handshake that
+ does not send a whole request (header and payload) within it is closed, so idle or
+ trickling clients cannot hold the connection slots. (The handshake has its own 30 s
+ limit.) Errors: -EINVAL (NULL `o`, either value 0, more than 65536 connections).
+
+ # Safety
+ `o` is NULL or a live options object.
+ */
+int cowbackup_nbd_server_options_set_limits(struct cowbackup_nbd_server_options *o,
+                                            uint32_t max_connections,
+                                            uint32_t idle_timeout_ms);
+
+/*
+ `cowbackup_nbd_server_start` with options `o` (copied; NULL: the defaults). With TLS set,
+ any TCP address is allowed; without, a non-loopback TCP address needs
+ `cowbackup_nbd_server_options_set_insecure(o, true)`.
+
+ Errors: as `cowbackup_nbd_server_start` (-EPERM: non-loopback TCP without TLS or
+ insecure); -EINVAL also for an allow-list without TLS with a CA.
+
+ # Safety
+ `address` is NULL or NUL-terminated; `o` is NULL or a live options object; `out` is NULL
+ or valid for writes.
+ */
+int cowbackup_nbd_server_start_with(const char *address,
+                                    const struct cowbackup_nbd_server_options *o,
+                                    struct cowbackup_nbd_server **out);
 
 /*
  The address the server listens on, as bound: `"unix:PATH"` or `"tcp:IP:PORT"` (with the
@@ -1318,14 +1429,19 @@ void cowbackup_nbd_server_stop(struct cowbackup_nbd_server *s);
  `uri` is an NBD URI: `"nbd://HOST[:PORT]/EXPORT"` (TCP, port 10809 by default) or
  `"nbd+unix:///EXPORT?socket=PATH"` (Unix socket); the export name is the path after the
  first `/`, percent-decoded, and may be empty (the server's default export). TLS URIs
- (`nbds://`) are not supported. `flags`: 0 (read-only) or `COWBACKUP_OPEN_WRITE` (writable
+ (`nbds://`, `nbds+unix://`) work here when they carry `tls-certificates=DIR` (a directory
+ with `ca-cert.pem`, and optionally `client-cert.pem` + `client-key.pem`, as libnbd and
+ QEMU lay them out); `cowbackup_nbd_open_tls` takes the files as arguments. `flags`: 0 (read-only) or `COWBACKUP_OPEN_WRITE` (writable
  when the export is). An export the server marks read-only opens read-only whatever the
  flags: its writes, zeroing and discards then fail with -EROFS.
 
  The driver negotiates structured replies and `base:allocation` (block status reports the
  export's holes and zeroes), splits requests to the server's maximum (at most 32 MiB), and
  opens up to 4 connections on demand when the server allows several (`CAN_MULTI_CONN`), so
- a job's workers write in parallel. Every send and receive times out after 30 s. A lost
+ a job's workers write in parallel. Connecting plus the whole handshake, and every request
+ with its whole reply, must finish within 30 s (-ETIMEDOUT otherwise, however the server
+ trickles its bytes): a job stuck on a dead or hostile NBD target notices a cancel within
+ 30 s. A lost
  connection fails its request (-ECONNRESET, -EPIPE, -ETIMEDOUT...) and the next request
  reconnects; a flush after a connection was lost with unflushed writes fails with -EIO.
  Server errors come back as their errno with the server's message.
@@ -1340,7 +1456,36 @@ void cowbackup_nbd_server_stop(struct cowbackup_nbd_server *s);
  # Safety
  `uri` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
  */
-int cowbackup_nbd_open(const char *uri, uint32_t flags, struct cowbackup_driver **out);
+int cowbackup_nbd_open(const char *uri,
+                       uint32_t flags,
+                       struct cowbackup_driver **out);
+
+/*
+ `cowbackup_nbd_open` over TLS: `uri` must be `nbds://HOST[:PORT]/EXPORT` or
+ `nbds+unix:///EXPORT?socket=PATH`. `ca_pem`: PEM file of the CA(s) that sign the server's
+ certificate (required). `cert_pem` + `key_pem`: the client certificate and its key, for
+ servers that require one (both NULL, or both set). The server's certificate must carry
+ the URI's host name or IP address (for `nbds+unix://`: `localhost`, as libnbd does); a
+ `tls-hostname=NAME` URI parameter names another. TLS 1.3 or 1.2; every connection of the
+ driver (several with multi-conn) uses TLS, and a server that refuses STARTTLS fails the
+ open (-ENOTSUP) instead of falling back to plaintext.
+
+ Errors: as `cowbackup_nbd_open`; -EINVAL also for a NULL `ca_pem`, a certificate without
+ its key, files that are not PEM or do not match, a plaintext `nbd://` URI; -EIO when the
+ TLS handshake fails (the server's certificate is not trusted or not for that name, or the
+ server refused our certificate; the message says which); -ENOTSUP (built without the
+ `tls` feature, or the server does not offer TLS). Thread-safe.
+
+ # Safety
+ `uri` and `ca_pem` are NULL or NUL-terminated; `cert_pem` and `key_pem` are NULL or
+ NUL-terminated; `out` is NULL or valid for writes.
+ */
+int cowbackup_nbd_open_tls(const char *uri,
+                           uint32_t flags,
+                           const char *ca_pem,
+                           const char *cert_pem,
+                           const char *key_pem,
+                           struct cowbackup_driver **out);
 
 /*
  New options with the defaults: cluster size 65536, `COWBACKUP_SYNC_FULL`, 2 workers at

@@ -460,6 +460,8 @@ _file_create_mode = _declare("cowbackup_file_create_mode", c_int, [c_char_p, c_u
 _memory_new = _declare("cowbackup_memory_new", c_int, [c_uint64, _PP])
 _nbd_open = _declare("cowbackup_nbd_open", c_int, [c_char_p, c_uint32, _PP])
 _rbd_open = _declare("cowbackup_rbd_open", c_int, [c_char_p, c_char_p, c_uint32, _PP])
+_nbd_open_tls = _declare("cowbackup_nbd_open_tls", c_int,
+                         [c_char_p, c_uint32, c_char_p, c_char_p, c_char_p, _PP])
 _driver_size = _declare("cowbackup_driver_size", c_int, [_P, POINTER(c_uint64)])
 _driver_read = _declare("cowbackup_driver_read", c_int, [_P, c_uint64, c_void_p, c_size_t])
 _driver_write = _declare("cowbackup_driver_write", c_int, [_P, c_uint64, c_void_p, c_size_t])
@@ -524,6 +526,16 @@ _nbd_server_add = _declare("cowbackup_nbd_server_add", c_int, [_P, c_char_p, _P,
 _nbd_server_add_bitmap = _declare("cowbackup_nbd_server_add_bitmap", c_int, [_P, c_char_p, c_char_p, _P])
 _nbd_server_remove = _declare("cowbackup_nbd_server_remove", c_int, [_P, c_char_p])
 _nbd_server_stop = _declare("cowbackup_nbd_server_stop", None, [_P])
+_nbd_server_options_new = _declare("cowbackup_nbd_server_options_new", _P, [])
+_nbd_server_options_free = _declare("cowbackup_nbd_server_options_free", None, [_P])
+_nbd_server_options_set_tls = _declare("cowbackup_nbd_server_options_set_tls", c_int,
+                                       [_P, c_char_p, c_char_p, c_char_p])
+_nbd_server_options_allow = _declare("cowbackup_nbd_server_options_allow", c_int, [_P, c_char_p])
+_nbd_server_options_set_insecure = _declare("cowbackup_nbd_server_options_set_insecure", c_int,
+                                            [_P, ctypes.c_bool])
+_nbd_server_options_set_limits = _declare("cowbackup_nbd_server_options_set_limits", c_int,
+                                          [_P, c_uint32, c_uint32])
+_nbd_server_start_with = _declare("cowbackup_nbd_server_start_with", c_int, [c_char_p, _P, _PP])
 
 
 def _check(ret: int, what: str) -> None:
@@ -907,18 +919,32 @@ class Driver:
         return cls(_out_handle(_file_open, "cowbackup_file_open", raw, flags), "file")
 
     @classmethod
-    def nbd_open(cls, uri: str, write: bool = False) -> "Driver":
+    def nbd_open(cls, uri: str, write: bool = False, *, ca: Any = None, cert: Any = None,
+                 key: Any = None) -> "Driver":
         """Connect to an export of an NBD server (``qemu-nbd``, ``nbdkit``, ...).
 
         ``uri``: ``"nbd://HOST[:PORT]/EXPORT"`` or ``"nbd+unix:///EXPORT?socket=PATH"`` (the
-        NBD URI standard; the export name may be empty). Read-only unless ``write``; an
+        NBD URI standard; the export name may be empty), or over TLS ``"nbds://..."`` /
+        ``"nbds+unix://..."``. Read-only unless ``write``; an
         export the server marks read-only is read-only whatever ``write`` says (writes raise
         ``CowbackupError`` with errno EROFS). Block status reports the export's holes and
         zeroes; up to 4 connections are used in parallel when the server allows it.
 
+        TLS: ``ca`` is the PEM file of the CA that signs the server's certificate (which must
+        carry the URI's host or IP; ``localhost`` for Unix sockets; ``tls-hostname=NAME`` in
+        the URI names another); ``cert`` + ``key`` a client certificate for servers that
+        require one. Without ``ca``, an ``nbds://`` URI needs ``tls-certificates=DIR``
+        (``DIR/ca-cert.pem``, optional ``client-cert.pem`` + ``client-key.pem``). No
+        plaintext fallback: a server without TLS fails the open (errno ENOTSUP).
+
+        Connecting with the whole handshake, and every request with its whole reply, must
+        finish within 30 s (``TimeoutError`` otherwise): a job stuck on a dead or hostile
+        NBD target sees its cancel within 30 s.
+
         Raises :class:`InvalidArgument` for a URI that is not a valid NBD URI (the message
-        says why), and :class:`CowbackupError` with the connection's errno otherwise
-        (``FileNotFoundError`` for a missing socket or export, ``ConnectionRefusedError``,
+        says why) or TLS files that are not valid, and :class:`CowbackupError` with the
+        connection's errno otherwise (``FileNotFoundError`` for a missing socket or export,
+        ``ConnectionRefusedError``, ``PermissionError`` for a server that requires TLS,
         ``TimeoutError``...). Closing the driver disconnects once no job uses it.
         """
         if not isinstance(uri, str):
@@ -929,7 +955,15 @@ class Driver:
             raise InvalidArgument(_errno.EINVAL, "cowbackup_nbd_open: the URI contains NUL")
         raw = uri.encode("utf-8", "surrogateescape")
         flags = _OPEN_WRITE if write else 0
-        return cls(_out_handle(_nbd_open, "cowbackup_nbd_open", raw, flags), "nbd")
+        if ca is None and cert is None and key is None:
+            return cls(_out_handle(_nbd_open, "cowbackup_nbd_open", raw, flags), "nbd")
+        if ca is None:
+            raise InvalidArgument(_errno.EINVAL, "cowbackup_nbd_open_tls: cert/key need ca")
+        if (cert is None) != (key is None):
+            raise InvalidArgument(_errno.EINVAL, "cowbackup_nbd_open_tls: cert and key go together")
+        files = [_path_arg(ca), None if cert is None else _path_arg(cert),
+                 None if key is None else _path_arg(key)]
+        return cls(_out_handle(_nbd_open_tls, "cowbackup_nbd_open_tls", raw, flags, *files), "nbd")
 
     @classmethod
     def rbd_open(cls, spec: str, conf: Optional[Union[str, bytes, "os.PathLike[Any]"]] = None,
@@ -2229,29 +2263,91 @@ class NbdServer:
     server runs its own threads (one per client, at most 16 clients) which call the exported
     drivers, Python ones included. It holds its own references to drivers and bitmaps: they may
     be closed after :meth:`add`. A context manager (``__exit__`` stops it); thread-safe.
+
+    Security (see :meth:`start`): Unix sockets are created mode 0600; a TCP address that is
+    not loopback needs TLS or ``insecure=True``; with TLS, plaintext clients learn nothing.
     """
 
-    __slots__ = ("_h", "_address", "__weakref__")
+    __slots__ = ("_h", "_address", "_tls", "__weakref__")
 
-    def __init__(self, _ptr: int) -> None:
+    def __init__(self, _ptr: int, _tls: bool = False) -> None:
         """Internal: use :meth:`start`."""
         raw = _nbd_server_address(_ptr)
         self._address = (raw or b"").decode("utf-8", "replace")
+        self._tls = _tls
         self._h = _Handle(_ptr, f"cowbackup.NbdServer ({self._address})")
         _live_servers.add(self)
 
     @classmethod
-    def start(cls, address: str) -> "NbdServer":
-        """Listen on ``address``: ``"unix:PATH"`` (a Unix socket created at ``PATH``) or
-        ``"tcp:HOST:PORT"`` (port 0 picks a free one: see :attr:`address`).
+    def start(cls, address: str, *, tls: Any = None, allow: Any = (), insecure: bool = False,
+              max_connections: Optional[int] = None,
+              idle_timeout: Optional[float] = None) -> "NbdServer":
+        """Listen on ``address``: ``"unix:PATH"`` (a Unix socket created at ``PATH``, mode
+        0600: chmod it to let other users in) or ``"tcp:HOST:PORT"`` (port 0 picks a free
+        one: see :attr:`address`).
 
-        Raises TypeError (not a str), :class:`InvalidArgument` (malformed address),
+        ``tls``: ``(cert_pem, key_pem)`` or ``(cert_pem, key_pem, ca_pem)`` paths: serve over
+        TLS (``NBD_OPT_STARTTLS``, TLS 1.3/1.2); before STARTTLS a client gets
+        ``NBD_REP_ERR_TLS_REQD`` for every option and learns no export name or size. With
+        ``ca_pem`` clients must present a certificate signed by that CA, and when ``allow``
+        lists identities, one of them: ``"CN=alice,O=Example"`` (subject DN) or
+        ``"sha256:HEX"`` (certificate fingerprint). ``insecure``: serve plaintext on a TCP
+        address that is not loopback (refused by default: anyone reaching the port could read
+        and write the exports). ``max_connections`` (default 16) and ``idle_timeout`` in
+        seconds (default 300: a client that sends no whole request for that long is
+        disconnected).
+
+        Raises TypeError (wrong types), :class:`InvalidArgument` (malformed address, TLS files
+        that are not PEM or do not match, a malformed identity, ``allow`` without a CA, limits
+        out of range), ``FileNotFoundError`` (a TLS file is missing), ``PermissionError``
+        (errno EPERM: a non-loopback TCP address without TLS or ``insecure``),
         ``FileExistsError`` (``PATH`` exists and is not a socket: it is never removed), a
         :class:`CowbackupError` with errno EADDRINUSE (a server listens there already), or the
         errno of creating the socket.
         """
         raw = _nbd_name(address, "address")
-        return cls(_out_handle(_nbd_server_start, "cowbackup_nbd_server_start", raw))
+        if not isinstance(insecure, bool):
+            raise TypeError("insecure must be a bool")
+        if isinstance(allow, str):
+            allow = (allow,)
+        allow = list(allow)
+        files: List[Optional[bytes]] = []
+        if tls is not None:
+            if not isinstance(tls, (tuple, list)) or len(tls) not in (2, 3):
+                raise TypeError("tls must be (cert_pem, key_pem) or (cert_pem, key_pem, ca_pem)")
+            files = [_path_arg(tls[0]), _path_arg(tls[1]),
+                     _path_arg(tls[2]) if len(tls) == 3 and tls[2] is not None else None]
+        raw_allow = [_nbd_name(a, "allow identity") for a in allow]
+        limits = max_connections is not None or idle_timeout is not None
+        mc = 16 if max_connections is None else max_connections
+        it = 300.0 if idle_timeout is None else idle_timeout
+        if limits:
+            if not isinstance(mc, int) or isinstance(mc, bool):
+                raise TypeError("max_connections must be an int")
+            if not isinstance(it, (int, float)) or isinstance(it, bool):
+                raise TypeError("idle_timeout must be a number of seconds")
+            if not 1 <= mc <= 65536:
+                raise InvalidArgument(_errno.EINVAL, f"max_connections {mc}: 1 to 65536")
+            if not 0.001 <= it <= 4294967.295:
+                raise InvalidArgument(_errno.EINVAL, f"idle_timeout {it}: 0.001 to 4294967 seconds")
+        if tls is None and not allow and not insecure and not limits:
+            return cls(_out_handle(_nbd_server_start, "cowbackup_nbd_server_start", raw))
+        o = _nbd_server_options_new()
+        if not o:
+            raise CowbackupError(_errno.ENOMEM, _last_error() or "cowbackup_nbd_server_options_new failed")
+        try:
+            if tls is not None:
+                _check(_nbd_server_options_set_tls(o, *files), "cowbackup_nbd_server_options_set_tls")
+            for a in raw_allow:
+                _check(_nbd_server_options_allow(o, a), "cowbackup_nbd_server_options_allow")
+            _check(_nbd_server_options_set_insecure(o, insecure), "cowbackup_nbd_server_options_set_insecure")
+            if limits:
+                _check(_nbd_server_options_set_limits(o, mc, max(1, round(it * 1000))),
+                       "cowbackup_nbd_server_options_set_limits")
+            ptr = _out_handle(_nbd_server_start_with, "cowbackup_nbd_server_start_with", raw, o)
+        finally:
+            _nbd_server_options_free(o)
+        return cls(ptr, tls is not None)
 
     @property
     def address(self) -> str:
@@ -2265,10 +2361,12 @@ class NbdServer:
 
     def uri(self, export: str = "") -> str:
         """The NBD URI of ``export`` on this server (``nbd+unix:///NAME?socket=PATH`` or
-        ``nbd://IP:PORT/NAME``), for qemu-img, nbdcopy, nbdinfo and libnbd."""
+        ``nbd://IP:PORT/NAME``; ``nbds+unix://`` / ``nbds://`` when serving TLS), for
+        qemu-img, nbdcopy, nbdinfo and libnbd."""
+        s = "s" if self._tls else ""
         if self._address.startswith("unix:"):
-            return f"nbd+unix:///{export}?socket={self._address[5:]}"
-        return f"nbd://{self._address[4:]}/{export}"
+            return f"nbd{s}+unix:///{export}?socket={self._address[5:]}"
+        return f"nbd{s}://{self._address[4:]}/{export}"
 
     def add(self, name: str, driver: Driver, writable: bool = False) -> None:
         """Export ``driver`` as ``name`` (``""``: the default export), read-only unless

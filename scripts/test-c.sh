@@ -87,7 +87,7 @@ UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 
 stage "meson test: valgrind"
 meson test -C build/plain --print-errorlogs --no-rebuild --timeout-multiplier 10 \
-    --wrapper "valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --quiet" \
+    --wrapper "valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --quiet --suppressions=$root/scripts/valgrind.supp" \
     || fail "meson test (valgrind)"
 
 stage "nbdkit filter: capi/nbdkit/test.sh"

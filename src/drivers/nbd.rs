@@ -17,6 +17,17 @@
 //! connections, opened on demand). Without it, the spec gives no consistency between
 //! connections, so the driver uses exactly one and calls take turns on it.
 //!
+//! # TLS and deadlines
+//!
+//! `nbds://` and `nbds+unix://` URIs (cargo feature `tls`) send `NBD_OPT_STARTTLS` first on
+//! every connection and verify the server's certificate ([`crate::nbd::ClientTls`]: CA,
+//! host name or IP, `localhost` for Unix sockets, optional pinned SHA-256); a server that
+//! refuses fails the connect (`ENOTSUP`), never a plaintext fallback. Connecting plus the
+//! whole handshake, and every request with its whole reply, must finish within
+//! [`NbdOptions::timeout`] (`ETIMEDOUT`), however slowly a server trickles its bytes; a
+//! handshake option gets at most 1024 replies. So a job stuck on a dead or hostile NBD
+//! target notices a cancel within that timeout (30 s by default).
+//!
 //! A connection that fails (the server died, a timeout, a protocol violation) is closed;
 //! the next call opens a new one. A write acknowledged on a lost connection and not yet
 //! covered by a flush may be lost with it: the next [`BlockDriver::flush`] then fails with
@@ -92,16 +103,26 @@ impl fmt::Display for NbdAddress {
 /// `nbd+unix:///export?socket=PATH`.
 ///
 /// The export name is the path after its first `/`, percent-decoded (`nbd://h` and
-/// `nbd://h/` name the default export ""; `nbd://h//x` names "/x"). TLS schemes (`nbds`,
-/// `nbds+unix`), userinfo, fragments and query parameters other than `socket` (for
-/// `nbd+unix` only, required there) are refused: the driver does not speak TLS, and the
-/// spec asks clients to diagnose parameters they do not understand.
+/// `nbd://h/` name the default export ""; `nbd://h//x` names "/x"). The TLS schemes
+/// `nbds://` and `nbds+unix://` (cargo feature `tls`) take the query parameters
+/// `tls-hostname=NAME` (the name the server's certificate must carry) and
+/// `tls-certificates=DIR` (libnbd's and QEMU's layout: `DIR/ca-cert.pem`, and
+/// `DIR/client-cert.pem` + `DIR/client-key.pem` when present). Userinfo, fragments and
+/// other query parameters than these and `socket` (for the `+unix` schemes only, required
+/// there) are refused: the spec asks clients to diagnose parameters they do not understand.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
     /// The server.
     pub address: NbdAddress,
     /// The export name (may be empty: the server's default export).
     pub export: String,
+    /// `nbds://` or `nbds+unix://`: TLS is required.
+    pub tls: bool,
+    /// `tls-hostname=`: the name to verify in the server's certificate.
+    pub tls_hostname: Option<String>,
+    /// `tls-certificates=`: a directory with `ca-cert.pem` (and optionally
+    /// `client-cert.pem`, `client-key.pem`).
+    pub tls_certificates: Option<PathBuf>,
 }
 
 fn bad_uri(uri: &str, why: impl fmt::Display) -> io::Error {
@@ -134,10 +155,11 @@ impl NbdUri {
         let Some((scheme, rest)) = uri.split_once("://") else {
             return Err(bad_uri(uri, "expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH"));
         };
-        let unix = match scheme.to_ascii_lowercase().as_str() {
-            "nbd" => false,
-            "nbd+unix" => true,
-            "nbds" | "nbds+unix" => return Err(bad_uri(uri, "TLS (nbds) is not supported")),
+        let (unix, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "nbd" => (false, false),
+            "nbd+unix" => (true, false),
+            "nbds" => (false, true),
+            "nbds+unix" => (true, true),
             "nbd+vsock" | "nbds+vsock" => return Err(bad_uri(uri, "vsock is not supported")),
             other => {
                 return Err(bad_uri(
@@ -165,6 +187,8 @@ impl NbdUri {
             Err(_) => return Err(bad_uri(uri, "the export name is not UTF-8")),
         };
         let mut socket: Option<Vec<u8>> = None;
+        let mut tls_hostname: Option<String> = None;
+        let mut tls_certificates: Option<PathBuf> = None;
         for param in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
             let key = percent_decode(uri, key, "query")?;
@@ -176,7 +200,24 @@ impl NbdUri {
                     socket = Some(percent_decode(uri, value, "socket parameter")?);
                 }
                 b"socket" => return Err(bad_uri(uri, "socket= is only for nbd+unix:// URIs")),
-                k if k.starts_with(b"tls") => return Err(bad_uri(uri, "TLS is not supported")),
+                b"tls-hostname" if tls => {
+                    let v = String::from_utf8(percent_decode(uri, value, "tls-hostname")?)
+                        .map_err(|_| bad_uri(uri, "tls-hostname is not UTF-8"))?;
+                    if v.is_empty() || tls_hostname.is_some() {
+                        return Err(bad_uri(uri, "tls-hostname is empty or given twice"));
+                    }
+                    tls_hostname = Some(v);
+                }
+                b"tls-certificates" if tls => {
+                    let v = percent_decode(uri, value, "tls-certificates")?;
+                    if v.is_empty() || tls_certificates.is_some() {
+                        return Err(bad_uri(uri, "tls-certificates is empty or given twice"));
+                    }
+                    tls_certificates = Some(PathBuf::from(std::ffi::OsStr::from_bytes(&v)));
+                }
+                k if k.starts_with(b"tls") && !tls => {
+                    return Err(bad_uri(uri, "TLS parameters need an nbds:// or nbds+unix:// URI"))
+                }
                 k => {
                     return Err(bad_uri(
                         uri,
@@ -230,7 +271,7 @@ impl NbdUri {
             };
             NbdAddress::Tcp { host: host.to_owned(), port }
         };
-        Ok(NbdUri { address, export })
+        Ok(NbdUri { address, export, tls, tls_hostname, tls_certificates })
     }
 }
 
@@ -247,16 +288,34 @@ pub struct NbdOptions {
     pub write: bool,
     /// Most connections when the server advertises `CAN_MULTI_CONN` (default 4, at least 1).
     pub connections: usize,
-    /// Timeout of connecting and of every send and receive (default 30 s): a server that
-    /// stops answering fails the request with `ETIMEDOUT` instead of hanging it.
+    /// Deadline of connecting plus the whole handshake (TLS included), and of every
+    /// request with its whole reply (default 30 s): a server that stops answering, or
+    /// trickles its answer a byte at a time, fails the request with `ETIMEDOUT` instead of
+    /// hanging it. This is also the bound on how long a job stuck on an NBD target takes to
+    /// notice a cancel.
     pub timeout: Duration,
+    /// TLS settings for `nbds://` and `nbds+unix://` URIs (CA, client certificate,
+    /// hostname, pinned fingerprint); `None` with such a URI needs `tls-certificates=DIR`
+    /// in the URI. Setting it with a plaintext `nbd://` URI is an error (`EINVAL`).
+    #[cfg(feature = "tls")]
+    pub tls: Option<crate::nbd::tls::ClientTls>,
 }
 
 impl Default for NbdOptions {
     fn default() -> Self {
-        NbdOptions { write: true, connections: 4, timeout: Duration::from_secs(30) }
+        NbdOptions {
+            write: true,
+            connections: 4,
+            timeout: Duration::from_secs(30),
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
     }
 }
+
+/// Most replies the client accepts to one handshake option (INFO items, meta contexts):
+/// a server sending them without end fails the handshake instead of holding it.
+const MAX_OPTION_REPLIES: usize = 1024;
 
 // ---------------------------------------------------------------------------------------
 // Errors
@@ -418,6 +477,113 @@ impl Write for Stream {
     }
 }
 
+/// A socket with an optional overall deadline: while one is set, every read and write
+/// waits at most until it (a server trickling bytes cannot stretch a request or the
+/// handshake), and past it fails with `TimedOut`.
+struct Sock {
+    s: Stream,
+    deadline: Option<std::time::Instant>,
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "deadline passed")
+}
+
+impl Sock {
+    /// Bound the next socket wait by the deadline.
+    fn arm(&self, read: bool) -> io::Result<()> {
+        let Some(d) = self.deadline else { return Ok(()) };
+        let left = d.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        let t = Some(left.max(Duration::from_millis(1)));
+        match (&self.s, read) {
+            (Stream::Tcp(s), true) => s.set_read_timeout(t),
+            (Stream::Tcp(s), false) => s.set_write_timeout(t),
+            (Stream::Unix(s), true) => s.set_read_timeout(t),
+            (Stream::Unix(s), false) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(true)?;
+        self.s.read(buf)
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm(false)?;
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection's byte stream: the socket, or TLS over it (`nbds://`).
+enum Transport {
+    Plain(Sock),
+    #[cfg(feature = "tls")]
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Sock>>),
+    /// Only while upgrading to TLS.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    Gone,
+}
+
+impl Transport {
+    fn set_deadline(&mut self, d: Option<std::time::Instant>) {
+        match self {
+            Transport::Plain(s) => s.deadline = d,
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => t.sock.deadline = d,
+            Transport::Gone => {}
+        }
+    }
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => t.read(buf),
+            Transport::Gone => Err(not_connected()),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => t.write(buf),
+            Transport::Gone => Err(not_connected()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(_) | Transport::Gone => Ok(()),
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// The TLS configuration a driver's connections share (`None`: plaintext).
+#[cfg(feature = "tls")]
+type TlsConfig = Option<crate::nbd::tls::ClientTlsConfig>;
+#[cfg(not(feature = "tls"))]
+type TlsConfig = Option<std::convert::Infallible>;
+
 // ---------------------------------------------------------------------------------------
 // One connection
 // ---------------------------------------------------------------------------------------
@@ -447,8 +613,10 @@ enum Sink<'a> {
 /// One connection in transmission phase. Protected by the pool: only the thread that took
 /// it from the pool uses it.
 struct Conn {
-    reader: BufReader<Stream>,
-    writer: Stream,
+    /// Reads and writes (writes go to the inner transport, past the read buffer).
+    io: BufReader<Transport>,
+    /// A handle on the socket to shut it down.
+    handle: Stream,
     structured: bool,
     /// The id the server gave `base:allocation` on this connection.
     base_allocation: Option<u32>,
@@ -460,44 +628,96 @@ struct Conn {
 impl Conn {
     /// Connect and negotiate: greeting, structured replies, `base:allocation`, `GO` (or
     /// `EXPORT_NAME` for servers without `GO`).
-    fn open(addr: &NbdAddress, export: &str, timeout: Duration) -> io::Result<(Conn, ExportInfo)> {
+    fn open(addr: &NbdAddress, export: &str, timeout: Duration, tls: &TlsConfig) -> io::Result<(Conn, ExportInfo)> {
+        // One deadline for connecting and the whole handshake.
+        let deadline = std::time::Instant::now() + timeout;
         let stream = Stream::connect(addr, timeout)?;
-        let writer = stream.try_clone()?;
+        let handle = stream.try_clone()?;
         let mut conn = Conn {
-            reader: BufReader::with_capacity(64 << 10, stream),
-            writer,
+            io: BufReader::with_capacity(64 << 10, Transport::Plain(Sock { s: stream, deadline: Some(deadline) })),
+            handle,
             structured: false,
             base_allocation: None,
             next_cookie: 1,
             last_write: 0,
         };
-        let info = conn.handshake(export).map_err(|e| match e {
-            ProtoError::Io(e) => e,
+        let info = conn.handshake(export, tls, deadline).map_err(|e| match e {
+            ProtoError::Io(e) => {
+                let timed_out = matches!(e.raw_os_error(), Some(libc::EAGAIN))
+                    || (e.raw_os_error().is_none()
+                        && matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock));
+                if timed_out {
+                    err(libc::ETIMEDOUT, format!("handshake not finished within {timeout:?}: {e}"))
+                } else {
+                    e
+                }
+            }
             other => io::Error::new(io::ErrorKind::InvalidData, format!("handshake: {other}")),
         })?;
+        conn.io.get_mut().set_deadline(None);
         Ok((conn, info))
     }
 
     fn send_option(&mut self, opt: &ClientOption) -> proto::Result<()> {
         let mut out = Vec::new();
         opt.encode(&mut out)?;
-        self.writer.write_all(&out)?;
+        self.io.get_mut().write_all(&out)?;
         Ok(())
     }
 
-    fn handshake(&mut self, export: &str) -> proto::Result<ExportInfo> {
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake; everything after runs over TLS.
+    #[cfg(feature = "tls")]
+    fn start_tls(&mut self, tls: &crate::nbd::tls::ClientTlsConfig, deadline: std::time::Instant) -> proto::Result<()> {
+        self.send_option(&ClientOption::Other { code: proto::OPT_STARTTLS, data: Vec::new() })?;
+        let r = read_option_reply(&mut self.io, &Limits::default())?;
+        expect_option(r.option, proto::OPT_STARTTLS)?;
+        match r.parse()? {
+            OptionReplyBody::Ack => {}
+            OptionReplyBody::Error { message, .. } => {
+                return Err(ProtoError::Io(err(
+                    libc::ENOTSUP,
+                    format!("the server does not offer TLS (STARTTLS refused: {message})"),
+                )))
+            }
+            _ => return Err(ProtoError::Malformed("unexpected reply to STARTTLS".into())),
+        }
+        if !self.io.buffer().is_empty() {
+            return Err(ProtoError::Malformed("data after the STARTTLS reply".into()));
+        }
+        let io = std::mem::replace(&mut self.io, BufReader::new(Transport::Gone));
+        let Transport::Plain(sock) = io.into_inner() else {
+            return Err(ProtoError::Malformed("STARTTLS twice".into()));
+        };
+        let t = tls.connect(sock, deadline, |_, _| Ok(())).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => ProtoError::Io(err(libc::EIO, format!("TLS handshake failed: {e}"))),
+            _ => ProtoError::Io(e),
+        })?;
+        self.io = BufReader::with_capacity(64 << 10, Transport::Tls(Box::new(t)));
+        Ok(())
+    }
+
+    fn handshake(&mut self, export: &str, tls: &TlsConfig, deadline: std::time::Instant) -> proto::Result<ExportInfo> {
         let limits = Limits::default();
-        let hs = read_greeting(&mut self.reader)?;
+        let hs = read_greeting(&mut self.io)?;
         let no_zeroes = hs.contains(HandshakeFlags::NO_ZEROES);
         let mut cflags = ClientFlags::FIXED_NEWSTYLE;
         if no_zeroes {
             cflags |= ClientFlags::NO_ZEROES;
         }
-        self.writer.write_all(&encode_client_flags(cflags))?;
+        self.io.get_mut().write_all(&encode_client_flags(cflags))?;
+        #[cfg(feature = "tls")]
+        if let Some(tls) = tls {
+            if !hs.contains(HandshakeFlags::FIXED_NEWSTYLE) {
+                return Err(ProtoError::Io(err(libc::ENOTSUP, "the server is not fixed-newstyle: no TLS".into())));
+            }
+            self.start_tls(tls, deadline)?;
+        }
+        #[cfg(not(feature = "tls"))]
+        let _ = (tls, deadline);
 
         // Structured replies: an error reply just means simple replies.
         self.send_option(&ClientOption::StructuredReply)?;
-        let r = read_option_reply(&mut self.reader, &limits)?;
+        let r = read_option_reply(&mut self.io, &limits)?;
         expect_option(r.option, OPT_STRUCTURED_REPLY)?;
         match r.parse()? {
             OptionReplyBody::Ack => self.structured = true,
@@ -510,8 +730,11 @@ impl Conn {
                 export: export.to_owned(),
                 queries: vec![CONTEXT_BASE_ALLOCATION.into()],
             }))?;
-            loop {
-                let r = read_option_reply(&mut self.reader, &limits)?;
+            for n in 0.. {
+                if n == MAX_OPTION_REPLIES {
+                    return Err(ProtoError::Malformed("too many replies to SET_META_CONTEXT".into()));
+                }
+                let r = read_option_reply(&mut self.io, &limits)?;
                 expect_option(r.option, OPT_SET_META_CONTEXT)?;
                 match r.parse()? {
                     OptionReplyBody::MetaContext { id, name } if name == CONTEXT_BASE_ALLOCATION => {
@@ -529,8 +752,11 @@ impl Conn {
         self.send_option(&ClientOption::Go(InfoRequest { name: export.to_owned(), info: vec![INFO_BLOCK_SIZE] }))?;
         let mut export_info = None;
         let mut blocks = None;
-        loop {
-            let r = read_option_reply(&mut self.reader, &limits)?;
+        for n in 0.. {
+            if n == MAX_OPTION_REPLIES {
+                return Err(ProtoError::Malformed("too many replies to GO".into()));
+            }
+            let r = read_option_reply(&mut self.io, &limits)?;
             expect_option(r.option, OPT_GO)?;
             match r.parse()? {
                 OptionReplyBody::Info(Info::Export { size, flags }) => export_info = Some((size, flags)),
@@ -541,7 +767,7 @@ impl Conn {
                     // A server without GO (older than the spec's 2017 extension): the old way.
                     // It closes the connection when the export does not exist.
                     self.send_option(&ClientOption::ExportName(export.to_owned()))?;
-                    let (size, flags) = read_export_name_reply(&mut self.reader, no_zeroes).map_err(|e| match e {
+                    let (size, flags) = read_export_name_reply(&mut self.io, no_zeroes).map_err(|e| match e {
                         ProtoError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                             ProtoError::Io(io::Error::new(
                                 io::ErrorKind::NotFound,
@@ -557,7 +783,7 @@ impl Conn {
                     let (errno, what) = match code {
                         REP_ERR_UNKNOWN => (libc::ENOENT, "no such export"),
                         REP_ERR_POLICY => (libc::EACCES, "refused by the server's policy"),
-                        REP_ERR_TLS_REQD => (libc::EACCES, "the server requires TLS (not supported)"),
+                        REP_ERR_TLS_REQD => (libc::EACCES, "the server requires TLS (use an nbds:// URI)"),
                         REP_ERR_SHUTDOWN => (libc::ESHUTDOWN, "the server is shutting down"),
                         REP_ERR_PLATFORM => (libc::ENOTSUP, "not supported by the server's platform"),
                         REP_ERR_INVALID => (libc::EINVAL, "invalid request"),
@@ -596,7 +822,15 @@ impl Conn {
     }
 
     /// Send one request (its cookie is set here) and read its whole reply into `sink`.
-    fn request(&mut self, mut req: Request, payload: &[u8], mut sink: Sink<'_>) -> Result<(), ReqError> {
+    fn request(&mut self, req: Request, payload: &[u8], sink: Sink<'_>, timeout: Duration) -> Result<(), ReqError> {
+        // The whole request and its whole reply within the timeout.
+        self.io.get_mut().set_deadline(Some(std::time::Instant::now() + timeout));
+        let r = self.request_inner(req, payload, sink);
+        self.io.get_mut().set_deadline(None);
+        r
+    }
+
+    fn request_inner(&mut self, mut req: Request, payload: &[u8], mut sink: Sink<'_>) -> Result<(), ReqError> {
         req.cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1);
         let header = req.encode();
@@ -604,9 +838,10 @@ impl Conn {
             let mut b = Vec::with_capacity(header.len() + payload.len());
             b.extend_from_slice(&header);
             b.extend_from_slice(payload);
-            self.writer.write_all(&b)
+            self.io.get_mut().write_all(&b)
         } else {
-            self.writer.write_all(&header).and_then(|()| self.writer.write_all(payload))
+            let w = self.io.get_mut();
+            w.write_all(&header).and_then(|()| w.write_all(payload))
         };
         sent.map_err(|e| fatal_io("send", e))?;
         if self.structured {
@@ -617,7 +852,7 @@ impl Conn {
     }
 
     fn simple_reply(&mut self, req: &Request, sink: &mut Sink<'_>) -> Result<(), ReqError> {
-        match read_reply_header(&mut self.reader).map_err(fatal)? {
+        match read_reply_header(&mut self.io).map_err(fatal)? {
             ReplyHeader::Simple { error, cookie } => {
                 if cookie != req.cookie {
                     return Err(fatal(ProtoError::Malformed(format!(
@@ -629,7 +864,7 @@ impl Conn {
                     return Err(ReqError::server(server_error(error, "")));
                 }
                 if let Sink::Read(buf) = sink {
-                    self.reader.read_exact(buf).map_err(|e| fatal_io("receive", e))?;
+                    self.io.read_exact(buf).map_err(|e| fatal_io("receive", e))?;
                 }
                 Ok(())
             }
@@ -646,7 +881,7 @@ impl Conn {
         let mut error: Option<io::Error> = None;
         let mut got_status = false;
         loop {
-            let h = match read_reply_header(&mut self.reader).map_err(fatal)? {
+            let h = match read_reply_header(&mut self.io).map_err(fatal)? {
                 ReplyHeader::Chunk(h) => h,
                 ReplyHeader::Simple { error: e, cookie } => {
                     // Allowed for errors, and for success of commands without reply data.
@@ -674,7 +909,7 @@ impl Conn {
                     continue;
                 }
             }
-            let payload = read_chunk_payload(&mut self.reader, &h, &limits).map_err(fatal)?;
+            let payload = read_chunk_payload(&mut self.io, &h, &limits).map_err(fatal)?;
             let chunk = parse_chunk(&h, &payload).map_err(fatal)?;
             check_chunk(req, &h, &chunk, &contexts).map_err(fatal)?;
             match chunk {
@@ -749,7 +984,7 @@ impl Conn {
             return Err(fatal(ProtoError::Malformed("OFFSET_DATA chunk without data".into())));
         }
         let mut off = [0u8; 8];
-        self.reader.read_exact(&mut off).map_err(|e| fatal_io("receive", e))?;
+        self.io.read_exact(&mut off).map_err(|e| fatal_io("receive", e))?;
         let offset = u64::from_be_bytes(off);
         let n = u64::from(h.len - 8);
         let end = req.offset + u64::from(req.len);
@@ -757,7 +992,7 @@ impl Conn {
             return Err(fatal(ProtoError::Malformed("OFFSET_DATA outside the read request".into())));
         }
         let at = (offset - req.offset) as usize;
-        self.reader.read_exact(&mut buf[at..at + n as usize]).map_err(|e| fatal_io("receive", e))?;
+        self.io.read_exact(&mut buf[at..at + n as usize]).map_err(|e| fatal_io("receive", e))?;
         covered.push((offset, n));
         Ok(())
     }
@@ -765,8 +1000,14 @@ impl Conn {
     /// Say goodbye: `NBD_CMD_DISC` (no reply), then close.
     fn disconnect(mut self) {
         let req = Request { flags: CommandFlags::empty(), command: CMD_DISC, cookie: 0, offset: 0, len: 0 };
-        let _ = self.writer.write_all(&req.encode());
-        self.writer.shutdown();
+        self.io.get_mut().set_deadline(Some(std::time::Instant::now() + Duration::from_secs(1)));
+        let _ = self.io.get_mut().write_all(&req.encode());
+        #[cfg(feature = "tls")]
+        if let Transport::Tls(t) = self.io.get_mut() {
+            t.conn.send_close_notify();
+            let _ = t.conn.write_tls(&mut t.sock);
+        }
+        self.handle.shutdown();
     }
 }
 
@@ -831,6 +1072,8 @@ pub struct NbdDriver {
     /// a multiple of the minimum block size.
     max_request: u64,
     timeout: Duration,
+    /// TLS for every connection (`nbds://`), built once.
+    tls: TlsConfig,
     /// Idle connections and the open count; `freed` is signalled when one is returned.
     pool: Mutex<Pool>,
     freed: Condvar,
@@ -884,7 +1127,7 @@ impl Drop for Taken<'_> {
             if conn.last_write > d.flushed_upto.load(Ordering::Acquire) {
                 d.lost_writes.store(true, Ordering::Release);
             }
-            conn.writer.shutdown();
+            conn.handle.shutdown();
         }
         let mut pool = d.lock_pool();
         if broken {
@@ -899,15 +1142,27 @@ impl Drop for Taken<'_> {
 
 impl NbdDriver {
     /// Connect to the export named by `uri` (`nbd://host[:port]/export`,
-    /// `nbd+unix:///export?socket=PATH`) with the default [`NbdOptions`]: writable when the
+    /// `nbd+unix:///export?socket=PATH`; over TLS `nbds://…` / `nbds+unix://…` with
+    /// `tls-certificates=DIR`) with the default [`NbdOptions`]: writable when the
     /// export is, up to 4 connections, 30 s timeouts.
     ///
     /// Errors: `EINVAL` (`InvalidInput`) for a bad URI; the connection's errno
     /// (`ECONNREFUSED`, `ENOENT` for a missing socket, `ETIMEDOUT`...); `ENOENT` when the
-    /// server has no such export; `EIO` for a peer that breaks the protocol. Every
+    /// server has no such export; `EIO` for a peer that breaks the protocol or a failed TLS
+    /// handshake (untrusted certificate, wrong name; `ECONNRESET` or `EIO` when the server refuses our certificate); `EACCES` for a
+    /// plaintext URI to a server that requires TLS; `ENOTSUP` when the server refuses
+    /// STARTTLS; `ETIMEDOUT` when the handshake does not finish in time. Every
     /// message names the URI.
     pub fn connect(uri: &str) -> io::Result<NbdDriver> {
         Self::connect_with(uri, &NbdOptions::default())
+    }
+
+    /// Connect over TLS to an `nbds://` or `nbds+unix://` URI with the default options and
+    /// the TLS settings `tls` (CA, optional client certificate, hostname, pin). Errors as
+    /// [`NbdDriver::connect`]; `EINVAL` for a plaintext URI or TLS files that are not valid.
+    #[cfg(feature = "tls")]
+    pub fn connect_tls(uri: &str, tls: crate::nbd::ClientTls) -> io::Result<NbdDriver> {
+        Self::connect_with(uri, &NbdOptions { tls: Some(tls), ..Default::default() })
     }
 
     /// Connect with explicit options (see [`NbdOptions`]). Errors as [`NbdDriver::connect`].
@@ -916,8 +1171,9 @@ impl NbdDriver {
         if opts.timeout.is_zero() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "NBD timeout must not be 0"));
         }
+        let tls = tls_config(uri, &parsed, opts)?;
         let (conn, info) =
-            Conn::open(&parsed.address, &parsed.export, opts.timeout).map_err(|e| with_uri(uri, "connect", e))?;
+            Conn::open(&parsed.address, &parsed.export, opts.timeout, &tls).map_err(|e| with_uri(uri, "connect", e))?;
         if info.size == 0 {
             conn.disconnect();
             return Err(err(libc::EINVAL, format!("NBD {uri}: the export is empty (size 0)")));
@@ -935,6 +1191,7 @@ impl NbdDriver {
             max_conns,
             max_request,
             timeout: opts.timeout,
+            tls,
             pool: Mutex::new(Pool { idle: vec![conn], open: 1 }),
             freed: Condvar::new(),
             write_seq: AtomicU64::new(0),
@@ -1020,8 +1277,8 @@ impl NbdDriver {
 
     /// A new connection to the same export, which must still look the same.
     fn open_conn(&self) -> io::Result<Conn> {
-        let (conn, info) =
-            Conn::open(&self.address, &self.export, self.timeout).map_err(|e| with_uri(&self.uri, "connect", e))?;
+        let (conn, info) = Conn::open(&self.address, &self.export, self.timeout, &self.tls)
+            .map_err(|e| with_uri(&self.uri, "connect", e))?;
         if info.size != self.info.size || info.flags != self.info.flags || info.structured != self.info.structured {
             conn.disconnect();
             return Err(err(
@@ -1040,7 +1297,7 @@ impl NbdDriver {
     fn run(&self, what: &str, command: u16, offset: u64, len: u32, payload: &[u8], sink: Sink<'_>) -> io::Result<()> {
         let mut conn = self.take().map_err(|e| with_context(&self.uri, what, offset, u64::from(len), e))?;
         let req = Request { flags: CommandFlags::empty(), command, cookie: 0, offset, len };
-        match conn.request(req, payload, sink) {
+        match conn.request(req, payload, sink, self.timeout) {
             Ok(()) => {
                 if command == CMD_WRITE || command == CMD_WRITE_ZEROES || command == CMD_TRIM {
                     conn.last_write = self.write_seq.fetch_add(1, Ordering::AcqRel) + 1;
@@ -1089,6 +1346,52 @@ impl NbdDriver {
         }
         Ok(())
     }
+}
+
+/// The TLS configuration for `parsed` (built from `opts.tls` and the URI's `tls-*`
+/// parameters), `None` for plaintext URIs.
+#[cfg(feature = "tls")]
+fn tls_config(uri: &str, parsed: &NbdUri, opts: &NbdOptions) -> io::Result<TlsConfig> {
+    if !parsed.tls {
+        if opts.tls.is_some() {
+            return Err(bad_uri(uri, "TLS settings given with a plaintext URI (use nbds:// or nbds+unix://)"));
+        }
+        return Ok(None);
+    }
+    if opts.tls.is_none() && parsed.tls_certificates.is_none() {
+        return Err(bad_uri(
+            uri,
+            "nbds:// needs the TLS files: tls-certificates=DIR in the URI, or a CA file (NbdOptions::tls, \
+             cowbackup_nbd_open_tls)",
+        ));
+    }
+    let mut t = opts.tls.clone().unwrap_or_default();
+    if let Some(dir) = &parsed.tls_certificates {
+        if t.ca_pem.is_none() {
+            t.ca_pem = Some(dir.join("ca-cert.pem"));
+        }
+        let (c, k) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+        if t.cert_pem.is_none() && t.key_pem.is_none() && c.exists() && k.exists() {
+            t.cert_pem = Some(c);
+            t.key_pem = Some(k);
+        }
+    }
+    if parsed.tls_hostname.is_some() {
+        t.hostname = parsed.tls_hostname.clone();
+    }
+    let host = match &parsed.address {
+        NbdAddress::Tcp { host, .. } => Some(host.as_str()),
+        NbdAddress::Unix(_) => None,
+    };
+    t.build(host).map(Some).map_err(|e| with_uri(uri, "TLS setup", io::Error::from(e)))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_config(uri: &str, parsed: &NbdUri, _opts: &NbdOptions) -> io::Result<TlsConfig> {
+    if parsed.tls {
+        return Err(bad_uri(uri, "this build has no TLS (cargo feature tls)"));
+    }
+    Ok(None)
 }
 
 fn with_uri(uri: &str, what: &str, e: io::Error) -> io::Error {
@@ -1251,7 +1554,13 @@ mod tests {
     fn uris_of_the_spec() {
         assert_eq!(
             parse("nbd://example.com/disk"),
-            NbdUri { address: tcp("example.com", 10809), export: "disk".into() }
+            NbdUri {
+                address: tcp("example.com", 10809),
+                export: "disk".into(),
+                tls: false,
+                tls_hostname: None,
+                tls_certificates: None
+            }
         );
         assert_eq!(parse("nbd://example.com/").export, "");
         assert_eq!(parse("nbd://example.com").export, "");
@@ -1263,7 +1572,13 @@ mod tests {
         assert_eq!(parse("nbd://h:/x").address, tcp("h", 10809));
         assert_eq!(
             parse("nbd+unix:///disk?socket=/tmp/nbd.sock"),
-            NbdUri { address: NbdAddress::Unix("/tmp/nbd.sock".into()), export: "disk".into() }
+            NbdUri {
+                address: NbdAddress::Unix("/tmp/nbd.sock".into()),
+                export: "disk".into(),
+                tls: false,
+                tls_hostname: None,
+                tls_certificates: None
+            }
         );
         assert_eq!(parse("nbd+unix://?socket=s").export, "");
         assert_eq!(parse("nbd+unix:///?socket=a%20b").address, NbdAddress::Unix("a b".into()));
@@ -1276,8 +1591,10 @@ mod tests {
             ("", "expected nbd://"),
             ("disk.img", "expected nbd://"),
             ("http://h/x", "unknown scheme"),
-            ("nbds://h/x", "TLS"),
-            ("nbds+unix:///x?socket=s", "TLS"),
+            ("nbds://h/x?tls-foo=1", "unknown query parameter"),
+            ("nbds://h/x?tls-hostname=", "empty"),
+            ("nbds+unix:///x?tls-certificates=/a&tls-certificates=/b&socket=s", "twice"),
+            ("nbds+unix:///x", "socket=PATH"),
             ("nbd+vsock://1/x", "vsock"),
             ("nbd:///x", "no host"),
             ("nbd://h:0/x", "bad port"),
@@ -1304,6 +1621,14 @@ mod tests {
             assert_eq!(crate::error::errno_of(&e), libc::EINVAL, "{uri}");
             assert!(e.to_string().contains(why), "{uri}: {e}");
         }
+        let t = NbdUri::parse("nbds+unix:///d?socket=/s&tls-hostname=srv&tls-certificates=/pki").unwrap();
+        assert!(t.tls);
+        assert_eq!(t.address, NbdAddress::Unix("/s".into()));
+        assert_eq!(t.tls_hostname.as_deref(), Some("srv"));
+        assert_eq!(t.tls_certificates, Some(PathBuf::from("/pki")));
+        let t = NbdUri::parse("nbds://h:99/d").unwrap();
+        assert!(t.tls && t.tls_hostname.is_none());
+        assert_eq!(t.address, tcp("h", 99));
         let long = format!("nbd://h/{}", "x".repeat(4097));
         assert!(NbdUri::parse(&long).unwrap_err().to_string().contains("longer than"));
     }

@@ -7,7 +7,7 @@ use std::os::raw::{c_char, c_int};
 use super::bitmap::cowbackup_bitmap;
 use super::driver::cowbackup_driver;
 use super::error::{fail, invalid, result, set_last_error};
-use crate::nbd::Server;
+use crate::nbd::{Server, ServerOptions};
 
 /// `cowbackup_nbd_server_add` flag: clients may write (WRITE, WRITE_ZEROES, TRIM, FLUSH).
 /// Without it the export is read-only (writes fail with EPERM on the client) and advertises
@@ -46,11 +46,15 @@ unsafe fn utf8<'a>(s: *const c_char, function: &str, arg: &str) -> Option<&'a st
 /// back with `cowbackup_nbd_server_address`). The server exports nothing until
 /// `cowbackup_nbd_server_add`. Protocol: fixed newstyle NBD with structured replies,
 /// metadata contexts `base:allocation` and `qemu:dirty-bitmap:NAME`; at most 16 clients at a
-/// time, 32 MiB requests; a misbehaving client gets an NBD error or is disconnected.
+/// time, 32 MiB requests, 5 minutes idle timeout; a misbehaving client gets an NBD error or
+/// is disconnected. No TLS: a TCP address that is not loopback is refused (-EPERM); use
+/// `cowbackup_nbd_server_start_with` for TLS, client authorization, limits, or to serve
+/// plaintext beyond loopback on purpose. The Unix socket file is created mode 0600 (the
+/// caller may chmod it afterwards to let others in).
 ///
 /// On success `*out` is the server (stop and free it with `cowbackup_nbd_server_stop`).
-/// Errors: -EINVAL (NULL argument, malformed address); -EADDRINUSE (a server listens there);
-/// -EEXIST; other socket errors as -errno.
+/// Errors: -EINVAL (NULL argument, malformed address); -EPERM (non-loopback TCP address);
+/// -EADDRINUSE (a server listens there); -EEXIST; other socket errors as -errno.
 ///
 /// # Safety
 /// `address` is NULL or a NUL-terminated string; `out` is NULL or valid for writes.
@@ -66,16 +70,262 @@ pub unsafe extern "C" fn cowbackup_nbd_server_start(
         let Some(address) = (unsafe { utf8(address, "cowbackup_nbd_server_start", "address") }) else {
             return -libc::EINVAL;
         };
-        match Server::start(address) {
-            Ok(server) => {
-                let address = CString::new(server.address()).unwrap_or_default();
-                let handle = Box::into_raw(Box::new(cowbackup_nbd_server { server, address }));
-                // SAFETY: checked non-NULL above; the caller guarantees it is writable.
-                unsafe { out.write(handle) };
-                0
-            }
-            Err(e) => fail("cowbackup_nbd_server_start", &e),
+        // SAFETY: `out` was checked non-NULL; the caller guarantees it is writable.
+        unsafe { start(address, ServerOptions::default(), out, "cowbackup_nbd_server_start") }
+    })
+}
+
+/// Start the server and write the handle to `out`.
+///
+/// # Safety
+/// `out` is non-NULL and valid for writes.
+unsafe fn start(address: &str, opts: ServerOptions, out: *mut *mut cowbackup_nbd_server, function: &str) -> c_int {
+    match Server::start_with(address, opts) {
+        Ok(server) => {
+            let address = CString::new(server.address()).unwrap_or_default();
+            let handle = Box::into_raw(Box::new(cowbackup_nbd_server { server, address }));
+            // SAFETY: non-NULL and writable (this function's contract).
+            unsafe { out.write(handle) };
+            0
         }
+        Err(e) => fail(function, &e),
+    }
+}
+
+/// Options of an NBD server (opaque): TLS credentials, client authorization, the insecure
+/// switch, limits. Made by `cowbackup_nbd_server_options_new` with the defaults (no TLS,
+/// loopback/Unix only, 16 connections, 5 minutes idle timeout), changed by the setters (each
+/// validates at once; a failed setter changes nothing), read by
+/// `cowbackup_nbd_server_start_with` (which copies them: they may be freed or reused
+/// afterwards). Not thread-safe: do not change one options object from two threads at once.
+pub struct cowbackup_nbd_server_options {
+    inner: ServerOptions,
+    /// Allowed client identities (checked for syntax when added, applied by start_with).
+    allow: Vec<String>,
+}
+
+/// New server options with the defaults. Free with `cowbackup_nbd_server_options_free`.
+/// Returns NULL only on an internal error. Thread-safe.
+#[no_mangle]
+pub extern "C" fn cowbackup_nbd_server_options_new() -> *mut cowbackup_nbd_server_options {
+    ffi_panic_boundary!("cowbackup_nbd_server_options_new", {
+        Box::into_raw(Box::new(cowbackup_nbd_server_options { inner: ServerOptions::default(), allow: Vec::new() }))
+    })
+}
+
+/// Free server options. NULL: nothing. Servers started with them are not affected.
+///
+/// # Safety
+/// `o` is NULL or a live options object, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_nbd_server_options_free(o: *mut cowbackup_nbd_server_options) {
+    ffi_panic_boundary!("cowbackup_nbd_server_options_free", {
+        if !o.is_null() {
+            // SAFETY: made by Box::into_raw in cowbackup_nbd_server_options_new, freed once
+            // (caller's guarantee).
+            drop(unsafe { Box::from_raw(o) });
+        }
+    })
+}
+
+/// A path argument (any bytes but NUL).
+///
+/// # Safety
+/// `s` is non-NULL and NUL-terminated.
+#[cfg(feature = "tls")]
+unsafe fn path<'a>(s: *const c_char) -> &'a std::path::Path {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: the caller's guarantee.
+    std::path::Path::new(std::ffi::OsStr::from_bytes(unsafe { CStr::from_ptr(s) }.to_bytes()))
+}
+
+/// Serve NBD over TLS (`NBD_OPT_STARTTLS`, TLS 1.3 or 1.2) with the server certificate
+/// chain `cert_pem` (PEM file, leaf first) and its private key `key_pem` (PEM: PKCS#8,
+/// PKCS#1 or SEC1). `ca_pem`: NULL (clients need no certificate) or a PEM file of the CA
+/// that signs client certificates: then every client must present a certificate that
+/// chains to it, and, when identities were allowed with `cowbackup_nbd_server_options_allow`,
+/// is one of them. With TLS, a client that sends any option but STARTTLS (or ABORT) first
+/// gets `NBD_REP_ERR_TLS_REQD` and learns nothing (no export names, sizes or flags); after
+/// STARTTLS everything is encrypted, with no way back. The files are read now. Setting TLS
+/// again replaces the credentials (the allow-list stays).
+///
+/// Errors: -EINVAL (NULL `o`, `cert_pem` or `key_pem`; a file that is not PEM or holds no
+/// certificate / key; a key that does not match the certificate; the message names the
+/// file); the file's errno (-ENOENT, -EACCES); -ENOTSUP (built without the `tls` feature).
+///
+/// # Safety
+/// `o` is NULL or a live options object; the paths are NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_nbd_server_options_set_tls(
+    o: *mut cowbackup_nbd_server_options,
+    cert_pem: *const c_char,
+    key_pem: *const c_char,
+    ca_pem: *const c_char,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_nbd_server_options_set_tls", {
+        let o = try_mut!(o, "cowbackup_nbd_server_options_set_tls", "o");
+        let _ = try_ref!(cert_pem, "cowbackup_nbd_server_options_set_tls", "cert_pem");
+        let _ = try_ref!(key_pem, "cowbackup_nbd_server_options_set_tls", "key_pem");
+        #[cfg(feature = "tls")]
+        {
+            // SAFETY: non-NULL (checked) or NULL-checked here; NUL-terminated (caller's guarantee).
+            let (cert, key) = unsafe { (path(cert_pem), path(key_pem)) };
+            // SAFETY: as above.
+            let ca = if ca_pem.is_null() { None } else { Some(unsafe { path(ca_pem) }) };
+            match crate::nbd::ServerTls::from_pem_files(cert, key, ca) {
+                Ok(t) => {
+                    o.inner.tls = Some(t);
+                    0
+                }
+                Err(e) => fail("cowbackup_nbd_server_options_set_tls", &e),
+            }
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = (o, ca_pem);
+            set_last_error("cowbackup_nbd_server_options_set_tls: built without TLS (cargo feature tls)");
+            -libc::ENOTSUP
+        }
+    })
+}
+
+/// Allow one client identity (TLS with a CA must be set by the time the server starts;
+/// `cowbackup_nbd_server_start_with` fails with -EINVAL otherwise): a
+/// certificate subject DN, most specific attribute first as GnuTLS and QEMU's `tls-authz`
+/// print it (`"CN=alice,O=Example"`; the reverse order `"O=Example,CN=alice"` that
+/// `openssl x509 -subject` prints matches too; attribute names case-insensitive, values
+/// exact, `\` escapes `,` `+` `=`), or the SHA-256 fingerprint of the certificate's DER
+/// (`"sha256:HEX"`, 64 hex digits, `:` separators allowed). Call once per identity; a
+/// client whose verified certificate matches none is refused after the TLS handshake. No
+/// call: every certificate the CA signed is accepted.
+///
+/// Errors: -EINVAL (NULL argument, malformed identity); -ENOTSUP (built without TLS).
+///
+/// # Safety
+/// `o` is NULL or a live options object; `identity` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_nbd_server_options_allow(
+    o: *mut cowbackup_nbd_server_options,
+    identity: *const c_char,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_nbd_server_options_allow", {
+        let o = try_mut!(o, "cowbackup_nbd_server_options_allow", "o");
+        let _ = try_ref!(identity, "cowbackup_nbd_server_options_allow", "identity");
+        // SAFETY: non-NULL (checked); NUL-terminated (caller's guarantee).
+        let Some(identity) = (unsafe { utf8(identity, "cowbackup_nbd_server_options_allow", "identity") }) else {
+            return -libc::EINVAL;
+        };
+        #[cfg(feature = "tls")]
+        {
+            if let Err(e) = crate::nbd::tls::check_identity(identity) {
+                return fail("cowbackup_nbd_server_options_allow", &e);
+            }
+            o.allow.push(identity.to_owned());
+            0
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = (o, identity);
+            set_last_error("cowbackup_nbd_server_options_allow: built without TLS (cargo feature tls)");
+            -libc::ENOTSUP
+        }
+    })
+}
+
+/// Allow (`true`) a TCP address that is not loopback without TLS. Default `false`: such a
+/// server refuses to start (-EPERM), since anyone who reaches the port could read every
+/// export and write the writable ones. Errors: -EINVAL (NULL `o`).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_nbd_server_options_set_insecure(
+    o: *mut cowbackup_nbd_server_options,
+    insecure: bool,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_nbd_server_options_set_insecure", {
+        let o = try_mut!(o, "cowbackup_nbd_server_options_set_insecure", "o");
+        o.inner.insecure = insecure;
+        0
+    })
+}
+
+/// Set the most connections served at once (default 16; more are disconnected at once) and
+/// the idle timeout in milliseconds (default 300000): a connection past the handshake that
+/// does not send a whole request (header and payload) within it is closed, so idle or
+/// trickling clients cannot hold the connection slots. (The handshake has its own 30 s
+/// limit.) Errors: -EINVAL (NULL `o`, either value 0, more than 65536 connections).
+///
+/// # Safety
+/// `o` is NULL or a live options object.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_nbd_server_options_set_limits(
+    o: *mut cowbackup_nbd_server_options,
+    max_connections: u32,
+    idle_timeout_ms: u32,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_nbd_server_options_set_limits", {
+        let o = try_mut!(o, "cowbackup_nbd_server_options_set_limits", "o");
+        if max_connections == 0 || max_connections > 65536 || idle_timeout_ms == 0 {
+            return invalid(format!(
+                "cowbackup_nbd_server_options_set_limits: max_connections {max_connections} (1..=65536) and \
+                 idle_timeout_ms {idle_timeout_ms} (> 0)"
+            ));
+        }
+        o.inner.max_connections = max_connections as usize;
+        o.inner.idle_timeout = std::time::Duration::from_millis(u64::from(idle_timeout_ms));
+        0
+    })
+}
+
+/// `cowbackup_nbd_server_start` with options `o` (copied; NULL: the defaults). With TLS set,
+/// any TCP address is allowed; without, a non-loopback TCP address needs
+/// `cowbackup_nbd_server_options_set_insecure(o, true)`.
+///
+/// Errors: as `cowbackup_nbd_server_start` (-EPERM: non-loopback TCP without TLS or
+/// insecure); -EINVAL also for an allow-list without TLS with a CA.
+///
+/// # Safety
+/// `address` is NULL or NUL-terminated; `o` is NULL or a live options object; `out` is NULL
+/// or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_nbd_server_start_with(
+    address: *const c_char,
+    o: *const cowbackup_nbd_server_options,
+    out: *mut *mut cowbackup_nbd_server,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_nbd_server_start_with", {
+        check_out!(out, "cowbackup_nbd_server_start_with", "out");
+        let _ = try_ref!(address, "cowbackup_nbd_server_start_with", "address");
+        // SAFETY: non-NULL (checked); NUL-terminated (caller's guarantee).
+        let Some(address) = (unsafe { utf8(address, "cowbackup_nbd_server_start_with", "address") }) else {
+            return -libc::EINVAL;
+        };
+        // SAFETY: NULL or a live options object (caller's guarantee).
+        let (opts, allow) = if o.is_null() {
+            (ServerOptions::default(), Vec::new())
+        } else {
+            // SAFETY: as above.
+            let o = unsafe { &*o };
+            (o.inner.clone(), o.allow.clone())
+        };
+        #[allow(unused_mut)]
+        let mut opts = opts;
+        #[cfg(feature = "tls")]
+        if !allow.is_empty() {
+            let Some(t) = opts.tls.as_mut() else {
+                return invalid("cowbackup_nbd_server_start_with: an allow-list needs TLS with a CA");
+            };
+            for id in &allow {
+                if let Err(e) = t.allow(id) {
+                    return fail("cowbackup_nbd_server_start_with", &e);
+                }
+            }
+        }
+        #[cfg(not(feature = "tls"))]
+        let _ = allow;
+        // SAFETY: `out` was checked non-NULL; the caller guarantees it is writable.
+        unsafe { start(address, opts, out, "cowbackup_nbd_server_start_with") }
     })
 }
 

@@ -6,8 +6,14 @@
 //!   hostile peers (limits, no panics, errors as values).
 //! - [`Server`]: the server (`server.rs`): exports, `base:allocation` and
 //!   `qemu:dirty-bitmap:NAME` contexts, one thread per connection.
+//! - [`tls`] (cargo feature `tls`, default): `NBD_OPT_STARTTLS` with X.509 credentials and
+//!   an allow-list of client identities, shared by the server and the `nbds://` client.
 
 pub mod proto;
 mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use server::{Server, ServerOptions};
+#[cfg(feature = "tls")]
+pub use tls::{ClientTls, ServerTls};

@@ -194,7 +194,8 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// `NBD_OPT_LIST`: list the exports.
 pub const OPT_LIST: u32 = 3;
-/// `NBD_OPT_STARTTLS` (not supported by cowbackup; answered `NBD_REP_ERR_UNSUP`).
+/// `NBD_OPT_STARTTLS`: upgrade the connection to TLS (cargo feature `tls`; a server
+/// without TLS configured answers `NBD_REP_ERR_UNSUP`).
 pub const OPT_STARTTLS: u32 = 5;
 /// `NBD_OPT_INFO`: describe an export.
 pub const OPT_INFO: u32 = 6;

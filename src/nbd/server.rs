@@ -16,12 +16,24 @@
 //! # Hardening
 //!
 //! At most [`ServerOptions::max_connections`] connections at once (more are closed at
-//! once); the whole handshake must finish within [`ServerOptions::handshake_timeout`]
-//! and within [`ServerOptions::max_options`] options; option data is bounded (64 KiB);
-//! a read longer than [`ServerOptions::max_payload`] gets `NBD_EINVAL` (`NBD_EOVERFLOW`
-//! with `DF`) and a longer write payload closes the connection (it cannot be skipped
-//! safely); every range is checked against the export size, with overflow, before the
-//! driver sees it. A connection's buffers never exceed `max_payload` plus a header.
+//! once); the whole handshake (TLS included) must finish within
+//! [`ServerOptions::handshake_timeout`] and within [`ServerOptions::max_options`] options;
+//! option data is bounded (64 KiB); in transmission each request (header and payload) must
+//! arrive within [`ServerOptions::idle_timeout`], else the connection is closed, so idle
+//! clients give their slot back; a read longer than [`ServerOptions::max_payload`] gets
+//! `NBD_EINVAL` (`NBD_EOVERFLOW` with `DF`) and a longer write payload closes the
+//! connection (it cannot be skipped safely); a write payload is buffered as it arrives
+//! (1 MiB steps), and read and dropped in 16 KiB pieces when the write will fail anyway
+//! (read-only export, out of range); every range is checked against the export size, with
+//! overflow, before the driver sees it. A connection's buffers never exceed `max_payload`
+//! plus a header.
+//!
+//! # Security
+//!
+//! With [`ServerOptions::tls`], every option before `NBD_OPT_STARTTLS` gets
+//! `NBD_REP_ERR_TLS_REQD` and no information, and client certificates are checked against
+//! the CA and allow-list of [`super::tls::ServerTls`]. Unix sockets are created 0600; a
+//! TCP address that is not loopback needs TLS or [`ServerOptions::insecure`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -40,12 +52,27 @@ use std::time::{Duration, Instant};
 use super::proto::*;
 use crate::{buffer_is_zero, errno_of, BlockDriver, DirtyBitmap, Error, ErrorKind, Result, StatusFlags};
 
-/// Tunables of a [`Server`]; `ServerOptions::default()` is what [`Server::start`] uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Tunables and security of a [`Server`]; `ServerOptions::default()` is what
+/// [`Server::start`] uses (no TLS; loopback TCP or Unix sockets only).
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// Most connections served at once (default 16); further clients are disconnected
     /// at once.
     pub max_connections: usize,
+    /// Longest a connection in transmission may wait for, or take to send, one request
+    /// (header and payload) before it is closed (default 5 minutes), so idle clients
+    /// cannot hold the [`ServerOptions::max_connections`] slots forever.
+    pub idle_timeout: Duration,
+    /// TLS credentials and client authorization (default none). With TLS, a client must
+    /// send `NBD_OPT_STARTTLS` first: any other option before it gets
+    /// `NBD_REP_ERR_TLS_REQD` and no information (no export list, names, sizes); after it
+    /// the whole session is encrypted (TLS 1.3 or 1.2), with no way back to plaintext.
+    #[cfg(feature = "tls")]
+    pub tls: Option<super::tls::ServerTls>,
+    /// Allow a TCP address that is not loopback without TLS (default `false`: such a
+    /// server refuses to start with `EPERM`, since anyone who reaches the port could read
+    /// and write every export).
+    pub insecure: bool,
     /// Largest read or write payload (default 32 MiB, advertised in `NBD_INFO_BLOCK_SIZE`).
     pub max_payload: u32,
     /// Time a client has for the whole handshake (default 30 s).
@@ -58,6 +85,10 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_connections: 16,
+            idle_timeout: Duration::from_secs(300),
+            #[cfg(feature = "tls")]
+            tls: None,
+            insecure: false,
             max_payload: DEFAULT_MAX_PAYLOAD,
             handshake_timeout: Duration::from_secs(30),
             max_options: 4096,
@@ -164,6 +195,81 @@ impl Write for Stream {
     }
 }
 
+/// A connection's byte stream: the socket, or TLS over it after `NBD_OPT_STARTTLS`.
+enum Transport {
+    Plain(Stream),
+    #[cfg(feature = "tls")]
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, Stream>>),
+    /// Only while upgrading (never read or written).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    Gone,
+}
+
+impl Transport {
+    fn sock(&self) -> Option<&Stream> {
+        match self {
+            Transport::Plain(s) => Some(s),
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => Some(&t.sock),
+            Transport::Gone => None,
+        }
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.sock().map_or(Ok(()), |s| s.set_read_timeout(t))
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.sock().map_or(Ok(()), |s| s.set_write_timeout(t))
+    }
+    fn shutdown(&self) {
+        if let Some(s) = self.sock() {
+            s.shutdown();
+        }
+    }
+    fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        {
+            matches!(self, Transport::Tls(_))
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            false
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => t.read(buf),
+            Transport::Gone => Err(gone()),
+        }
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => t.write(buf),
+            Transport::Gone => Err(gone()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Transport::Plain(_) | Transport::Gone => Ok(()),
+            #[cfg(feature = "tls")]
+            Transport::Tls(t) => t.flush(),
+        }
+    }
+}
+
 enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener),
@@ -232,6 +338,61 @@ fn from_io(what: &str, e: &io::Error) -> Error {
     os_error(errno_of(e), format!("{what}: {e}"))
 }
 
+/// Whether `o` configures TLS.
+fn tls_on(o: &ServerOptions) -> bool {
+    #[cfg(feature = "tls")]
+    {
+        o.tls.is_some()
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = o;
+        false
+    }
+}
+
+/// Create a listening Unix socket at `path` with mode 0600 from the start: the socket's
+/// inode mode is set before `bind` creates the file (bind applies it, minus the umask), so
+/// there is no moment when another user could connect. The caller may widen it later.
+fn bind_unix_private(path: &std::path::Path) -> io::Result<UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::FromRawFd;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket we own; the listener closes it on every path below.
+    let listener = unsafe { UnixListener::from_raw_fd(fd) };
+    // SAFETY: `fd` is open (owned by `listener`). Linux applies the socket inode's mode to
+    // the file bind creates.
+    if unsafe { libc::fchmod(fd, 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un and `len` is within it.
+    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len as libc::socklen_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Belt and braces: whatever the kernel did, the file ends up 0600 (never wider).
+    let _ = fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+    // SAFETY: `fd` is a bound socket.
+    if unsafe { libc::listen(fd, 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
 fn check_name(what: &str, name: &str) -> Result<()> {
     if name.len() > MAX_STRING as usize || name.contains('\0') {
         return Err(invalid(format!("{what} {name:?}: at most {MAX_STRING} bytes, no NUL")));
@@ -240,23 +401,34 @@ fn check_name(what: &str, name: &str) -> Result<()> {
 }
 
 impl Server {
-    /// Start a server on `address`: `"unix:PATH"` (a Unix socket created at `PATH`) or
-    /// `"tcp:HOST:PORT"` (`PORT` 0 picks a free port; [`Server::address`] says which).
+    /// Start a server on `address`: `"unix:PATH"` (a Unix socket created at `PATH`, mode
+    /// 0600: only this user may connect until the caller widens it) or `"tcp:HOST:PORT"`
+    /// (`PORT` 0 picks a free port; [`Server::address`] says which). Without TLS (see
+    /// [`Server::start_with`] and [`ServerOptions::tls`]) a TCP address must be loopback.
     /// The server exports nothing until [`Server::add`].
     ///
     /// # Errors
-    /// `InvalidInput` (EINVAL) for a malformed address; `EADDRINUSE` when a server already
+    /// `InvalidInput` (EINVAL) for a malformed address; `EPERM` for a TCP address that is
+    /// not loopback without TLS or [`ServerOptions::insecure`]; `EADDRINUSE` when a server already
     /// listens there; `EEXIST` when `PATH` exists and is not a socket (never removed); a
     /// stale socket file (nobody listening) is replaced. Other socket errors as errno.
     pub fn start(address: &str) -> Result<Server> {
         Server::start_with(address, ServerOptions::default())
     }
 
-    /// [`Server::start`] with explicit [`ServerOptions`].
+    /// [`Server::start`] with explicit [`ServerOptions`] (TLS, client authorization, the
+    /// insecure switch, limits). Errors as [`Server::start`]; `EINVAL` also for a zero
+    /// limit or timeout.
     pub fn start_with(address: &str, options: ServerOptions) -> Result<Server> {
-        if options.max_connections == 0 || options.max_payload < 4096 || options.max_options == 0 {
+        if options.max_connections == 0
+            || options.max_payload < 4096
+            || options.max_options == 0
+            || options.idle_timeout.is_zero()
+            || options.handshake_timeout.is_zero()
+        {
             return Err(invalid(
-                "NBD server options: max_connections and max_options must be > 0, max_payload >= 4096",
+                "NBD server options: max_connections, max_options, idle_timeout and handshake_timeout must be > 0, \
+                 max_payload >= 4096",
             ));
         }
         let (listener, bound, unix_path) = if let Some(path) = address.strip_prefix("unix:") {
@@ -285,7 +457,7 @@ impl Server {
                 Err(e) => return Err(from_io(&format!("NBD server: {}", path.display()), &e)),
             }
             let l =
-                UnixListener::bind(&path).map_err(|e| from_io(&format!("NBD server: bind {}", path.display()), &e))?;
+                bind_unix_private(&path).map_err(|e| from_io(&format!("NBD server: bind {}", path.display()), &e))?;
             let id = fs::symlink_metadata(&path).map(|m| (m.dev(), m.ino())).unwrap_or((0, 0));
             (Listener::Unix(l), format!("unix:{}", path.display()), Some((path, id.0, id.1)))
         } else if let Some(hp) = address.strip_prefix("tcp:") {
@@ -296,15 +468,25 @@ impl Server {
             }
             let l = TcpListener::bind(&addrs[..]).map_err(|e| from_io(&format!("NBD server: bind {hp}"), &e))?;
             let local = l.local_addr().map_err(|e| from_io("NBD server: local address", &e))?;
+            if !local.ip().is_loopback() && !tls_on(&options) && !options.insecure {
+                return Err(os_error(
+                    libc::EPERM,
+                    format!(
+                        "NBD server: {local} is reachable from other machines: configure TLS, or set the \
+                         insecure option to serve every export in plaintext to anyone who reaches it"
+                    ),
+                ));
+            }
             (Listener::Tcp(l), format!("tcp:{local}"), None)
         } else {
             return Err(invalid(format!(
                 "NBD server address {address:?}: expected \"unix:PATH\" or \"tcp:HOST:PORT\""
             )));
         };
+        let limits = Limits { max_payload: options.max_payload, ..Limits::default() };
         let shared = Arc::new(Shared {
             options,
-            limits: Limits { max_payload: options.max_payload, ..Limits::default() },
+            limits,
             exports: RwLock::new(BTreeMap::new()),
             conns: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
@@ -514,7 +696,7 @@ enum Context {
 /// The stream during the handshake: every read waits at most until the deadline, so a
 /// client sending a byte now and then cannot hold its connection longer than that.
 struct Deadlined<'a> {
-    stream: &'a mut Stream,
+    stream: &'a mut Transport,
     deadline: Instant,
 }
 
@@ -522,7 +704,7 @@ impl Read for Deadlined<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "NBD handshake took too long"));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "NBD peer too slow (deadline passed)"));
         }
         self.stream.set_read_timeout(Some(left))?;
         self.stream.read(buf)
@@ -544,7 +726,7 @@ enum Negotiated {
 struct Connection {
     shared: Arc<Shared>,
     id: u64,
-    stream: Stream,
+    stream: Transport,
     structured: bool,
     no_zeroes: bool,
     /// The contexts of the last SET_META_CONTEXT and the export it named.
@@ -558,7 +740,7 @@ impl Connection {
         Connection {
             shared,
             id,
-            stream,
+            stream: Transport::Plain(stream),
             structured: false,
             no_zeroes: false,
             meta: None,
@@ -573,10 +755,38 @@ impl Connection {
         r
     }
 
+    /// How long one send may block on a client that does not read.
+    fn write_timeout(&self) -> Duration {
+        self.shared.options.handshake_timeout.max(Duration::from_secs(60))
+    }
+
+    /// After the ACK of `NBD_OPT_STARTTLS`: the TLS handshake (within the handshake
+    /// deadline) and the allow-list check; on error the connection closes.
+    #[cfg(feature = "tls")]
+    fn start_tls(&mut self, deadline: Instant) -> io::Result<()> {
+        let shared = self.shared.clone();
+        let Some(tls) = shared.options.tls.as_ref() else { return Err(gone()) };
+        let Transport::Plain(sock) = std::mem::replace(&mut self.stream, Transport::Gone) else {
+            return Err(gone());
+        };
+        let t = tls.accept(sock, deadline, |s, d| {
+            s.set_read_timeout(Some(d))?;
+            s.set_write_timeout(Some(d))
+        })?;
+        t.sock.set_write_timeout(Some(self.write_timeout()))?;
+        self.stream = Transport::Tls(Box::new(t));
+        Ok(())
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn start_tls(&mut self, _deadline: Instant) -> io::Result<()> {
+        Err(gone())
+    }
+
     fn run(&mut self) {
         let deadline = Instant::now() + self.shared.options.handshake_timeout;
         // A client that never reads cannot hold a thread forever either.
-        let _ = self.stream.set_write_timeout(Some(self.shared.options.handshake_timeout.max(Duration::from_secs(60))));
+        let _ = self.stream.set_write_timeout(Some(self.write_timeout()));
         let negotiated = match self.handshake(deadline) {
             Ok(n) => n,
             Err(_) => return,
@@ -595,7 +805,6 @@ impl Connection {
         if !read_lock(&self.shared.exports).get(&name).is_some_and(|e| Arc::ptr_eq(e, &export)) {
             return;
         }
-        let _ = self.stream.set_read_timeout(None);
         let contexts = match self.meta.take() {
             Some((n, c)) if n == name => c,
             _ => Vec::new(),
@@ -630,6 +839,41 @@ impl Connection {
                 encode_rep_error(&mut self.out, code, REP_ERR_SHUTDOWN, "server is shutting down");
                 let _ = self.send();
                 return Ok(Negotiated::Close);
+            }
+            if tls_on(&self.shared.options) && !self.stream.is_tls() {
+                // Before TLS: STARTTLS or ABORT, nothing else, and no information at all.
+                match code {
+                    OPT_STARTTLS if !data.is_empty() => {
+                        encode_rep_error(&mut self.out, code, REP_ERR_INVALID, "STARTTLS carries no data");
+                        self.send()?;
+                    }
+                    OPT_STARTTLS => {
+                        encode_rep_ack(&mut self.out, code);
+                        self.send()?;
+                        self.start_tls(deadline)?;
+                    }
+                    OPT_ABORT => {
+                        encode_rep_ack(&mut self.out, code);
+                        let _ = self.send();
+                        return Ok(Negotiated::Close);
+                    }
+                    OPT_EXPORT_NAME => return Ok(Negotiated::Close), // no way to report an error
+                    _ => {
+                        encode_rep_error(
+                            &mut self.out,
+                            code,
+                            REP_ERR_TLS_REQD,
+                            "TLS is required: send NBD_OPT_STARTTLS first",
+                        );
+                        self.send()?;
+                    }
+                }
+                continue;
+            }
+            if code == OPT_STARTTLS && self.stream.is_tls() {
+                encode_rep_error(&mut self.out, code, REP_ERR_INVALID, "TLS is already on");
+                self.send()?;
+                continue;
             }
             let opt = match ClientOption::parse(code, &data, &limits) {
                 Ok(o) => o,
@@ -774,8 +1018,11 @@ impl Connection {
         let limits = self.shared.limits;
         let size = export.driver.size();
         let known = CommandFlags::FUA | CommandFlags::NO_HOLE | CommandFlags::DF | CommandFlags::REQ_ONE;
+        let idle = self.shared.options.idle_timeout;
         loop {
-            let req = read_request(&mut self.stream)?;
+            // The whole request (header and payload) must arrive within the idle timeout.
+            let deadline = Instant::now() + idle;
+            let req = read_request(&mut Deadlined { stream: &mut self.stream, deadline })?;
             if req.has_payload() {
                 if req.len > limits.max_payload {
                     // A payload we will not buffer and cannot skip cheaply: the spec allows
@@ -783,8 +1030,29 @@ impl Connection {
                     self.simple_or_error(req.cookie, NBD_EINVAL, "write payload larger than the maximum")?;
                     return Ok(());
                 }
-                self.buf.resize(HEADROOM + req.len as usize, 0);
-                self.stream.read_exact(&mut self.buf[HEADROOM..])?;
+                let len = req.len as usize;
+                let mut input = Deadlined { stream: &mut self.stream, deadline };
+                if req.command == CMD_WRITE && export.writable && end_ok(&req, size) {
+                    // Grow the buffer as the data arrives: a header alone costs no memory.
+                    self.buf.clear();
+                    self.buf.resize(HEADROOM, 0);
+                    while self.buf.len() < HEADROOM + len {
+                        let at = self.buf.len();
+                        let step = (HEADROOM + len - at).min(PAYLOAD_STEP);
+                        self.buf.resize(at + step, 0);
+                        input.read_exact(&mut self.buf[at..])?;
+                    }
+                } else {
+                    // The write fails anyway (read-only export, out of range): read and drop
+                    // the payload in small pieces.
+                    let mut scratch = [0u8; 16 << 10];
+                    let mut left = len;
+                    while left > 0 {
+                        let n = left.min(scratch.len());
+                        input.read_exact(&mut scratch[..n])?;
+                        left -= n;
+                    }
+                }
             }
             if self.shared.stopping.load(Ordering::SeqCst) {
                 self.simple_or_error(req.cookie, NBD_ESHUTDOWN, "server is shutting down")?;
@@ -933,6 +1201,14 @@ impl Connection {
         }
         self.send()
     }
+}
+
+/// How much a write payload's buffer grows at a time.
+const PAYLOAD_STEP: usize = 1 << 20;
+
+/// Whether `req` ends inside an export of `size` bytes.
+fn end_ok(req: &Request, size: u64) -> bool {
+    req.end().is_some_and(|e| e <= size)
 }
 
 fn range_msg(req: &Request, size: u64) -> String {
