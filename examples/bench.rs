@@ -5,7 +5,8 @@
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
 //!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,qemu-guest,contention,scale] [--grid]
 //!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
-//!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client,tls)
+//!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client,tls;
+//!     manifests: --only manifest)
 //!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
 //! ```
 //!
@@ -25,6 +26,8 @@ mod guest;
 mod incremental;
 #[path = "bench/latency.rs"]
 mod latency;
+#[path = "bench/manifest.rs"]
+mod manifest;
 #[path = "bench/nbd.rs"]
 mod nbd;
 #[path = "bench/offload.rs"]
@@ -80,6 +83,8 @@ fn usage() -> &'static str {
      \x20           16 MiB); BENCH_GUEST_THREADS (default 1,4), BENCH_QSD (the daemon's path)\n\
      incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
      snapshot view: --only view,fleece,scratch\n\
+     manifests: --only manifest (full backup with vs without a manifest, verify vs b3sum/sha256sum,\n\
+     \x20          restore of full + 3 incrementals through the chain vs qemu-img convert of a qcow2 chain)\n\
      NBD: --only nbd-server (nbdcopy from nbd::Server vs from qemu-nbd),\n\
      \x20    nbd-client (backup through the NBD client into qemu-nbd vs qemu-img convert into it)\n\
      \x20    tls (nbdcopy from nbd::Server over TLS vs plaintext, qemu-nbd --tls-creds alongside)\n\
@@ -311,7 +316,7 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 17] = [
+    let steps: [(&str, Step); 18] = [
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
@@ -329,6 +334,7 @@ fn main() -> ExitCode {
         ("nbd-server", nbd::server),
         ("nbd-client", nbd::client),
         ("tls", nbd::tls),
+        ("manifest", manifest::manifest),
     ];
     for (name, step) in steps {
         if a.wants(name) {

@@ -13,14 +13,17 @@
 //! 2. A full backup with the bitmap (`full.img`): it starts the chain; afterwards the bitmap
 //!    holds the writes made since its start. Then three incrementals (`SyncMode::Bitmap`,
 //!    `BitmapMode::OnSuccess`), each into a new sparse file `incN.img` that holds only its
-//!    clusters, with its copy set (`Job::extents`) written next to it as `incN.extents`.
+//!    clusters, with its manifest `incN.manifest` (`BackupOptions::manifest`: the copy set,
+//!    a digest of each copied cluster, the bitmap's uuid and generations, the disk id),
+//!    checked with `repo::verify` right after the job.
 //! 3. A crash: the writes move to a child process (this example, hidden subcommand
 //!    `__crash-writer`) that marks and writes with the bitmap open and reports each returned
 //!    mark on a pipe; the parent kills it with SIGKILL mid-way, reopens the bitmap (it must
 //!    open, with the chain's uuid and generation and every reported mark), and the writers
 //!    resume. A fourth incremental follows, with no new full backup.
-//! 4. The restore: a new `restored.img` from `full.img`, then each incremental's extents in
-//!    order, read from the `.extents` files as a restore tool would. It must equal the image
+//! 4. The restore: the chain `full.manifest, inc1.manifest, …` opened as one read-only
+//!    device (`repo::Chain`, which checks each link), copied into a new `restored.img` by a
+//!    backup job with the chain as its source. It must equal the image
 //!    as it was when the last incremental started, byte for byte (and per `qemu-img compare`
 //!    when installed).
 //!
@@ -34,7 +37,8 @@
 //! (`Job::extents`: the clusters overlapping the granules dirty when it started). Inside the
 //! copy set a hole in `incN.img` means zeroes (a cluster that read as zero is not written to
 //! a target that reads as zero) and must be applied as zeroes; outside it the file means
-//! nothing. So the copy set must be kept with the backup: here, `incN.extents`.
+//! nothing. So the copy set must be kept with the backup: the manifest records it, and the
+//! chain applies this rule.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -277,68 +281,33 @@ impl Step {
     }
 }
 
-/// Write a job's copy set next to its backup: the list a restore tool needs.
-fn write_extents(path: &Path, backup: &str, info: &str, extents: &[(u64, u64)]) -> Res<()> {
-    let mut f = std::io::BufWriter::new(File::create(path)?);
-    writeln!(f, "# cowbackup copy set of {backup}: byte extents \"offset length\", in order ({info})")?;
-    writeln!(f, "# restore: apply every byte of these extents after the earlier backups of the chain;")?;
-    writeln!(f, "# a hole in {backup} inside an extent is zeroes; outside the extents the file means nothing")?;
-    for (o, l) in extents {
-        writeln!(f, "{o} {l}")?;
-    }
-    f.flush()?;
-    Ok(())
-}
-
-fn read_extents(path: &Path) -> Res<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    for line in BufReader::new(File::open(path)?).lines() {
-        let line = line?;
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let mut f = line.split_whitespace().map(str::parse::<u64>);
-        match (f.next(), f.next()) {
-            (Some(Ok(o)), Some(Ok(l))) => out.push((o, l)),
-            _ => return Err(format!("{}: bad line {line:?}", path.display()).into()),
-        }
-    }
-    Ok(out)
-}
-
 /// Start a backup at a point in time, wait for it, verify it against the reference copy.
 fn backup(host: &Host, dir: &Path, name: &str, sync: SyncMode) -> Res<Step> {
     let (img, reference) = (dir.join(format!("{name}.img")), dir.join("reference.img"));
     let size = host.disk.size();
     let target = Arc::new(FileDriver::create(&img, size)?); // new, sparse: reads as zeroes
     let t = Instant::now();
-    let (job, bm_info, captured, held) = {
+    let (job, captured, held) = {
         // The point in time: no write in flight from here until the job has started.
         let mut st = host.state.write().unwrap_or_else(|e| e.into_inner());
         let held = Instant::now();
         let captured = host.capture()?; // for verification only
-        let i = st.bitmap.info();
         let opts = BackupOptions {
             sync,
             bitmap: Some(st.bitmap.clone()),
             bitmap_mode: BitmapMode::OnSuccess,
+            manifest: Some(dir.join(format!("{name}.manifest"))),
+            disk_id: Some("example-disk".into()),
             ..Default::default()
         };
         let job = Arc::new(backup_start(host.disk.clone(), target, opts)?);
         st.job = Some(job.clone());
-        (job, i, captured, held)
+        (job, captured, held)
     };
     let paused = held.elapsed();
     write_reference(&reference, &captured)?;
     let captured: usize = captured.iter().map(|c| c.1.len()).sum();
     let extents = job.extents(); // the copy set, fixed at start
-    let info = format!(
-        "image size {size}, cluster {}, bitmap generation {} with {} dirty bytes at the start",
-        job.cluster_size(),
-        bm_info.generation,
-        bm_info.count
-    );
-    write_extents(&dir.join(format!("{name}.extents")), &format!("{name}.img"), &info, &extents)?;
     let result = job.wait();
     let secs = t.elapsed().as_secs_f64();
     host.state.write().unwrap_or_else(|e| e.into_inner()).job = None;
@@ -348,6 +317,13 @@ fn backup(host: &Host, dir: &Path, name: &str, sync: SyncMode) -> Res<Step> {
         return Err(format!("{name}: ended {:?}", ji.state).into());
     }
     let zero_clusters = verify(&img, &reference, &extents).map_err(|e| format!("{name}: {e}"))?;
+    // The manifest's own check: every cluster of the copy set against its digest.
+    let report =
+        cowbackup::repo::verify(dir.join(format!("{name}.manifest")), &FileDriver::open(&img, OpenFlags::empty())?)
+            .map_err(|e| format!("{name}: {e}"))?;
+    if report.bytes_checked != extents.iter().map(|e| e.1).sum::<u64>() {
+        return Err(format!("{name}: the manifest's copy set differs from the job's").into());
+    }
     let step = Step {
         name: name.to_string(),
         extents,
@@ -401,33 +377,16 @@ fn verify(backup: &Path, reference: &Path, extents: &[(u64, u64)]) -> Res<u64> {
     Ok(zero)
 }
 
-/// The restore tool: a new image from the chain's backups, each applied over its
-/// `.extents` in order (data written, zeroes written as zeroes).
-fn restore(dir: &Path, chain: &[String], out: &Path, size: u64) -> Res<(u64, u64)> {
-    let dst = FileDriver::create(out, size)?;
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    let (mut extents, mut bytes) = (0, 0);
-    for name in chain {
-        let src = FileDriver::open(dir.join(format!("{name}.img")), OpenFlags::empty())?;
-        for (o, l) in read_extents(&dir.join(format!("{name}.extents")))? {
-            extents += 1;
-            bytes += l;
-            let mut off = o;
-            while off < o + l {
-                let n = (o + l - off).min(4 * MIB);
-                let b = &mut buf[..n as usize];
-                src.read_at(b, off)?;
-                if cowbackup::buffer_is_zero(b) {
-                    dst.write_zeroes_at(off, n)?;
-                } else {
-                    dst.write_at(b, off)?;
-                }
-                off += n;
-            }
-        }
-    }
-    dst.flush()?;
-    Ok((extents, bytes))
+/// The restore: the chain of manifests opened as one read-only device, copied into a new
+/// image by a backup job with the chain as its source. Returns the bytes the chain holds
+/// as data.
+fn restore(dir: &Path, chain: &[String], out: &Path, size: u64) -> Res<(usize, u64)> {
+    let manifests: Vec<PathBuf> = chain.iter().map(|n| dir.join(format!("{n}.manifest"))).collect();
+    let chain = Arc::new(cowbackup::repo::Chain::open(&manifests, false)?);
+    let dst = Arc::new(FileDriver::create(out, size)?);
+    let job = backup_start(chain, dst, BackupOptions::default())?;
+    job.wait()?;
+    Ok((manifests.len(), job.info().bytes_copied))
 }
 
 fn first_difference(a: &Path, b: &Path) -> Res<Option<u64>> {
@@ -628,8 +587,8 @@ fn run(args: Args) -> Res<bool> {
     let same = first_difference(&restored, &dir.join("reference.img"))?;
     match same {
         None => println!(
-            "restore: {} applied in order ({n_ext} extents, {} MiB) in {restore_secs:.2} s: restored.img == the image \
-             at inc4's start, byte for byte",
+            "restore: the chain {} ({n_ext} manifests, links checked) copied by a job ({} MiB of data) in \
+             {restore_secs:.2} s: restored.img == the image at inc4's start, byte for byte",
             names.join(" + "),
             n_bytes / MIB
         ),

@@ -228,6 +228,12 @@
 #define COWBACKUP_NBD_WRITABLE 1
 
 /*
+ Flag of `cowbackup_chain_open`: check every data cluster read against its digest
+ (a damaged cluster fails the read with -EBADMSG; the others still read).
+ */
+#define COWBACKUP_CHAIN_VERIFY 1
+
+/*
  Event kind: the job's state changed (`from_state` → `to_state`).
  */
 #define COWBACKUP_TRACE_STATE 0
@@ -526,6 +532,31 @@ typedef struct cowbackup_range {
    */
   uint64_t len;
 } cowbackup_range;
+
+/*
+ Called by `cowbackup_verify` once per mismatching byte range (adjacent bad clusters
+ merged), on the calling thread; return 0 to go on, non-zero to stop the check.
+ */
+typedef int (*cowbackup_mismatch_fn)(void *opaque, uint64_t offset, uint64_t len);
+
+/*
+ What `cowbackup_verify` checked. Pass `sizeof(cowbackup_verify_report)` as `out_size`:
+ a caller compiled against an older, shorter struct gets the fields it knows.
+ */
+typedef struct cowbackup_verify_report {
+  /*
+   Clusters of the copy set checked (data and zero).
+   */
+  uint64_t clusters_checked;
+  /*
+   Bytes of those clusters.
+   */
+  uint64_t bytes_checked;
+  /*
+   Clusters that did not match the manifest.
+   */
+  uint64_t mismatched_clusters;
+} cowbackup_verify_report;
 
 /*
  One trace event (`cowbackup_options_set_trace`). Fields a kind does not use are 0.
@@ -1754,6 +1785,100 @@ int cowbackup_rbd_open(const char *spec,
                        const char *conf,
                        uint32_t flags,
                        struct cowbackup_driver **out);
+
+/*
+ Write a manifest of the backup to `path` when the job completes (and only then): the
+ copy set, a BLAKE3 digest of each copied cluster's point-in-time data (from the
+ buffers the job read), the disk id, the bitmap's uuid and generations, the parent's
+ root digest for an incremental, times and byte counts (layout: docs/manifest.md).
+ Written atomically (temporary file, fsync, rename that never replaces, fsync of the
+ directory), mode 0600. `cowbackup_backup_start` fails with -EEXIST when `path` exists,
+ and with -EINVAL under `COWBACKUP_SYNC_NONE`. A file target is named in the manifest
+ relative to the manifest's directory. NULL `path`: no manifest (the default).
+ Errors: -EINVAL (NULL `o`, empty path).
+
+ # Safety
+ `o` is NULL or a live options object; `path` is NULL or a NUL-terminated string.
+ */
+int cowbackup_options_set_manifest(struct cowbackup_options *o, const char *path);
+
+/*
+ Set the host's identity of the source disk (1 to 128 bytes of UTF-8; NULL: none, the
+ default). With a dirty bitmap, a bitmap without a disk id adopts it (durably for a
+ persistent bitmap), and `cowbackup_backup_start` fails with -EINVAL when the bitmap
+ belongs to another disk id. Recorded in the manifest; a chain links only backups of
+ one disk id. Errors: -EINVAL (NULL `o`, empty, too long or not UTF-8).
+
+ # Safety
+ `o` is NULL or a live options object; `disk_id` is NULL or a NUL-terminated string.
+ */
+int cowbackup_options_set_disk_id(struct cowbackup_options *o, const char *disk_id);
+
+/*
+ Re-read the backup in `target` and check every cluster of the copy set of the
+ manifest at `manifest_path`: data clusters against their digests, zero clusters for
+ zeroes. Needs no source. `on_mismatch` (may be NULL) is called for each bad range;
+ `*out` (may be NULL; `out_size` bytes of it) gets the counts, also when clusters
+ mismatch. Returns 0 when everything matches, -EBADMSG when a cluster does not (or
+ when the manifest is damaged: then `*out` is not written), -EINVAL (NULL
+ arguments, a target of another size, `out_size` larger than the struct), the
+ manifest's or the target's -errno otherwise. Thread-safe.
+
+ # Safety
+ `manifest_path` is a NUL-terminated string; `target` a live driver handle; `out` NULL
+ or valid for `out_size` bytes; `on_mismatch` safe to call with `opaque`.
+ */
+int cowbackup_verify(const char *manifest_path,
+                     struct cowbackup_driver *target,
+                     cowbackup_mismatch_fn on_mismatch,
+                     void *opaque,
+                     struct cowbackup_verify_report *out,
+                     size_t out_size);
+
+/*
+ Open the backup chain of the `n` manifests at `manifest_paths` (oldest first: the full
+ backup, then its incrementals) as a read-only driver of the newest point in time: each
+ cluster from the newest backup that holds it, zeroes where none does; block_status says
+ DATA or ZERO; writes fail with -EROFS. Each backup's target file is found from its
+ manifest (relative to the manifest's directory). `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
+ Restore = a backup job with this driver as the source; instant access = export it with
+ `cowbackup_nbd_server_add`. On success `*out` is a new handle (free with
+ `cowbackup_driver_free`).
+
+ Errors: -EINVAL naming the link for a broken chain (missing or reordered link, a
+ foreign disk, another size, an incremental first), NULL arguments, `n` = 0, unknown
+ flags; -EBADMSG for a damaged manifest; -ENOENT (or another -errno) for a missing
+ manifest or target. Thread-safe; the driver may be read from many threads.
+
+ # Safety
+ `manifest_paths` points to `n` NUL-terminated strings; `out` is valid for writes.
+ */
+int cowbackup_chain_open(const char *const *manifest_paths,
+                         size_t n,
+                         uint32_t flags,
+                         struct cowbackup_driver **out);
+
+/*
+ Merge the `n` backups of `manifest_paths` (a contiguous part of a chain, oldest first:
+ a full backup and incrementals after it, or consecutive incrementals) into one new
+ backup: the image `target_path` and its manifest `manifest_path`, neither of which may
+ exist (-EEXIST). Each cluster comes from the newest merged backup that holds it, read
+ with digest checks (a damaged cluster fails with -EBADMSG and nothing is published).
+ The new manifest records the last merged one's root as `replaces_root`, so a chain may
+ name the new backup in place of the merged ones. Crash-safe: image then manifest, each
+ written to a temporary file, fsynced and renamed without replacing; the old backups are
+ not changed and stay valid; a crash leaves no new manifest or a complete one.
+ Errors: as `cowbackup_chain_open` for the links, -EEXIST, -EINVAL (NULL arguments,
+ `n` = 0), I/O errors. Thread-safe.
+
+ # Safety
+ `manifest_paths` points to `n` NUL-terminated strings; `target_path` and
+ `manifest_path` are NUL-terminated strings.
+ */
+int cowbackup_chain_consolidate(const char *const *manifest_paths,
+                                size_t n,
+                                const char *target_path,
+                                const char *manifest_path);
 
 /*
  Set the trace callback of the jobs started with these options: `cb(opaque, event)` is

@@ -113,8 +113,13 @@ __all__ = [
     "STATUS_ZERO",
     "backup_start",
     "backup_start_group",
+    "CHAIN_VERIFY",
+    "VerifyReport",
+    "chain_open",
+    "consolidate",
     "library_path",
     "library_version",
+    "verify",
 ]
 
 log = logging.getLogger("cowbackup")
@@ -497,6 +502,8 @@ _opt_trace = _declare("cowbackup_options_set_trace", c_int, [_P, _TRACE_FN, c_vo
 _opt_bitmap = _declare("cowbackup_options_set_bitmap", c_int, [_P, _P, c_uint32])
 _opt_discard_source = _declare("cowbackup_options_set_discard_source", c_int, [_P, c_uint32])
 _opt_cow_buffer = _declare("cowbackup_options_set_cow_buffer", c_int, [_P, c_uint64])
+_opt_manifest = _declare("cowbackup_options_set_manifest", c_int, [_P, ctypes.c_char_p])
+_opt_disk_id = _declare("cowbackup_options_set_disk_id", c_int, [_P, ctypes.c_char_p])
 _driver_block_status = _declare("cowbackup_driver_block_status", c_int,
                                 [_P, c_uint64, c_uint64, POINTER(c_uint64), POINTER(c_uint32)])
 _driver_discard = _declare("cowbackup_driver_discard", c_int, [_P, c_uint64, c_uint64])
@@ -1889,6 +1896,8 @@ class _Spec:
     discard_source: bool = False
     worker_priority: Optional[int] = None
     cow_buffer: int = 0
+    manifest: Optional[bytes] = None
+    disk_id: Optional[bytes] = None
 
 
 def _job_spec(
@@ -1910,6 +1919,8 @@ def _job_spec(
     discard_source: bool = False,
     worker_priority: Optional[str] = None,
     cow_buffer: int = 0,
+    manifest: Any = None,
+    disk_id: Optional[str] = None,
 ) -> _Spec:
     """Check the options of :func:`backup_start` (TypeError/ValueError); the library checks
     the rest (ranges of values, combinations) when the job starts."""
@@ -1947,8 +1958,12 @@ def _job_spec(
         raise TypeError("discard_source must be a bool")
     prio = None if worker_priority is None else _choice(worker_priority, _WORKER_PRIORITY, "worker_priority")
     cow_buf = _u64(cow_buffer, "cow_buffer")
+    man = None if manifest is None else _path_arg(manifest)
+    if disk_id is not None and not isinstance(disk_id, str):
+        raise TypeError("disk_id must be a str or None")
+    did = None if disk_id is None else disk_id.encode()
     return _Spec(cs, sync_v, speed_v, wk, mc, src_act, tgt_act, cbw_act, timeout_ms, target_is_zero,
-                 bitmap, mode_v, on_complete, trace, discard_source, prio, cow_buf)
+                 bitmap, mode_v, on_complete, trace, discard_source, prio, cow_buf, man, did)
 
 
 class _Options:
@@ -2000,6 +2015,10 @@ class _Options:
             _check(_opt_discard_source(opts, 1), "cowbackup_options_set_discard_source")
         if spec.cow_buffer:
             _check(_opt_cow_buffer(opts, spec.cow_buffer), "cowbackup_options_set_cow_buffer")
+        if spec.manifest is not None:
+            _check(_opt_manifest(opts, spec.manifest), "cowbackup_options_set_manifest")
+        if spec.disk_id is not None:
+            _check(_opt_disk_id(opts, spec.disk_id), "cowbackup_options_set_disk_id")
         _check(_opt_completion(opts, _c_completion, self.key), "cowbackup_options_set_completion")
         if spec.trace is not None:
             _check(_opt_trace(opts, _c_trace, self.key), "cowbackup_options_set_trace")
@@ -2091,6 +2110,8 @@ def backup_start(
     discard_source: bool = False,
     worker_priority: Optional[str] = None,
     cow_buffer: int = 0,
+    manifest: Any = None,
+    disk_id: Optional[str] = None,
 ) -> Job:
     """Start a point-in-time backup of ``source`` into ``target`` (same size).
 
@@ -2136,6 +2157,14 @@ def backup_start(
       other work and the second set gets no time, the first set copies on). Not with
       ``sync="none"``. Suggested: 16 MiB, for low host write latency during a backup
       (PERFORMANCE.md).
+    - ``manifest``: a path; when the job completes (only then) a manifest of the backup is
+      written there atomically, mode 0600: the copy set, a BLAKE3 digest per copied cluster
+      of the point-in-time data, ``disk_id``, the bitmap's uuid and generations, the
+      parent's root digest, times and counts (docs/manifest.md). The start fails with
+      ``FileExistsError`` when the path exists. See :func:`verify` and :func:`chain_open`.
+    - ``disk_id``: the host's identity of the source disk (1 to 128 bytes). A bitmap without
+      one adopts it (durably, persistent bitmaps); a bitmap of another disk id fails the
+      start with :class:`InvalidArgument`.
     - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
       (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
       (pause with ``info().error``; :meth:`Job.resume` retries), ``"enospc"`` (stop on
@@ -2174,8 +2203,96 @@ def backup_start(
                      cbw_timeout=cbw_timeout, target_is_zero=target_is_zero, bitmap=bitmap,
                      bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace,
                      discard_source=discard_source, worker_priority=worker_priority,
-                     cow_buffer=cow_buffer)
+                     cow_buffer=cow_buffer, manifest=manifest, disk_id=disk_id)
     return _start([(source, target, spec)], group=False)[0]
+
+
+class VerifyReport:
+    """What :func:`verify` checked: ``clusters_checked``, ``bytes_checked``,
+    ``mismatched_clusters`` and ``mismatches``, the bad byte ranges ``(offset, length)``."""
+
+    __slots__ = ("clusters_checked", "bytes_checked", "mismatched_clusters", "mismatches")
+
+    def __init__(self, c: Any, mismatches: List[Tuple[int, int]]) -> None:
+        self.clusters_checked = int(c.clusters_checked)
+        self.bytes_checked = int(c.bytes_checked)
+        self.mismatched_clusters = int(c.mismatched_clusters)
+        self.mismatches = mismatches
+
+    def __repr__(self) -> str:
+        return (f"VerifyReport(clusters_checked={self.clusters_checked}, bytes_checked={self.bytes_checked}, "
+                f"mismatched_clusters={self.mismatched_clusters}, mismatches={self.mismatches})")
+
+
+class _VerifyReportC(Structure):
+    _fields_ = [("clusters_checked", c_uint64), ("bytes_checked", c_uint64), ("mismatched_clusters", c_uint64)]
+
+
+_MISMATCH_FN = ctypes.CFUNCTYPE(c_int, c_void_p, c_uint64, c_uint64)
+_verify = _declare("cowbackup_verify", c_int,
+                   [ctypes.c_char_p, _P, _MISMATCH_FN, c_void_p, ctypes.POINTER(_VerifyReportC), ctypes.c_size_t])
+_chain_open = _declare("cowbackup_chain_open", c_int,
+                       [ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t, ctypes.c_uint32, ctypes.POINTER(c_void_p)])
+CHAIN_VERIFY = 1
+_consolidate = _declare("cowbackup_chain_consolidate", c_int,
+                        [ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t, ctypes.c_char_p, ctypes.c_char_p])
+
+
+def verify(manifest: Any, target: Driver, raise_on_mismatch: bool = True) -> VerifyReport:
+    """Re-read the backup in ``target`` and check every cluster of the copy set of the
+    manifest at ``manifest`` (data against its digest, zero clusters for zeroes). Needs no
+    source. Returns the :class:`VerifyReport`; when a cluster does not match it raises
+    :class:`Corrupt` (errno EBADMSG) whose ``report`` attribute is the report, unless
+    ``raise_on_mismatch`` is false. A damaged manifest raises :class:`Corrupt` too (without
+    a report); a target of another size :class:`InvalidArgument`."""
+    if not isinstance(target, Driver):
+        raise TypeError("target must be a cowbackup.Driver")
+    raw = _path_arg(manifest)
+    bad: List[Tuple[int, int]] = []
+
+    def on_mismatch(_opaque: Any, offset: int, length: int) -> int:
+        bad.append((int(offset), int(length)))
+        return 0
+
+    cb = _MISMATCH_FN(on_mismatch)
+    out = _VerifyReportC()
+    ptr = target._h.acquire()
+    try:
+        ret = _verify(raw, ptr, cb, None, ctypes.byref(out), ctypes.sizeof(out))
+    finally:
+        target._h.release()
+    if ret == 0 or (ret == -_errno.EBADMSG and (bad or out.mismatched_clusters)):
+        report = VerifyReport(out, bad)
+        if ret != 0 and raise_on_mismatch:
+            err = _error(ret, "cowbackup_verify")
+            err.report = report  # type: ignore[attr-defined]
+            raise err
+        return report
+    raise _error(ret, "cowbackup_verify")
+
+
+def chain_open(manifests: Any, verify: bool = False) -> Driver:
+    """Open the backup chain of ``manifests`` (paths, oldest first: the full backup, then
+    its incrementals) as a read-only :class:`Driver` of the newest point in time. Restore:
+    :func:`backup_start` with it as the source; instant access: export it with the NBD
+    server. ``verify`` checks each data cluster read against its digest (a bad one fails
+    the read with :class:`Corrupt`). Raises :class:`InvalidArgument` naming the link of a
+    broken chain, :class:`Corrupt` for a damaged manifest, ``FileNotFoundError`` ..."""
+    paths = [_path_arg(m) for m in manifests]
+    arr = (ctypes.c_char_p * len(paths))(*paths)
+    flags = CHAIN_VERIFY if verify else 0
+    return Driver(_out_handle(_chain_open, "cowbackup_chain_open", arr, len(paths), flags), "chain")
+
+
+def consolidate(manifests: Any, target: Any, manifest: Any) -> None:
+    """Merge the backups of ``manifests`` (a contiguous part of a chain, oldest first) into
+    one new backup: the image ``target`` and its manifest ``manifest`` (neither may exist:
+    ``FileExistsError``). Clusters are read with digest checks (:class:`Corrupt` on damage).
+    Crash-safe: image then manifest, each published whole by rename; the old backups are
+    not changed. In a chain the new manifest stands in place of the merged ones."""
+    paths = [_path_arg(m) for m in manifests]
+    arr = (ctypes.c_char_p * len(paths))(*paths)
+    _check(_consolidate(arr, len(paths), _path_arg(target), _path_arg(manifest)), "cowbackup_chain_consolidate")
 
 
 def backup_start_group(jobs: Any, **defaults: Any) -> List[Job]:

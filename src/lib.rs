@@ -57,6 +57,7 @@ pub mod ffi;
 mod fs;
 mod job;
 pub mod nbd;
+pub mod repo;
 mod sync;
 mod trace;
 mod zero;

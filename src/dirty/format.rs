@@ -131,7 +131,14 @@ pub(crate) struct Header {
     pub(crate) epoch: u64,
     /// `HEADER_RECORDING`.
     pub(crate) flags: u32,
+    /// The disk identity the bitmap was created for (`BackupOptions::disk_id`): byte 0 its
+    /// length (0: none yet), then the bytes. On disk at offset 76 (length) and 80 (bytes);
+    /// files written before it have zeroes there (no disk id).
+    pub(crate) disk_id: [u8; 1 + MAX_DISK_ID],
 }
+
+/// Longest disk id a bitmap file can record, in bytes.
+pub(crate) const MAX_DISK_ID: usize = 128;
 
 impl Header {
     /// The sector of this header.
@@ -146,6 +153,9 @@ impl Header {
         b[56..64].copy_from_slice(&self.generation.to_le_bytes());
         b[64..72].copy_from_slice(&self.epoch.to_le_bytes());
         b[72..76].copy_from_slice(&self.flags.to_le_bytes());
+        let n = self.disk_id[0] as usize;
+        b[76] = n as u8;
+        b[80..80 + n].copy_from_slice(&self.disk_id[1..1 + n]);
         let crc = sector_crc(&b, 12);
         b[12..16].copy_from_slice(&crc.to_le_bytes());
         b
@@ -173,8 +183,18 @@ impl Header {
             generation: u64_at(b, 56),
             epoch: u64_at(b, 64),
             flags: u32_at(b, 72),
+            disk_id: [0; 1 + MAX_DISK_ID],
         };
-        if h.flags & !HEADER_RECORDING != 0 || b[76..].iter().any(|&x| x != 0) {
+        let n = b[76] as usize;
+        let mut h = h;
+        if n <= MAX_DISK_ID {
+            h.disk_id[0] = n as u8;
+            h.disk_id[1..1 + n].copy_from_slice(&b[80..80 + n]);
+        }
+        if h.flags & !HEADER_RECORDING != 0
+            || n > MAX_DISK_ID
+            || b[77..80].iter().chain(&b[80 + n.min(MAX_DISK_ID)..]).any(|&x| x != 0)
+        {
             return Err(corrupt(format!("header slot {slot}: unknown flags or fields")));
         }
         if h.seq >= MAX_COUNTER || h.epoch >= MAX_COUNTER {
@@ -252,6 +272,12 @@ mod tests {
             generation: 3,
             epoch: 5,
             flags: HEADER_RECORDING,
+            disk_id: {
+                let mut d = [0; 1 + MAX_DISK_ID];
+                d[0] = 3;
+                d[1..4].copy_from_slice(b"vda");
+                d
+            },
         };
         let b = h.encode();
         assert_eq!(Header::decode(&b, 0).unwrap(), h);

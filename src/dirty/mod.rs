@@ -28,6 +28,7 @@ mod crc32c;
 mod file;
 mod format;
 mod freeze;
+mod identity;
 mod owner;
 mod persistent;
 #[cfg(test)]
@@ -148,6 +149,11 @@ pub(crate) struct State {
     resets: u64,
     /// Persistent bitmaps: the file's state and the commit machinery.
     disk: Option<DiskState>,
+    /// In-memory bitmaps: the disk id adopted (identity.rs); persistent ones keep it in
+    /// their header.
+    disk_id: Option<String>,
+    /// Root digest of the last manifest written by a job that used this bitmap (in memory).
+    last_root: Option<[u8; 32]>,
 }
 
 /// Lock a mutex, going on after a panic of another holder (the state stays consistent:
@@ -268,7 +274,15 @@ impl DirtyBitmap {
             uuid,
             live,
             recording: AtomicBool::new(recording),
-            state: Mutex::new(State { busy: false, frozen: None, generation, resets: 0, disk }),
+            state: Mutex::new(State {
+                busy: false,
+                frozen: None,
+                generation,
+                resets: 0,
+                disk,
+                disk_id: None,
+                last_root: None,
+            }),
             committed: Condvar::new(),
             store,
         })

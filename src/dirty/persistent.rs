@@ -93,7 +93,7 @@ pub(super) struct DiskState {
     /// Per page: the slot holding its content in the file's confirmed epoch, or `NO_SLOT`.
     conf: Vec<u8>,
     /// The confirmed (durable) header and its slot.
-    header: Header,
+    pub(super) header: Header,
     header_slot: u8,
     /// The flags in memory differ from the header's.
     pub(super) header_dirty: bool,
@@ -621,7 +621,16 @@ pub(super) fn create_on(
         }
     }
     driver.flush().map_err(|e| io_error("flush".into(), &e))?;
-    let h0 = Header { seq: 0, size, granularity, uuid, generation: 0, epoch: 1, flags: HEADER_RECORDING };
+    let h0 = Header {
+        seq: 0,
+        size,
+        granularity,
+        uuid,
+        generation: 0,
+        epoch: 1,
+        flags: HEADER_RECORDING,
+        disk_id: [0; 1 + super::format::MAX_DISK_ID],
+    };
     let h1 = Header { seq: 1, ..h0 };
     let mut hb = [0u8; 2 * SECTOR];
     hb[..SECTOR].copy_from_slice(&h0.encode());

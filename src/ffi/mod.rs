@@ -26,6 +26,7 @@ pub mod nbd;
 pub mod nbd_client;
 pub mod options;
 pub mod rbd;
+pub mod repo;
 pub mod trace;
 
 pub use bitmap::*;
@@ -36,6 +37,7 @@ pub use nbd::*;
 pub use nbd_client::*;
 pub use options::*;
 pub use rbd::*;
+pub use repo::*;
 pub use trace::*;
 
 /// Sync mode `FULL` (the default): copy every cluster of the source.

@@ -38,6 +38,9 @@ pub(crate) struct Copier<'a> {
     /// The job's trace sink and id, for `ZeroClusters` events.
     pub trace: Option<&'a TraceFn>,
     pub job: u64,
+    /// A job writing a manifest: each run put in the target is recorded (its digests
+    /// computed from the buffer already read; zero runs as zeroes).
+    pub record: Option<&'a crate::repo::Recorder>,
 }
 
 impl Copier<'_> {
@@ -98,6 +101,14 @@ impl Copier<'_> {
             } else {
                 self.write_data(&data[pos..end], at, offload)?;
                 out.data += n;
+            }
+            if let Some(rec) = self.record {
+                let first = at >> self.geo.shift;
+                if zero {
+                    rec.zero(first..self.geo.clusters_of(at, at + n).end);
+                } else {
+                    rec.data(first, &data[pos..end]);
+                }
             }
             pos = end;
         }
@@ -192,7 +203,7 @@ mod tests {
                     std::fs::write(&p, vec![0xeeu8; src.size() as usize]).unwrap();
                 }
                 let dst = FileDriver::open(&p, OpenFlags::WRITE).unwrap();
-                let c = Copier { source: &src, target: &dst, geo: &g, target_zero, trace: None, job: 1 };
+                let c = Copier { source: &src, target: &dst, geo: &g, target_zero, trace: None, job: 1, record: None };
                 let mut buf = AlignedBuf::new();
                 let mut got = Copied::default();
                 for run in [0..5, 5..6, 6..16] {
@@ -217,7 +228,7 @@ mod tests {
         let p = dir.path().join("dst");
         FileDriver::create(&p, src.size()).unwrap();
         let ro = FileDriver::open(&p, OpenFlags::empty()).unwrap();
-        let c = Copier { source: &src, target: &ro, geo: &g, target_zero: true, trace: None, job: 1 };
+        let c = Copier { source: &src, target: &ro, geo: &g, target_zero: true, trace: None, job: 1, record: None };
         let e = c.copy_via(0..1, &mut AlignedBuf::new(), Some((&src, &ro))).unwrap_err();
         let ctx = e.context().unwrap();
         assert_eq!((ctx.side, ctx.op, ctx.offset), (Side::Target, Op::Write, 0));

@@ -506,10 +506,14 @@ impl JobShared {
         self.hook_off.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);
         let mut c = self.lock();
-        let result = self.outcome(&c);
+        let mut result = self.outcome(&c);
         c.finishing = true;
         drop(c);
         self.give_back_bitmap(result.is_ok());
+        if let (Ok(()), Some(m)) = (&result, &self.manifest) {
+            let st = &self.stats;
+            result = m.write(st.copied.load(Ordering::Relaxed), st.zero.load(Ordering::Relaxed));
+        }
         let mut c = self.lock();
         let state = match &result {
             Ok(()) => JobState::Completed,

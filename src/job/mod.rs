@@ -233,6 +233,8 @@ pub(crate) struct JobShared {
     /// began before the latest resume does not pause the job again: the resume retries
     /// it (lifecycle.rs `stop_on_error`).
     resumes: std::sync::atomic::AtomicU64,
+    /// The manifest to write on completion, and the digests recorded for it (repo/).
+    manifest: Option<crate::repo::ManifestPlan>,
 }
 
 /// A worker counted in `JobShared::waiting_workers` while this lives.
@@ -328,6 +330,7 @@ impl JobShared {
             target_zero: self.target_zero,
             trace: self.trace.as_ref(),
             job: self.id,
+            record: self.manifest.as_ref().map(|m| &m.rec),
         }
     }
 
@@ -444,7 +447,9 @@ impl Job {
     /// else is meant. A cluster of the copy set that read as zero may be a hole in the
     /// target (zeroes are not written to a target that reads as zero), so a restore
     /// applies every byte of these extents, holes as zeroes; bytes outside them come
-    /// from the earlier backups of the chain. Keep this list with the backup.
+    /// from the earlier backups of the chain. Keep this list with the backup:
+    /// [`BackupOptions::manifest`] records it (with a digest per cluster), and
+    /// [`crate::repo::Chain`] applies this rule.
     pub fn extents(&self) -> Vec<(u64, u64)> {
         // The copy set is what a snapshot view serves: the clear bits of `unservable`.
         let (geo, out) = (&self.shared.geo, &self.shared.unservable);

@@ -142,6 +142,27 @@ pub struct BackupOptions {
     /// work), the normal workers copy. Suggested: 16 MiB (what a few hundred 64 KiB host writes touch),
     /// for low host write latency during a backup (PERFORMANCE.md).
     pub cow_buffer: u64,
+    /// Write a manifest of the backup to this path when the job completes (and only
+    /// then): what the target holds (the copy set), a BLAKE3 digest of each copied
+    /// cluster's point-in-time data computed from the buffers the job read, the disk id,
+    /// the bitmap's uuid and generations, the parent's root digest for an incremental,
+    /// times and byte counts (layout: docs/manifest.md). Written atomically (temporary
+    /// file, fsync, rename without replacing, fsync of the directory), mode 0600. The
+    /// path must not exist when the job starts (`EEXIST`), its directory must. Not with
+    /// [`SyncMode::None`]. A file target is named in the manifest relative to the
+    /// manifest's directory (absolute when it is elsewhere), so the two can move together.
+    /// A manifest write that fails fails the job. Default `None`.
+    pub manifest: Option<std::path::PathBuf>,
+    /// The host's identity of the source disk (1 to 128 bytes). With a dirty bitmap: a
+    /// bitmap that has no disk id adopts this one (durably, for a persistent bitmap); a
+    /// bitmap of another disk id fails the start with `InvalidInput` (EINVAL). Recorded
+    /// in the manifest; a chain only links backups of one disk id. Default `None`.
+    pub disk_id: Option<String>,
+    /// The previous backup's manifest, for an incremental's manifest: its root digest
+    /// becomes the parent link (checked to be of the same size and disk id). When `None`,
+    /// an incremental ([`SyncMode::Bitmap`]) links to the last manifest written in this
+    /// process with the same bitmap; the bitmap's uuid and generation link it in any case.
+    pub parent_manifest: Option<std::path::PathBuf>,
 }
 
 /// Smallest and largest cluster sizes.
@@ -173,6 +194,9 @@ impl Default for BackupOptions {
             bitmap_mode: BitmapMode::OnSuccess,
             discard_source: false,
             cow_buffer: 0,
+            manifest: None,
+            disk_id: None,
+            parent_manifest: None,
         }
     }
 }
@@ -197,6 +221,9 @@ impl fmt::Debug for BackupOptions {
             .field("bitmap_mode", &self.bitmap_mode)
             .field("discard_source", &self.discard_source)
             .field("cow_buffer", &self.cow_buffer)
+            .field("manifest", &self.manifest)
+            .field("disk_id", &self.disk_id)
+            .field("parent_manifest", &self.parent_manifest)
             .finish()
     }
 }
@@ -226,6 +253,16 @@ impl BackupOptions {
             return Err(Error::invalid(
                 "cow_buffer needs background workers to write the saved data, and sync mode None has none: \
                  set cow_buffer to 0 (the hook writes the scratch target itself)",
+            ));
+        }
+        if let Some(id) = &self.disk_id {
+            if id.is_empty() || id.len() > 128 {
+                return Err(Error::invalid(format!("disk_id must be 1 to 128 bytes, got {}", id.len())));
+            }
+        }
+        if self.manifest.is_some() && self.sync == SyncMode::None {
+            return Err(Error::invalid(
+                "a manifest needs a job that makes a backup: sync mode None leaves a scratch target",
             ));
         }
         if self.cbw_timeout == Some(Duration::ZERO) {

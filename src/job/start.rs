@@ -202,6 +202,9 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
             )));
         }
     }
+    if let (Some(bm), Some(id)) = (&opts.bitmap, &opts.disk_id) {
+        bm.adopt_disk_id(id)?;
+    }
     let cs = opts.cluster_size;
     let clusters = size.div_ceil(cs);
     let geo = Geometry {
@@ -242,11 +245,21 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
             stats.skipped.store(size - to_copy, Ordering::Relaxed);
         }
     }
+    let manifest = crate::repo::ManifestPlan::prepare(&opts, &*target, size)?;
     let claims = Claims::new(bitmap);
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let trace = opts.trace.or_else(crate::trace::from_env);
-    let scan =
-        Scan { geo: &geo, sync: opts.sync, target_zero, claims: &claims, stats: &stats, trace: trace.as_ref(), id };
+    let record = manifest.as_ref().map(|m| &m.rec);
+    let scan = Scan {
+        geo: &geo,
+        sync: opts.sync,
+        target_zero,
+        claims: &claims,
+        stats: &stats,
+        trace: trace.as_ref(),
+        id,
+        record,
+    };
     let zero_target = scan.run(&*source)?;
     // With `cow_buffer` and workers at normal priority, a night shift (priority.rs).
     let shifts = opts.cow_buffer > 0 && opts.worker_priority == super::options::WorkerPriority::Normal;
@@ -295,6 +308,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         pace,
         waiting_workers: Default::default(),
         resumes: Default::default(),
+        manifest,
     }))))
 }
 
@@ -307,12 +321,19 @@ struct Scan<'a> {
     stats: &'a Stats,
     trace: Option<&'a TraceFn>,
     id: u64,
+    /// The manifest's recorder: clusters settled as zero here are in the copy set.
+    record: Option<&'a crate::repo::Recorder>,
 }
 
 impl Scan<'_> {
     /// Mark clusters `r` clean; returns the bytes of those that were still to copy.
-    fn settle(&self, r: std::ops::Range<u64>) -> u64 {
-        let bytes = self.claims.dirty_runs(r.clone()).into_iter().map(|run| self.geo.byte_range(run).1).sum();
+    /// With `zero`, the target reads zeroes there (recorded as zero clusters).
+    fn settle(&self, r: std::ops::Range<u64>, zero: bool) -> u64 {
+        let runs = self.claims.dirty_runs(r.clone());
+        if let Some(rec) = self.record.filter(|_| zero) {
+            runs.iter().for_each(|run| rec.zero(run.clone()));
+        }
+        let bytes = runs.into_iter().map(|run| self.geo.byte_range(run).1).sum();
         self.claims.clear_unclaimed(r);
         bytes
     }
@@ -343,14 +364,16 @@ impl Scan<'_> {
             if first < last {
                 let (b_off, b_len) = geo.byte_range(first..last);
                 if sync == SyncMode::Top && !flags.contains(StatusFlags::DATA) {
-                    self.settle(first..last);
+                    // In the copy set only where the point in time reads zeroes: an
+                    // unallocated range that is not ZERO (a backing file's data) is not held.
+                    self.settle(first..last, flags.contains(StatusFlags::ZERO));
                     self.stats.skipped.fetch_add(b_len, Ordering::Relaxed);
                     if !target_zero && flags.contains(StatusFlags::ZERO) {
                         push_merged(&mut zero_target, b_off, b_len);
                     }
                 } else if target_zero && flags.contains(StatusFlags::ZERO) {
                     // Only clusters of the copy set count (under Bitmap, others are skipped).
-                    let zero = self.settle(first..last);
+                    let zero = self.settle(first..last, true);
                     self.stats.zero.fetch_add(zero, Ordering::Relaxed);
                     if let Some(sink) = self.trace.filter(|_| zero > 0) {
                         let e = TraceEvent::ZeroClusters { job: self.id, offset: b_off, len: b_len };

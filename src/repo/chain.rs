@@ -1,0 +1,296 @@
+//! `Chain`: a full backup and its incrementals, read back as one read-only
+//! [`BlockDriver`] of the newest point in time.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::digest::{digest, hex};
+use super::format::Manifest;
+use crate::error::{Error, ErrorKind, Result};
+use crate::{BlockDriver, BlockStatus, FileDriver, OpenFlags, StatusFlags};
+
+/// One backup of a chain.
+struct Link {
+    path: PathBuf,
+    manifest: Manifest,
+    index: Vec<u64>,
+    target: FileDriver,
+}
+
+/// Where a cluster of the chain comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Data cluster of link `i`.
+    Data(usize),
+    /// Zeroes: copied zeroes, or never copied.
+    Zero,
+}
+
+/// A backup chain `[full, incr1, incr2, …]` (oldest first) as a read-only block device:
+/// each cluster comes from the newest backup whose copy set holds it; a cluster no backup
+/// holds reads as zeroes. `block_status` says `DATA` for clusters with data and `ZERO`
+/// for the rest. Writes fail with `EROFS`.
+///
+/// With `verify_on_read`, every data cluster read is hashed and compared with its digest
+/// first: a bad one fails the read with `EBADMSG` (the others still read). Reads are
+/// then whole clusters internally.
+///
+/// Thread-safe: reads may run from many threads at once (a restore job's workers, the
+/// NBD server's connections).
+pub struct Chain {
+    links: Vec<Link>,
+    size: u64,
+    cluster_size: u64,
+    verify: bool,
+}
+
+fn link_error(i: usize, path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("backup chain link {i} ({}): {msg}", path.display()))
+}
+
+impl Chain {
+    /// Open the chain of the manifests at `manifests`, oldest (the full backup) first,
+    /// and each backup's target image (named in its manifest, relative to the manifest).
+    ///
+    /// Checks every link: the first backup is a full one (`full` or `top`), each later
+    /// one an incremental of the same size, cluster size and disk id, whose bitmap (same
+    /// uuid) starts at the generation the previous backup left it at, and whose parent
+    /// root digest, when recorded, is the previous manifest's root.
+    ///
+    /// Errors: `InvalidInput` (EINVAL) naming the link and what is wrong (missing or
+    /// reordered link, foreign disk, other size, an empty list); the manifest's errors
+    /// (`EBADMSG` for a damaged one); opening a target (`ENOENT`, ...), or a target of
+    /// another size (EINVAL).
+    pub fn open<P: AsRef<Path>>(manifests: &[P], verify_on_read: bool) -> Result<Chain> {
+        Chain::open_part(manifests, verify_on_read, false)
+    }
+
+    /// [`Chain::open`], with `part`: the first link may be an incremental (a part of a
+    /// chain, for [`crate::repo::consolidate`]).
+    pub(crate) fn open_part<P: AsRef<Path>>(manifests: &[P], verify_on_read: bool, part: bool) -> Result<Chain> {
+        if manifests.is_empty() {
+            return Err(Error::invalid("a backup chain needs at least one manifest"));
+        }
+        let mut links: Vec<Link> = Vec::with_capacity(manifests.len());
+        for (i, p) in manifests.iter().enumerate() {
+            let path = p.as_ref().to_path_buf();
+            let m = Manifest::load(&path)?;
+            match links.last() {
+                None => {
+                    if m.sync == "bitmap" && !part {
+                        return Err(link_error(
+                            i,
+                            &path,
+                            "is an incremental backup: a chain starts with a full backup (its parent is missing)",
+                        ));
+                    }
+                }
+                Some(prev) => check_link(i, &path, &m, prev)?,
+            }
+            let tp = m.target_path(&path).ok_or_else(|| {
+                link_error(i, &path, "the manifest names no target file (the backup went to a device)")
+            })?;
+            let target = FileDriver::open(&tp, OpenFlags::empty()).map_err(|e| {
+                Error::new(
+                    ErrorKind::Io,
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!("backup chain link {i} ({}): target {}: {e}", path.display(), tp.display()),
+                )
+            })?;
+            if target.size() != m.size {
+                return Err(link_error(
+                    i,
+                    &path,
+                    format!("target {} has {} bytes, the manifest says {}", tp.display(), target.size(), m.size),
+                ));
+            }
+            let index = m.digest_index();
+            links.push(Link { path, manifest: m, index, target });
+        }
+        let (size, cluster_size) = (links[0].manifest.size, links[0].manifest.cluster_size);
+        Ok(Chain { links, size, cluster_size, verify: verify_on_read })
+    }
+
+    /// The manifests' paths, oldest first.
+    pub fn manifests(&self) -> Vec<PathBuf> {
+        self.links.iter().map(|l| l.path.clone()).collect()
+    }
+
+    /// The root digest of the newest backup, in hex.
+    pub fn root_hex(&self) -> String {
+        hex(&self.links.last().expect("a chain has a link").manifest.root)
+    }
+
+    /// The cluster size of the chain's backups.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// The manifests, oldest first.
+    pub(crate) fn manifest_list(&self) -> Vec<&Manifest> {
+        self.links.iter().map(|l| &l.manifest).collect()
+    }
+
+    /// Where cluster `c` comes from: `None` when no backup holds it, else the digest of
+    /// its data (`None` for a zero cluster).
+    pub(crate) fn held(&self, c: u64) -> Option<Option<super::digest::Digest>> {
+        self.links.iter().rev().find_map(|l| l.manifest.lookup(&l.index, c).map(|d| d.copied()))
+    }
+
+    fn source(&self, c: u64) -> Source {
+        for (i, l) in self.links.iter().enumerate().rev() {
+            match l.manifest.lookup(&l.index, c) {
+                Some(Some(_)) => return Source::Data(i),
+                Some(None) => return Source::Zero,
+                None => {}
+            }
+        }
+        Source::Zero
+    }
+
+    /// Read whole cluster `c` of link `i` into `buf` and check its digest.
+    fn read_verified(&self, i: usize, c: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+        let l = &self.links[i];
+        let len = l.manifest.cluster_len(c) as usize;
+        buf.resize(len, 0);
+        l.target.read_at(buf, c * self.cluster_size)?;
+        let want = l.manifest.lookup(&l.index, c).flatten().expect("a data cluster has a digest");
+        if digest(buf) != *want {
+            return Err(io::Error::from(Error::new(
+                ErrorKind::Corrupt,
+                libc::EBADMSG,
+                format!(
+                    "cluster at byte {} of backup {} does not match its digest (damaged backup)",
+                    c * self.cluster_size,
+                    l.path.display()
+                ),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Check that `m` (link `i` at `path`) follows `prev`.
+fn check_link(i: usize, path: &Path, m: &Manifest, prev: &Link) -> Result<()> {
+    let p = &prev.manifest;
+    let prev_name = prev.path.display();
+    if m.size != p.size {
+        return Err(link_error(i, path, format!("is a backup of {} bytes, {prev_name} of {}", m.size, p.size)));
+    }
+    if m.disk_id != p.disk_id {
+        return Err(link_error(
+            i,
+            path,
+            format!("is a backup of disk {:?}, {prev_name} of disk {:?} (a foreign disk)", m.disk_id, p.disk_id),
+        ));
+    }
+    if m.cluster_size != p.cluster_size {
+        return Err(link_error(
+            i,
+            path,
+            format!("has clusters of {} bytes, {prev_name} of {}", m.cluster_size, p.cluster_size),
+        ));
+    }
+    if m.sync != "bitmap" {
+        return Err(link_error(
+            i,
+            path,
+            format!("is a {} backup, not an incremental: only the first link is full", m.sync),
+        ));
+    }
+    let parent_named = m.parent_root.is_some_and(|r| r == p.root || Some(r) == p.replaces_root);
+    let (Some(b), Some(pb)) = (m.bitmap, p.bitmap) else {
+        // Without a bitmap on both sides only an explicit parent link
+        // (`BackupOptions::parent_manifest`) ties them.
+        if parent_named {
+            return Ok(());
+        }
+        return Err(link_error(i, path, format!("{prev_name} was made without a dirty bitmap: nothing links them")));
+    };
+    if b.uuid != pb.uuid {
+        return Err(link_error(i, path, format!("was made with another dirty bitmap than {prev_name} (uuid differs)")));
+    }
+    if b.generation_start != pb.generation_end {
+        return Err(link_error(
+            i,
+            path,
+            format!(
+                "does not follow {prev_name}: its bitmap was at generation {} when it started, {prev_name} left it \
+                 at {} (a backup is missing between them, or the order is wrong)",
+                b.generation_start, pb.generation_end
+            ),
+        ));
+    }
+    if let Some(parent) = m.parent_root {
+        if parent != p.root && Some(parent) != p.replaces_root {
+            return Err(link_error(
+                i,
+                path,
+                format!("its parent is not {prev_name} (parent root digest differs: a missing link or wrong order)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn read_only() -> io::Error {
+    io::Error::from(Error::new(ErrorKind::InvalidInput, libc::EROFS, "a backup chain is read-only"))
+}
+
+impl BlockDriver for Chain {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let cs = self.cluster_size;
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        let mut tmp = Vec::new();
+        while pos < end {
+            let c = pos / cs;
+            let src = self.source(c);
+            // Extend over following clusters from the same source (not when verifying:
+            // each cluster is checked whole).
+            let mut run_end = ((c + 1) * cs).min(end);
+            if !(self.verify && matches!(src, Source::Data(_))) {
+                while run_end < end && self.source(run_end / cs) == src {
+                    run_end = (run_end + cs).min(end);
+                }
+            }
+            let out = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            match src {
+                Source::Zero => out.fill(0),
+                Source::Data(i) if self.verify => {
+                    self.read_verified(i, c, &mut tmp)?;
+                    let from = (pos - c * cs) as usize;
+                    out.copy_from_slice(&tmp[from..from + out.len()]);
+                }
+                Source::Data(i) => self.links[i].target.read_at(out, pos)?,
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn write_zeroes_at(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(read_only())
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let cs = self.cluster_size;
+        let end = offset.saturating_add(len).min(self.size);
+        let data = |c: u64| matches!(self.source(c), Source::Data(_));
+        let first = data(offset / cs);
+        let mut at = ((offset / cs) + 1) * cs;
+        while at < end && data(at / cs) == first {
+            at += cs;
+        }
+        let flags = if first { StatusFlags::DATA } else { StatusFlags::ZERO };
+        Ok(BlockStatus { len: at.min(end) - offset, flags })
+    }
+}
