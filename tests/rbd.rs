@@ -280,7 +280,10 @@ fn backups_into_rbd(c: &Cluster) {
         }
         c.create("full", size);
         let full = c.open("rbd:rbd/full", true);
-        let (job, pit_full) = host.start(full.clone(), opts(SyncMode::Full, &host.bm, size), || {});
+        let manifest = |name: &str| dir.path().join(format!("{name}.manifest"));
+        let with_manifest = |o: BackupOptions, name: &str| BackupOptions { manifest: Some(manifest(name)), ..o };
+        let (job, pit_full) =
+            host.start(full.clone(), with_manifest(opts(SyncMode::Full, &host.bm, size), "full"), || {});
         wait_end(&job, T).unwrap();
         assert_eq!(job.info().state, JobState::Completed);
         cow += job.info().cow_requests;
@@ -290,7 +293,8 @@ fn backups_into_rbd(c: &Cluster) {
             let name = format!("inc{i}");
             c.create(&name, size);
             let inc = c.open(&format!("rbd:rbd/{name}"), true);
-            let (job, pit) = host.start(inc.clone(), opts(SyncMode::Bitmap, &host.bm, size), || {});
+            let (job, pit) =
+                host.start(inc.clone(), with_manifest(opts(SyncMode::Bitmap, &host.bm, size), &name), || {});
             let extents = job.extents();
             assert!(!extents.is_empty(), "incremental {i}: the writers dirtied nothing");
             wait_end(&job, T).unwrap();
@@ -312,6 +316,24 @@ fn backups_into_rbd(c: &Cluster) {
             }
             assert_same(&format!("full + incrementals 1..={}", i + 1), &image, &pit);
         }
+        // The manifests verify against the RBD targets (every copied cluster re-read from the
+        // cluster and checked); a cluster changed behind the backup's back is found.
+        for name in ["full", "inc1", "inc2"] {
+            let d = c.open(&format!("rbd:rbd/{name}"), false);
+            let r = cowbackup::repo::verify(manifest(name), &*d).unwrap_or_else(|e| panic!("verify {name}: {e}"));
+            assert!(r.clusters_checked > 0 && r.mismatched_clusters == 0, "{name}: {r:?}");
+        }
+        let tamper = c.open("rbd:rbd/full", true);
+        tamper.write_at(b"not the backup", 3 * M + 5).unwrap();
+        drop(tamper);
+        let d = c.open("rbd:rbd/full", false);
+        let r = cowbackup::repo::verify_report(manifest("full"), &*d).unwrap();
+        assert_eq!(r.mismatched_clusters, 1, "{r:?}");
+        let e = cowbackup::repo::verify(manifest("full"), &*d).unwrap_err();
+        assert_eq!(e.errno(), libc::EBADMSG, "{e}");
+        let fix = c.open("rbd:rbd/full", true);
+        fix.write_at(&pit_full[(3 * M + 5) as usize..(3 * M + 19) as usize], 3 * M + 5).unwrap();
+        drop(fix);
         // And through Ceph's own tool: `rbd export` of the full backup.
         let exported = dir.path().join("export.img");
         c.rbd(&["export", "--no-progress", "rbd/full", exported.to_str().unwrap()]);
