@@ -5,8 +5,8 @@
 set -eu
 cargo=$1 manifest=$2 target_dir=$3 output=$4 features=${5:-none}
 if [ "$features" = none ]; then
-    "$cargo" build --release --lib --manifest-path "$manifest" --target-dir "$target_dir"
+    "$cargo" build --release --manifest-path "$manifest" --target-dir "$target_dir"
 else
-    "$cargo" build --release --lib --manifest-path "$manifest" --target-dir "$target_dir" --features "$features"
+    "$cargo" build --release --manifest-path "$manifest" --target-dir "$target_dir" --features "$features"
 fi
 cp "$target_dir/release/libcowbackup.a" "$output"

@@ -31,10 +31,10 @@ export RUSTFLAGS="--cfg loom"
 export CARGO_TARGET_DIR=${LOOM_TARGET_DIR:-$PWD/target/loom}
 start=$(date +%s)
 echo "loom: building the model tests (RUSTFLAGS='$RUSTFLAGS', target dir $CARGO_TARGET_DIR)"
-bin=$(cargo test --release --lib --no-run --message-format=json 2>/dev/null \
+bin=$(cargo test -p cowbackup --release --lib --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 if [ -z "$bin" ]; then
-    cargo test --release --lib --no-run # show the error
+    cargo test -p cowbackup --release --lib --no-run # show the error
     echo "loom: build failed" >&2
     exit 1
 fi

@@ -37,10 +37,10 @@ start=$(date +%s)
 cargo +nightly miri setup >/dev/null 2>&1 || skip "cargo miri setup failed (no rust-src?)"
 echo "miri: MIRIFLAGS=$MIRIFLAGS, target dir $CARGO_TARGET_DIR"
 if [ "$quick" = 1 ]; then
-    cargo +nightly miri test --test miri_smoke
-    cargo +nightly miri test --lib -- --skip loom_tests bitmap:: claims:: buf:: zero:: ffi:: reentry::
+    cargo +nightly miri test -p cowbackup --test miri_smoke
+    cargo +nightly miri test -p cowbackup --lib -- --skip loom_tests bitmap:: claims:: buf:: zero:: ffi:: reentry::
 else
-    cargo +nightly miri test --test miri_smoke
-    cargo +nightly miri test --lib -- --skip loom_tests
+    cargo +nightly miri test -p cowbackup --test miri_smoke
+    cargo +nightly miri test -p cowbackup --lib -- --skip loom_tests
 fi
 echo "miri: no undefined behaviour, data race or leak found, $(($(date +%s) - start)) s"

@@ -18,8 +18,12 @@ stage "rustfmt"
 cargo fmt --check
 stage "clippy"
 cargo clippy --all-targets -- -D warnings
+# The library as Rust users build it: no C ABI, no optional feature.
+cargo clippy -p cowbackup --lib -- -D warnings
 stage "Rust tests"
 cargo test --release
+stage "a Rust user's fresh project: rlib only (scripts/test-rust-user.sh)"
+scripts/test-rust-user.sh
 stage "loom model of the claim protocol (scripts/loom.sh --quick)"
 scripts/loom.sh --quick
 stage "Miri (scripts/miri.sh --quick; skipped without the nightly toolchain)"

@@ -45,7 +45,7 @@ args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 start=$(date +%s)
 echo "tsan: ${tests[*]} (target dir $CARGO_TARGET_DIR, TSAN_OPTIONS=$TSAN_OPTIONS)"
-cargo=(cargo +nightly test -Zbuild-std --target "$host" --release "${args[@]}")
+cargo=(cargo +nightly test -p cowbackup -Zbuild-std --target "$host" --release "${args[@]}")
 # Build first, and make sure the test binaries really are instrumented (a TSan run of
 # uninstrumented code would find nothing and say so with confidence).
 mapfile -t bins < <("${cargo[@]}" --no-run --message-format=json \

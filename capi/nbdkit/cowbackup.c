@@ -17,6 +17,12 @@
  *     ones of the chain (the whole disk for sync=full|top).
  * `bitmap=PATH` keeps a persistent, crash-safe dirty bitmap of every write the daemon serves;
  * `sync=bitmap` makes the job an incremental backup of the clusters that bitmap holds.
+ * `control=PATH` adds a QMP socket (control.c) that starts, controls and watches backups at
+ * any time while nbdkit serves (blockdev-backup, query-jobs, job-*, bitmaps, pull mode); the
+ * start-up job of backup= is then its job "backup0". Every job's source is one driver
+ * (source_driver) on the shared context below; client writes take hook_lock (filter.h) for
+ * reading, so a job started by the control thread (which takes it for writing) has a point in
+ * time between writes.
  *
  * Files: every file the filter creates is 0600 (umask 077 around the library's creates; the
  * filter's own temporary files are opened 0600 with O_CREAT | O_EXCL | O_NOFOLLOW under a
@@ -103,6 +109,7 @@
 #include <nbdkit-filter.h>
 
 #include "cowbackup.h"
+#include "filter.h"
 
 /* The library's default cluster size (DESIGN: 65536), for the copy set of PATH.extents. */
 #define DEFAULT_CLUSTER_SIZE 65536u
@@ -116,25 +123,30 @@ static char *backup_path;        /* backup=, absolute; NULL: no backup (bitmap o
 static char *status_path;        /* backup_path + ".status" */
 static char *extents_path;       /* backup_path + ".extents" */
 static bool backup_overwrite;    /* backup-overwrite=true */
-static char *bitmap_path;        /* bitmap=, absolute; NULL: none */
+char *bitmap_path;               /* bitmap=, absolute; NULL: none */
 static uint64_t bitmap_granularity = COWBACKUP_BITMAP_DEFAULT_GRANULARITY;
 static uint32_t bitmap_mode = COWBACKUP_BITMAP_MODE_ON_SUCCESS;
 static uint32_t sync_mode = COWBACKUP_SYNC_FULL;
-static uint64_t cluster_size = DEFAULT_CLUSTER_SIZE;
+uint64_t cluster_size = DEFAULT_CLUSTER_SIZE;
 static uint64_t speed;           /* bytes/s, 0: unlimited (for the log) */
 static unsigned seen_keys;       /* bit i: keys[i] was given (each key at most once) */
 
 /* Set on the main thread by .get_ready/.after_fork, before any connection or job thread. */
 static bool serialize_plugin;    /* thread model below PARALLEL: see plugin_lock */
 static nbdkit_next *job_next;    /* the job's shared, read-only context into the plugin */
-static uint64_t disk_size;
+uint64_t disk_size;
 static cowbackup_job *job;       /* NULL without backup=; freed in .cleanup */
-static cowbackup_bitmap *bitmap; /* NULL without bitmap=; freed in .cleanup */
+cowbackup_bitmap *bitmap;        /* NULL without bitmap=; freed in .cleanup */
+cowbackup_driver *source_driver; /* the jobs' source: the plugin through job_next (owns it);
+                                    NULL without backup= and control=; freed in .cleanup */
 static bool bitmap_created;      /* this run created bitmap_path (removed if the start fails) */
 static char startup_error[1024]; /* why .after_fork failed: for the waiting parent */
 
 /* Serializes every call into the plugin when serialize_plugin is set. */
 static pthread_mutex_t plugin_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Held for reading across each client write, for writing by the control thread (filter.h). */
+pthread_rwlock_t hook_lock = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP;
 
 /* The job's end and messages, written by job threads, read at .cleanup. */
 static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -174,6 +186,20 @@ static void unlock_plugin(void)
         pthread_mutex_unlock(&plugin_lock);
 }
 
+/* hook_lock around a client write; only with control= (without it the set of jobs and
+ * bitmaps never changes after start-up: nothing to wait for). */
+static void hook_rdlock(void)
+{
+    if (control_configured())
+        pthread_rwlock_rdlock(&hook_lock);
+}
+
+static void hook_unlock(void)
+{
+    if (control_configured())
+        pthread_rwlock_unlock(&hook_lock);
+}
+
 /* A start-up failure: nbdkit's log, and the message the waiting parent prints. */
 static void startup_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void startup_fail(const char *fmt, ...)
@@ -193,9 +219,10 @@ static void startup_fail(const char *fmt, ...)
 static const char *const keys[] = {
     "backup", "backup-overwrite", "bitmap", "bitmap-granularity", "bitmap-mode", "sync",
     "cluster-size", "speed", "workers", "on-cbw-error", "on-source-error", "on-target-error",
+    "control",
 };
 enum { K_BACKUP, K_OVERWRITE, K_BITMAP, K_GRANULARITY, K_BITMAP_MODE, K_SYNC, K_CLUSTER_SIZE,
-       K_SPEED, K_WORKERS, K_CBW_ERROR, K_SOURCE_ERROR, K_TARGET_ERROR, K_COUNT };
+       K_SPEED, K_WORKERS, K_CBW_ERROR, K_SOURCE_ERROR, K_TARGET_ERROR, K_CONTROL, K_COUNT };
 
 static bool seen(int k)
 {
@@ -375,6 +402,8 @@ static int cowbackup_config(nbdkit_next_config *next, nbdkit_backend *nxdata,
         if (parse_error_action(key, value, &u32) < 0)
             return -1;
         return library_says(cowbackup_options_set_on_target_error(opts, u32), key, value);
+    case K_CONTROL:
+        return control_config(value);
     }
     return next(nxdata, key, value);
 }
@@ -503,9 +532,9 @@ static int check_bitmap_path(void)
 
 static int cowbackup_config_complete(nbdkit_next_config_complete *next, nbdkit_backend *nxdata)
 {
-    if (!backup_path && !bitmap_path) {
-        nbdkit_error("cowbackup: backup=PATH (a new file for the backup) or bitmap=PATH "
-                     "(change tracking) is required");
+    if (!backup_path && !bitmap_path && !control_configured()) {
+        nbdkit_error("cowbackup: backup=PATH (a new file for the backup), bitmap=PATH "
+                     "(change tracking) or control=PATH (a QMP socket) is required");
         return -1;
     }
     if (!backup_path && (seen(K_OVERWRITE) || seen(K_SYNC) || seen(K_CLUSTER_SIZE) ||
@@ -533,6 +562,8 @@ static int cowbackup_config_complete(nbdkit_next_config_complete *next, nbdkit_b
         return -1;
     if (bitmap_path && check_bitmap_path() < 0)
         return -1;
+    if (control_configured() && control_check() < 0)
+        return -1;
     return next(nxdata);
 }
 
@@ -550,7 +581,8 @@ static int cowbackup_config_complete(nbdkit_next_config_complete *next, nbdkit_b
     "workers=N                Background copy threads (1..64, default 2).\n" \
     "on-cbw-error=break-guest-write|break-snapshot  A failed copy-before-write fails the\n" \
     "                         client's write (default) or the backup.\n" \
-    "on-source-error=, on-target-error=report|ignore|stop|enospc  Background copy errors."
+    "on-source-error=, on-target-error=report|ignore|stop|enospc  Background copy errors.\n" \
+    "control=PATH             A QMP socket (0600) to start and control backups at run time."
 
 /* ---------------------------------------------------------------------------------------
  * The parent's wait for the daemon's verdict (see the top).
@@ -712,7 +744,7 @@ static int fsync_dir_of(const char *path)
 
 /* A new file `path`.tmp-XXXXXXXX (random), ours alone: returns its fd and *name (malloc'ed),
  * or -1 with errno. */
-static int create_temp(const char *path, char **name)
+int create_temp(const char *path, char **name)
 {
     for (int attempt = 0; attempt < 16; attempt++) {
         uint32_t rnd;
@@ -742,7 +774,7 @@ static int create_temp(const char *path, char **name)
 
 /* Write `len` bytes into the temporary file fd (from offset 0, trimmed to them), fsync,
  * close, rename it to `path`, fsync the directory. Consumes fd; on failure unlinks `tmp`. */
-static int replace_file(int fd, const char *tmp, const char *path, const char *data, size_t len)
+int replace_file(int fd, const char *tmp, const char *path, const char *data, size_t len)
 {
     size_t done = 0;
     while (done < len) {
@@ -861,6 +893,7 @@ static void cowbackup_unload(void)
     free(status_path);
     free(extents_path);
     free(bitmap_path);
+    control_unload();
 }
 
 /* A growing text buffer for PATH.extents. */
@@ -1073,9 +1106,11 @@ static void job_trace(void *opaque, const cowbackup_trace_event *ev)
         pthread_mutex_lock(&state_lock);
         snprintf(last_job_error, sizeof last_job_error, "%s", ev->message);
         pthread_mutex_unlock(&state_lock);
+        control_startup_trace(ev);
         break;
     case COWBACKUP_TRACE_STATE:
         nbdkit_debug("cowbackup: %s", ev->message);
+        control_startup_trace(ev);
         break;
     default:
         break;
@@ -1134,6 +1169,7 @@ static void job_completed(void *opaque, int ret)
     else
         nbdkit_error("cowbackup: backup %s %s", backup_path, line);
     write_status(line, true);
+    control_startup_completed(ret, line);
 }
 
 /* The progress thread: every second, `running N%` into PATH.status when N changed (bytes
@@ -1313,13 +1349,9 @@ static int create_target(cowbackup_driver **dst, char **created)
     return 0;
 }
 
-static int start_job(void)
+/* The jobs' source driver on job_next (which it then owns: source_release closes it). */
+static int make_source_driver(void)
 {
-    cowbackup_driver *src = NULL, *dst = NULL;
-    char *target_name = NULL, *extents_tmp = NULL;
-    cowbackup_job *j = NULL;
-    int r;
-
     /* The ops table lives as long as the driver: static. */
     static cowbackup_driver_ops ops = {
         .read = source_read,
@@ -1332,14 +1364,23 @@ static int start_job(void)
     if (can_extents > 0)
         ops.block_status = source_block_status;
 
-    r = cowbackup_driver_new(&ops, sizeof ops, job_next, disk_size, 0, &src);
+    int r = cowbackup_driver_new(&ops, sizeof ops, job_next, disk_size, 0, &source_driver);
     if (r < 0) {
-        startup_fail("cowbackup: backup %s failed: the source driver: %s", backup_path,
-                     cowbackup_last_error());
-        goto fail;
+        source_driver = NULL;
+        startup_fail("cowbackup: the source driver: %s", cowbackup_last_error());
+        return -1;
     }
     /* From here the driver owns job_next: source_release closes it. */
     job_next = NULL;
+    return 0;
+}
+
+static int start_job(void)
+{
+    cowbackup_driver *src = source_driver, *dst = NULL;
+    char *target_name = NULL, *extents_tmp = NULL;
+    cowbackup_job *j = NULL;
+    int r;
 
     if (init_progress_cond() < 0 || !(extents_tmp = write_extents_tmp()))
         goto fail;
@@ -1381,12 +1422,12 @@ static int start_job(void)
     }
     fsync_dir_of(backup_path);
     __atomic_store_n(&job, j, __ATOMIC_RELEASE);
+    control_startup_job(j); /* before its end can be reported (job_published) */
     pthread_mutex_lock(&state_lock);
     job_published = true;
     pthread_cond_broadcast(&job_published_cond);
     pthread_mutex_unlock(&state_lock);
-    cowbackup_driver_free(src); /* the job holds its own references */
-    cowbackup_driver_free(dst);
+    cowbackup_driver_free(dst); /* the job holds its own reference */
     free(target_name);
     if (start_progress() < 0)
         nbdkit_error("cowbackup: cannot start the progress thread (%m): PATH.status says "
@@ -1404,7 +1445,7 @@ fail_started:
     pthread_mutex_unlock(&state_lock);
     cowbackup_job_free(j); /* cancels it and waits */
 fail:
-    cowbackup_driver_free(src);
+    (void)src;
     cowbackup_driver_free(dst);
     if (target_name)
         unlink(target_name); /* ours, created by this run */
@@ -1440,13 +1481,39 @@ static int cowbackup_after_fork(nbdkit_backend *backend)
 
     if (bitmap_path && open_bitmap() < 0)
         goto out;
-    r = backup_path ? start_job() : 0; /* bitmap only: the context is not needed */
+    /* bitmap only: the context is not needed */
+    if ((backup_path || control_configured()) && make_source_driver() < 0)
+        goto out;
+    /* The control socket before the job's threads: its bind sets the umask. */
+    if (control_start(startup_error, sizeof startup_error) < 0) {
+        nbdkit_error("%s", startup_error);
+        goto out;
+    }
+    r = backup_path ? start_job() : 0;
+    if (r == 0 && control_run(startup_error, sizeof startup_error) < 0) {
+        nbdkit_error("%s", startup_error);
+        r = -1;
+        if (backup_path) { /* the job runs: cancelled (its status says so), freed */
+            cowbackup_job *j = __atomic_load_n(&job, __ATOMIC_ACQUIRE);
+            stop_progress();
+            cowbackup_job_free(j);
+            __atomic_store_n(&job, NULL, __ATOMIC_RELEASE);
+        }
+    }
+    if (r < 0) {
+        control_stop();
+        control_free();
+    }
 out:
     /* Still ours when no source driver took it (bitmap only, or a failure). */
     if (job_next) {
         job_next->finalize(job_next);
         nbdkit_next_context_close(job_next);
         job_next = NULL;
+    }
+    if (r < 0 && source_driver) {
+        cowbackup_driver_free(source_driver);
+        source_driver = NULL;
     }
     if (r < 0 && bitmap) {
         /* nbdkit exits: a bitmap made by this run goes too (the retry makes it again). */
@@ -1479,6 +1546,7 @@ static void cowbackup_cleanup(nbdkit_backend *backend)
     stopping = true;
     pthread_mutex_unlock(&state_lock);
     stop_progress();
+    control_stop(); /* no command runs any more; its job is cancelled and freed */
     /* `job` stays set during the free: its completion callback and trace events (inside
      * the job, allowed during the free) query it. No connection is left to run the hook. */
     cowbackup_job *j = __atomic_load_n(&job, __ATOMIC_ACQUIRE);
@@ -1491,6 +1559,9 @@ static void cowbackup_cleanup(nbdkit_backend *backend)
         cowbackup_job_free(j);
         __atomic_store_n(&job, NULL, __ATOMIC_RELEASE);
     }
+    control_free();
+    cowbackup_driver_free(source_driver); /* its last reference: closes the context */
+    source_driver = NULL;
     drop_reserve();
     if (bitmap) {
         cowbackup_bitmap_free(bitmap); /* every mark that returned is already durable */
@@ -1541,7 +1612,7 @@ static int before_write(const char *what, uint32_t count, uint64_t offset, int *
             return -1;
         }
     }
-    return 0;
+    return control_before_write(what, count, offset, err);
 }
 
 static int cowbackup_pread(nbdkit_next *next, void *handle, void *buf, uint32_t count,
@@ -1558,11 +1629,15 @@ static int cowbackup_pwrite(nbdkit_next *next, void *handle, const void *buf, ui
                             uint64_t offset, uint32_t flags, int *err)
 {
     (void)handle;
-    if (before_write("write", count, offset, err) < 0)
-        return -1;
-    lock_plugin();
-    int r = next->pwrite(next, buf, count, offset, flags, err);
-    unlock_plugin();
+    /* The whole write under hook_lock (read): a job starts between writes (filter.h). */
+    hook_rdlock();
+    int r = before_write("write", count, offset, err);
+    if (r == 0) {
+        lock_plugin();
+        r = next->pwrite(next, buf, count, offset, flags, err);
+        unlock_plugin();
+    }
+    hook_unlock();
     return r;
 }
 
@@ -1570,11 +1645,15 @@ static int cowbackup_zero(nbdkit_next *next, void *handle, uint32_t count, uint6
                           uint32_t flags, int *err)
 {
     (void)handle;
-    if (before_write("zero", count, offset, err) < 0)
-        return -1;
-    lock_plugin();
-    int r = next->zero(next, count, offset, flags, err);
-    unlock_plugin();
+    /* The whole write under hook_lock (read): a job starts between writes (filter.h). */
+    hook_rdlock();
+    int r = before_write("zero", count, offset, err);
+    if (r == 0) {
+        lock_plugin();
+        r = next->zero(next, count, offset, flags, err);
+        unlock_plugin();
+    }
+    hook_unlock();
     return r;
 }
 
@@ -1582,11 +1661,15 @@ static int cowbackup_trim(nbdkit_next *next, void *handle, uint32_t count, uint6
                           uint32_t flags, int *err)
 {
     (void)handle;
-    if (before_write("trim", count, offset, err) < 0)
-        return -1;
-    lock_plugin();
-    int r = next->trim(next, count, offset, flags, err);
-    unlock_plugin();
+    /* The whole write under hook_lock (read): a job starts between writes (filter.h). */
+    hook_rdlock();
+    int r = before_write("trim", count, offset, err);
+    if (r == 0) {
+        lock_plugin();
+        r = next->trim(next, count, offset, flags, err);
+        unlock_plugin();
+    }
+    hook_unlock();
     return r;
 }
 

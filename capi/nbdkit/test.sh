@@ -24,6 +24,7 @@
 #      PATH.status.tmp and PATH.extents, pre-creates PATH.status(.tmp) in a sticky directory,
 #      and swaps PATH for a symlink during backup-overwrite=true's start: nothing is followed,
 #      every file is root 0600.
+#   8. the control socket: capi/nbdkit/test-control.sh (test_control.py says what it checks).
 # Usage: capi/nbdkit/test.sh [BUILD_DIR]   (default build/plain; the filter is
 # BUILD_DIR/capi/nbdkit/nbdkit-cowbackup-filter.so). Every wait has a time limit. Skips
 # (exit 0, with the reason) only when nbdkit or the qemu tools cannot be installed.
@@ -455,4 +456,9 @@ SH
     rm -rf att shared victim slowplugin.sh after_fork.started
 fi
 
+# 8. The control socket (control=PATH, QMP): backups at run time under a filesystem workload,
+#    with QEMU's own QMP client library: capi/nbdkit/test-control.sh.
+"$here/test-control.sh" "$build" || fail "the control socket (test-control.sh)"
+
 echo "nbdkit test: all passed in $(($(date +%s) - start_time)) s"
+

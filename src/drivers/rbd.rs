@@ -1,7 +1,7 @@
 //! `RbdDriver`: a Ceph RBD image through librbd, so a backup can be written straight into
 //! a Ceph cluster (or read from an RBD image used as the source) without an NBD hop.
 //!
-//! Only built with the cargo feature `rbd` (links `librbd` and `librados`, Debian:
+//! Only built with the cargo feature `rbd` (links `librbd` and `librados` through `#[link]`, Debian:
 //! `librbd-dev`). The declarations of the few librados/librbd functions used are written
 //! here by hand from `rados/librados.h` and `rbd/librbd.h` (Ceph 16.2 "Pacific"; every one
 //! of them exists since Ceph 15).
@@ -72,6 +72,8 @@ mod sys {
     /// The callback of `rbd_diff_iterate2`: offset, length, exists, opaque.
     pub type diff_cb = unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
 
+    #[link(name = "rbd")]
+    #[link(name = "rados")]
     extern "C" {
         pub fn rados_create2(
             cluster: *mut rados_t,

@@ -551,6 +551,7 @@ impl Job {
     /// Whether dropping this handle now can do what the C API's `cowbackup_job_free`
     /// promises: `Deadlock` when called from inside one of the job's own callbacks (the
     /// job is cancelled then, and must be freed later from elsewhere).
+    #[cfg(feature = "capi")]
     pub(crate) fn check_free(&self) -> Result<()> {
         if std::process::id() == self.creator_pid && reentry::inside(self.shared.id) {
             self.cancel();

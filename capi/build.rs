@@ -1,31 +1,23 @@
-//! Generates the C header `cowbackup.h` from `src/ffi` with cbindgen, into `OUT_DIR` only
-//! (never into the source tree). `tests/header.rs` compares it with the committed
-//! `include/cowbackup.h`; `scripts/update-header.sh` refreshes that copy.
+//! Generates the C header `cowbackup.h` from the library's `src/ffi` with cbindgen, into
+//! `OUT_DIR` only (never into the source tree). `capi/tests/header.rs` compares it with the
+//! committed `include/cowbackup.h`; `scripts/update-header.sh` refreshes that copy.
 
 use std::env;
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/ffi");
-    println!("cargo:rerun-if-changed=capi/cbindgen.toml");
+    println!("cargo:rerun-if-changed=../src/ffi");
+    println!("cargo:rerun-if-changed=cbindgen.toml");
 
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let header = out_dir.join("cowbackup.h");
     // Integration tests find the generated header through this variable.
     println!("cargo:rustc-env=COWBACKUP_GENERATED_HEADER={}", header.display());
 
-    // The RBD driver's librbd and librados (feature `rbd` only; Debian: librbd-dev).
-    if env::var_os("CARGO_FEATURE_RBD").is_some() {
-        println!("cargo:rustc-link-lib=dylib=rbd");
-        println!("cargo:rustc-link-lib=dylib=rados");
-    }
-
-    if env::var_os("CARGO_FEATURE_CAPI").is_none() {
-        return;
-    }
-    let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let mut config = cbindgen::Config::from_file(root.join("capi/cbindgen.toml")).expect("capi/cbindgen.toml is valid");
+    let capi = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = capi.parent().expect("capi/ lives in the repository").to_path_buf();
+    let mut config = cbindgen::Config::from_file(capi.join("cbindgen.toml")).expect("capi/cbindgen.toml is valid");
     // The version macros come from Cargo.toml, the one place the version is written.
     let version = |name: &str| env::var(name).unwrap_or_else(|_| panic!("cargo sets {name}"));
     config.after_includes = Some(format!(
