@@ -166,7 +166,8 @@
 #define COWBACKUP_STATUS_ZERO 2
 
 /*
- `cowbackup_file_open` / `cowbackup_nbd_open` flag: open for writing too (default: read-only).
+ `cowbackup_file_open` / `cowbackup_nbd_open` / `cowbackup_rbd_open` flag: open for writing too
+ (default: read-only).
  */
 #define COWBACKUP_OPEN_WRITE 1
 
@@ -1744,6 +1745,46 @@ int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t e
  */
 int cowbackup_options_set_cow_buffer(struct cowbackup_options *o,
                                      uint64_t bytes);
+
+/*
+ Open an image of a Ceph RBD pool through librbd and use it as a block device: a backup
+ target in a Ceph cluster, or a source whose host writes go through the job's hook and then
+ into this driver.
+
+ `spec` names the image: `"rbd:POOL/IMAGE"` or `"rbd:POOL/NAMESPACE/IMAGE"`, optionally
+ followed by `"@SNAPSHOT"` (a snapshot, always read-only) and then by `":id=NAME"` (the cephx
+ user `client.NAME`; default `admin`), as in QEMU's `rbd:` file names (QEMU's `:conf=` is
+ the `conf` argument here, its other options are not accepted). `conf` is the path of the
+ cluster's conf file (monitors, keyring), or NULL for librados's search (`$CEPH_CONF`,
+ `/etc/ceph/ceph.conf`, `~/.ceph/config`, `./ceph.conf`). `flags`: 0 (read-only) or
+ `COWBACKUP_OPEN_WRITE`.
+
+ Each handle has its own cluster connection. Connecting and every request to a monitor or
+ OSD time out after 30 s (`client_mount_timeout`, `rados_mon_op_timeout`,
+ `rados_osd_op_timeout`), so a job against a cluster that went away fails or pauses (per
+ its error policy) instead of hanging; librbd's write-back cache is off (a write that
+ returned is on the OSDs). Block status comes from `rbd_diff_iterate2` (allocated extents;
+ the rest reads as zeroes), zeroing from `rbd_write_zeroes`, discard from `rbd_discard`,
+ flush from `rbd_flush`. The size is the image's when opened.
+
+ On success `*out` is a new handle (free with `cowbackup_driver_free`; the image, I/O context
+ and cluster connection close with the last reference, e.g. when a job using it ends).
+ Errors: -EINVAL (NULL spec, unknown flags, a spec that does not parse: the message says
+ why); -EROFS (`COWBACKUP_OPEN_WRITE` with a snapshot); -ENOTSUP (the library was built
+ without librbd: cargo feature `rbd`); otherwise librados's or librbd's errno: -ENOENT (no
+ conf file, pool or image), -EACCES/-EPERM (cephx refused the user), -ETIMEDOUT (no monitor
+ answered), ... The message names the image and the step that failed. I/O errors of the
+ driver keep librbd's errno too (-ETIMEDOUT, -EBLOCKLISTED, -EROFS...) and name the image
+ and operation. Thread-safe; the driver is thread-safe (librbd image handles are).
+
+ # Safety
+ `spec` is NULL or a NUL-terminated string; `conf` is NULL or a NUL-terminated string; `out`
+ is NULL or valid for writes.
+ */
+int cowbackup_rbd_open(const char *spec,
+                       const char *conf,
+                       uint32_t flags,
+                       struct cowbackup_driver **out);
 
 /*
  Write a manifest of the backup to `path` when the job completes (and only then): the

@@ -7,8 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-echo "--- cargo build --release --lib"
-cargo build --release --lib
+# The RBD driver (cargo feature rbd) when librbd and librados are installed (Debian: librbd-dev).
+features=()
+if [ -f /usr/include/rbd/librbd.h ] && [ -f /usr/include/rados/librados.h ]; then features=(--features rbd); fi
+echo "--- cargo build --release --lib ${features[*]}"
+cargo build --release --lib "${features[@]}"
 export COWBACKUP_LIB="$root/target/release/libcowbackup.so"
 test -f "$COWBACKUP_LIB" || { echo "error: $COWBACKUP_LIB was not built" >&2; exit 1; }
 

@@ -2,7 +2,9 @@
 # Every test of cowbackup: Rust (fmt, clippy, unit, integration, doc, the `cowbackup` command; the model test with its
 # 15 s budget), a short soak, loom, and where the nightly toolchain is present Miri,
 # ThreadSanitizer and the fuzz targets (CI budget), C (meson: plain, ASan+UBSan, valgrind;
-# exports; header drift; the nbdkit filter) and Python (ctypes binding, pytest).
+# exports; header drift; the nbdkit filter), the RBD driver against a real throw-away Ceph
+# cluster (skipped with the reason without librbd-dev and the Ceph packages) and Python
+# (ctypes binding, pytest).
 # Installs what it needs on a fresh Debian machine. Exits non-zero when anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,8 @@ stage "soak: model on memory and files (scripts/soak.sh, 40 s)"
 SOAK_SECS=40 scripts/soak.sh
 stage "fuzz: each target 20 s (scripts/fuzz.sh; skipped without nightly + cargo-fuzz)"
 scripts/fuzz.sh 20
+stage "Ceph RBD driver against a throw-away cluster (scripts/test-rbd.sh)"
+scripts/test-rbd.sh
 stage "C tests"
 scripts/test-c.sh
 if [ -x scripts/test-python.sh ]; then

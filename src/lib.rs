@@ -70,6 +70,8 @@ pub use drivers::fault::{FaultDriver, FaultOp, FaultRule, RuleId};
 pub use drivers::file::{allocated_bytes, FileDriver, OpenFlags};
 pub use drivers::memory::MemDriver;
 pub use drivers::nbd::{NbdAddress, NbdDriver, NbdOptions, NbdUri};
+#[cfg(feature = "rbd")]
+pub use drivers::rbd::{RbdDriver, RbdOptions, RbdSpec, RBD_DEFAULT_TIMEOUT};
 pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
 pub use fs::DEFAULT_FILE_MODE;
 pub use job::{

@@ -471,6 +471,7 @@ _file_create = _declare("cowbackup_file_create", c_int, [c_char_p, c_uint64, c_u
 _file_create_mode = _declare("cowbackup_file_create_mode", c_int, [c_char_p, c_uint64, c_uint32, c_uint32, _PP])
 _memory_new = _declare("cowbackup_memory_new", c_int, [c_uint64, _PP])
 _nbd_open = _declare("cowbackup_nbd_open", c_int, [c_char_p, c_uint32, _PP])
+_rbd_open = _declare("cowbackup_rbd_open", c_int, [c_char_p, c_char_p, c_uint32, _PP])
 _nbd_open_tls = _declare("cowbackup_nbd_open_tls", c_int,
                          [c_char_p, c_uint32, c_char_p, c_char_p, c_char_p, _PP])
 _driver_size = _declare("cowbackup_driver_size", c_int, [_P, POINTER(c_uint64)])
@@ -977,6 +978,35 @@ class Driver:
         files = [_path_arg(ca), None if cert is None else _path_arg(cert),
                  None if key is None else _path_arg(key)]
         return cls(_out_handle(_nbd_open_tls, "cowbackup_nbd_open_tls", raw, flags, *files), "nbd")
+
+    @classmethod
+    def rbd_open(cls, spec: str, conf: Optional[Union[str, bytes, "os.PathLike[Any]"]] = None,
+                 write: bool = False) -> "Driver":
+        """Open an image of a Ceph RBD pool through librbd (``cowbackup_rbd_open``).
+
+        ``spec``: ``"rbd:POOL/IMAGE"`` or ``"rbd:POOL/NAMESPACE/IMAGE"``, optionally with
+        ``"@SNAPSHOT"`` (read-only) and then ``":id=NAME"`` (cephx user ``client.NAME``,
+        default ``admin``). ``conf``: the cluster's conf file, or ``None`` for librados's
+        search (``$CEPH_CONF``, ``/etc/ceph/ceph.conf``...). Read-only unless ``write``.
+        Connecting and every monitor or OSD request time out after 30 s, so a job against a
+        cluster that went away fails or pauses instead of hanging.
+
+        Raises :class:`InvalidArgument` for a spec that does not parse, and
+        :class:`CowbackupError` with librbd's errno otherwise (``FileNotFoundError`` for a
+        missing conf file, pool or image; ``TimeoutError``; errno EROFS for a writable
+        snapshot; errno ENOTSUP when the library was built without the RBD driver). The
+        image closes once no job uses the driver.
+        """
+        if not isinstance(spec, str):
+            raise TypeError("spec must be a str")
+        if not isinstance(write, bool):
+            raise TypeError("write must be a bool")
+        if "\0" in spec:
+            raise InvalidArgument(_errno.EINVAL, "cowbackup_rbd_open: the spec contains NUL")
+        raw = spec.encode("utf-8", "surrogateescape")
+        raw_conf = None if conf is None else _path_arg(conf)
+        flags = _OPEN_WRITE if write else 0
+        return cls(_out_handle(_rbd_open, "cowbackup_rbd_open", raw, raw_conf, flags), "rbd")
 
     @classmethod
     def create(cls, path: Union[str, bytes, "os.PathLike[Any]"], size: int,

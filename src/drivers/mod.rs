@@ -5,3 +5,5 @@ pub mod fault;
 pub mod file;
 pub mod memory;
 pub mod nbd;
+#[cfg(feature = "rbd")]
+pub mod rbd;

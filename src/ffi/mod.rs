@@ -25,6 +25,7 @@ pub mod job;
 pub mod nbd;
 pub mod nbd_client;
 pub mod options;
+pub mod rbd;
 pub mod repo;
 pub mod trace;
 
@@ -35,6 +36,7 @@ pub use job::*;
 pub use nbd::*;
 pub use nbd_client::*;
 pub use options::*;
+pub use rbd::*;
 pub use repo::*;
 pub use trace::*;
 
@@ -111,7 +113,8 @@ pub const COWBACKUP_STATUS_DATA: u32 = 1;
 /// Block status bit: the range reads as zeroes. A hole of a sparse file is ZERO without DATA.
 pub const COWBACKUP_STATUS_ZERO: u32 = 2;
 
-/// `cowbackup_file_open` / `cowbackup_nbd_open` flag: open for writing too (default: read-only).
+/// `cowbackup_file_open` / `cowbackup_nbd_open` / `cowbackup_rbd_open` flag: open for writing too
+/// (default: read-only).
 pub const COWBACKUP_OPEN_WRITE: u32 = 1;
 /// `cowbackup_file_open` / `cowbackup_file_create` flag: use `O_DIRECT` for aligned requests.
 pub const COWBACKUP_OPEN_DIRECT: u32 = 2;
