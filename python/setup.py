@@ -30,12 +30,16 @@ else:
             "(pip install ./python), set COWBACKUP_CAPI_MANIFEST to capi/Cargo.toml, or "
             "COWBACKUP_NO_NATIVE=1 to install the binding alone"
         )
+    # The Ceph RBD driver when librbd and librados are installed (Debian: librbd-dev), as the
+    # meson build does; without it Driver.rbd_open raises ENOTSUP.
+    rbd = os.path.exists("/usr/include/rbd/librbd.h") and os.path.exists("/usr/include/rados/librados.h")
     setup(
         rust_extensions=[
             RustExtension(
                 "cowbackup._libcowbackup",
                 path=manifest,
                 binding=Binding.NoBinding,
+                features=["rbd"] if rbd else [],
                 debug=False,
                 py_limited_api=False,
             )
