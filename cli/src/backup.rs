@@ -3,16 +3,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::{Args, ValueEnum};
-use cowbackup::{backup_start, BackupOptions, BitmapMode, DirtyBitmap, JobState, SyncMode, DEFAULT_GRANULARITY};
+use cowbackup::{backup_start, BackupOptions, BitmapMode, DirtyBitmap, SyncMode, DEFAULT_GRANULARITY};
 use serde_json::json;
 
-use crate::progress::{Progress, When};
-use crate::util::{
-    failed, open_source, open_target, parse_size, print_json, signal_name, usage, uuid_text, wait_signal, CliResult,
-};
+use crate::progress::{run_to_end, When};
+use crate::util::{failed, open_source, open_target, parse_size, print_json, usage, uuid_text, CliResult};
 
 /// Which clusters a backup copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -188,45 +186,11 @@ pub fn run(a: BackupArgs) -> CliResult<()> {
     let started = Instant::now();
     let job = Arc::new(backup_start(source, target, opts).map_err(|e| failed(e.to_string()))?);
 
-    // SIGINT / SIGTERM cancel the job; the command then fails like any cancelled job.
-    let signalled = Arc::new(std::sync::atomic::AtomicI32::new(0));
-    {
-        let job = job.clone();
-        let signalled = signalled.clone();
-        std::thread::Builder::new()
-            .name("cowbackup-signals".into())
-            .spawn(move || {
-                let sig = wait_signal();
-                signalled.store(sig, std::sync::atomic::Ordering::SeqCst);
-                job.cancel();
-            })
-            .map_err(|e| failed(format!("starting the signal thread: {e}")))?;
-    }
-
-    let mut progress = Progress::new(a.progress, job.len());
-    let result = loop {
-        match job.wait_timeout(Duration::from_millis(100)) {
-            Some(r) => break r,
-            None => progress.update(job.info().offset),
-        }
-    };
-    let info = job.info();
-    progress.finish(info.offset);
-    let secs = started.elapsed().as_secs_f64();
-
-    let sig = signalled.load(std::sync::atomic::Ordering::SeqCst);
-    let error = match &result {
-        Ok(()) => None,
-        Err(_) if sig != 0 && info.state == JobState::Cancelled => Some(format!("cancelled by {}", signal_name(sig))),
-        Err(e) => Some(e.to_string()),
-    };
+    let ended = run_to_end(job.clone(), a.progress, started)?;
+    let (info, secs, error) = (&ended.info, ended.secs, ended.error.clone());
     if a.json {
         let mut v = json!({
-            "result": match info.state {
-                JobState::Completed => "completed",
-                JobState::Cancelled => "cancelled",
-                _ => "failed",
-            },
+            "result": ended.result_name(),
             "source": a.src,
             "target": a.dst,
             "target_kind": kind.name(),

@@ -81,3 +81,65 @@ fn line(done: u64, total: u64) {
     let mut err = std::io::stderr().lock();
     let _ = writeln!(err, "progress: {pct:.1}% ({done}/{total} bytes)");
 }
+
+/// How a job the command ran ended ([`run_to_end`]).
+pub struct Ended {
+    /// The job's last counters.
+    pub info: cowbackup::JobInfo,
+    /// Seconds from `started` to the end.
+    pub secs: f64,
+    /// The one-line error to report, `None` when the job completed.
+    pub error: Option<String>,
+}
+
+impl Ended {
+    /// The result as `--json` shows it.
+    pub fn result_name(&self) -> &'static str {
+        match self.info.state {
+            cowbackup::JobState::Completed => "completed",
+            cowbackup::JobState::Cancelled => "cancelled",
+            _ => "failed",
+        }
+    }
+}
+
+/// Run `job` to its end, showing its progress per `when`: SIGINT / SIGTERM (blocked by
+/// `util::block_signals` at start) cancel it, and the command then fails like any
+/// cancelled job, naming the signal.
+pub fn run_to_end(
+    job: std::sync::Arc<cowbackup::Job>,
+    when: Option<When>,
+    started: Instant,
+) -> crate::util::CliResult<Ended> {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    let signalled = std::sync::Arc::new(AtomicI32::new(0));
+    {
+        let (job, signalled) = (job.clone(), signalled.clone());
+        std::thread::Builder::new()
+            .name("cowbackup-signals".into())
+            .spawn(move || {
+                signalled.store(crate::util::wait_signal(), Ordering::SeqCst);
+                job.cancel();
+            })
+            .map_err(|e| crate::util::failed(format!("starting the signal thread: {e}")))?;
+    }
+    let mut progress = Progress::new(when, job.len());
+    let result = loop {
+        match job.wait_timeout(Duration::from_millis(100)) {
+            Some(r) => break r,
+            None => progress.update(job.info().offset),
+        }
+    };
+    let info = job.info();
+    progress.finish(info.offset);
+    let secs = started.elapsed().as_secs_f64();
+    let sig = signalled.load(Ordering::SeqCst);
+    let error = match &result {
+        Ok(()) => None,
+        Err(_) if sig != 0 && info.state == cowbackup::JobState::Cancelled => {
+            Some(format!("cancelled by {}", crate::util::signal_name(sig)))
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    Ok(Ended { info, secs, error })
+}

@@ -3,18 +3,16 @@
 //! pull-mode / fleecing exports, cowbackup's own server): only the dirty extents are read.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use cowbackup::{
-    backup_start, BackupOptions, BlockDriver, DirtyBitmap, JobState, NbdDriver, NbdOptions, SyncMode, MIN_CLUSTER_SIZE,
+    backup_start, BackupOptions, BlockDriver, DirtyBitmap, NbdDriver, NbdOptions, SyncMode, MIN_CLUSTER_SIZE,
 };
 use serde_json::json;
 
-use crate::progress::{Progress, When};
-use crate::util::{
-    failed, is_nbd_uri, open_target, parse_size, print_json, signal_name, usage, wait_signal, CliResult,
-};
+use crate::progress::{run_to_end, When};
+use crate::util::{failed, is_nbd_uri, open_target, parse_size, print_json, usage, CliResult};
 
 /// Arguments of `pull`.
 #[derive(Debug, Args)]
@@ -133,36 +131,11 @@ pub fn run(a: PullArgs) -> CliResult<()> {
     let (target, kind) = open_target(&a.dst, size, a.overwrite, false)?;
     let source: Arc<dyn BlockDriver> = Arc::new(source);
     let job = Arc::new(backup_start(source, target, job_opts).map_err(|e| failed(e.to_string()))?);
-    let signalled = Arc::new(std::sync::atomic::AtomicI32::new(0));
-    {
-        let (job, signalled) = (job.clone(), signalled.clone());
-        std::thread::Builder::new()
-            .name("cowbackup-signals".into())
-            .spawn(move || {
-                signalled.store(wait_signal(), std::sync::atomic::Ordering::SeqCst);
-                job.cancel();
-            })
-            .map_err(|e| failed(format!("starting the signal thread: {e}")))?;
-    }
-    let mut progress = Progress::new(a.progress, job.len());
-    let result = loop {
-        match job.wait_timeout(Duration::from_millis(100)) {
-            Some(r) => break r,
-            None => progress.update(job.info().offset),
-        }
-    };
-    let info = job.info();
-    progress.finish(info.offset);
-    let secs = started.elapsed().as_secs_f64();
-    let sig = signalled.load(std::sync::atomic::Ordering::SeqCst);
-    let error = match &result {
-        Ok(()) => None,
-        Err(_) if sig != 0 && info.state == JobState::Cancelled => Some(format!("cancelled by {}", signal_name(sig))),
-        Err(e) => Some(e.to_string()),
-    };
+    let ended = run_to_end(job.clone(), a.progress, started)?;
+    let (info, secs, error) = (&ended.info, ended.secs, ended.error.clone());
     if a.json {
         let mut v = json!({
-            "result": match info.state { JobState::Completed => "completed", JobState::Cancelled => "cancelled", _ => "failed" },
+            "result": ended.result_name(),
             "source": a.uri,
             "target": a.dst,
             "target_kind": kind.name(),

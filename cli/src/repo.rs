@@ -3,15 +3,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use cowbackup::repo::{consolidate, verify_with, Chain, Manifest};
-use cowbackup::{backup_start, BackupOptions, BlockDriver, FileDriver, JobState, NbdDriver, NbdOptions, OpenFlags};
+use cowbackup::{backup_start, BackupOptions, BlockDriver, FileDriver, NbdDriver, NbdOptions, OpenFlags};
 use serde_json::json;
 
-use crate::progress::{Progress, When};
-use crate::util::{failed, is_nbd_uri, open_target, print_json, signal_name, wait_signal, CliResult};
+use crate::progress::{run_to_end, When};
+use crate::util::{failed, is_nbd_uri, open_target, print_json, CliResult};
 
 /// Arguments of `verify`.
 #[derive(Debug, Args)]
@@ -130,36 +130,11 @@ pub fn run_restore(a: RestoreArgs) -> CliResult<()> {
     let opts = BackupOptions { cluster_size, workers: a.workers, ..BackupOptions::default() };
     let started = Instant::now();
     let job = Arc::new(backup_start(chain, target, opts).map_err(|e| failed(format!("restore: {e}")))?);
-    let signalled = Arc::new(std::sync::atomic::AtomicI32::new(0));
-    {
-        let (job, signalled) = (job.clone(), signalled.clone());
-        std::thread::Builder::new()
-            .name("cowbackup-signals".into())
-            .spawn(move || {
-                signalled.store(wait_signal(), std::sync::atomic::Ordering::SeqCst);
-                job.cancel();
-            })
-            .map_err(|e| failed(format!("starting the signal thread: {e}")))?;
-    }
-    let mut progress = Progress::new(a.progress, job.len());
-    let result = loop {
-        match job.wait_timeout(Duration::from_millis(100)) {
-            Some(r) => break r,
-            None => progress.update(job.info().offset),
-        }
-    };
-    let info = job.info();
-    progress.finish(info.offset);
-    let secs = started.elapsed().as_secs_f64();
-    let sig = signalled.load(std::sync::atomic::Ordering::SeqCst);
-    let error = match &result {
-        Ok(()) => None,
-        Err(_) if sig != 0 && info.state == JobState::Cancelled => Some(format!("cancelled by {}", signal_name(sig))),
-        Err(e) => Some(e.to_string()),
-    };
+    let ended = run_to_end(job.clone(), a.progress, started)?;
+    let (info, secs, error) = (&ended.info, ended.secs, ended.error.clone());
     if a.json {
         let mut v = json!({
-            "result": match info.state { JobState::Completed => "completed", JobState::Cancelled => "cancelled", _ => "failed" },
+            "result": ended.result_name(),
             "manifests": manifests.iter().map(|m| m.display().to_string()).collect::<Vec<_>>(),
             "target": dst,
             "target_kind": kind.name(),
