@@ -27,6 +27,7 @@ Every wait is bounded. Usage: test_control.py FILTER.so TMPDIR
 """
 import asyncio
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -712,6 +713,19 @@ async def startup_mode():
                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
     if '"type": "backup"' not in r.stdout or r.stdout.count('"return": {}') != 1:
         fail(f"qmp-shell: {r.stdout[-1000:]}")
+    # `cowbackup ctl` (the command line, cli/) against the filter's socket, when it is built.
+    cli = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "target", "release", "cowbackup")
+    if os.access(cli, os.X_OK):
+        r = subprocess.run([cli, "ctl", ctl, "query-jobs"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0 or not any(j.get("type") == "backup" for j in json.loads(r.stdout)):
+            fail(f"cowbackup ctl query-jobs: {r.returncode} {r.stdout[-500:]} {r.stderr[-500:]}")
+        r = subprocess.run([cli, "ctl", ctl, "block-dirty-bitmap-add", "node=x", "name=s0"],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 1 or "s0" not in r.stderr:
+            fail(f"cowbackup ctl: a QMP error (bitmap s0 exists) must exit 1 naming it: {r.returncode} {r.stderr}")
+        log("ok: cowbackup ctl against the control socket (a return, and a QMP error: exit 1)")
+    else:
+        log(f"skipped: cowbackup ctl (no built command at {cli})")
     nbdkit.terminate()
     nbdkit.wait(timeout=60)
     log("ok: backup= mode shows in query-jobs; a control backup after it; qmp-shell")
