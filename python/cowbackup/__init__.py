@@ -881,6 +881,7 @@ class Extent:
 
     @property
     def end(self) -> int:
+        """The offset just past the extent: ``offset + length``."""
         return self.offset + self.length
 
 
