@@ -12,14 +12,19 @@
 //! 1. **Full**: at a quiet instant the bitmap is cleared (it now records the writes since
 //!    this backup) and a `sync = None` job starts into a sparse scratch file; its snapshot
 //!    view is exported read-only as `full`, and `qemu-img convert` copies
-//!    `nbd+unix:///full?socket=…` into `full.img`. Then `Job::complete()`.
+//!    `nbd+unix:///full?socket=…` into `full.img`; the reader also backs it up with a job
+//!    whose source is the export (`NbdDriver`), writing `full-m.img` and its manifest
+//!    `full.manifest`. Then `Job::complete()`.
 //! 2. **Incremental**: at another quiet instant a copy of the bitmap is frozen for the
 //!    reader and a `sync = None` job with the bitmap starts (pull mode: the view serves only
 //!    the bitmap's clusters). The view is exported as `inc` with the frozen copy as the
 //!    context `qemu:dirty-bitmap:backup-inc`. `nbdinfo --map=qemu:dirty-bitmap:backup-inc`
 //!    lists the dirty extents; the example reads just those through the NBD client driver
-//!    (`NbdDriver`) and writes them over a copy of `full.img` into `inc.img`. Then
+//!    (`NbdDriver`): a `sync = Bitmap` job over a bitmap of those extents into the new sparse
+//!    `inc.img`, with the manifest `inc.manifest` (its parent: `full.manifest`). Then
 //!    `Job::complete()`: the bitmap keeps only the writes made during the incremental.
+//! 3. **Restore**: `repo::Chain` over `full.manifest` + `inc.manifest` (verify on read) is the
+//!    image at the incremental's start; a backup job copies it into `restored.img`.
 //!
 //! Each result is compared with a copy of the image taken at its job's start (kept for
 //! verification only) with `qemu-img compare`. Needs `qemu-img` and `nbdinfo`
@@ -33,6 +38,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cowbackup::nbd::Server;
+use cowbackup::repo::Chain;
 use cowbackup::{
     allocated_bytes, backup_start, BackupOptions, BitmapMode, BlockDriver, DirtyBitmap, FileDriver, Job, NbdDriver,
     OpenFlags, SyncMode,
@@ -324,6 +330,15 @@ fn backups(
     let _ = std::fs::remove_file(&full);
     run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(uri("full")).arg(&full))?;
     let secs = t.elapsed().as_secs_f64();
+    // The reader's own backup of the same export, with a manifest: a backup job whose source
+    // is the export (NbdDriver), so each cluster's digest is of the point-in-time data read.
+    let (full_m, full_b) = (dir.join("full.manifest"), dir.join("full-m.img"));
+    for p in [&full_m, &full_b] {
+        let _ = std::fs::remove_file(p);
+    }
+    let opts = BackupOptions { cluster_size: GRANULE, manifest: Some(full_m.clone()), ..Default::default() };
+    backup_start(Arc::new(NbdDriver::connect(&uri("full"))?), Arc::new(FileDriver::create(&full_b, a.size)?), opts)?
+        .wait()?;
     server.remove("full")?;
     job.complete()?;
     job.wait()?;
@@ -338,6 +353,7 @@ fn backups(
         mib(job.info().cow_bytes),
         mib(allocated_bytes(&scratch1)?)
     );
+    println!("    and a backup job from the export into {} with the manifest {}", full_b.display(), full_m.display());
     if !compare(&full, &ref_full)? {
         return Ok(false);
     }
@@ -363,28 +379,34 @@ fn backups(
     if dirty != frozen.count() {
         return Err(format!("nbdinfo reports {dirty} dirty bytes, the bitmap {}", frozen.count()).into());
     }
-    std::fs::copy(&full, &inc)?;
-    let out = FileDriver::open(&inc, OpenFlags::WRITE)?;
-    let reader = NbdDriver::connect(&uri("inc"))?;
-    let mut buf = vec![0u8; 4 * MIB as usize];
+    // The reader copies just those extents: a backup job from the export with sync = Bitmap
+    // over a bitmap of the extents (clusters of one granule: the export serves nothing else),
+    // into a new sparse image, with a manifest whose parent is the full backup's.
+    let marks = DirtyBitmap::new(a.size, GRANULE)?;
     for &(off, len) in &extents {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            reader.read_at(&mut buf[..n], off + done)?;
-            out.write_at(&buf[..n], off + done)?;
-            done += n as u64;
-        }
+        marks.mark(off, len)?;
     }
-    out.flush()?;
-    drop(reader);
+    let inc_m = dir.join("inc.manifest");
+    for p in [&inc, &inc_m] {
+        let _ = std::fs::remove_file(p);
+    }
+    let opts = BackupOptions {
+        cluster_size: GRANULE,
+        sync: SyncMode::Bitmap,
+        bitmap: Some(marks),
+        manifest: Some(inc_m.clone()),
+        parent_manifest: Some(full_m.clone()),
+        ..Default::default()
+    };
+    backup_start(Arc::new(NbdDriver::connect(&uri("inc"))?), Arc::new(FileDriver::create(&inc, a.size)?), opts)?
+        .wait()?;
     let secs = t.elapsed().as_secs_f64();
     server.remove("inc")?;
     job.complete()?;
     job.wait()?;
     host.end_pull();
     println!(
-        "    copied the dirty extents through NbdDriver over a copy of full.img into {}: {} in {secs:.2} s; {} guest writes meanwhile",
+        "    copied the dirty extents through NbdDriver (a sync=Bitmap job, manifest inc.manifest) into {}: {} in {secs:.2} s; {} guest writes meanwhile",
         inc.display(),
         mib(dirty),
         writes.load(Ordering::Relaxed) - w0
@@ -394,5 +416,12 @@ fn backups(
         mib(host.bitmap.count()),
         mib(dirty)
     );
-    compare(&inc, &ref_inc)
+    // Restore: the chain full + inc is the disk at the incremental's start; a backup job
+    // from it into a new image (instant access: the chain exported by nbd::Server).
+    let chain = Arc::new(Chain::open(&[&full_m, &inc_m], true)?);
+    let restored = dir.join("restored.img");
+    let _ = std::fs::remove_file(&restored);
+    backup_start(chain, Arc::new(FileDriver::create(&restored, a.size)?), BackupOptions::default())?.wait()?;
+    println!("    restored the chain {} + {} into {}", full_m.display(), inc_m.display(), restored.display());
+    Ok(compare(&full_b, &ref_full)? && compare(&restored, &ref_inc)?)
 }

@@ -877,3 +877,49 @@ fn a_copy_that_ends_under_a_view_read_keeps_the_host_waiting() {
         common::assert_same(copier, &target.to_vec(), &data);
     }
 }
+
+/// The reader of a pull-mode view copies just the bitmap's clusters with a second job
+/// (`sync = Bitmap` over the same clusters, into a new target that reads zeroes): the
+/// second job's start-up scan asks the view about its copy set only, never about the
+/// clusters the view does not serve (they would fail EACCES), and it copies exactly them.
+#[test]
+fn a_bitmap_job_reads_a_pull_mode_view_through_its_copy_set_only() {
+    let size = 64 * K64;
+    let mut data = Rng::new(81).bytes(size as usize);
+    data[(10 * K64) as usize..(12 * K64) as usize].fill(0); // zero clusters in the copy set too
+    let src = Arc::new(MemDriver::from_bytes(&data).unwrap());
+    let bm = DirtyBitmap::new(size, K64).unwrap();
+    for (off, len) in [(3 * K64, 2 * K64), (10 * K64, 3 * K64), (63 * K64, K64)] {
+        bm.mark(off, len).unwrap();
+    }
+    let pull = BackupOptions { sync: SyncMode::None, bitmap: Some(bm.clone()), ..Default::default() };
+    let job = backup_start(src.clone(), Arc::new(MemDriver::new(size).unwrap()), pull).unwrap();
+    let view = job.snapshot().unwrap();
+    // The reader's copy of the extents the bitmap names.
+    let marks = DirtyBitmap::new(size, K64).unwrap();
+    let mut from = 0;
+    while let Some((off, len)) = bm.next_dirty(from) {
+        marks.mark(off, len).unwrap();
+        from = off + len;
+    }
+    let out = Arc::new(MemDriver::new(size).unwrap());
+    let copy = BackupOptions { sync: SyncMode::Bitmap, bitmap: Some(marks), ..Default::default() };
+    // The host writes meanwhile: the copy still gets the point in time.
+    let copier = backup_start(view.clone(), out.clone(), copy).unwrap();
+    job.cow_before_write(3 * K64, 10).unwrap();
+    src.write_at(&[7; 10], 3 * K64).unwrap();
+    copier.wait().unwrap();
+    let info = copier.info();
+    assert_eq!(info.bytes_copied + info.bytes_zero, 6 * K64, "exactly the copy set");
+    let got = out.to_vec();
+    for c in 0..64u64 {
+        let r = (c * K64) as usize..((c + 1) * K64) as usize;
+        if [3, 4, 10, 11, 12, 63].contains(&c) {
+            assert!(got[r.clone()] == data[r], "cluster {c}: the point in time");
+        } else {
+            assert!(got[r].iter().all(|&b| b == 0), "cluster {c}: not copied");
+        }
+    }
+    job.complete().unwrap();
+    job.wait().unwrap();
+}

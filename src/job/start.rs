@@ -340,23 +340,46 @@ impl Scan<'_> {
 
     /// Walk the source's block status once, at start (the point in time), and mark clean
     /// what needs no copy: unallocated clusters under `Top` (skipped), and zero clusters
-    /// when the target already reads zeroes (traced as `ZeroClusters`). Returns byte
-    /// ranges to zero in the target.
+    /// when the target already reads zeroes (traced as `ZeroClusters`). Only the copy set
+    /// is asked about (under `Bitmap`, the bitmap's clusters: a 1 % incremental does not
+    /// walk the whole source, and a pull-mode export that serves only those is never
+    /// asked about the others). Returns byte ranges to zero in the target.
     fn run(&self, source: &dyn BlockDriver) -> Result<Vec<(u64, u64)>> {
         let (geo, sync, target_zero) = (self.geo, self.sync, self.target_zero);
         let mut zero_target = Vec::new();
         if sync != SyncMode::Top && !target_zero {
             return Ok(zero_target);
         }
+        let mut c = 0;
+        while c < geo.clusters {
+            let (dirty, e) = self.claims.run_from(c, geo.clusters);
+            if dirty {
+                self.run_range(source, c..e, &mut zero_target)?;
+            }
+            c = e;
+        }
+        Ok(zero_target)
+    }
+
+    /// [`Scan::run`] over the clusters `run` of the copy set.
+    fn run_range(
+        &self,
+        source: &dyn BlockDriver,
+        run: std::ops::Range<u64>,
+        zero_target: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let (geo, sync, target_zero) = (self.geo, self.sync, self.target_zero);
         let size = geo.size;
-        let mut off = 0;
-        while off < size {
+        let (run_off, run_len) = geo.byte_range(run);
+        let run_end = run_off + run_len;
+        let mut off = run_off;
+        while off < run_end {
             let st = source
-                .block_status(off, size - off)
-                .map_err(|e| Error::io(Side::Source, Op::BlockStatus, off, size - off, &e))?;
+                .block_status(off, run_end - off)
+                .map_err(|e| Error::io(Side::Source, Op::BlockStatus, off, run_end - off, &e))?;
             // A driver that answers 0 bytes tells nothing: treat the rest as data.
             let (len, flags) =
-                if st.len == 0 { (size - off, StatusFlags::DATA) } else { (st.len.min(size - off), st.flags) };
+                if st.len == 0 { (run_end - off, StatusFlags::DATA) } else { (st.len.min(run_end - off), st.flags) };
             let end = off + len;
             // Only clusters that lie wholly inside this extent.
             let first = off.div_ceil(geo.cluster_size);
@@ -369,7 +392,7 @@ impl Scan<'_> {
                     self.settle(first..last, flags.contains(StatusFlags::ZERO));
                     self.stats.skipped.fetch_add(b_len, Ordering::Relaxed);
                     if !target_zero && flags.contains(StatusFlags::ZERO) {
-                        push_merged(&mut zero_target, b_off, b_len);
+                        push_merged(zero_target, b_off, b_len);
                     }
                 } else if target_zero && flags.contains(StatusFlags::ZERO) {
                     // Only clusters of the copy set count (under Bitmap, others are skipped).
@@ -383,6 +406,6 @@ impl Scan<'_> {
             }
             off = end;
         }
-        Ok(zero_target)
+        Ok(())
     }
 }
