@@ -33,11 +33,14 @@ def test_pull_backup_example_verifies_full_and_incremental(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    assert out.count("Images are identical.") == 2, out
+    # full.img (qemu-img convert), full-m.img (a job with a manifest), and the chain
+    # full.manifest + inc.manifest restored: each the image at its job's start.
+    assert out.count("Images are identical.") == 3, out
+    assert "restored the chain" in out, out
     assert "qemu-img convert nbd+unix:///full?socket=" in out, out
     assert "nbdinfo --map=qemu:dirty-bitmap:backup-inc" in out, out
     assert "dirty extents" in out, out
-    for name in ("full.img", "inc.img", "ref-full.img", "ref-inc.img"):
+    for name in ("full.img", "full-m.img", "inc.img", "restored.img", "ref-full.img", "ref-inc.img"):
         assert (tmp_path / name).stat().st_size == 48 << 20, name
     # The server's socket is gone once the example stopped it.
     assert not (tmp_path / "nbd.sock").exists()
