@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use common::{assert_same, contents, Rng};
 use cowbackup::repo::{verify, verify_report, Chain, Manifest};
-use cowbackup::{backup_start, BackupOptions, BlockDriver, DirtyBitmap, ErrorKind, FileDriver, OpenFlags, SyncMode};
+use cowbackup::{
+    backup_start, BackupOptions, BlockDriver, DirtyBitmap, ErrorKind, FileDriver, MemDriver, OpenFlags, SyncMode,
+};
 
 const CS: u64 = 64 << 10;
 const SIZE: u64 = 6 << 20;
@@ -570,4 +572,46 @@ fn top_leaves_unallocated_data_out_of_the_copy_set() {
     assert_same("held half", &img[..(size / 2) as usize], &contents(&*source)[..(size / 2) as usize]);
     assert!(img[(size / 2) as usize..].iter().all(|&b| b == 0));
     assert_eq!(chain.block_status(size / 2, size / 2).unwrap().flags, cowbackup::StatusFlags::ZERO);
+}
+
+/// Incrementals pulled from an NBD server's bitmap make their job's bitmap anew each time
+/// (another uuid each): an explicit `parent_manifest` links them, and only it.
+#[test]
+fn pulled_incrementals_link_by_their_explicit_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1u64 << 20;
+    let disk = Arc::new(MemDriver::from_bytes(&Rng::new(21).bytes(size as usize)).unwrap());
+    let p = |n: &str| dir.path().join(n);
+    let full = BackupOptions { manifest: Some(p("full.m")), ..Default::default() };
+    backup_start(disk.clone(), Arc::new(FileDriver::create(p("full.img"), size).unwrap()), full)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let mut parent = p("full.m");
+    for (i, name) in ["i1", "i2"].into_iter().enumerate() {
+        let at = (i as u64 + 1) * 4 * CS;
+        disk.write_at(&vec![0x40 + i as u8; CS as usize], at).unwrap();
+        let marks = DirtyBitmap::new(size, CS).unwrap(); // a fresh bitmap: a new uuid
+        marks.mark(at, CS).unwrap();
+        let opts = BackupOptions {
+            sync: SyncMode::Bitmap,
+            bitmap: Some(marks),
+            manifest: Some(p(&format!("{name}.m"))),
+            parent_manifest: Some(parent.clone()),
+            ..Default::default()
+        };
+        let t = Arc::new(FileDriver::create(p(&format!("{name}.img")), size).unwrap());
+        backup_start(disk.clone(), t, opts).unwrap().wait().unwrap();
+        parent = p(&format!("{name}.m"));
+    }
+    let chain = Chain::open(&[p("full.m"), p("i1.m"), p("i2.m")], true).unwrap();
+    assert_same("the chain of pulls", &contents(&chain), &contents(&*disk));
+    // Without the explicit parent, another bitmap's incremental does not link.
+    let marks = DirtyBitmap::new(size, CS).unwrap();
+    marks.mark(0, CS).unwrap();
+    let opts =
+        BackupOptions { sync: SyncMode::Bitmap, bitmap: Some(marks), manifest: Some(p("i3.m")), ..Default::default() };
+    backup_start(disk.clone(), Arc::new(FileDriver::create(p("i3.img"), size).unwrap()), opts).unwrap().wait().unwrap();
+    let e = Chain::open(&[p("full.m"), p("i1.m"), p("i2.m"), p("i3.m")], false).err().expect("no link");
+    assert!(e.to_string().contains("another dirty bitmap"), "{e}");
 }

@@ -38,6 +38,10 @@ pub struct PullArgs {
     /// Must not exist.
     #[arg(long, value_name = "PATH")]
     pub manifest: Option<std::path::PathBuf>,
+    /// The previous backup's manifest (the full backup, or the previous pull), linked as the
+    /// parent of this one's, so `restore`/`serve --chain` take them as one chain.
+    #[arg(long, value_name = "PATH", requires = "manifest")]
+    pub parent_manifest: Option<std::path::PathBuf>,
     /// The disk's identity, recorded in the manifest.
     #[arg(long, value_name = "ID", requires = "manifest")]
     pub disk_id: Option<String>,
@@ -124,6 +128,7 @@ pub fn run(a: PullArgs) -> CliResult<()> {
         bitmap: Some(bitmap),
         workers: a.workers,
         manifest: a.manifest.clone(),
+        parent_manifest: a.parent_manifest.clone(),
         disk_id: a.disk_id.clone(),
         ..BackupOptions::default()
     };
