@@ -13,8 +13,20 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_cowbackup");
 const MIB: u64 = 1 << 20;
 
+/// Runs the command. A bitmap file this test opened and closed may still be locked for a
+/// moment (a child that another test thread forked meanwhile holds a copy of its descriptor,
+/// and so its flock, until that child's exec closes it): a run that failed only because the
+/// bitmap "is already open" is retried for up to 5 s (a test that expects that failure
+/// still gets it, later).
 fn cowbackup(args: &[&str]) -> Output {
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run cowbackup");
+    let mut out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run cowbackup");
+    for _ in 0..50 {
+        if out.status.code() != Some(1) || !String::from_utf8_lossy(&out.stderr).contains("is already open") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run cowbackup");
+    }
     eprintln!(
         "$ cowbackup {}\n-> {:?}\nstdout: {}\nstderr: {}",
         args.join(" "),
@@ -366,22 +378,33 @@ fn bitmap_create_info_dump_clear_merge() {
 
 /// Starts `cowbackup serve` and returns it with the URI it printed.
 fn serve(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    if line.is_empty() {
+    // A bitmap file this test opened and closed may still be locked for a moment: a child
+    // that another test thread forked meanwhile holds a copy of its descriptor (and so the
+    // flock) until that child's exec closes it. Such a serve is retried, for a bounded time.
+    for attempt in 0.. {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        if !line.is_empty() {
+            return (child, line.trim().to_owned());
+        }
         let mut err = String::new();
         child.stderr.as_mut().unwrap().read_to_string(&mut err).unwrap();
+        let _ = child.wait();
+        if err.contains("is already open") && attempt < 50 {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
         panic!("serve printed no URI; stderr: {err}");
     }
-    (child, line.trim().to_owned())
+    unreachable!()
 }
 
 #[test]
