@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use cowbackup::{backup_start, BackupOptions, BitmapMode, DirtyBitmap, SyncMode, DEFAULT_GRANULARITY};
 use serde_json::json;
 
-use crate::progress::{run_to_end, When};
+use crate::progress::{run_to_end, ProgressArg};
 use crate::util::{failed, open_source, open_target, parse_size, print_json, usage, uuid_text, CliResult};
 
 /// Which clusters a backup copies.
@@ -89,18 +89,8 @@ pub struct BackupArgs {
     /// Bypass the page cache (O_DIRECT) on files and block devices.
     #[arg(long)]
     pub direct: bool,
-    /// Show progress on stderr: a bar when it is a terminal (-p), or --progress=always (a
-    /// line a second when not a terminal) / never.
-    #[arg(
-        short = 'p',
-        long,
-        value_enum,
-        value_name = "WHEN",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "auto"
-    )]
-    pub progress: Option<When>,
+    #[command(flatten)]
+    pub progress: ProgressArg,
     /// Print a JSON summary on stdout (also when the backup fails).
     #[arg(long)]
     pub json: bool,
@@ -186,7 +176,7 @@ pub fn run(a: BackupArgs) -> CliResult<()> {
     let started = Instant::now();
     let job = Arc::new(backup_start(source, target, opts).map_err(|e| failed(e.to_string()))?);
 
-    let ended = run_to_end(job.clone(), a.progress, started)?;
+    let ended = run_to_end(job.clone(), a.progress.when, started)?;
     let (info, secs, error) = (&ended.info, ended.secs, ended.error.clone());
     if a.json {
         let mut v = json!({

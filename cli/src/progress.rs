@@ -18,6 +18,24 @@ pub enum When {
     Never,
 }
 
+/// The `-p` / `--progress[=WHEN]` option of the commands that run a job (flattened into
+/// their arguments).
+#[derive(Debug, clap::Args)]
+pub struct ProgressArg {
+    /// Show progress on stderr: a bar when it is a terminal (-p), or --progress=always (a
+    /// line a second when not a terminal) / never.
+    #[arg(
+        short = 'p',
+        long = "progress",
+        value_enum,
+        value_name = "WHEN",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "auto"
+    )]
+    pub when: Option<When>,
+}
+
 /// A progress display of `total` bytes.
 pub enum Progress {
     /// Nothing shown.

@@ -11,7 +11,7 @@ use cowbackup::{
 };
 use serde_json::json;
 
-use crate::progress::{run_to_end, When};
+use crate::progress::{run_to_end, ProgressArg};
 use crate::util::{failed, is_nbd_uri, open_target, parse_size, print_json, usage, CliResult};
 
 /// Arguments of `pull`.
@@ -48,17 +48,8 @@ pub struct PullArgs {
     /// Replace an existing target file.
     #[arg(long)]
     pub overwrite: bool,
-    /// Show progress on stderr (see `backup --help`).
-    #[arg(
-        short = 'p',
-        long,
-        value_enum,
-        value_name = "WHEN",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "auto"
-    )]
-    pub progress: Option<When>,
+    #[command(flatten)]
+    pub progress: ProgressArg,
     /// Print a JSON summary on stdout (also when the pull fails).
     #[arg(long)]
     pub json: bool,
@@ -136,7 +127,7 @@ pub fn run(a: PullArgs) -> CliResult<()> {
     let (target, kind) = open_target(&a.dst, size, a.overwrite, false)?;
     let source: Arc<dyn BlockDriver> = Arc::new(source);
     let job = Arc::new(backup_start(source, target, job_opts).map_err(|e| failed(e.to_string()))?);
-    let ended = run_to_end(job.clone(), a.progress, started)?;
+    let ended = run_to_end(job.clone(), a.progress.when, started)?;
     let (info, secs, error) = (&ended.info, ended.secs, ended.error.clone());
     if a.json {
         let mut v = json!({

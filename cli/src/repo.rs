@@ -10,7 +10,7 @@ use cowbackup::repo::{consolidate, verify_with, Chain, Manifest};
 use cowbackup::{backup_start, BackupOptions, BlockDriver, FileDriver, NbdDriver, NbdOptions, OpenFlags};
 use serde_json::json;
 
-use crate::progress::{run_to_end, When};
+use crate::progress::{run_to_end, ProgressArg};
 use crate::util::{failed, is_nbd_uri, open_target, print_json, CliResult};
 
 /// Arguments of `verify`.
@@ -103,17 +103,8 @@ pub struct RestoreArgs {
     /// Background copy threads (1 to 64).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Show progress on stderr (see `backup --help`).
-    #[arg(
-        short = 'p',
-        long,
-        value_enum,
-        value_name = "WHEN",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "auto"
-    )]
-    pub progress: Option<When>,
+    #[command(flatten)]
+    pub progress: ProgressArg,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -130,7 +121,7 @@ pub fn run_restore(a: RestoreArgs) -> CliResult<()> {
     let opts = BackupOptions { cluster_size, workers: a.workers, ..BackupOptions::default() };
     let started = Instant::now();
     let job = Arc::new(backup_start(chain, target, opts).map_err(|e| failed(format!("restore: {e}")))?);
-    let ended = run_to_end(job.clone(), a.progress, started)?;
+    let ended = run_to_end(job.clone(), a.progress.when, started)?;
     let (info, secs, error) = (&ended.info, ended.secs, ended.error.clone());
     if a.json {
         let mut v = json!({
