@@ -458,6 +458,42 @@ impl FileDriver {
         SHARING.contains(&(st.f_type as u32))
     }
 
+    /// Whether reads of this file wait for a device, so reading ahead pays: a block
+    /// device, or a file on a filesystem other than tmpfs or ramfs (whose pages are in
+    /// memory already), opened without [`OpenFlags::DIRECT`] (whose reads skip the page
+    /// cache that read-ahead fills). `false` when `fstatfs` fails.
+    pub(crate) fn reads_from_a_device(&self) -> bool {
+        const IN_MEMORY: [u32; 2] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */];
+        if self.direct.is_some() {
+            return false;
+        }
+        if self.is_blockdev {
+            return true;
+        }
+        // SAFETY: a zeroed statfs is a valid value of this plain C struct.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatfs on a descriptor we own, writing into a local of the right type.
+        if unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut st) } < 0 {
+            return false;
+        }
+        !IN_MEMORY.contains(&(st.f_type as u32))
+    }
+
+    /// Ask the kernel to start reading `len` bytes at `offset` into the page cache
+    /// (`posix_fadvise(POSIX_FADV_WILLNEED)`): it queues the reads and returns. Advisory:
+    /// an error changes nothing but the speed, so none is reported.
+    pub(crate) fn advise_willneed(&self, offset: u64, len: u64) {
+        // SAFETY: posix_fadvise on a descriptor we own; it reads no memory of ours.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+    }
+
     fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
         // SAFETY: lseek on an fd we own; all I/O is positional so moving the offset is harmless.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };

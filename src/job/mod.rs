@@ -18,6 +18,7 @@ mod group;
 mod lifecycle;
 mod options;
 mod policy;
+mod prefetch;
 mod priority;
 mod ratelimit;
 mod reentry;
@@ -194,6 +195,8 @@ pub(crate) struct JobShared {
     control_cv: Condvar,
     /// Hook calls copying now: workers start no new chunk meanwhile (see priority.rs).
     hook_gate: HookGate,
+    /// Read-ahead of a sparse copy set's next runs (prefetch.rs).
+    prefetch: prefetch::Prefetch,
     /// Spare hook buffers: at most 16, or with a cow buffer as many as its capacity
     /// holds (a saved claim's buffer comes back when a worker has written it; a fresh
     /// one would cost the hook a page fault per 4 KiB). Protected by this mutex.

@@ -269,6 +269,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         _ => alloc_worker_bufs(&geo, opts.workers + pace.night_workers())?,
     };
     let dirty = thaw.0.take();
+    let prefetch = super::prefetch::Prefetch::new(source.as_file_driver());
 
     Ok(Prepared(Some(Arc::new(JobShared {
         id,
@@ -288,6 +289,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         control: Mutex::new(ControlState::new()),
         control_cv: Condvar::new(),
         hook_gate: HookGate::default(),
+        prefetch,
         bufs: Mutex::new(Vec::new()),
         on_complete: opts.on_complete,
         on_source_error: opts.on_source_error,

@@ -82,6 +82,7 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
             continue;
         }
         job.cursor.store(claim.range().end, Ordering::Relaxed);
+        job.prefetch.ahead(&job.claims, job.source.as_file_driver(), claim.range(), job.geo.shift, job.geo.clusters);
         let start = delay.as_ref().map(|d| (std::time::Instant::now(), d.read()));
         match copier.copy(claim.range(), buf) {
             Ok(done) => {
