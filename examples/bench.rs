@@ -6,7 +6,7 @@
 //!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,qemu-guest,contention,scale] [--grid]
 //!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
 //!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client,tls;
-//!     manifests: --only manifest)
+//!     manifests: --only manifest; many jobs: --only jobs)
 //!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
 //! ```
 //!
@@ -24,6 +24,8 @@
 mod guest;
 #[path = "bench/incremental.rs"]
 mod incremental;
+#[path = "bench/jobs.rs"]
+mod jobs;
 #[path = "bench/latency.rs"]
 mod latency;
 #[path = "bench/manifest.rs"]
@@ -85,6 +87,7 @@ fn usage() -> &'static str {
      snapshot view: --only view,fleece,scratch\n\
      manifests: --only manifest (full backup with vs without a manifest, verify vs b3sum/sha256sum,\n\
      \x20          restore of full + 3 incrementals through the chain vs qemu-img convert of a qcow2 chain)\n\
+     many jobs: --only jobs (64 jobs at 16 MiB/s, 1000 at 1 MiB/s in one process: threads, RSS, CPU)\n\
      NBD: --only nbd-server (nbdcopy from nbd::Server vs from qemu-nbd),\n\
      \x20    nbd-client (backup through the NBD client into qemu-nbd vs qemu-img convert into it)\n\
      \x20    tls (nbdcopy from nbd::Server over TLS vs plaintext, qemu-nbd --tls-creds alongside)\n\
@@ -316,7 +319,7 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 18] = [
+    let steps: [(&str, Step); 19] = [
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
@@ -335,6 +338,7 @@ fn main() -> ExitCode {
         ("nbd-client", nbd::client),
         ("tls", nbd::tls),
         ("manifest", manifest::manifest),
+        ("jobs", jobs::jobs),
     ];
     for (name, step) in steps {
         if a.wants(name) {

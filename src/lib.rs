@@ -77,7 +77,7 @@ pub use fs::DEFAULT_FILE_MODE;
 pub use job::{
     backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,
     GroupMember, Job, JobInfo, JobState, SnapshotView, SyncMode, WorkerPriority, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
-    MAX_WORKERS, MIN_CLUSTER_SIZE,
+    MAX_WORKERS, MAX_POOL_THREADS, MIN_CLUSTER_SIZE, WorkerPool,
 };
 pub use trace::{TraceAction, TraceEvent, TraceFn};
 pub use zero::buffer_is_zero;

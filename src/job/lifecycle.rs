@@ -63,6 +63,8 @@ pub(crate) struct ControlState {
     pub result: Option<Result<()>>,
     /// The completion callback has returned (or there is none).
     pub callback_done: bool,
+    /// The job's pool (pool.rs) is done with its background copy.
+    pub pool_done: bool,
 }
 
 impl ControlState {
@@ -81,6 +83,7 @@ impl ControlState {
             group_committed: false,
             result: None,
             callback_done: false,
+            pool_done: false,
         }
     }
 
@@ -298,6 +301,33 @@ impl JobShared {
         }
     }
 
+    /// For a pool thread: what [`JobShared::wait_runnable`] would return now, without
+    /// waiting: `Err(Some(d))` over the speed limit for `d` more, `Err(None)` paused.
+    pub(super) fn runnable_now(&self) -> std::result::Result<Next, Option<std::time::Duration>> {
+        let c = self.lock();
+        if self.stop.load(Ordering::Acquire) {
+            return Ok(Next::Stop);
+        }
+        if c.pause_error.is_none() && self.cowbuf.pending() {
+            return Ok(Next::Saved);
+        }
+        if c.paused {
+            return Err(None);
+        }
+        let d = self.ratelimit.delay();
+        if d.is_zero() {
+            Ok(Next::Chunk)
+        } else {
+            Err(Some(d))
+        }
+    }
+
+    /// The pool is done with this job (pool.rs): its job thread goes on.
+    pub(super) fn pool_done(&self) {
+        self.lock().pool_done = true;
+        self.control_cv.notify_all();
+    }
+
     /// Run one target-side operation of the job thread (zeroing, flush) under the
     /// target policy: `Stop` pauses and retries on resume, anything else fails the job.
     fn target_op(&self, mut op: impl FnMut() -> Result<()>) -> Result<()> {
@@ -369,6 +399,25 @@ impl JobShared {
             self.claims.wait_idle(); // hook copies in flight land before the flush
             return self.flush_target();
         }
+        if let Some(pool) = &self.pool {
+            // The pool's threads copy (pool.rs); this thread waits until they are done.
+            pool.inner().attach(self);
+            let mut c = self.lock();
+            while !c.pool_done {
+                c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
+            }
+        } else {
+            self.run_workers();
+        }
+        if self.stop.load(Ordering::Acquire) {
+            // Cancelled or failed: outcome() says which.
+            return Ok(());
+        }
+        self.flush_target()
+    }
+
+    /// The job's own worker threads `cowbackup-<id>-<n>` (day and night shift), joined.
+    fn run_workers(self: &Arc<Self>) {
         thread::scope(|scope| {
             let count = self.workers + self.pace.night_workers();
             let mut workers = Vec::with_capacity(count);
@@ -394,11 +443,6 @@ impl JobShared {
                 }
             }
         });
-        if self.stop.load(Ordering::Acquire) {
-            // Cancelled or failed: outcome() says which.
-            return Ok(());
-        }
-        self.flush_target()
     }
 
     /// The job's final flush of the target (under the target policy); `outcome` requires it.

@@ -18,6 +18,7 @@ mod group;
 mod lifecycle;
 mod options;
 mod policy;
+mod pool;
 mod prefetch;
 mod priority;
 mod ratelimit;
@@ -29,6 +30,7 @@ mod worker;
 pub use snapshot::SnapshotView;
 
 pub(crate) use reentry::enter as enter_job;
+pub use pool::{WorkerPool, MAX_POOL_THREADS};
 pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{
@@ -197,6 +199,10 @@ pub(crate) struct JobShared {
     hook_gate: HookGate,
     /// Read-ahead of a sparse copy set's next runs (prefetch.rs).
     prefetch: prefetch::Prefetch,
+    /// The pool whose threads copy for this job instead of its own workers (pool.rs).
+    pool: Option<Arc<pool::WorkerPool>>,
+    /// Pool threads copying for this job now, and whether the pool is done with it.
+    attachment: Mutex<pool::Attachment>,
     /// Spare hook buffers: at most 16, or with a cow buffer as many as its capacity
     /// holds (a saved claim's buffer comes back when a worker has written it; a fresh
     /// one would cost the hook a page fault per 4 KiB). Protected by this mutex.
@@ -360,6 +366,9 @@ impl JobShared {
     /// callers and hooks on every host write. The fence pairs with the one in
     /// [`Waiting::new`]: either this sees the worker counted, or the worker sees the data.
     fn wake_workers(&self) {
+        if let Some(p) = &self.pool {
+            p.inner().poke();
+        }
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.waiting_workers.load(Ordering::SeqCst) == 0 {
             return;
@@ -367,6 +376,11 @@ impl JobShared {
         drop(self.lock());
         self.control_cv.notify_all();
         self.claims.wake_all();
+    }
+
+    /// The job's attachment to its pool (pool.rs).
+    fn pool_attachment(&self) -> MutexGuard<'_, pool::Attachment> {
+        self.attachment.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn put_buf(&self, b: AlignedBuf) {

@@ -163,6 +163,15 @@ pub struct BackupOptions {
     /// an incremental ([`SyncMode::Bitmap`]) links to the last manifest written in this
     /// process with the same bitmap; the bitmap's uuid and generation link it in any case.
     pub parent_manifest: Option<std::path::PathBuf>,
+    /// Copy in the background with the threads of this pool, shared with the other jobs
+    /// started with it, instead of threads of the job's own (for hosts that run many
+    /// jobs at once: see [`crate::WorkerPool`]). Then `workers` is the most pool threads
+    /// that copy for this job at once, and `worker_priority` orders the jobs inside the
+    /// pool (`Normal` before `Low` before `Idle`; the threads themselves run at the
+    /// pool's priority); `speed` and the error policies hold as without a pool; there is
+    /// no night shift with `cow_buffer`. The job keeps its own job thread `cowbackup-<id>`,
+    /// asleep while the pool copies. Default `None`.
+    pub pool: Option<Arc<super::pool::WorkerPool>>,
 }
 
 /// Smallest and largest cluster sizes.
@@ -197,6 +206,7 @@ impl Default for BackupOptions {
             manifest: None,
             disk_id: None,
             parent_manifest: None,
+            pool: None,
         }
     }
 }
@@ -224,6 +234,7 @@ impl fmt::Debug for BackupOptions {
             .field("manifest", &self.manifest)
             .field("disk_id", &self.disk_id)
             .field("parent_manifest", &self.parent_manifest)
+            .field("pool", &self.pool)
             .finish()
     }
 }

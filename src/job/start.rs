@@ -262,10 +262,13 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
     };
     let zero_target = scan.run(&*source)?;
     // With `cow_buffer` and workers at normal priority, a night shift (priority.rs).
-    let shifts = opts.cow_buffer > 0 && opts.worker_priority == super::options::WorkerPriority::Normal;
+    // Not in a pool: its threads copy for every job at the pool's priority (pool.rs).
+    let shifts =
+        opts.cow_buffer > 0 && opts.worker_priority == super::options::WorkerPriority::Normal && opts.pool.is_none();
     let pace = super::priority::HostPace::for_job(shifts, opts.workers);
     let worker_bufs = match opts.sync {
         SyncMode::None => Vec::new(),
+        _ if opts.pool.is_some() => Vec::new(),
         _ => alloc_worker_bufs(&geo, opts.workers + pace.night_workers())?,
     };
     let dirty = thaw.0.take();
@@ -290,6 +293,8 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         control_cv: Condvar::new(),
         hook_gate: HookGate::default(),
         prefetch,
+        pool: opts.pool.clone(),
+        attachment: Mutex::new(Default::default()),
         bufs: Mutex::new(Vec::new()),
         on_complete: opts.on_complete,
         on_source_error: opts.on_source_error,
@@ -353,35 +358,55 @@ impl Scan<'_> {
             return Ok(zero_target);
         }
         let mut c = 0;
+        let mut known = None;
         while c < geo.clusters {
             let (dirty, e) = self.claims.run_from(c, geo.clusters);
             if dirty {
-                self.run_range(source, c..e, &mut zero_target)?;
+                self.run_range(source, c..e, &mut zero_target, &mut known)?;
             }
             c = e;
         }
         Ok(zero_target)
     }
 
-    /// [`Scan::run`] over the clusters `run` of the copy set.
+    /// [`Scan::run`] over the clusters `run` of the copy set. `known`: the last extent a
+    /// file source reported (start, end, flags), reused by the runs inside it.
+    ///
+    /// A file source is asked about the rest of the file, not only the run: `SEEK_HOLE`
+    /// walks to the next hole whatever the length asked (on tmpfs page by page: 7 ms
+    /// per call in a 2 GiB file), so one answer serves every run of the copy set inside
+    /// the extent (a 10 % incremental of 2 GiB asked 3 000 times before). Other drivers
+    /// (NBD: a pull-mode export may serve only the copy set) are asked about the run.
     fn run_range(
         &self,
         source: &dyn BlockDriver,
         run: std::ops::Range<u64>,
         zero_target: &mut Vec<(u64, u64)>,
+        known: &mut Option<(u64, u64, StatusFlags)>,
     ) -> Result<()> {
         let (geo, sync, target_zero) = (self.geo, self.sync, self.target_zero);
         let size = geo.size;
         let (run_off, run_len) = geo.byte_range(run);
         let run_end = run_off + run_len;
         let mut off = run_off;
+        let whole_file = source.as_file_driver().is_some();
         while off < run_end {
-            let st = source
-                .block_status(off, run_end - off)
-                .map_err(|e| Error::io(Side::Source, Op::BlockStatus, off, run_end - off, &e))?;
-            // A driver that answers 0 bytes tells nothing: treat the rest as data.
-            let (len, flags) =
-                if st.len == 0 { (run_end - off, StatusFlags::DATA) } else { (st.len.min(run_end - off), st.flags) };
+            let (len, flags) = match *known {
+                Some((s, e, flags)) if s <= off && off < e => ((e - off).min(run_end - off), flags),
+                _ => {
+                    let ask = if whole_file { size - off } else { run_end - off };
+                    let st = source
+                        .block_status(off, ask)
+                        .map_err(|e| Error::io(Side::Source, Op::BlockStatus, off, ask, &e))?;
+                    if st.len == 0 {
+                        // A driver that answers 0 bytes tells nothing: treat the rest as data.
+                        (run_end - off, StatusFlags::DATA)
+                    } else {
+                        *known = Some((off, off + st.len.min(ask), st.flags));
+                        (st.len.min(run_end - off), st.flags)
+                    }
+                }
+            };
             let end = off + len;
             // Only clusters that lie wholly inside this extent.
             let first = off.div_ceil(geo.cluster_size);

@@ -97,6 +97,75 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
     }
 }
 
+/// What one turn of a pool thread at a job came to (pool.rs).
+pub(crate) enum Step {
+    /// A chunk copied, or saved data written.
+    Worked,
+    /// Nothing to do now: the job may go again after this long (its speed limit), or
+    /// `None`: when something changes (paused, every dirty cluster being copied).
+    Wait(Option<Duration>),
+    /// The job's background copy is over: nothing left, or stopped (cancelled, failed).
+    Finished,
+}
+
+/// One turn of a pool thread (pool.rs) at `job`: what one round of [`work`]'s loop does
+/// for a worker of the day shift, except that it never waits (a paused or speed-limited
+/// job, or one whose dirty clusters are all being copied, is passed over), and copies
+/// with the pool thread's `buf`, grown to the chunk. A failure or a panic fails the job.
+pub(crate) fn step(job: &JobShared, buf: &mut AlignedBuf) -> Step {
+    let _inside = super::reentry::enter(job.id);
+    match catch_unwind(AssertUnwindSafe(|| step_inner(job, buf))) {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            job.fail(e);
+            Step::Finished
+        }
+        Err(p) => {
+            job.fail(panic_error("pool thread", p));
+            Step::Finished
+        }
+    }
+}
+
+fn step_inner(job: &JobShared, buf: &mut AlignedBuf) -> Result<Step> {
+    let copier = job.copier();
+    match job.runnable_now() {
+        Ok(Next::Stop) => return Ok(Step::Finished),
+        Ok(Next::Saved) => {
+            write_saved(job, &copier)?;
+            return Ok(Step::Worked);
+        }
+        Ok(Next::Chunk) => {}
+        Err(wait) => return Ok(Step::Wait(wait)),
+    }
+    let most = if job.cowbuf.enabled() { super::priority::MAX_YIELD_BUFFERED } else { super::priority::MAX_YIELD };
+    job.hook_gate.yield_to_hooks(most);
+    let Some(claim) = job.claims.claim_next(job.cursor.load(Ordering::Relaxed), job.geo.max_run) else {
+        return Ok(if job.claims.dirty() == 0 { Step::Finished } else { Step::Wait(None) });
+    };
+    let epoch = job.resume_epoch();
+    if job.is_paused() {
+        drop(claim);
+        return Ok(Step::Wait(None));
+    }
+    let (_, len) = job.geo.byte_range(claim.range());
+    if buf.try_reserve(len as usize).is_err() {
+        drop(claim);
+        return Err(Error::new(
+            crate::error::ErrorKind::OutOfMemory,
+            libc::ENOMEM,
+            format!("pool thread: cannot allocate a copy buffer of {len} bytes"),
+        ));
+    }
+    job.cursor.store(claim.range().end, Ordering::Relaxed);
+    job.prefetch.ahead(&job.claims, job.source.as_file_driver(), claim.range(), job.geo.shift, job.geo.clusters);
+    match copier.copy(claim.range(), buf) {
+        Ok(done) => finish(job, claim, done),
+        Err(e) => on_error(job, &copier, claim, e, buf, epoch)?,
+    }
+    Ok(Step::Worked)
+}
+
 /// Release a copied claim and count it.
 fn finish(job: &JobShared, claim: Claim<'_>, done: Copied) {
     let (off, len) = job.geo.byte_range(claim.range());

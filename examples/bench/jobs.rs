@@ -1,0 +1,196 @@
+//! Many jobs in one process (issue 26): what N concurrent, speed-limited backups cost
+//! the host in threads, memory and CPU while they run.
+//!
+//! N jobs back up one shared source (a random image on tmpfs, `--scale-size`-independent:
+//! 64 MiB) into N targets that discard what they are given (the cost of storing the
+//! data is not what is measured here: N × 64 MiB of real targets would not fit), each
+//! job limited to a speed (16 MiB/s for 64 jobs; for 1 000 jobs 1 MiB/s, so that the
+//! aggregate, 1 GiB/s, is what two CPUs can copy and the jobs stay speed-limited).
+//! After the jobs have run for 1 s, a 2 s window is measured: the process's threads
+//! (`/proc/self/status` `Threads`), resident memory (`VmRSS`, and its growth over the
+//! process before the jobs), the CPU time the process used (`getrusage`) and the
+//! context switches. Then every job is cancelled and freed, and the time that takes.
+
+use std::io;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use cowbackup::{backup_start, BackupOptions, BlockDriver, BlockStatus, FileDriver, Job, OpenFlags, StatusFlags};
+
+use crate::util::*;
+use crate::Args;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// A target that takes every write and keeps nothing (reads as zeroes).
+struct Discard(u64);
+
+impl BlockDriver for Discard {
+    fn size(&self) -> u64 {
+        self.0
+    }
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes_at(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn block_status(&self, _offset: u64, len: u64) -> io::Result<BlockStatus> {
+        Ok(BlockStatus { len, flags: StatusFlags::DATA })
+    }
+}
+
+/// A `/proc/self/status` field in its unit (kB for memory).
+fn status(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds used by the process so far, and its voluntary + involuntary switches.
+fn usage() -> (f64, u64) {
+    // SAFETY: getrusage writes one rusage into a zeroed local.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(ru.ru_utime) + secs(ru.ru_stime), (ru.ru_nvcsw + ru.ru_nivcsw) as u64)
+}
+
+struct Cost {
+    threads: u64,
+    rss_kib: u64,
+    rss_growth_kib: u64,
+    cpu: f64,
+    switches: u64,
+    teardown: f64,
+}
+
+fn run(src: &Arc<FileDriver>, n: usize, speed: u64) -> Result<Cost, String> {
+    let rss0 = status("VmRSS:");
+    let size = src.size();
+    let mut jobs: Vec<Job> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let target: Arc<dyn BlockDriver> = Arc::new(Discard(size));
+        let opts = BackupOptions { speed, ..Default::default() };
+        match backup_start(src.clone(), target, opts) {
+            Ok(j) => jobs.push(j),
+            Err(e) => {
+                for j in &jobs {
+                    let _ = j.cancel();
+                }
+                return Err(format!("job {} of {n}: {e}", jobs.len()));
+            }
+        }
+    }
+    thread::sleep(Duration::from_secs(1));
+    let (c0, s0) = usage();
+    let t = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    let (c1, s1) = usage();
+    let window = t.elapsed().as_secs_f64();
+    let threads = status("Threads:");
+    let rss = status("VmRSS:");
+    let t = Instant::now();
+    for j in &jobs {
+        let _ = j.cancel();
+    }
+    drop(jobs);
+    let teardown = t.elapsed().as_secs_f64();
+    Ok(Cost {
+        threads,
+        rss_kib: rss,
+        rss_growth_kib: rss.saturating_sub(rss0),
+        cpu: (c1 - c0) / window,
+        switches: ((s1 - s0) as f64 / window) as u64,
+        teardown,
+    })
+}
+
+/// `--only jobs`: 64 jobs at 16 MiB/s and 1 000 jobs at 1 MiB/s, each in this process.
+pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
+    let path = a.shm_dir.join("bench-jobs-src.img");
+    make_image(&path, 64 * MIB, Data::Random).map_err(err)?;
+    let src = Arc::new(FileDriver::open(&path, OpenFlags::empty()).map_err(err)?);
+    let before = status("Threads:");
+    let workers = BackupOptions::default().workers;
+    let mut res = Vec::new();
+    for (n, speed) in [(64usize, 16 * MIB), (1000, MIB)] {
+        eprint!("jobs: {n} jobs at {}/s ", fmt_bytes(speed));
+        let mut runs = Vec::new();
+        for _ in 0..a.runs {
+            match run(&src, n, speed) {
+                Ok(c) => runs.push(c),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            }
+            eprint!(".");
+        }
+        eprintln!();
+        res.push((n, speed, runs));
+    }
+    let _ = std::fs::remove_file(&path);
+    println!();
+    println!("jobs: N concurrent speed-limited jobs in one process (64 MiB tmpfs source, discarding targets)");
+    for (n, speed, runs) in &res {
+        let med = |f: &dyn Fn(&Cost) -> f64| summary(&runs.iter().map(f).collect::<Vec<_>>());
+        let threads = med(&|c| c.threads as f64);
+        let rss = med(&|c| c.rss_kib as f64 / 1024.0);
+        let growth = med(&|c| c.rss_growth_kib as f64 / 1024.0);
+        let cpu = med(&|c| c.cpu * 100.0);
+        let sw = med(&|c| c.switches as f64);
+        let down = med(&|c| c.teardown);
+        let per_job = (threads.median - before as f64) / *n as f64;
+        println!(
+            "  {n:>4} jobs at {:>7}/s: {:.0} threads ({per_job:.1} per job), RSS {:.0} MiB (+{:.0} MiB, {:.2} MiB per job), \
+             CPU {:.0} %, {:.0} switches/s, cancel + free all {:.2} s",
+            fmt_bytes(*speed),
+            threads.median,
+            rss.median,
+            growth.median,
+            growth.median / *n as f64,
+            cpu.median,
+            sw.median,
+            down.median
+        );
+        rows.push(Row {
+            scenario: format!(
+                "{n} concurrent jobs in one process, each at {}/s (64 MiB tmpfs source, discarding targets), defaults \
+                 ({workers} workers)",
+                fmt_bytes(*speed)
+            ),
+            cowbackup: format!(
+                "{:.0} threads ({per_job:.1} per job); RSS {:.0} MiB (+{:.0} MiB: {:.2} MiB per job); CPU {:.0} % of one \
+                 core; {:.0} context switches/s",
+                threads.median,
+                rss.median,
+                growth.median,
+                growth.median / *n as f64,
+                cpu.median,
+                sw.median
+            ),
+            baseline: format!("{before} threads before the jobs"),
+            ratio: format!("cancel + free all: {}", fmt_secs(down)),
+            target: String::new(),
+        });
+    }
+    Ok(())
+}
