@@ -457,7 +457,7 @@ fn place(a: &Args, dir: &Path, sockdir: &Path, disk: bool, qemu: &str, rows: &mu
         let line = who
             .iter()
             .zip(&sums)
-            .map(|(w, s)| format!("{} {}", w.label(qemu), fmt_s3(*s)))
+            .map(|(w, s)| format!("{} {}", w.label("QEMU"), fmt_s3(*s)))
             .collect::<Vec<_>>()
             .join(", ");
         println!("qemu-incremental, {fs}, {}: {line}", set.label());
@@ -501,7 +501,7 @@ fn place(a: &Args, dir: &Path, sockdir: &Path, disk: bool, qemu: &str, rows: &mu
                 .join(", ");
             rows.push(Row {
                 scenario: format!(
-                    "qemu-incremental: sync=bitmap, {fs}{}, {} random data, {} of the 64 KiB granules dirty, into a \
+                    "qemu-incremental: sync=bitmap, {fs}{}, {} random data, dirty 64 KiB granules: {}, into a \
                      preallocated target; cowbackup {opts}",
                     if disk { " (page cache dropped before each copy)" } else { "" },
                     fmt_bytes(size),
