@@ -5,6 +5,7 @@
 //! cargo run --release --example bench -- [--size 2G] [--runs 3] [--disk-dir DIR]
 //!     [--shm-dir /dev/shm] [--only throughput,offload,hook,guest,qemu-guest,contention,scale] [--grid]
 //!     (incremental backups: --only mark,bitmap-guest,group-commit,incremental;
+//!     side by side with QEMU 10 on the same images: --only qemu-guest-disk,qemu-incremental;
 //!     snapshot view: --only view,fleece,scratch; NBD: --only nbd-server,nbd-client,tls;
 //!     manifests: --only manifest; many jobs: --only jobs)
 //!     [--no-disk] [--scale-size 1T] [--extra-dir DIR]...
@@ -36,6 +37,10 @@ mod nbd;
 mod offload;
 #[path = "bench/qemu_guest.rs"]
 mod qemu_guest;
+#[path = "bench/qemu_incremental.rs"]
+mod qemu_incremental;
+#[path = "bench/qsd.rs"]
+mod qsd;
 #[path = "bench/throughput.rs"]
 mod throughput;
 #[path = "bench/util.rs"]
@@ -83,6 +88,13 @@ fn usage() -> &'static str {
      qemu-guest: guest writes over NBD during a full backup by QEMU (qemu-storage-daemon blockdev-backup,\n\
      \x20           64 workers and x-perf max-workers 1) and by cowbackup (nbd::Server, defaults and cow_buffer\n\
      \x20           16 MiB); BENCH_GUEST_THREADS (default 1,4), BENCH_QSD (the daemon's path)\n\
+     qemu-guest-disk: qemu-guest on the disk directory only, plus the disk's floor in the same run (QD1\n\
+     \x20           64 KiB writes over NBD, each after a cold pread of the old 64 KiB, no backup): cowbackup's\n\
+     \x20           p99 / floor (goal <= 3x), speed (>= 50 %), and `ratio vs QEMU: X.XX` lines\n\
+     qemu-incremental: sync=bitmap incrementals (1 % and 10 % scattered, 10 % in 1 MiB runs of 64 KiB\n\
+     \x20           granules) into preallocated targets on disk (cold) and tmpfs: QEMU (qemu-storage-daemon,\n\
+     \x20           bitmap dirtied over NBD), cowbackup (BENCH_INCR_WORKERS: a second row) and pread+pwrite\n\
+     \x20           with BENCH_PLAIN_THREADS threads (default 2,16); ends with `ratio vs QEMU: X.XX`\n\
      incremental backups: --only mark,bitmap-guest,group-commit,incremental\n\
      snapshot view: --only view,fleece,scratch\n\
      manifests: --only manifest (full backup with vs without a manifest, verify vs b3sum/sha256sum,\n\
@@ -298,6 +310,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if argv.get(1).map(String::as_str) == Some("__qincr") {
+        return match qemu_incremental::child_qincr(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench __qincr: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if argv.get(1).map(String::as_str) == Some("__backup") {
         return match child_backup(&argv[2..]) {
             Ok(()) => ExitCode::SUCCESS,
@@ -319,18 +340,20 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     let mut failed = false;
     type Step = fn(&Args, &mut Vec<Row>) -> Result<(), String>;
-    let steps: [(&str, Step); 19] = [
+    let steps: [(&str, Step); 21] = [
         ("throughput", throughput::throughput),
         ("offload", offload::offload),
         ("hook", latency::hook),
         ("guest", guest::guest),
         ("qemu-guest", qemu_guest::qemu_guest),
+        ("qemu-guest-disk", qemu_guest::qemu_guest_disk),
         ("contention", latency::contention),
         ("scale", scale),
         ("mark", incremental::mark),
         ("bitmap-guest", incremental::guest),
         ("group-commit", incremental::group_commit),
         ("incremental", incremental::incremental),
+        ("qemu-incremental", qemu_incremental::qemu_incremental),
         ("view", view::view_read),
         ("fleece", view::fleece_latency),
         ("scratch", view::scratch_peak),

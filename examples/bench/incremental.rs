@@ -35,7 +35,8 @@ fn bitmap_dir(a: &Args) -> Result<(&Path, &'static str), String> {
     }
 }
 
-fn shuffled(n: u64, seed: u64) -> Vec<u64> {
+/// `0..n` in a random order, the same for a seed.
+pub fn shuffled(n: u64, seed: u64) -> Vec<u64> {
     let mut v: Vec<u64> = (0..n).collect();
     let mut rng = Rng(seed | 1);
     for i in (1..v.len()).rev() {

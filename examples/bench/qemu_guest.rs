@@ -21,12 +21,9 @@
 //! `BLOCK_JOB_COMPLETED` plus an `fdatasync` of the target (cowbackup's job flushes its
 //! target before it completes; QEMU's flushes it only when the node is closed).
 
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -35,6 +32,7 @@ use std::time::{Duration, Instant};
 use cowbackup::{backup_start, BackupOptions, BlockDriver, BlockStatus, FileDriver, Job, JobState, NbdDriver};
 use cowbackup::{NbdOptions, OpenFlags};
 
+use crate::qsd::*;
 use crate::util::*;
 use crate::Args;
 
@@ -42,10 +40,6 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// How long the daemon's QMP socket may take to accept a connection.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a QMP command may take to answer.
-const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the guest writes without a backup.
 const IDLE: Duration = Duration::from_secs(3);
 
@@ -93,25 +87,6 @@ fn thread_counts() -> Vec<usize> {
 // Files
 // ---------------------------------------------------------------------------------------
 
-/// A directory this step created (it must not exist before), removed with its contents
-/// on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(parent: &Path, tag: &str) -> Result<TempDir, String> {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        let p = parent.join(format!("bench-qguest-{}-{tag}", std::process::id()));
-        std::fs::create_dir(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A new sparse file of `size` bytes at `path` (inside a [`TempDir`]; a previous target
 /// of this step is replaced).
 fn new_target(path: &Path, size: u64) -> Result<(), String> {
@@ -124,358 +99,6 @@ fn verify(reference: &Path, target: &Path, who: &str) -> Result<(), String> {
     match first_difference(reference, target).map_err(err)? {
         None => Ok(()),
         Some(at) => Err(format!("VERIFY FAILED: {who}'s backup differs from the point in time at byte {at}")),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// QMP: one JSON object per line; a command's answer is {"return": ...} or {"error": ...},
-// events ({"timestamp": ..., "event": NAME, ...}) can come in between.
-// ---------------------------------------------------------------------------------------
-
-/// `s` as a JSON string.
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-/// The JSON string that starts at `s` (after its opening quote), unescaped, up to its
-/// closing quote.
-fn json_read_str(s: &str) -> Option<String> {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => return Some(out),
-            '\\' => match chars.next()? {
-                'n' => out.push('\n'),
-                't' => out.push('\t'),
-                'u' => {
-                    let hex: String = chars.by_ref().take(4).collect();
-                    out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
-                }
-                c => out.push(c),
-            },
-            c => out.push(c),
-        }
-    }
-    None
-}
-
-/// The string value of the first `"key": "..."` in `line` (at any depth).
-fn json_get_str(line: &str, key: &str) -> Option<String> {
-    let pat = json_str(key);
-    let mut from = 0;
-    while let Some(i) = line[from..].find(&pat) {
-        let rest = line[from + i + pat.len()..].trim_start();
-        if let Some(v) = rest.strip_prefix(':') {
-            if let Some(v) = v.trim_start().strip_prefix('"') {
-                return json_read_str(v);
-            }
-        }
-        from += i + pat.len();
-    }
-    None
-}
-
-/// The first key of the object on `line`.
-fn json_first_key(line: &str) -> Option<String> {
-    json_read_str(line.trim_start().strip_prefix('{')?.trim_start().strip_prefix('"')?)
-}
-
-/// A QMP connection.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Events read while waiting for a command's answer.
-    events: VecDeque<String>,
-}
-
-impl Qmp {
-    /// Connect to an accepting socket, read the greeting, leave capabilities negotiation.
-    fn open(stream: UnixStream) -> Result<Qmp, String> {
-        stream.set_read_timeout(Some(Duration::from_millis(200))).map_err(err)?;
-        let writer = stream.try_clone().map_err(err)?;
-        let mut q = Qmp { reader: BufReader::new(stream), writer, events: VecDeque::new() };
-        let greeting = q.line(Instant::now() + QMP_TIMEOUT)?;
-        if json_first_key(&greeting).as_deref() != Some("QMP") {
-            return Err(format!("not a QMP greeting: {greeting}"));
-        }
-        q.execute("qmp_capabilities", None)?;
-        Ok(q)
-    }
-
-    /// The next line, before `deadline`.
-    fn line(&mut self, deadline: Instant) -> Result<String, String> {
-        let mut buf = Vec::new();
-        loop {
-            match self.reader.read_until(b'\n', &mut buf) {
-                Ok(0) => return Err("QMP: the daemon closed the connection".into()),
-                Ok(_) if buf.ends_with(b"\n") => return Ok(String::from_utf8_lossy(&buf).trim().to_string()),
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("QMP: {e}")),
-            }
-            if Instant::now() >= deadline {
-                return Err("QMP: no answer in time".into());
-            }
-        }
-    }
-
-    /// Run `command` with `args` (a JSON object) and return its answer line; events that
-    /// come first are kept for [`Qmp::wait_event`].
-    fn execute(&mut self, command: &str, args: Option<&str>) -> Result<String, String> {
-        let msg = match args {
-            Some(a) => format!("{{\"execute\": {}, \"arguments\": {a}}}\n", json_str(command)),
-            None => format!("{{\"execute\": {}}}\n", json_str(command)),
-        };
-        self.writer.write_all(msg.as_bytes()).map_err(|e| format!("QMP {command}: {e}"))?;
-        let deadline = Instant::now() + QMP_TIMEOUT;
-        loop {
-            let line = self.line(deadline).map_err(|e| format!("{command}: {e}"))?;
-            match json_first_key(&line).as_deref() {
-                Some("return") => return Ok(line),
-                Some("error") => {
-                    let desc = json_get_str(&line, "desc").unwrap_or(line);
-                    return Err(format!("QMP {command} failed: {desc}"));
-                }
-                _ if json_get_str(&line, "event").is_some() => self.events.push_back(line),
-                _ => {}
-            }
-        }
-    }
-
-    /// The next event named `name` (events of other names are dropped).
-    fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<String, String> {
-        while let Some(e) = self.events.pop_front() {
-            if json_get_str(&e, "event").as_deref() == Some(name) {
-                return Ok(e);
-            }
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let line = self.line(deadline).map_err(|e| format!("waiting for {name}: {e}"))?;
-            if json_get_str(&line, "event").as_deref() == Some(name) {
-                return Ok(line);
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// qemu-storage-daemon
-// ---------------------------------------------------------------------------------------
-
-/// `qemu-storage-daemon`, or `BENCH_QSD`.
-fn qsd_program() -> String {
-    std::env::var("BENCH_QSD").unwrap_or_else(|_| "qemu-storage-daemon".into())
-}
-
-/// The first line of `qemu-storage-daemon --version`; `Err` when it does not run.
-fn qsd_version() -> Result<String, String> {
-    let prog = qsd_program();
-    let out = Command::new(&prog).arg("--version").stdin(Stdio::null()).output().map_err(|e| format!("{prog}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{prog} --version: {}", out.status));
-    }
-    let s = String::from_utf8_lossy(&out.stdout);
-    Ok(s.lines().next().unwrap_or("").trim().to_string())
-}
-
-/// "QEMU 10.0.2" from "qemu-storage-daemon version 10.0.2 (Debian ...)".
-fn qemu_name(version_line: &str) -> String {
-    let mut w = version_line.split_whitespace();
-    match w.position(|x| x == "version").and_then(|_| w.next()) {
-        Some(v) => format!("QEMU {v}"),
-        None => "QEMU".into(),
-    }
-}
-
-/// A key=value option value with QEMU's comma escaping.
-fn opt_val(p: &Path) -> String {
-    p.display().to_string().replace(',', ",,")
-}
-
-/// A running `qemu-storage-daemon` serving `src` over NBD with `tgt` as a spare node. It
-/// is stopped (SIGTERM, after 5 s SIGKILL) and reaped on drop, on every path.
-struct Daemon {
-    child: Option<Child>,
-    qmp: Qmp,
-    nbd_sock: PathBuf,
-    log: PathBuf,
-}
-
-/// The daemon's command line (shown in the report).
-fn qsd_args(src: &Path, tgt: &Path, nbd_sock: &Path, qmp_sock: &Path) -> Vec<String> {
-    vec![
-        "--blockdev".into(),
-        format!("driver=file,node-name=src-file,filename={}", opt_val(src)),
-        "--blockdev".into(),
-        "driver=raw,node-name=src,file=src-file".into(),
-        "--blockdev".into(),
-        format!("driver=file,node-name=tgt-file,filename={}", opt_val(tgt)),
-        "--blockdev".into(),
-        "driver=raw,node-name=tgt,file=tgt-file".into(),
-        "--nbd-server".into(),
-        format!("addr.type=unix,addr.path={}", opt_val(nbd_sock)),
-        "--export".into(),
-        "type=nbd,id=exp0,node-name=src,name=src,writable=on".into(),
-        "--chardev".into(),
-        format!("socket,id=qmp0,path={},server=on,wait=off", opt_val(qmp_sock)),
-        "--monitor".into(),
-        "chardev=qmp0".into(),
-    ]
-}
-
-/// Kill and reap `c` unless it has exited: SIGTERM, then SIGKILL after 5 s.
-fn stop_child(c: &mut Child) {
-    if c.try_wait().ok().flatten().is_some() {
-        return;
-    }
-    // SAFETY: kill(2) on our own child, not yet reaped.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    while c.try_wait().ok().flatten().is_none() {
-        if t.elapsed() > Duration::from_secs(5) {
-            let _ = c.kill();
-            let _ = c.wait();
-            return;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-impl Daemon {
-    /// Start the daemon with sockets and its log in `dir`; wait (at most 10 s) until its
-    /// QMP socket accepts, then negotiate QMP. Once QMP answers, every command-line option
-    /// has been processed: the NBD export is there.
-    fn start(src: &Path, tgt: &Path, dir: &Path) -> Result<Daemon, String> {
-        let (nbd_sock, qmp_sock, log) = (dir.join("qsd-nbd.sock"), dir.join("qsd-qmp.sock"), dir.join("qsd.log"));
-        for p in [&nbd_sock, &qmp_sock] {
-            let _ = std::fs::remove_file(p);
-        }
-        let logf = File::create(&log).map_err(err)?;
-        let mut cmd = Command::new(qsd_program());
-        cmd.args(qsd_args(src, tgt, &nbd_sock, &qmp_sock));
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .map_err(|e| format!("{}: {e}", qsd_program()))?;
-        let mut guard = ChildGuard(Some(child));
-        let t = Instant::now();
-        let stream = loop {
-            if let Ok(s) = UnixStream::connect(&qmp_sock) {
-                break s;
-            }
-            if let Ok(Some(st)) = guard.0.as_mut().expect("child").try_wait() {
-                return Err(format!("qemu-storage-daemon exited: {st}: {}", log_tail(&log)));
-            }
-            if t.elapsed() > START_TIMEOUT {
-                return Err(format!("qemu-storage-daemon: no QMP socket within 10 s: {}", log_tail(&log)));
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
-        let qmp = Qmp::open(stream).map_err(|e| format!("{e}: {}", log_tail(&log)))?;
-        Ok(Daemon { child: guard.0.take(), qmp, nbd_sock, log })
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///src?socket={}", self.nbd_sock.display())
-    }
-
-    /// `blockdev-backup` of `src` into `tgt` (sync full; `x-perf` with `max_workers`),
-    /// its copy-before-write filter named `cbw`. Checks that the NBD export now writes
-    /// through that filter: the job put it above `src` and moved `src`'s parents to it.
-    fn start_backup(&mut self, max_workers: Option<u32>) -> Result<(), String> {
-        let perf = max_workers.map(|w| format!(", \"x-perf\": {{\"max-workers\": {w}}}")).unwrap_or_default();
-        let args = format!(
-            "{{\"job-id\": \"bk\", \"device\": \"src\", \"target\": \"tgt\", \"sync\": \"full\", \
-             \"filter-node-name\": \"cbw\"{perf}}}"
-        );
-        self.qmp.execute("blockdev-backup", Some(&args))?;
-        let exports = self.qmp.execute("query-block-exports", None)?;
-        match json_get_str(&exports, "node-name") {
-            Some(n) if n == "cbw" => Ok(()),
-            other => Err(format!(
-                "the NBD export is attached to {other:?}, not to the backup's copy-before-write filter: {exports}"
-            )),
-        }
-    }
-
-    /// Wait for the job's `BLOCK_JOB_COMPLETED` (an error in it fails), then `fdatasync`
-    /// the target file.
-    fn wait_backup(&mut self, tgt: &Path, timeout: Duration) -> Result<(), String> {
-        let ev = self.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout)?;
-        if json_get_str(&ev, "device").as_deref() != Some("bk") {
-            return Err(format!("unexpected job in {ev}"));
-        }
-        if let Some(e) = json_get_str(&ev, "error") {
-            return Err(format!("QEMU's backup failed: {e}"));
-        }
-        File::open(tgt).and_then(|f| f.sync_data()).map_err(|e| format!("fdatasync {}: {e}", tgt.display()))
-    }
-
-    /// `quit`, and wait (at most 10 s) for a clean exit; the drop kills it otherwise.
-    fn stop(mut self) -> Result<(), String> {
-        let _ = self.qmp.execute("quit", None);
-        let mut c = self.child.take().expect("child until stop");
-        let t = Instant::now();
-        let res = loop {
-            match c.try_wait() {
-                Ok(Some(st)) if st.success() => break Ok(()),
-                Ok(Some(st)) => break Err(format!("qemu-storage-daemon exited: {st}: {}", log_tail(&self.log))),
-                Ok(None) if t.elapsed() > Duration::from_secs(10) => {
-                    break Err("qemu-storage-daemon did not quit within 10 s".to_string())
-                }
-                Ok(None) => thread::sleep(Duration::from_millis(5)),
-                Err(e) => break Err(err(e)),
-            }
-        };
-        stop_child(&mut c);
-        res
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            stop_child(c);
-        }
-    }
-}
-
-/// A child that is killed and reaped on drop (until taken).
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            stop_child(c);
-        }
-    }
-}
-
-/// The last lines of the daemon's stderr, for error messages.
-fn log_tail(log: &Path) -> String {
-    let s = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
-    if tail.is_empty() {
-        "(no output)".into()
-    } else {
-        tail
     }
 }
 
@@ -712,6 +335,141 @@ fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample,
     Ok(Sample { idle, busy, secs })
 }
 
+/// The floor's server side: the source, each write (and zeroing) preceded by a `pread`
+/// of the old data at its offset and of its length (64 KiB for the guest's writes), as a
+/// copy-before-write hook must do before the host's write can go on, but with no backup.
+struct ReadFirst {
+    file: Arc<FileDriver>,
+}
+
+impl ReadFirst {
+    fn read_old(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut old = vec![0u8; len.min(4 * MIB) as usize];
+        self.file.read_at(&mut old, offset)
+    }
+}
+
+impl BlockDriver for ReadFirst {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.read_old(offset, buf.len() as u64)?;
+        self.file.write_at(buf, offset)
+    }
+    fn write_zeroes_at(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.read_old(offset, len)?;
+        self.file.write_zeroes_at(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.file.discard(offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        self.file.block_status(offset, len)
+    }
+}
+
+/// The disk's floor for `n` writers: the source exported by `nbd::Server` through
+/// [`ReadFirst`], the page cache dropped, then `n` writers (the same client and cadence
+/// as the engines': QD1 64 KiB at random 4 KiB-aligned offsets every 2 ms) for 3 s with
+/// no backup running. Their write times, ns: a cold QD1 64 KiB read plus the write on the
+/// idle disk, what a copy-before-write hook cannot avoid.
+fn floor_sample(p: &Place, n: usize, seed: u64) -> Result<Vec<u64>, String> {
+    let file = Arc::new(FileDriver::open(p.src, OpenFlags::WRITE).map_err(err)?);
+    let sock = p.sockdir.join("floor-nbd.sock");
+    let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
+    let r = (|| {
+        server.add("src", Arc::new(ReadFirst { file }), true).map_err(err)?;
+        let devs = connect(&format!("nbd+unix:///src?socket={}", sock.display()), n)?;
+        p.cold();
+        let (ns, ()) = writers(&devs, seed, || thread::sleep(IDLE))?;
+        Ok(ns)
+    })();
+    server.stop();
+    r
+}
+
+/// The floor lines of `qemu-guest-disk` for writer count index `k` (`n` writers): the
+/// floor, each cowbackup configuration's p99 against it and its speed, then the
+/// `ratio vs QEMU:` lines (QEMU defaults' p99 / cowbackup's) and the
+/// `ratio vs QEMU x-perf max-workers=1:` lines; and a row per cowbackup configuration.
+#[allow(clippy::too_many_arguments)]
+fn floor_report(
+    floor: &Lat,
+    n: usize,
+    where_: &str,
+    size: u64,
+    res: &[PerEngine],
+    k: usize,
+    qemu: &str,
+    rows: &mut Vec<Row>,
+) {
+    let f = floor.p99();
+    println!(
+        "qemu-guest-disk, {where_}, {n} writer(s): floor (cold QD1 64 KiB pread of the old data + the write, idle \
+         disk, no backup, same client and cadence) p99 {}: {}",
+        fmt_ns(f),
+        floor.fmt()
+    );
+    let p99 = |e: Engine| res.iter().find(|r| r.engine == e && r.skipped.is_none()).map(|r| r.per_n[k].busy.p99());
+    let cows: Vec<&PerEngine> = res.iter().filter(|r| matches!(r.engine, Engine::Cow(_))).collect();
+    for c in &cows {
+        let pn = &c.per_n[k];
+        let (ta, tl) = (summary(&c.t_alone), summary(&pn.t_loaded));
+        let (x, speed) = (pn.busy.p99() / f, ta.median / tl.median);
+        let checks =
+            format!("{}; {}", check(x <= 3.0, "p99 ≤ 3× floor"), check(speed >= 0.5, "backup ≥ 50 % of unloaded"));
+        println!(
+            "  {}: p99 {} = {x:.2}× floor, backup at {:.0} % of its unloaded speed: {checks}",
+            c.engine.short(),
+            fmt_ns(pn.busy.p99()),
+            speed * 100.0
+        );
+        let vs = |e: Engine| p99(e).map(|q| format!("{:.2}×", q / pn.busy.p99())).unwrap_or_else(|| "n/a".into());
+        rows.push(Row {
+            scenario: format!(
+                "qemu-guest-disk: {n} writer(s) over NBD, QD1 64 KiB every 2 ms, during a {} full backup ({where_}; \
+                 {}): p99 against the disk's floor measured in the same run",
+                fmt_bytes(size),
+                c.engine.label(qemu)
+            ),
+            cowbackup: format!("p99 {}; backup {}", fmt_ns(pn.busy.p99()), fmt_rate(size, tl)),
+            baseline: format!(
+                "floor (cold 64 KiB pread + the write, idle disk): {}; backup alone {}",
+                floor.fmt(),
+                fmt_rate(size, ta)
+            ),
+            ratio: format!(
+                "{x:.2}× floor; {:.0} % speed; QEMU defaults p99 / ours {}, QEMU max-workers 1 p99 / ours {}",
+                speed * 100.0,
+                vs(Engine::Qemu(None)),
+                vs(Engine::Qemu(Some(1)))
+            ),
+            target: checks,
+        });
+    }
+    for (label, e) in [("QEMU", Engine::Qemu(None)), ("QEMU x-perf max-workers=1", Engine::Qemu(Some(1)))] {
+        let Some(q) = p99(e) else { continue };
+        for c in &cows {
+            let ours = c.per_n[k].busy.p99();
+            println!(
+                "{n} writer(s): {} p99 {} / {} p99 {} (≥ 1: cowbackup's p99 is lower):",
+                e.short(),
+                fmt_ns(q),
+                c.engine.short(),
+                fmt_ns(ours)
+            );
+            println!("ratio vs {label}: {:.2}", q / ours);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Results
 // ---------------------------------------------------------------------------------------
@@ -751,22 +509,62 @@ pub fn qemu_guest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
             return Ok(());
         }
     };
-    let shm = TempDir::new(&a.shm_dir, "shm")?;
+    let shm = TempDir::new(&a.shm_dir, "qguest-shm")?;
     let (s, t) = (Path::new("SRC"), Path::new("TGT"));
     let (n, q) = (shm.0.join("qsd-nbd.sock"), shm.0.join("qsd-qmp.sock"));
     eprintln!("qemu-guest: {} {}", qsd_program(), qsd_args(s, t, &n, &q).join(" "));
     let mut places = vec![(shm.0.clone(), false)];
-    let disk_dir = if a.disk { Some(TempDir::new(&a.disk_dir, "disk")?) } else { None };
+    let disk_dir = if a.disk { Some(TempDir::new(&a.disk_dir, "qguest-disk")?) } else { None };
     if let Some(d) = &disk_dir {
         places.push((d.0.clone(), true));
     }
     for (dir, disk) in places {
-        place(a, &dir, &shm.0, disk, &version, rows)?;
+        place(a, &dir, &shm.0, disk, &version, rows, false)?;
     }
     Ok(())
 }
 
-fn place(a: &Args, dir: &Path, shm: &Path, disk: bool, version: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+/// `--only qemu-guest-disk`: [`qemu_guest`] on the disk directory only, plus the disk's
+/// floor measured in the same run (see [`floor_sample`]): per writer count, cowbackup's
+/// p99 during the backup against that floor (goal ≤ 3×), its backup speed with the guest
+/// (goal ≥ 50 % of alone), and `ratio vs QEMU: X.XX` lines (QEMU's p99 / cowbackup's).
+pub fn qemu_guest_disk(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
+    let version = match qsd_version() {
+        Ok(v) if a.disk => v,
+        r => {
+            let why = match r {
+                Err(e) => format!("qemu-storage-daemon is needed ({e})"),
+                Ok(_) => "--no-disk".into(),
+            };
+            rows.push(Row {
+                scenario: "qemu-guest-disk: guest writes over NBD during QEMU's backup job vs cowbackup's, on disk"
+                    .into(),
+                cowbackup: format!("skipped: {why}"),
+                baseline: String::new(),
+                ratio: String::new(),
+                target: String::new(),
+            });
+            eprintln!("qemu-guest-disk: skipped: {why}");
+            return Ok(());
+        }
+    };
+    let shm = TempDir::new(&a.shm_dir, "qguest-shm")?;
+    let (s, t) = (Path::new("SRC"), Path::new("TGT"));
+    let (n, q) = (shm.0.join("qsd-nbd.sock"), shm.0.join("qsd-qmp.sock"));
+    eprintln!("qemu-guest-disk: {} {}", qsd_program(), qsd_args(s, t, &n, &q).join(" "));
+    let d = TempDir::new(&a.disk_dir, "qguest-disk")?;
+    place(a, &d.0, &shm.0, true, &version, rows, true)
+}
+
+fn place(
+    a: &Args,
+    dir: &Path,
+    shm: &Path,
+    disk: bool,
+    version: &str,
+    rows: &mut Vec<Row>,
+    with_floor: bool,
+) -> Result<(), String> {
     let (src, dst, refp) = (dir.join("src.img"), dir.join("dst.img"), shm.join("ref.img"));
     let p = Place { src: &src, dst: &dst, refp: &refp, sockdir: shm, size: a.size, disk };
     let mut where_ = fs_name(dir);
@@ -788,6 +586,7 @@ fn place(a: &Args, dir: &Path, shm: &Path, disk: bool, version: &str, rows: &mut
             skipped: None,
         })
         .collect();
+    let mut floor: Vec<Lat> = counts.iter().map(|_| Lat::new()).collect();
     eprint!("qemu-guest: {where_}, {} random source, {counts:?} writers, {version} ", fmt_bytes(a.size));
     if disk && !drop_caches() {
         where_ = format!("{where_}, WARM cache");
@@ -795,6 +594,13 @@ fn place(a: &Args, dir: &Path, shm: &Path, disk: bool, version: &str, rows: &mut
     let mut run_all = || -> Result<(), String> {
         make_image(&src, a.size, Data::Random).map_err(err)?;
         for run in 0..a.runs {
+            if with_floor {
+                for j in 0..counts.len() {
+                    let k = (j + run) % counts.len();
+                    floor[k].add(floor_sample(&p, counts[k], (run * 100 + counts[k]) as u64 + 7)?);
+                    eprint!("f");
+                }
+            }
             // Rotate the order of the engines and of the writer counts from run to run.
             for i in 0..res.len() {
                 let e = &mut res[(i + run) % engines.len()];
@@ -838,9 +644,10 @@ fn place(a: &Args, dir: &Path, shm: &Path, disk: bool, version: &str, rows: &mut
     }
     r?;
     let size = a.size;
+    let step = if with_floor { "qemu-guest-disk" } else { "qemu-guest" };
     println!();
     println!(
-        "qemu-guest, {where_}, {}: guest p99 during / without a backup, backup speed loaded (unloaded)",
+        "{step}, {where_}, {}: guest p99 during / without a backup, backup speed loaded (unloaded)",
         fmt_bytes(size)
     );
     for (k, &n) in counts.iter().enumerate() {
@@ -924,6 +731,9 @@ fn place(a: &Args, dir: &Path, shm: &Path, disk: bool, version: &str, rows: &mut
             ratio: if vs.is_empty() { String::new() } else { format!("QEMU defaults p99 / cowbackup p99: {vs}") },
             target: String::new(),
         });
+        if with_floor {
+            floor_report(&floor[k], n, &where_, size, &res, k, &qemu, rows);
+        }
     }
     Ok(())
 }
