@@ -350,6 +350,15 @@ typedef struct cowbackup_nbd_server_options cowbackup_nbd_server_options;
 typedef struct cowbackup_options cowbackup_options;
 
 /*
+ Background copy threads shared by many jobs (opaque): one pool per process, or per
+ storage tier, instead of `workers` threads of each job's own. Made by
+ `cowbackup_pool_new`, given to jobs with `cowbackup_options_set_pool`, freed with
+ `cowbackup_pool_free`. Every function on a handle may be called from any thread, except
+ `cowbackup_pool_free`, which must be the last call on it.
+ */
+typedef struct cowbackup_pool cowbackup_pool;
+
+/*
  What `cowbackup_bitmap_query` reports (a consistent snapshot). A plain struct owned by the
  caller.
  */
@@ -1745,6 +1754,51 @@ int cowbackup_options_set_discard_source(struct cowbackup_options *o, uint32_t e
  */
 int cowbackup_options_set_cow_buffer(struct cowbackup_options *o,
                                      uint64_t bytes);
+
+/*
+ Start a pool of `threads` background copy threads (1 to 256), named
+ `cowbackup-p<P>-<n>`, at CPU and I/O priority `priority`
+ (`COWBACKUP_WORKER_PRIORITY_*`, as for a job's own workers; best effort). They copy for
+ every job started with the pool (`cowbackup_options_set_pool`): each thread goes round the
+ jobs and copies one chunk of the first that can go, jobs of priority `NORMAL` before `LOW`
+ before `IDLE`, jobs of one priority in turn; a paused or speed-limited job is passed over,
+ not waited for. The jobs' driver callbacks (`read`, `write`, ...) for background copies are
+ called from these threads. A request that hangs holds its thread; the other jobs share the
+ rest.
+
+ On success `*out` is a new handle (free with `cowbackup_pool_free`). Errors: -EINVAL (NULL
+ `out`, `threads` out of range, unknown priority); -EAGAIN (a thread cannot be started).
+
+ # Safety
+ `out` is NULL or valid for writes.
+ */
+int cowbackup_pool_new(uint32_t threads, uint32_t priority, struct cowbackup_pool **out);
+
+/*
+ Drop the caller's reference to the pool and free the handle. Jobs started with the pool
+ keep it running until they end; once the last of them is freed too, its threads are
+ stopped and joined (from the thread that drops the last reference, unless that is a pool
+ thread: it ends by itself). NULL: nothing.
+
+ # Safety
+ `pool` is NULL or a live handle not used by any other call during this one nor afterwards.
+ */
+void cowbackup_pool_free(struct cowbackup_pool *pool);
+
+/*
+ Copy in the background with the threads of `pool` (shared with the other jobs started with
+ it) instead of threads of the job's own; NULL (the default): the job's own workers. With a
+ pool, `workers` is the most pool threads that copy for this job at once, the worker
+ priority orders the jobs inside the pool (the threads run at the pool's priority), the
+ speed limit and error policies hold as without a pool, and `cow_buffer` has no night
+ shift. The job keeps its job thread `cowbackup-<id>`, asleep while the pool copies. The
+ options (and each job started with them) hold their own reference: the pool handle may be
+ freed right after. Errors: -EINVAL (NULL `o`).
+
+ # Safety
+ `o` is NULL or a live options object; `pool` is NULL or a live pool handle.
+ */
+int cowbackup_options_set_pool(struct cowbackup_options *o, const struct cowbackup_pool *pool);
 
 /*
  Open an image of a Ceph RBD pool through librbd and use it as a block device: a backup

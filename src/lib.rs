@@ -76,8 +76,8 @@ pub use error::{errno_of, Error, ErrorKind, IoContext, Op, Result, Side};
 pub use fs::DEFAULT_FILE_MODE;
 pub use job::{
     backup_start, backup_start_group, BackupOptions, BitmapMode, CbwErrorAction, CompletionFn, ErrorAction,
-    GroupMember, Job, JobInfo, JobState, SnapshotView, SyncMode, WorkerPriority, MAX_CHUNK_LIMIT, MAX_CLUSTER_SIZE,
-    MAX_WORKERS, MAX_POOL_THREADS, MIN_CLUSTER_SIZE, WorkerPool,
+    GroupMember, Job, JobInfo, JobState, SnapshotView, SyncMode, WorkerPool, WorkerPriority, MAX_CHUNK_LIMIT,
+    MAX_CLUSTER_SIZE, MAX_POOL_THREADS, MAX_WORKERS, MIN_CLUSTER_SIZE,
 };
 pub use trace::{TraceAction, TraceEvent, TraceFn};
 pub use zero::buffer_is_zero;

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use cowbackup::{backup_start, BackupOptions, BlockDriver, BlockStatus, FileDriver, Job, OpenFlags, StatusFlags};
+use cowbackup::{
+    backup_start, BackupOptions, BlockDriver, BlockStatus, FileDriver, Job, OpenFlags, StatusFlags, WorkerPool,
+    WorkerPriority,
+};
 
 use crate::util::*;
 use crate::Args;
@@ -80,15 +83,22 @@ struct Cost {
     cpu: f64,
     switches: u64,
     teardown: f64,
+    /// Bytes the jobs copied per second in the window, over the sum of their limits.
+    speed_share: f64,
 }
 
-fn run(src: &Arc<FileDriver>, n: usize, speed: u64) -> Result<Cost, String> {
+/// `pool`: the jobs share a pool of that many threads, else each has its own workers.
+fn run(src: &Arc<FileDriver>, n: usize, speed: u64, pool: Option<usize>) -> Result<Cost, String> {
     let rss0 = status("VmRSS:");
+    let pool = match pool {
+        Some(t) => Some(WorkerPool::new(t, WorkerPriority::Normal).map_err(err)?),
+        None => None,
+    };
     let size = src.size();
     let mut jobs: Vec<Job> = Vec::with_capacity(n);
     for _ in 0..n {
         let target: Arc<dyn BlockDriver> = Arc::new(Discard(size));
-        let opts = BackupOptions { speed, ..Default::default() };
+        let opts = BackupOptions { speed, pool: pool.clone(), ..Default::default() };
         match backup_start(src.clone(), target, opts) {
             Ok(j) => jobs.push(j),
             Err(e) => {
@@ -100,10 +110,13 @@ fn run(src: &Arc<FileDriver>, n: usize, speed: u64) -> Result<Cost, String> {
         }
     }
     thread::sleep(Duration::from_secs(1));
+    let done = |jobs: &[Job]| jobs.iter().map(|j| j.info().offset).sum::<u64>();
     let (c0, s0) = usage();
+    let b0 = done(&jobs);
     let t = Instant::now();
     thread::sleep(Duration::from_secs(2));
     let (c1, s1) = usage();
+    let b1 = done(&jobs);
     let window = t.elapsed().as_secs_f64();
     let threads = status("Threads:");
     let rss = status("VmRSS:");
@@ -112,6 +125,7 @@ fn run(src: &Arc<FileDriver>, n: usize, speed: u64) -> Result<Cost, String> {
         let _ = j.cancel();
     }
     drop(jobs);
+    drop(pool);
     let teardown = t.elapsed().as_secs_f64();
     Ok(Cost {
         threads,
@@ -120,10 +134,12 @@ fn run(src: &Arc<FileDriver>, n: usize, speed: u64) -> Result<Cost, String> {
         cpu: (c1 - c0) / window,
         switches: ((s1 - s0) as f64 / window) as u64,
         teardown,
+        speed_share: (b1 - b0) as f64 / window / (n as f64 * speed as f64),
     })
 }
 
-/// `--only jobs`: 64 jobs at 16 MiB/s and 1 000 jobs at 1 MiB/s, each in this process.
+/// `--only jobs`: 64 jobs at 16 MiB/s and 1 000 jobs at 1 MiB/s, each in this process,
+/// with their own workers (the defaults) and sharing one `WorkerPool` of 2 threads.
 pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     let path = a.shm_dir.join("bench-jobs-src.img");
     make_image(&path, 64 * MIB, Data::Random).map_err(err)?;
@@ -131,11 +147,17 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     let before = status("Threads:");
     let workers = BackupOptions::default().workers;
     let mut res = Vec::new();
-    for (n, speed) in [(64usize, 16 * MIB), (1000, MIB)] {
-        eprint!("jobs: {n} jobs at {}/s ", fmt_bytes(speed));
+    let pool_threads = 2;
+    for (n, speed, pool) in [
+        (64usize, 16 * MIB, None),
+        (64, 16 * MIB, Some(pool_threads)),
+        (1000, MIB, None),
+        (1000, MIB, Some(pool_threads)),
+    ] {
+        eprint!("jobs: {n} jobs at {}/s{} ", fmt_bytes(speed), if pool.is_some() { ", pool" } else { "" });
         let mut runs = Vec::new();
         for _ in 0..a.runs {
-            match run(&src, n, speed) {
+            match run(&src, n, speed, pool) {
                 Ok(c) => runs.push(c),
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
@@ -145,12 +167,16 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
             eprint!(".");
         }
         eprintln!();
-        res.push((n, speed, runs));
+        res.push((n, speed, pool, runs));
     }
     let _ = std::fs::remove_file(&path);
     println!();
     println!("jobs: N concurrent speed-limited jobs in one process (64 MiB tmpfs source, discarding targets)");
-    for (n, speed, runs) in &res {
+    for (n, speed, pool, runs) in &res {
+        let how = match pool {
+            Some(t) => format!("one WorkerPool of {t} threads"),
+            None => format!("own workers ({workers} each)"),
+        };
         let med = |f: &dyn Fn(&Cost) -> f64| summary(&runs.iter().map(f).collect::<Vec<_>>());
         let threads = med(&|c| c.threads as f64);
         let rss = med(&|c| c.rss_kib as f64 / 1024.0);
@@ -158,10 +184,11 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         let cpu = med(&|c| c.cpu * 100.0);
         let sw = med(&|c| c.switches as f64);
         let down = med(&|c| c.teardown);
+        let share = med(&|c| c.speed_share * 100.0);
         let per_job = (threads.median - before as f64) / *n as f64;
         println!(
-            "  {n:>4} jobs at {:>7}/s: {:.0} threads ({per_job:.1} per job), RSS {:.0} MiB (+{:.0} MiB, {:.2} MiB per job), \
-             CPU {:.0} %, {:.0} switches/s, cancel + free all {:.2} s",
+            "  {n:>4} jobs at {:>7}/s, {how}: {:.0} threads ({per_job:.1} per job), RSS {:.0} MiB (+{:.0} MiB, {:.2} MiB per job), \
+             CPU {:.0} %, {:.0} switches/s, copying at {:.0} % of the limits, cancel + free all {:.2} s",
             fmt_bytes(*speed),
             threads.median,
             rss.median,
@@ -169,23 +196,24 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
             growth.median / *n as f64,
             cpu.median,
             sw.median,
+            share.median,
             down.median
         );
         rows.push(Row {
             scenario: format!(
-                "{n} concurrent jobs in one process, each at {}/s (64 MiB tmpfs source, discarding targets), defaults \
-                 ({workers} workers)",
+                "{n} concurrent jobs in one process, each at {}/s (64 MiB tmpfs source, discarding targets), {how}",
                 fmt_bytes(*speed)
             ),
             cowbackup: format!(
                 "{:.0} threads ({per_job:.1} per job); RSS {:.0} MiB (+{:.0} MiB: {:.2} MiB per job); CPU {:.0} % of one \
-                 core; {:.0} context switches/s",
+                 core; {:.0} context switches/s; copying at {:.0} % of the sum of the limits",
                 threads.median,
                 rss.median,
                 growth.median,
                 growth.median / *n as f64,
                 cpu.median,
-                sw.median
+                sw.median,
+                share.median
             ),
             baseline: format!("{before} threads before the jobs"),
             ratio: format!("cancel + free all: {}", fmt_secs(down)),

@@ -430,3 +430,87 @@ pub unsafe extern "C" fn cowbackup_options_set_cow_buffer(o: *mut cowbackup_opti
         0
     })
 }
+
+/// Background copy threads shared by many jobs (opaque): one pool per process, or per
+/// storage tier, instead of `workers` threads of each job's own. Made by
+/// `cowbackup_pool_new`, given to jobs with `cowbackup_options_set_pool`, freed with
+/// `cowbackup_pool_free`. Every function on a handle may be called from any thread, except
+/// `cowbackup_pool_free`, which must be the last call on it.
+pub struct cowbackup_pool {
+    pub(crate) inner: Arc<crate::WorkerPool>,
+}
+
+/// Start a pool of `threads` background copy threads (1 to 256), named
+/// `cowbackup-p<P>-<n>`, at CPU and I/O priority `priority`
+/// (`COWBACKUP_WORKER_PRIORITY_*`, as for a job's own workers; best effort). They copy for
+/// every job started with the pool (`cowbackup_options_set_pool`): each thread goes round the
+/// jobs and copies one chunk of the first that can go, jobs of priority `NORMAL` before `LOW`
+/// before `IDLE`, jobs of one priority in turn; a paused or speed-limited job is passed over,
+/// not waited for. The jobs' driver callbacks (`read`, `write`, ...) for background copies are
+/// called from these threads. A request that hangs holds its thread; the other jobs share the
+/// rest.
+///
+/// On success `*out` is a new handle (free with `cowbackup_pool_free`). Errors: -EINVAL (NULL
+/// `out`, `threads` out of range, unknown priority); -EAGAIN (a thread cannot be started).
+///
+/// # Safety
+/// `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_pool_new(threads: u32, priority: u32, out: *mut *mut cowbackup_pool) -> c_int {
+    ffi_panic_boundary!("cowbackup_pool_new", {
+        check_out!(out, "cowbackup_pool_new", "out");
+        let priority = match priority {
+            COWBACKUP_WORKER_PRIORITY_NORMAL => WorkerPriority::Normal,
+            COWBACKUP_WORKER_PRIORITY_LOW => WorkerPriority::Low,
+            COWBACKUP_WORKER_PRIORITY_IDLE => WorkerPriority::Idle,
+            _ => return invalid(format!("cowbackup_pool_new: unknown priority {priority}")),
+        };
+        match crate::WorkerPool::new(threads as usize, priority) {
+            Ok(inner) => {
+                let handle = Box::into_raw(Box::new(cowbackup_pool { inner }));
+                // SAFETY: `out` was checked above; the caller guarantees it is writable.
+                unsafe { out.write(handle) };
+                0
+            }
+            Err(e) => fail("cowbackup_pool_new", &e),
+        }
+    })
+}
+
+/// Drop the caller's reference to the pool and free the handle. Jobs started with the pool
+/// keep it running until they end; once the last of them is freed too, its threads are
+/// stopped and joined (from the thread that drops the last reference, unless that is a pool
+/// thread: it ends by itself). NULL: nothing.
+///
+/// # Safety
+/// `pool` is NULL or a live handle not used by any other call during this one nor afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_pool_free(pool: *mut cowbackup_pool) {
+    ffi_panic_boundary!("cowbackup_pool_free", {
+        if !pool.is_null() {
+            // SAFETY: a handle made by Box::into_raw in cowbackup_pool_new, freed once.
+            drop(unsafe { Box::from_raw(pool) });
+        }
+    })
+}
+
+/// Copy in the background with the threads of `pool` (shared with the other jobs started with
+/// it) instead of threads of the job's own; NULL (the default): the job's own workers. With a
+/// pool, `workers` is the most pool threads that copy for this job at once, the worker
+/// priority orders the jobs inside the pool (the threads run at the pool's priority), the
+/// speed limit and error policies hold as without a pool, and `cow_buffer` has no night
+/// shift. The job keeps its job thread `cowbackup-<id>`, asleep while the pool copies. The
+/// options (and each job started with them) hold their own reference: the pool handle may be
+/// freed right after. Errors: -EINVAL (NULL `o`).
+///
+/// # Safety
+/// `o` is NULL or a live options object; `pool` is NULL or a live pool handle.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_options_set_pool(o: *mut cowbackup_options, pool: *const cowbackup_pool) -> c_int {
+    ffi_panic_boundary!("cowbackup_options_set_pool", {
+        let o = try_mut!(o, "cowbackup_options_set_pool", "o");
+        // SAFETY: NULL or a live handle (caller's guarantee).
+        o.inner.pool = unsafe { pool.as_ref() }.map(|p| Arc::clone(&p.inner));
+        0
+    })
+}

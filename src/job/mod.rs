@@ -29,8 +29,8 @@ mod worker;
 
 pub use snapshot::SnapshotView;
 
-pub(crate) use reentry::enter as enter_job;
 pub use pool::{WorkerPool, MAX_POOL_THREADS};
+pub(crate) use reentry::enter as enter_job;
 pub use start::{backup_start, backup_start_group, GroupMember};
 
 pub use options::{

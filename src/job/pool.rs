@@ -40,7 +40,7 @@ static NEXT_POOL: AtomicU64 = AtomicU64::new(1);
 /// `job/pool.rs`, and PERFORMANCE.md for what it saves: 1 000 jobs in one process hold
 /// 3 001 threads and 2 GiB of copy buffers with their own workers).
 ///
-/// Threads: `cowbackup-pool<P>-<n>`, started by [`WorkerPool::new`], running until the
+/// Threads: `cowbackup-p<P>-<n>`, started by [`WorkerPool::new`], running until the
 /// pool is dropped. The drivers' `read_at`/`write_at`/... of every job in the pool are
 /// called from them (instead of the job's `cowbackup-<id>-<n>` workers). A request
 /// that hangs holds its pool thread: the other jobs share the rest.
@@ -106,7 +106,7 @@ impl WorkerPool {
         for n in 1..=threads {
             let i = Arc::clone(&inner);
             let h = std::thread::Builder::new()
-                .name(format!("cowbackup-pool{}-{n}", inner.id))
+                .name(format!("cowbackup-p{}-{n}", inner.id))
                 .spawn(move || i.run(priority))
                 .map_err(|e| Error::new(ErrorKind::Io, libc::EAGAIN, format!("cannot start pool thread: {e}")))?;
             pool.threads.lock().unwrap_or_else(|e| e.into_inner()).push(h);
@@ -176,8 +176,18 @@ impl PoolInner {
     fn round(&self) -> Option<Vec<Arc<JobShared>>> {
         let mut st = self.lock();
         loop {
-            // Jobs the pool is done with leave (their job thread has been told).
-            st.jobs.retain(|j| !j.pool_attachment().finished);
+            // Jobs the pool is done with leave (their job thread has been told). They are
+            // dropped with the lock released: the last reference to a job may be the
+            // pool's, and the job's drop may drop the pool (whose drop takes the lock).
+            if st.jobs.iter().any(|j| j.pool_attachment().finished) {
+                let (gone, keep): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut st.jobs).into_iter().partition(|j| j.pool_attachment().finished);
+                st.jobs = keep;
+                drop(st);
+                drop(gone);
+                st = self.lock();
+                continue;
+            }
             if !st.jobs.is_empty() {
                 break;
             }
@@ -194,7 +204,7 @@ impl PoolInner {
         Some(order)
     }
 
-    /// Body of pool thread `cowbackup-pool<P>-<n>`.
+    /// Body of pool thread `cowbackup-p<P>-<n>`.
     fn run(self: Arc<Self>, priority: WorkerPriority) {
         super::priority::lower_this_thread(priority);
         let mut buf = AlignedBuf::new();
