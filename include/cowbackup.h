@@ -1859,6 +1859,37 @@ int cowbackup_chain_open(const char *const *manifest_paths,
                          struct cowbackup_driver **out);
 
 /*
+ Open the backup chain of the `n` manifests at `manifest_paths` (oldest first, as
+ `cowbackup_chain_open`) reading each backup from the driver the caller gives:
+ `targets[i]` holds the backup of `manifest_paths[i]` (one target per manifest, in the
+ same order). For backups whose targets a manifest cannot name as a file: RBD images
+ (`cowbackup_rbd_open`, read-only is enough), NBD exports, devices, or files moved away
+ from their manifests. The manifests' `target` fields are not looked at.
+
+ The same link checks as `cowbackup_chain_open`; each target must have its manifest's
+ size. Ownership as `cowbackup_backup_start`: the targets are borrowed for the call and
+ the chain takes its own references, so the caller may free its handles at once (a target
+ stays open until the chain's handle is freed). The chain only reads them. `flags`: 0 or
+ `COWBACKUP_CHAIN_VERIFY`. On success `*out` is a new read-only driver handle (free with
+ `cowbackup_driver_free`); on error `*out` is not written and nothing is kept.
+
+ Errors: -EINVAL for NULL `manifest_paths`, `targets` or `out`, a NULL element of either
+ array, `n` = 0, unknown flags, a target of another size than its manifest says, and a
+ broken chain (the message names the link); -EBADMSG for a damaged manifest; -ENOENT (or
+ another -errno) for a missing manifest. Thread-safe; the driver may be read from many
+ threads.
+
+ # Safety
+ `manifest_paths` points to `n` NUL-terminated strings (or NULLs); `targets` points to `n`
+ live driver handles (or NULLs); `out` is NULL or valid for writes.
+ */
+int cowbackup_chain_open_drivers(const char *const *manifest_paths,
+                                 struct cowbackup_driver *const *targets,
+                                 size_t n,
+                                 uint32_t flags,
+                                 struct cowbackup_driver **out);
+
+/*
  Merge the `n` backups of `manifest_paths` (a contiguous part of a chain, oldest first:
  a full backup and incrementals after it, or consecutive incrementals) into one new
  backup: the image `target_path` and its manifest `manifest_path`, neither of which may
