@@ -7,6 +7,9 @@
 //! - full and incremental backups *into* RBD images while writer threads write through the
 //!   hook, restored (a backup job with the RBD image as its source) and compared with the
 //!   source at each job's start;
+//! - the chain of those backups opened on the RBD images (`Chain::open_drivers`): each
+//!   prefix restored by a job and compared, verify-on-read finding a cluster overwritten in
+//!   one image;
 //! - a backup *of* an RBD image (the hook in front of librbd writes), checked against the
 //!   job's point in time and an RBD snapshot taken at that instant;
 //! - the cluster going away mid-job (the OSD stopped): a `Report` job fails, a `Stop` job
@@ -23,6 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{assert_same, contents, until_for, wait_end, Rng, SetOnDrop};
+use cowbackup::repo::{Chain, Manifest};
 use cowbackup::{
     backup_start, errno_of, BackupOptions, BlockDriver, DirtyBitmap, ErrorAction, FileDriver, Job, JobState, MemDriver,
     RbdDriver, RbdOptions, StatusFlags, SyncMode,
@@ -310,11 +314,13 @@ fn backups_into_rbd(c: &Cluster) {
         let restored = restore(full, dir.path(), "restored.img");
         assert_same("full backup restored from RBD", &contents(&*restored), &pit_full);
         let mut image = contents(&*restored);
+        let mut pits = vec![pit_full.clone()];
         for (i, (inc, extents, pit)) in incs.into_iter().enumerate() {
             for (o, l) in extents {
                 inc.read_at(&mut image[o as usize..(o + l) as usize], o).unwrap();
             }
             assert_same(&format!("full + incrementals 1..={}", i + 1), &image, &pit);
+            pits.push(pit);
         }
         // The manifests verify against the RBD targets (every copied cluster re-read from the
         // cluster and checked); a cluster changed behind the backup's back is found.
@@ -338,11 +344,80 @@ fn backups_into_rbd(c: &Cluster) {
         let exported = dir.path().join("export.img");
         c.rbd(&["export", "--no-progress", "rbd/full", exported.to_str().unwrap()]);
         assert_same("rbd export of the full backup", &std::fs::read(&exported).unwrap(), &pit_full);
+        chain_on_rbd(c, dir.path(), &["full", "inc1", "inc2"].map(manifest), &pits);
     });
     let writes = host.writes.load(Ordering::Relaxed);
     eprintln!("backups into RBD: {writes} host writes, {cow} went through the hook and copied");
     assert!(writes > 50, "the writers hardly wrote: {writes}");
     assert!(cow > 0, "no write went through an uncopied cluster: the hook path was not tested");
+}
+
+/// The chain of the backups into the RBD images `rbd/full`, `rbd/inc1`, `rbd/inc2` (manifests
+/// `manifests`, point-in-time images `pits`), opened on read-only handles of the images:
+/// each prefix restored into a file by a backup job equals its point in time;
+/// verify-on-read finds a cluster overwritten in one image (EBADMSG there, the others read).
+fn chain_on_rbd(c: &Cluster, dir: &Path, manifests: &[PathBuf; 3], pits: &[Vec<u8>]) {
+    let names = ["full", "inc1", "inc2"];
+    let targets = || -> Vec<Arc<dyn BlockDriver>> {
+        names.iter().map(|n| c.open(&format!("rbd:rbd/{n}"), false) as Arc<dyn BlockDriver>).collect()
+    };
+    for n in 1..=3 {
+        let chain = Chain::open_drivers(&manifests[..n], targets()[..n].to_vec(), n == 3)
+            .unwrap_or_else(|e| panic!("chain of {n} RBD backups: {e}"));
+        let file = Arc::new(FileDriver::create(dir.join(format!("chain{n}.img")), chain.size()).unwrap());
+        let job =
+            backup_start(Arc::new(chain), file.clone(), BackupOptions { workers: 4, ..Default::default() }).unwrap();
+        wait_end(&job, T).unwrap();
+        assert_eq!(job.info().state, JobState::Completed);
+        assert_same(&format!("chain of {n} RBD backups restored"), &contents(&*file), &pits[n - 1]);
+    }
+    // A size the manifests do not say: refused.
+    c.create("small", pits[0].len() as u64 - M);
+    let mut t = targets();
+    t[1] = c.open("rbd:rbd/small", false);
+    let e = Chain::open_drivers(manifests, t, false).map(|_| ()).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(e.to_string().contains("link 1"), "{e}");
+
+    // Damage: overwrite a data cluster of inc1 that inc2 does not hold (the chain reads it
+    // from inc1), behind the backup's back.
+    let (m1, m2) = (Manifest::load(&manifests[1]).unwrap(), Manifest::load(&manifests[2]).unwrap());
+    let cs = m1.cluster_size;
+    let held = |m: &Manifest, c: u64| m.runs.iter().any(|r| r.start <= c && c < r.start + r.count);
+    let bad = m1
+        .runs
+        .iter()
+        .filter(|r| r.data)
+        .flat_map(|r| r.start..r.start + r.count)
+        .find(|&c| !held(&m2, c))
+        .expect("inc1 holds a data cluster that inc2 does not");
+    let tamper = c.open("rbd:rbd/inc1", true);
+    let mut orig = vec![0u8; cs as usize];
+    tamper.read_at(&mut orig, bad * cs).unwrap();
+    let mut changed = orig.clone();
+    changed[100] ^= 0x5a;
+    tamper.write_at(&changed, bad * cs).unwrap();
+    drop(tamper);
+    let chain = Chain::open_drivers(manifests, targets(), true).unwrap();
+    let mut buf = vec![0u8; cs as usize];
+    let e = chain.read_at(&mut buf, bad * cs).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EBADMSG, "{e}");
+    assert!(e.to_string().contains("inc1.manifest"), "the error names the backup: {e}");
+    let want = &pits[2];
+    for cl in (0..chain.size() / cs).filter(|&cl| cl != bad) {
+        chain.read_at(&mut buf, cl * cs).unwrap_or_else(|e| panic!("cluster {cl}: {e}"));
+        assert!(buf == want[(cl * cs) as usize..((cl + 1) * cs) as usize], "cluster {cl} differs");
+    }
+    // Without verify-on-read the changed bytes read as they are; repaired, the chain verifies.
+    let plain = Chain::open_drivers(manifests, targets(), false).unwrap();
+    plain.read_at(&mut buf, bad * cs).unwrap();
+    assert_eq!(buf, changed);
+    let fix = c.open("rbd:rbd/inc1", true);
+    fix.write_at(&orig, bad * cs).unwrap();
+    drop(fix);
+    chain.read_at(&mut buf, bad * cs).unwrap();
+    assert!(buf == want[(bad * cs) as usize..((bad + 1) * cs) as usize]);
+    eprintln!("chain on RBD targets: restored 3 prefixes, damaged cluster {bad} found by verify-on-read");
 }
 
 /// A backup of an RBD image: the host writes through the hook, then into librbd.
