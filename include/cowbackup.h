@@ -1794,7 +1794,8 @@ int cowbackup_rbd_open(const char *spec,
  Written atomically (temporary file, fsync, rename that never replaces, fsync of the
  directory), mode 0600. `cowbackup_backup_start` fails with -EEXIST when `path` exists,
  and with -EINVAL under `COWBACKUP_SYNC_NONE`. A file target is named in the manifest
- relative to the manifest's directory. NULL `path`: no manifest (the default).
+ relative to the manifest's directory, an RBD image (`cowbackup_rbd_open`) by its spec
+ `rbd:POOL/IMAGE` (with `:id=NAME` when opened with one). NULL `path`: no manifest (the default).
  Errors: -EINVAL (NULL `o`, empty path).
 
  # Safety
@@ -1839,8 +1840,12 @@ int cowbackup_verify(const char *manifest_path,
  Open the backup chain of the `n` manifests at `manifest_paths` (oldest first: the full
  backup, then its incrementals) as a read-only driver of the newest point in time: each
  cluster from the newest backup that holds it, zeroes where none does; block_status says
- DATA or ZERO; writes fail with -EROFS. Each backup's target file is found from its
- manifest (relative to the manifest's directory). `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
+ DATA or ZERO; writes fail with -EROFS. Each backup's target is found from its
+ manifest: a file (relative to the manifest's directory), or an RBD image (`rbd:` spec)
+ opened read-only with librados's default conf search (`$CEPH_CONF`, `/etc/ceph/ceph.conf`,
+ ...) and the spec's client id (default `admin`); -ENOTSUP for an RBD image when the
+ library was built without the RBD driver. A manifest naming no target, or targets
+ opened otherwise: `cowbackup_chain_open_drivers`. `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
  Restore = a backup job with this driver as the source; instant access = export it with
  `cowbackup_nbd_server_add`. On success `*out` is a new handle (free with
  `cowbackup_driver_free`).

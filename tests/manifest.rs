@@ -729,3 +729,63 @@ fn a_manifest_without_a_target_file_opens_with_the_target_given() {
     let chain = Chain::open_drivers(&[&mp], vec![target], true).unwrap();
     assert_same("device backup through the chain", &contents(&chain), &data);
 }
+
+/// A target driver that names itself like an RBD image (`target_spec`), over memory.
+struct NamedTarget(MemDriver, &'static str);
+
+impl BlockDriver for NamedTarget {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn target_spec(&self) -> Option<String> {
+        Some(self.1.to_string())
+    }
+}
+
+/// The manifest records a target's `target_spec` (an RBD image's `rbd:` spec); `Chain::open`
+/// opens such a target with the RBD driver, or (built without it) says to give the targets;
+/// a file whose relative path starts with `rbd:` is recorded as `./rbd:...` and stays a file.
+#[test]
+fn rbd_targets_in_the_manifest_and_files_named_rbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Rng::new(78).bytes(1 << 20);
+    let src = Arc::new(MemDriver::from_bytes(&data).unwrap());
+    let target = Arc::new(NamedTarget(MemDriver::new(1 << 20).unwrap(), "rbd:backups/vm1-disk0:id=restore"));
+    let mp = dir.path().join("rbd.manifest");
+    let opts = BackupOptions { manifest: Some(mp.clone()), ..Default::default() };
+    backup_start(src.clone(), target.clone(), opts).unwrap().wait().unwrap();
+    let m = Manifest::load(&mp).unwrap();
+    assert_eq!(m.target.as_deref(), Some("rbd:backups/vm1-disk0:id=restore"));
+    assert_eq!(m.target_rbd(), Some("rbd:backups/vm1-disk0:id=restore"));
+    assert_eq!(m.target_path(&mp), None, "an RBD image is not a file");
+    let e = chain_err(&[&mp]);
+    assert!(e.to_string().contains("link 0") && e.to_string().contains("rbd:backups/vm1-disk0"), "{e}");
+    if cfg!(feature = "rbd") {
+        // librados finds no such cluster here (or no such pool): an error, not a chain.
+        assert_ne!(errno(&e), 0, "{e}");
+    } else {
+        assert_eq!(errno(&e), libc::ENOTSUP, "{e}");
+        assert!(e.to_string().contains("open_drivers"), "{e}");
+    }
+    let chain = Chain::open_drivers(&[&mp], vec![target as Arc<dyn BlockDriver>], true).unwrap();
+    assert_same("RBD-named target through open_drivers", &contents(&chain), &data);
+
+    // A file below a directory named like an RBD spec stays a file.
+    let sub = dir.path().join("rbd:pool");
+    std::fs::create_dir(&sub).unwrap();
+    let ft = Arc::new(FileDriver::create(sub.join("t.img"), 1 << 20).unwrap());
+    let fm = dir.path().join("file.manifest");
+    let opts = BackupOptions { manifest: Some(fm.clone()), ..Default::default() };
+    backup_start(src, ft, opts).unwrap().wait().unwrap();
+    let m = Manifest::load(&fm).unwrap();
+    assert_eq!(m.target.as_deref(), Some("./rbd:pool/t.img"));
+    assert_eq!(m.target_rbd(), None);
+    assert_eq!(m.target_path(&fm), Some(dir.path().join("./rbd:pool/t.img")));
+    assert_same("file named rbd:", &contents(&Chain::open(&[&fm], true).unwrap()), &data);
+}

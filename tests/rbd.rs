@@ -9,7 +9,7 @@
 //!   source at each job's start;
 //! - the chain of those backups opened on the RBD images (`Chain::open_drivers`): each
 //!   prefix restored by a job and compared, verify-on-read finding a cluster overwritten in
-//!   one image;
+//!   one image; the manifests naming their images, and `Chain::open` opening them itself;
 //! - a backup *of* an RBD image (the hook in front of librbd writes), checked against the
 //!   job's point in time and an RBD snapshot taken at that instant;
 //! - the cluster going away mid-job (the OSD stopped): a `Report` job fails, a `Stop` job
@@ -234,6 +234,9 @@ fn driver_operations(c: &Cluster) {
     assert_eq!(errno_of(&e), libc::EINVAL);
     assert!(e.to_string().contains("rbd:rbd/ops") && e.to_string().contains("read"), "{e}");
     let ro = c.open("rbd:rbd/ops:id=admin", false);
+    // What a manifest records for the image: the spec, with the id when one was given.
+    assert_eq!(d.target_spec().as_deref(), Some("rbd:rbd/ops"));
+    assert_eq!(ro.target_spec().as_deref(), Some("rbd:rbd/ops:id=admin"));
     let e = ro.write_at(&[1; 512], 0).unwrap_err();
     assert_eq!(errno_of(&e), libc::EROFS, "{e}");
     assert_eq!(errno_of(&ro.write_zeroes_at(0, 512).unwrap_err()), libc::EROFS);
@@ -371,6 +374,24 @@ fn chain_on_rbd(c: &Cluster, dir: &Path, manifests: &[PathBuf; 3], pits: &[Vec<u
         assert_eq!(job.info().state, JobState::Completed);
         assert_same(&format!("chain of {n} RBD backups restored"), &contents(&*file), &pits[n - 1]);
     }
+    // The manifests name their RBD images: `Chain::open` opens them itself, with the
+    // default conf search. In a child process, so that CEPH_CONF is set for it alone.
+    for (m, n) in manifests.iter().zip(names) {
+        let want = format!("rbd:rbd/{n}");
+        assert_eq!(Manifest::load(m).unwrap().target_rbd(), Some(want.as_str()));
+    }
+    let pit_file = dir.join("pit2.img");
+    std::fs::write(&pit_file, &pits[2]).unwrap();
+    let list: Vec<String> = manifests.iter().chain([&pit_file]).map(|p| p.display().to_string()).collect();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "rbd_driver_and_backups_against_a_real_cluster", "--nocapture"])
+        .env("CEPH_CONF", &c.conf)
+        .env(CHAIN_CHILD, list.join("\n"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("chain opened from the manifests' RBD targets"), "{text}");
+
     // A size the manifests do not say: refused.
     c.create("small", pits[0].len() as u64 - M);
     let mut t = targets();
@@ -459,8 +480,25 @@ fn backup_of_rbd(c: &Cluster) {
     assert!(host.writes.load(Ordering::Relaxed) > 20);
 }
 
+/// The environment variable that makes [`rbd_driver_and_backups_against_a_real_cluster`] the
+/// child of [`chain_on_rbd`]: the manifests and the point-in-time image, one path a line.
+const CHAIN_CHILD: &str = "COWBACKUP_RBD_CHAIN_CHILD";
+
+/// In the child (CEPH_CONF set to the test cluster's conf): `Chain::open` of the manifests,
+/// which name their RBD images, reads as the point in time.
+fn chain_child(list: &str) {
+    let paths: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
+    let (manifests, pit) = paths.split_at(paths.len() - 1);
+    let chain = Chain::open(manifests, true).unwrap_or_else(|e| panic!("Chain::open on RBD targets: {e}"));
+    assert_same("chain opened from the manifests", &contents(&chain), &std::fs::read(&pit[0]).unwrap());
+    eprintln!("chain opened from the manifests' RBD targets and read as the point in time");
+}
+
 #[test]
 fn rbd_driver_and_backups_against_a_real_cluster() {
+    if let Ok(list) = std::env::var(CHAIN_CHILD) {
+        return chain_child(&list);
+    }
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let Some(c) = Cluster::start() else { return };
     let t = Instant::now();

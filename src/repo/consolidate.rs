@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::chain::Chain;
 use super::format::{BitmapRef, Manifest, Run};
-use super::record::{io_err, relative_to};
+use super::record::{file_target_name, io_err, relative_to};
 use crate::error::{Error, ErrorKind, Result};
 use crate::BlockDriver;
 
@@ -143,7 +143,7 @@ fn merge<P: AsRef<Path>>(
         bitmap,
         parent_root: first.parent_root,
         replaces_root: Some(last.root),
-        target: Some(relative_to(&t, &dir).to_string_lossy().into_owned()),
+        target: Some(file_target_name(&relative_to(&t, &dir))),
         started_ms: first.started_ms,
         ended_ms: last.ended_ms,
         bytes_copied,
