@@ -2290,7 +2290,10 @@ def chain_open(manifests: Any, verify: bool = False, targets: Any = None) -> Dri
     the read with :class:`Corrupt`). Raises :class:`InvalidArgument` naming the link of a
     broken chain, :class:`Corrupt` for a damaged manifest, ``FileNotFoundError`` ...
 
-    Each backup's target file is found from its manifest, unless ``targets`` is given: a
+    Each backup's target is found from its manifest (a file relative to it, or an RBD image
+    ``rbd:POOL/IMAGE`` opened read-only with librados's default conf search, ``$CEPH_CONF``
+    first, and the spec's ``:id=``; :class:`CowbackupError` ENOTSUP for one when the library
+    was built without librbd), unless ``targets`` is given: a
     list of :class:`Driver` objects, one per manifest in the same order, each holding its
     backup (``cowbackup_chain_open_drivers``) -- for backups in RBD images
     (:meth:`Driver.rbd_open`, read-only is enough), NBD exports, devices, or files moved
