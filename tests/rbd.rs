@@ -359,6 +359,7 @@ fn backups_into_rbd(c: &Cluster) {
 /// `manifests`, point-in-time images `pits`), opened on read-only handles of the images:
 /// each prefix restored into a file by a backup job equals its point in time;
 /// verify-on-read finds a cluster overwritten in one image (EBADMSG there, the others read).
+/// The manifests name their images, and `Chain::open` (in a child process) opens them.
 fn chain_on_rbd(c: &Cluster, dir: &Path, manifests: &[PathBuf; 3], pits: &[Vec<u8>]) {
     let names = ["full", "inc1", "inc2"];
     let targets = || -> Vec<Arc<dyn BlockDriver>> {
@@ -400,19 +401,27 @@ fn chain_on_rbd(c: &Cluster, dir: &Path, manifests: &[PathBuf; 3], pits: &[Vec<u
     assert_eq!(e.errno(), libc::EINVAL, "{e}");
     assert!(e.to_string().contains("link 1"), "{e}");
 
-    // Damage: overwrite a data cluster of inc1 that inc2 does not hold (the chain reads it
-    // from inc1), behind the backup's back.
-    let (m1, m2) = (Manifest::load(&manifests[1]).unwrap(), Manifest::load(&manifests[2]).unwrap());
-    let cs = m1.cluster_size;
+    // Damage: overwrite, behind the backup's back, a data cluster that the chain reads from
+    // one image: preferably one of inc1 that inc2 does not hold (the middle link), else one
+    // of the full backup that no incremental holds, else one of inc2 (the newest: always
+    // read from it). Which clusters the writers left alone is up to the scheduling.
+    let ms: Vec<Manifest> = manifests.iter().map(|m| Manifest::load(m).unwrap()).collect();
+    let cs = ms[0].cluster_size;
     let held = |m: &Manifest, c: u64| m.runs.iter().any(|r| r.start <= c && c < r.start + r.count);
-    let bad = m1
-        .runs
-        .iter()
-        .filter(|r| r.data)
-        .flat_map(|r| r.start..r.start + r.count)
-        .find(|&c| !held(&m2, c))
-        .expect("inc1 holds a data cluster that inc2 does not");
-    let tamper = c.open("rbd:rbd/inc1", true);
+    let read_from = |i: usize| {
+        ms[i]
+            .runs
+            .iter()
+            .filter(|r| r.data)
+            .flat_map(|r| r.start..r.start + r.count)
+            .find(|&c| ms[i + 1..].iter().all(|later| !held(later, c)))
+    };
+    let (link, bad) = [1, 0, 2]
+        .into_iter()
+        .find_map(|i| read_from(i).map(|c| (i, c)))
+        .expect("inc2 copied data clusters (the writers wrote data)");
+    let (image, manifest_name) = (format!("rbd:rbd/{}", names[link]), format!("{}.manifest", names[link]));
+    let tamper = c.open(&image, true);
     let mut orig = vec![0u8; cs as usize];
     tamper.read_at(&mut orig, bad * cs).unwrap();
     let mut changed = orig.clone();
@@ -423,7 +432,7 @@ fn chain_on_rbd(c: &Cluster, dir: &Path, manifests: &[PathBuf; 3], pits: &[Vec<u
     let mut buf = vec![0u8; cs as usize];
     let e = chain.read_at(&mut buf, bad * cs).unwrap_err();
     assert_eq!(errno_of(&e), libc::EBADMSG, "{e}");
-    assert!(e.to_string().contains("inc1.manifest"), "the error names the backup: {e}");
+    assert!(e.to_string().contains(&manifest_name), "the error names the backup: {e}");
     let want = &pits[2];
     for cl in (0..chain.size() / cs).filter(|&cl| cl != bad) {
         chain.read_at(&mut buf, cl * cs).unwrap_or_else(|e| panic!("cluster {cl}: {e}"));
@@ -433,12 +442,12 @@ fn chain_on_rbd(c: &Cluster, dir: &Path, manifests: &[PathBuf; 3], pits: &[Vec<u
     let plain = Chain::open_drivers(manifests, targets(), false).unwrap();
     plain.read_at(&mut buf, bad * cs).unwrap();
     assert_eq!(buf, changed);
-    let fix = c.open("rbd:rbd/inc1", true);
+    let fix = c.open(&image, true);
     fix.write_at(&orig, bad * cs).unwrap();
     drop(fix);
     chain.read_at(&mut buf, bad * cs).unwrap();
     assert!(buf == want[(bad * cs) as usize..((bad + 1) * cs) as usize]);
-    eprintln!("chain on RBD targets: restored 3 prefixes, damaged cluster {bad} found by verify-on-read");
+    eprintln!("chain on RBD targets: restored 3 prefixes, damaged cluster {bad} of {image} found by verify-on-read");
 }
 
 /// A backup of an RBD image: the host writes through the hook, then into librbd.
