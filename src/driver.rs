@@ -103,9 +103,9 @@ pub trait BlockDriver: Send + Sync {
     /// `target` when the driver is not a file ([`as_file_driver`](BlockDriver::as_file_driver)
     /// names files): `RbdDriver` (cargo feature `rbd`) answers its image,
     /// `rbd:POOL[/NAMESPACE]/IMAGE[:id=NAME]`, which [`crate::repo::Chain::open`] opens again
-    /// (docs/manifest.md). The default, and wrappers, answer `None`: the manifest names no
-    /// target and the chain is opened with the targets given
-    /// ([`crate::repo::Chain::open_drivers`]).
+    /// (docs/manifest.md). Only `rbd:` names are recorded (anything else would read as a
+    /// file path). The default, and wrappers, answer `None`: the manifest names no target
+    /// and the chain is opened with the targets given ([`crate::repo::Chain::open_drivers`]).
     fn target_spec(&self) -> Option<String> {
         None
     }

@@ -775,6 +775,12 @@ fn rbd_targets_in_the_manifest_and_files_named_rbd() {
     }
     let chain = Chain::open_drivers(&[&mp], vec![target as Arc<dyn BlockDriver>], true).unwrap();
     assert_same("RBD-named target through open_drivers", &contents(&chain), &data);
+    // Only rbd: names are recorded: another would be read back as a file path.
+    let other = Arc::new(NamedTarget(MemDriver::new(1 << 20).unwrap(), "nbd://host/export"));
+    let om = dir.path().join("other.manifest");
+    let opts = BackupOptions { manifest: Some(om.clone()), ..Default::default() };
+    backup_start(src.clone(), other, opts).unwrap().wait().unwrap();
+    assert_eq!(Manifest::load(&om).unwrap().target, None);
 
     // A file below a directory named like an RBD spec stays a file.
     let sub = dir.path().join("rbd:pool");

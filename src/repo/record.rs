@@ -154,8 +154,9 @@ impl ManifestPlan {
                 let t = f.path().canonicalize().map_err(|e| io_err("target", f.path(), e))?;
                 Some(file_target_name(&relative_to(&t, &dir)))
             }
-            // An RBD image: its `rbd:` spec (docs/manifest.md).
-            None => target.target_spec(),
+            // An RBD image: its `rbd:` spec (docs/manifest.md). Other names are not
+            // recorded: a reader would take them for file paths.
+            None => target.target_spec().filter(|s| s.starts_with(super::format::RBD_TARGET_PREFIX)),
         };
         let bitmap = opts.bitmap.as_ref().map(|b| (b.clone(), b.uuid(), b.generation()));
         let parent_root = match &opts.parent_manifest {
