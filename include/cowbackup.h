@@ -1848,7 +1848,8 @@ int cowbackup_rbd_open(const char *spec,
  Written atomically (temporary file, fsync, rename that never replaces, fsync of the
  directory), mode 0600. `cowbackup_backup_start` fails with -EEXIST when `path` exists,
  and with -EINVAL under `COWBACKUP_SYNC_NONE`. A file target is named in the manifest
- relative to the manifest's directory. NULL `path`: no manifest (the default).
+ relative to the manifest's directory, an RBD image (`cowbackup_rbd_open`) by its spec
+ `rbd:POOL/IMAGE` (with `:id=NAME` when opened with one). NULL `path`: no manifest (the default).
  Errors: -EINVAL (NULL `o`, empty path).
 
  # Safety
@@ -1893,8 +1894,12 @@ int cowbackup_verify(const char *manifest_path,
  Open the backup chain of the `n` manifests at `manifest_paths` (oldest first: the full
  backup, then its incrementals) as a read-only driver of the newest point in time: each
  cluster from the newest backup that holds it, zeroes where none does; block_status says
- DATA or ZERO; writes fail with -EROFS. Each backup's target file is found from its
- manifest (relative to the manifest's directory). `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
+ DATA or ZERO; writes fail with -EROFS. Each backup's target is found from its
+ manifest: a file (relative to the manifest's directory), or an RBD image (`rbd:` spec)
+ opened read-only with librados's default conf search (`$CEPH_CONF`, `/etc/ceph/ceph.conf`,
+ ...) and the spec's client id (default `admin`); -ENOTSUP for an RBD image when the
+ library was built without the RBD driver. A manifest naming no target, or targets
+ opened otherwise: `cowbackup_chain_open_drivers`. `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
  Restore = a backup job with this driver as the source; instant access = export it with
  `cowbackup_nbd_server_add`. On success `*out` is a new handle (free with
  `cowbackup_driver_free`).
@@ -1911,6 +1916,37 @@ int cowbackup_chain_open(const char *const *manifest_paths,
                          size_t n,
                          uint32_t flags,
                          struct cowbackup_driver **out);
+
+/*
+ Open the backup chain of the `n` manifests at `manifest_paths` (oldest first, as
+ `cowbackup_chain_open`) reading each backup from the driver the caller gives:
+ `targets[i]` holds the backup of `manifest_paths[i]` (one target per manifest, in the
+ same order). For backups whose targets a manifest cannot name as a file: RBD images
+ (`cowbackup_rbd_open`, read-only is enough), NBD exports, devices, or files moved away
+ from their manifests. The manifests' `target` fields are not looked at.
+
+ The same link checks as `cowbackup_chain_open`; each target must have its manifest's
+ size. Ownership as `cowbackup_backup_start`: the targets are borrowed for the call and
+ the chain takes its own references, so the caller may free its handles at once (a target
+ stays open until the chain's handle is freed). The chain only reads them. `flags`: 0 or
+ `COWBACKUP_CHAIN_VERIFY`. On success `*out` is a new read-only driver handle (free with
+ `cowbackup_driver_free`); on error `*out` is not written and nothing is kept.
+
+ Errors: -EINVAL for NULL `manifest_paths`, `targets` or `out`, a NULL element of either
+ array, `n` = 0, unknown flags, a target of another size than its manifest says, and a
+ broken chain (the message names the link); -EBADMSG for a damaged manifest; -ENOENT (or
+ another -errno) for a missing manifest. Thread-safe; the driver may be read from many
+ threads.
+
+ # Safety
+ `manifest_paths` points to `n` NUL-terminated strings (or NULLs); `targets` points to `n`
+ live driver handles (or NULLs); `out` is NULL or valid for writes.
+ */
+int cowbackup_chain_open_drivers(const char *const *manifest_paths,
+                                 struct cowbackup_driver *const *targets,
+                                 size_t n,
+                                 uint32_t flags,
+                                 struct cowbackup_driver **out);
 
 /*
  Merge the `n` backups of `manifest_paths` (a contiguous part of a chain, oldest first:

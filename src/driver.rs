@@ -98,6 +98,17 @@ pub trait BlockDriver: Send + Sync {
     fn as_file_driver(&self) -> Option<&crate::FileDriver> {
         None
     }
+
+    /// A name that opens this storage again, for a job's manifest to record as the backup's
+    /// `target` when the driver is not a file ([`as_file_driver`](BlockDriver::as_file_driver)
+    /// names files): `RbdDriver` (cargo feature `rbd`) answers its image,
+    /// `rbd:POOL[/NAMESPACE]/IMAGE[:id=NAME]`, which [`crate::repo::Chain::open`] opens again
+    /// (docs/manifest.md). Only `rbd:` names are recorded (anything else would read as a
+    /// file path). The default, and wrappers, answer `None`: the manifest names no target
+    /// and the chain is opened with the targets given ([`crate::repo::Chain::open_drivers`]).
+    fn target_spec(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Make `[offset, offset + len)` of `d` read as zeroes by writing zero buffers of at most
@@ -146,5 +157,8 @@ impl<T: BlockDriver + ?Sized> BlockDriver for std::sync::Arc<T> {
     }
     fn as_file_driver(&self) -> Option<&crate::FileDriver> {
         (**self).as_file_driver()
+    }
+    fn target_spec(&self) -> Option<String> {
+        (**self).target_spec()
     }
 }

@@ -615,3 +615,183 @@ fn pulled_incrementals_link_by_their_explicit_parent() {
     let e = Chain::open(&[p("full.m"), p("i1.m"), p("i2.m"), p("i3.m")], false).err().expect("no link");
     assert!(e.to_string().contains("another dirty bitmap"), "{e}");
 }
+
+/// Backups whose targets the manifests cannot name (a device, an RBD image: here memory
+/// drivers, and files moved away from their manifests) open as a chain with the targets
+/// given: same contents, restore, verify-on-read, link checks, and the count and size
+/// errors; consolidate takes them too.
+#[test]
+fn chain_open_drivers_takes_the_targets_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 << 20;
+    let mut d = Disk::new(dir.path(), "drv", size, 12);
+    let ms: Vec<PathBuf> = (0..3).map(|_| d.backup(|_| {})).collect();
+    let pit = d.backups[2].1.clone();
+    // The targets move away: the manifests' `target` no longer finds them.
+    let moved = dir.path().join("moved");
+    std::fs::create_dir(&moved).unwrap();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for m in &ms {
+        let tp = Manifest::load(m).unwrap().target_path(m).unwrap();
+        let to = moved.join(tp.file_name().unwrap());
+        std::fs::rename(&tp, &to).unwrap();
+        files.push(to);
+    }
+    assert_eq!(errno(&chain_err(&[&ms[0], &ms[1], &ms[2]])), libc::ENOENT);
+    // Two kinds of drivers: files opened read-only, and copies in memory.
+    let file = |p: &PathBuf| -> Arc<dyn BlockDriver> { Arc::new(FileDriver::open(p, OpenFlags::empty()).unwrap()) };
+    let mem =
+        |p: &PathBuf| -> Arc<dyn BlockDriver> { Arc::new(MemDriver::from_bytes(&std::fs::read(p).unwrap()).unwrap()) };
+    let targets: Vec<Arc<dyn BlockDriver>> = vec![file(&files[0]), mem(&files[1]), file(&files[2])];
+    let chain = Chain::open_drivers(&ms, targets.clone(), true).unwrap();
+    assert_eq!(chain.manifests(), ms);
+    assert_same("chain of given targets", &contents(&chain), &pit);
+    for (n, want) in [(1, &d.backups[0].1), (2, &d.backups[1].1)] {
+        let c = Chain::open_drivers(&ms[..n], targets[..n].to_vec(), false).unwrap();
+        assert_same(&format!("first {n} links"), &contents(&c), want);
+    }
+    // Restore = a backup job from the chain.
+    let rp = dir.path().join("restored.img");
+    let rt = Arc::new(FileDriver::create(&rp, size).unwrap());
+    let job = backup_start(Arc::new(chain), rt.clone(), BackupOptions::default()).unwrap();
+    job.wait().unwrap();
+    assert_same("restored from given targets", &contents(&*rt), &pit);
+
+    // The link checks are the same: wrong order, an incremental first.
+    let bad = |m: &[&PathBuf], t: Vec<Arc<dyn BlockDriver>>| match Chain::open_drivers(m, t, false) {
+        Ok(_) => panic!("chain {m:?} with given targets was accepted"),
+        Err(e) => e,
+    };
+    let e = bad(&[&ms[0], &ms[2], &ms[1]], vec![targets[0].clone(), targets[2].clone(), targets[1].clone()]);
+    assert!(errno(&e) == libc::EINVAL && e.to_string().contains("link 1"), "{e}");
+    let e = bad(&[&ms[1]], vec![targets[1].clone()]);
+    assert!(errno(&e) == libc::EINVAL && e.to_string().contains("link 0"), "{e}");
+    // One target per manifest.
+    for t in [vec![], targets[..2].to_vec(), [targets.clone(), targets[..1].to_vec()].concat()] {
+        let n = t.len();
+        let e = bad(&[&ms[0], &ms[1], &ms[2]], t);
+        assert_eq!(errno(&e), libc::EINVAL, "{n} targets: {e}");
+        assert!(e.to_string().contains("3 manifests") && e.to_string().contains(&format!("{n} given")), "{e}");
+    }
+    let e = bad(&[], vec![]);
+    assert_eq!(errno(&e), libc::EINVAL, "{e}");
+    // A target of another size: refused, naming the link.
+    let small: Arc<dyn BlockDriver> = Arc::new(MemDriver::new(size - CS).unwrap());
+    let e = bad(&[&ms[0], &ms[1]], vec![targets[0].clone(), small]);
+    assert!(errno(&e) == libc::EINVAL && e.to_string().contains("link 1"), "{e}");
+    assert!(e.to_string().contains(&format!("{} bytes", size - CS)), "{e}");
+
+    // Verify-on-read on a given target: one damaged data cluster of the newest backup fails
+    // with EBADMSG, every other cluster still reads.
+    let m2 = Manifest::load(&ms[2]).unwrap();
+    let run = m2.runs.iter().find(|r| r.data).expect("the last incremental copied data");
+    let damaged_at = run.start * CS;
+    let copy = std::fs::read(&files[2]).unwrap();
+    let damaged = MemDriver::from_bytes(&copy).unwrap();
+    damaged.write_at(&[!copy[damaged_at as usize + 7]], damaged_at + 7).unwrap();
+    let targets2: Vec<Arc<dyn BlockDriver>> = vec![targets[0].clone(), targets[1].clone(), Arc::new(damaged)];
+    let chain = Chain::open_drivers(&ms, targets2.clone(), true).unwrap();
+    let mut buf = vec![0u8; CS as usize];
+    let e = chain.read_at(&mut buf, damaged_at).unwrap_err();
+    assert_eq!(cowbackup::errno_of(&e), libc::EBADMSG, "{e}");
+    for c in (0..size / CS).filter(|&c| c * CS != damaged_at) {
+        chain.read_at(&mut buf, c * CS).unwrap();
+        assert_eq!(buf, pit[(c * CS) as usize..((c + 1) * CS) as usize], "cluster {c}");
+    }
+
+    // Consolidate from given targets: the new backup is a file with its manifest.
+    let p = |n: &str| dir.path().join(n);
+    let e = cowbackup::repo::consolidate_drivers(&ms, targets[..2].to_vec(), p("x.img"), p("x.manifest")).unwrap_err();
+    assert_eq!(errno(&e), libc::EINVAL, "{e}");
+    let e = cowbackup::repo::consolidate_drivers(&ms, targets2, p("x.img"), p("x.manifest")).unwrap_err();
+    assert_eq!(errno(&e), libc::EBADMSG, "damage is never carried over: {e}");
+    assert!(!p("x.img").exists() && !p("x.manifest").exists());
+    let head = cowbackup::repo::consolidate_drivers(&ms, targets, p("head.img"), p("head.manifest")).unwrap();
+    assert_eq!(head.target.as_deref(), Some("head.img"));
+    assert_same("consolidated from given targets", &contents(&Chain::open(&[p("head.manifest")], true).unwrap()), &pit);
+}
+
+/// A backup into a device (here memory) has a manifest naming no target file: `Chain::open`
+/// says to give the targets, `Chain::open_drivers` opens it.
+#[test]
+fn a_manifest_without_a_target_file_opens_with_the_target_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Rng::new(77).bytes(1 << 20);
+    let src = Arc::new(MemDriver::from_bytes(&data).unwrap());
+    let target = Arc::new(MemDriver::new(1 << 20).unwrap());
+    let mp = dir.path().join("mem.manifest");
+    let opts = BackupOptions { manifest: Some(mp.clone()), ..Default::default() };
+    backup_start(src, target.clone(), opts).unwrap().wait().unwrap();
+    assert_eq!(Manifest::load(&mp).unwrap().target, None);
+    let e = chain_err(&[&mp]);
+    assert_eq!(errno(&e), libc::EINVAL, "{e}");
+    assert!(e.to_string().contains("names no target file") && e.to_string().contains("open_drivers"), "{e}");
+    let chain = Chain::open_drivers(&[&mp], vec![target], true).unwrap();
+    assert_same("device backup through the chain", &contents(&chain), &data);
+}
+
+/// A target driver that names itself like an RBD image (`target_spec`), over memory.
+struct NamedTarget(MemDriver, &'static str);
+
+impl BlockDriver for NamedTarget {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn target_spec(&self) -> Option<String> {
+        Some(self.1.to_string())
+    }
+}
+
+/// The manifest records a target's `target_spec` (an RBD image's `rbd:` spec); `Chain::open`
+/// opens such a target with the RBD driver, or (built without it) says to give the targets;
+/// a file whose relative path starts with `rbd:` is recorded as `./rbd:...` and stays a file.
+#[test]
+fn rbd_targets_in_the_manifest_and_files_named_rbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = Rng::new(78).bytes(1 << 20);
+    let src = Arc::new(MemDriver::from_bytes(&data).unwrap());
+    let target = Arc::new(NamedTarget(MemDriver::new(1 << 20).unwrap(), "rbd:backups/vm1-disk0:id=restore"));
+    let mp = dir.path().join("rbd.manifest");
+    let opts = BackupOptions { manifest: Some(mp.clone()), ..Default::default() };
+    backup_start(src.clone(), target.clone(), opts).unwrap().wait().unwrap();
+    let m = Manifest::load(&mp).unwrap();
+    assert_eq!(m.target.as_deref(), Some("rbd:backups/vm1-disk0:id=restore"));
+    assert_eq!(m.target_rbd(), Some("rbd:backups/vm1-disk0:id=restore"));
+    assert_eq!(m.target_path(&mp), None, "an RBD image is not a file");
+    let e = chain_err(&[&mp]);
+    assert!(e.to_string().contains("link 0") && e.to_string().contains("rbd:backups/vm1-disk0"), "{e}");
+    if cfg!(feature = "rbd") {
+        // librados finds no such cluster here (or no such pool): an error, not a chain.
+        assert_ne!(errno(&e), 0, "{e}");
+    } else {
+        assert_eq!(errno(&e), libc::ENOTSUP, "{e}");
+        assert!(e.to_string().contains("open_drivers"), "{e}");
+    }
+    let chain = Chain::open_drivers(&[&mp], vec![target as Arc<dyn BlockDriver>], true).unwrap();
+    assert_same("RBD-named target through open_drivers", &contents(&chain), &data);
+    // Only rbd: names are recorded: another would be read back as a file path.
+    let other = Arc::new(NamedTarget(MemDriver::new(1 << 20).unwrap(), "nbd://host/export"));
+    let om = dir.path().join("other.manifest");
+    let opts = BackupOptions { manifest: Some(om.clone()), ..Default::default() };
+    backup_start(src.clone(), other, opts).unwrap().wait().unwrap();
+    assert_eq!(Manifest::load(&om).unwrap().target, None);
+
+    // A file below a directory named like an RBD spec stays a file.
+    let sub = dir.path().join("rbd:pool");
+    std::fs::create_dir(&sub).unwrap();
+    let ft = Arc::new(FileDriver::create(sub.join("t.img"), 1 << 20).unwrap());
+    let fm = dir.path().join("file.manifest");
+    let opts = BackupOptions { manifest: Some(fm.clone()), ..Default::default() };
+    backup_start(src, ft, opts).unwrap().wait().unwrap();
+    let m = Manifest::load(&fm).unwrap();
+    assert_eq!(m.target.as_deref(), Some("./rbd:pool/t.img"));
+    assert_eq!(m.target_rbd(), None);
+    assert_eq!(m.target_path(&fm), Some(dir.path().join("./rbd:pool/t.img")));
+    assert_same("file named rbd:", &contents(&Chain::open(&[&fm], true).unwrap()), &data);
+}

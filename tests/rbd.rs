@@ -7,6 +7,9 @@
 //! - full and incremental backups *into* RBD images while writer threads write through the
 //!   hook, restored (a backup job with the RBD image as its source) and compared with the
 //!   source at each job's start;
+//! - the chain of those backups opened on the RBD images (`Chain::open_drivers`): each
+//!   prefix restored by a job and compared, verify-on-read finding a cluster overwritten in
+//!   one image; the manifests naming their images, and `Chain::open` opening them itself;
 //! - a backup *of* an RBD image (the hook in front of librbd writes), checked against the
 //!   job's point in time and an RBD snapshot taken at that instant;
 //! - the cluster going away mid-job (the OSD stopped): a `Report` job fails, a `Stop` job
@@ -23,6 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{assert_same, contents, until_for, wait_end, Rng, SetOnDrop};
+use cowbackup::repo::{Chain, Manifest};
 use cowbackup::{
     backup_start, errno_of, BackupOptions, BlockDriver, DirtyBitmap, ErrorAction, FileDriver, Job, JobState, MemDriver,
     RbdDriver, RbdOptions, StatusFlags, SyncMode,
@@ -230,6 +234,9 @@ fn driver_operations(c: &Cluster) {
     assert_eq!(errno_of(&e), libc::EINVAL);
     assert!(e.to_string().contains("rbd:rbd/ops") && e.to_string().contains("read"), "{e}");
     let ro = c.open("rbd:rbd/ops:id=admin", false);
+    // What a manifest records for the image: the spec, with the id when one was given.
+    assert_eq!(d.target_spec().as_deref(), Some("rbd:rbd/ops"));
+    assert_eq!(ro.target_spec().as_deref(), Some("rbd:rbd/ops:id=admin"));
     let e = ro.write_at(&[1; 512], 0).unwrap_err();
     assert_eq!(errno_of(&e), libc::EROFS, "{e}");
     assert_eq!(errno_of(&ro.write_zeroes_at(0, 512).unwrap_err()), libc::EROFS);
@@ -310,11 +317,13 @@ fn backups_into_rbd(c: &Cluster) {
         let restored = restore(full, dir.path(), "restored.img");
         assert_same("full backup restored from RBD", &contents(&*restored), &pit_full);
         let mut image = contents(&*restored);
+        let mut pits = vec![pit_full.clone()];
         for (i, (inc, extents, pit)) in incs.into_iter().enumerate() {
             for (o, l) in extents {
                 inc.read_at(&mut image[o as usize..(o + l) as usize], o).unwrap();
             }
             assert_same(&format!("full + incrementals 1..={}", i + 1), &image, &pit);
+            pits.push(pit);
         }
         // The manifests verify against the RBD targets (every copied cluster re-read from the
         // cluster and checked); a cluster changed behind the backup's back is found.
@@ -338,11 +347,107 @@ fn backups_into_rbd(c: &Cluster) {
         let exported = dir.path().join("export.img");
         c.rbd(&["export", "--no-progress", "rbd/full", exported.to_str().unwrap()]);
         assert_same("rbd export of the full backup", &std::fs::read(&exported).unwrap(), &pit_full);
+        chain_on_rbd(c, dir.path(), &["full", "inc1", "inc2"].map(manifest), &pits);
     });
     let writes = host.writes.load(Ordering::Relaxed);
     eprintln!("backups into RBD: {writes} host writes, {cow} went through the hook and copied");
     assert!(writes > 50, "the writers hardly wrote: {writes}");
     assert!(cow > 0, "no write went through an uncopied cluster: the hook path was not tested");
+}
+
+/// The chain of the backups into the RBD images `rbd/full`, `rbd/inc1`, `rbd/inc2` (manifests
+/// `manifests`, point-in-time images `pits`), opened on read-only handles of the images:
+/// each prefix restored into a file by a backup job equals its point in time;
+/// verify-on-read finds a cluster overwritten in one image (EBADMSG there, the others read).
+/// The manifests name their images, and `Chain::open` (in a child process) opens them.
+fn chain_on_rbd(c: &Cluster, dir: &Path, manifests: &[PathBuf; 3], pits: &[Vec<u8>]) {
+    let names = ["full", "inc1", "inc2"];
+    let targets = || -> Vec<Arc<dyn BlockDriver>> {
+        names.iter().map(|n| c.open(&format!("rbd:rbd/{n}"), false) as Arc<dyn BlockDriver>).collect()
+    };
+    for n in 1..=3 {
+        let chain = Chain::open_drivers(&manifests[..n], targets()[..n].to_vec(), n == 3)
+            .unwrap_or_else(|e| panic!("chain of {n} RBD backups: {e}"));
+        let file = Arc::new(FileDriver::create(dir.join(format!("chain{n}.img")), chain.size()).unwrap());
+        let job =
+            backup_start(Arc::new(chain), file.clone(), BackupOptions { workers: 4, ..Default::default() }).unwrap();
+        wait_end(&job, T).unwrap();
+        assert_eq!(job.info().state, JobState::Completed);
+        assert_same(&format!("chain of {n} RBD backups restored"), &contents(&*file), &pits[n - 1]);
+    }
+    // The manifests name their RBD images: `Chain::open` opens them itself, with the
+    // default conf search. In a child process, so that CEPH_CONF is set for it alone.
+    for (m, n) in manifests.iter().zip(names) {
+        let want = format!("rbd:rbd/{n}");
+        assert_eq!(Manifest::load(m).unwrap().target_rbd(), Some(want.as_str()));
+    }
+    let pit_file = dir.join("pit2.img");
+    std::fs::write(&pit_file, &pits[2]).unwrap();
+    let list: Vec<String> = manifests.iter().chain([&pit_file]).map(|p| p.display().to_string()).collect();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "rbd_driver_and_backups_against_a_real_cluster", "--nocapture"])
+        .env("CEPH_CONF", &c.conf)
+        .env(CHAIN_CHILD, list.join("\n"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("chain opened from the manifests' RBD targets"), "{text}");
+
+    // A size the manifests do not say: refused.
+    c.create("small", pits[0].len() as u64 - M);
+    let mut t = targets();
+    t[1] = c.open("rbd:rbd/small", false);
+    let e = Chain::open_drivers(manifests, t, false).map(|_| ()).unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL, "{e}");
+    assert!(e.to_string().contains("link 1"), "{e}");
+
+    // Damage: overwrite, behind the backup's back, a data cluster that the chain reads from
+    // one image: preferably one of inc1 that inc2 does not hold (the middle link), else one
+    // of the full backup that no incremental holds, else one of inc2 (the newest: always
+    // read from it). Which clusters the writers left alone is up to the scheduling.
+    let ms: Vec<Manifest> = manifests.iter().map(|m| Manifest::load(m).unwrap()).collect();
+    let cs = ms[0].cluster_size;
+    let held = |m: &Manifest, c: u64| m.runs.iter().any(|r| r.start <= c && c < r.start + r.count);
+    let read_from = |i: usize| {
+        ms[i]
+            .runs
+            .iter()
+            .filter(|r| r.data)
+            .flat_map(|r| r.start..r.start + r.count)
+            .find(|&c| ms[i + 1..].iter().all(|later| !held(later, c)))
+    };
+    let (link, bad) = [1, 0, 2]
+        .into_iter()
+        .find_map(|i| read_from(i).map(|c| (i, c)))
+        .expect("inc2 copied data clusters (the writers wrote data)");
+    let (image, manifest_name) = (format!("rbd:rbd/{}", names[link]), format!("{}.manifest", names[link]));
+    let tamper = c.open(&image, true);
+    let mut orig = vec![0u8; cs as usize];
+    tamper.read_at(&mut orig, bad * cs).unwrap();
+    let mut changed = orig.clone();
+    changed[100] ^= 0x5a;
+    tamper.write_at(&changed, bad * cs).unwrap();
+    drop(tamper);
+    let chain = Chain::open_drivers(manifests, targets(), true).unwrap();
+    let mut buf = vec![0u8; cs as usize];
+    let e = chain.read_at(&mut buf, bad * cs).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EBADMSG, "{e}");
+    assert!(e.to_string().contains(&manifest_name), "the error names the backup: {e}");
+    let want = &pits[2];
+    for cl in (0..chain.size() / cs).filter(|&cl| cl != bad) {
+        chain.read_at(&mut buf, cl * cs).unwrap_or_else(|e| panic!("cluster {cl}: {e}"));
+        assert!(buf == want[(cl * cs) as usize..((cl + 1) * cs) as usize], "cluster {cl} differs");
+    }
+    // Without verify-on-read the changed bytes read as they are; repaired, the chain verifies.
+    let plain = Chain::open_drivers(manifests, targets(), false).unwrap();
+    plain.read_at(&mut buf, bad * cs).unwrap();
+    assert_eq!(buf, changed);
+    let fix = c.open(&image, true);
+    fix.write_at(&orig, bad * cs).unwrap();
+    drop(fix);
+    chain.read_at(&mut buf, bad * cs).unwrap();
+    assert!(buf == want[(bad * cs) as usize..((bad + 1) * cs) as usize]);
+    eprintln!("chain on RBD targets: restored 3 prefixes, damaged cluster {bad} of {image} found by verify-on-read");
 }
 
 /// A backup of an RBD image: the host writes through the hook, then into librbd.
@@ -384,8 +489,25 @@ fn backup_of_rbd(c: &Cluster) {
     assert!(host.writes.load(Ordering::Relaxed) > 20);
 }
 
+/// The environment variable that makes [`rbd_driver_and_backups_against_a_real_cluster`] the
+/// child of [`chain_on_rbd`]: the manifests and the point-in-time image, one path a line.
+const CHAIN_CHILD: &str = "COWBACKUP_RBD_CHAIN_CHILD";
+
+/// In the child (CEPH_CONF set to the test cluster's conf): `Chain::open` of the manifests,
+/// which name their RBD images, reads as the point in time.
+fn chain_child(list: &str) {
+    let paths: Vec<PathBuf> = list.lines().map(PathBuf::from).collect();
+    let (manifests, pit) = paths.split_at(paths.len() - 1);
+    let chain = Chain::open(manifests, true).unwrap_or_else(|e| panic!("Chain::open on RBD targets: {e}"));
+    assert_same("chain opened from the manifests", &contents(&chain), &std::fs::read(&pit[0]).unwrap());
+    eprintln!("chain opened from the manifests' RBD targets and read as the point in time");
+}
+
 #[test]
 fn rbd_driver_and_backups_against_a_real_cluster() {
+    if let Ok(list) = std::env::var(CHAIN_CHILD) {
+        return chain_child(&list);
+    }
     let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
     let Some(c) = Cluster::start() else { return };
     let t = Instant::now();

@@ -18,8 +18,9 @@ use crate::util::{failed, is_nbd_uri, open_target, print_json, CliResult};
 pub struct VerifyArgs {
     /// The backup's manifest.
     pub manifest: PathBuf,
-    /// The backup's image (file, block device or NBD URI); default: the target the
-    /// manifest names (relative to the manifest's directory).
+    /// The backup's image (file, block device, NBD URI, or RBD image `rbd:POOL/IMAGE` when
+    /// built with the feature `rbd`); default: the target the manifest names (a file
+    /// relative to the manifest's directory, or an RBD image).
     pub target: Option<String>,
     /// Print the report as JSON (also when clusters do not match).
     #[arg(long)]
@@ -31,7 +32,24 @@ fn open_readonly(what: &str, s: &str) -> CliResult<Arc<dyn BlockDriver>> {
         let opts = NbdOptions { write: false, ..NbdOptions::default() };
         return Ok(Arc::new(NbdDriver::connect_with(s, &opts).map_err(|e| failed(format!("{what} {s}: {e}")))?));
     }
+    if s.starts_with("rbd:") {
+        return open_rbd(what, s);
+    }
     Ok(Arc::new(FileDriver::open(s, OpenFlags::empty()).map_err(|e| failed(format!("{what}: {e}")))?))
+}
+
+/// The RBD image `spec`, read-only, with librados's default conf search (`$CEPH_CONF`,
+/// `/etc/ceph/ceph.conf`, ...) and the spec's `:id=` (default `admin`).
+#[cfg(feature = "rbd")]
+fn open_rbd(what: &str, spec: &str) -> CliResult<Arc<dyn BlockDriver>> {
+    Ok(Arc::new(cowbackup::RbdDriver::open(spec, None, false).map_err(|e| failed(format!("{what}: {e}")))?))
+}
+
+#[cfg(not(feature = "rbd"))]
+fn open_rbd(what: &str, spec: &str) -> CliResult<Arc<dyn BlockDriver>> {
+    Err(failed(format!(
+        "{what} {spec}: this cowbackup was built without RBD support (cargo build --features rbd, needs librbd-dev)"
+    )))
 }
 
 /// Run `verify`.
@@ -41,12 +59,16 @@ pub fn run_verify(a: VerifyArgs) -> CliResult<()> {
         None => {
             let m =
                 Manifest::load(&a.manifest).map_err(|e| failed(format!("manifest {}: {e}", a.manifest.display())))?;
-            m.target_path(&a.manifest)
-                .ok_or_else(|| {
-                    failed(format!("manifest {} names no target file: give the target", a.manifest.display()))
-                })?
-                .display()
-                .to_string()
+            match (m.target_rbd(), m.target_path(&a.manifest)) {
+                (Some(spec), _) => spec.to_string(),
+                (None, Some(p)) => p.display().to_string(),
+                (None, None) => {
+                    return Err(failed(format!(
+                        "manifest {} names no target file: give the target",
+                        a.manifest.display()
+                    )))
+                }
+            }
         }
     };
     let driver = open_readonly("target", &target)?;
@@ -87,7 +109,9 @@ pub fn run_verify(a: VerifyArgs) -> CliResult<()> {
 /// Arguments of `restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The chain's manifests, oldest (the full backup) first.
+    /// The chain's manifests, oldest (the full backup) first. Each backup's image is the
+    /// target its manifest names: a file relative to the manifest, or an RBD image (built
+    /// with the feature `rbd`; conf from $CEPH_CONF or /etc/ceph/ceph.conf).
     #[arg(required = true, num_args = 1.., value_name = "MANIFEST")]
     pub manifests: Vec<PathBuf>,
     /// The destination: a new file, a block device of the chain's size, or a writable NBD

@@ -809,3 +809,46 @@ fn manifests_verify_restore_serve_chain_consolidate() {
     // restore reads with verification: the damage fails it.
     fails(&["restore", p(&fullm), p(&incm), p(&d.join("r3.img"))], 1, "restore");
 }
+
+/// A target that names itself as an RBD image (as `RbdDriver` does), over memory.
+struct RbdNamed(cowbackup::MemDriver);
+
+impl BlockDriver for RbdNamed {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn target_spec(&self) -> Option<String> {
+        Some("rbd:nopool/noimage".to_string())
+    }
+}
+
+/// A manifest naming an RBD image: `verify` and `restore` go to that image (and fail
+/// clearly here: no such cluster, or a command built without the feature `rbd`).
+#[test]
+fn verify_and_restore_of_a_manifest_naming_an_rbd_image() {
+    let dir = tempdir();
+    let d = dir.path();
+    let m = d.join("rbd.manifest");
+    let src = std::sync::Arc::new(cowbackup::MemDriver::new(MIB).unwrap());
+    let target = std::sync::Arc::new(RbdNamed(cowbackup::MemDriver::new(MIB).unwrap()));
+    let opts = cowbackup::BackupOptions { manifest: Some(m.clone()), ..Default::default() };
+    cowbackup::backup_start(src, target, opts).unwrap().wait().unwrap();
+    let conf = d.join("no-ceph.conf");
+    for args in [vec!["verify", p(&m)], vec!["restore", p(&m), p(&d.join("out.img"))]] {
+        let out =
+            Command::new(BIN).args(&args).env("CEPH_CONF", &conf).stdin(Stdio::null()).output().expect("run cowbackup");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("rbd:nopool/noimage"), "{args:?}: {err}");
+        if !cfg!(feature = "rbd") {
+            assert!(err.contains("without RBD support") || err.contains("without the RBD driver"), "{err}");
+        }
+    }
+    assert!(!d.join("out.img").exists(), "a failed restore leaves no destination");
+}

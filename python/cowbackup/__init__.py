@@ -2241,6 +2241,9 @@ _verify = _declare("cowbackup_verify", c_int,
                    [ctypes.c_char_p, _P, _MISMATCH_FN, c_void_p, ctypes.POINTER(_VerifyReportC), ctypes.c_size_t])
 _chain_open = _declare("cowbackup_chain_open", c_int,
                        [ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t, ctypes.c_uint32, ctypes.POINTER(c_void_p)])
+_chain_open_drivers = _declare("cowbackup_chain_open_drivers", c_int,
+                               [ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(c_void_p), ctypes.c_size_t,
+                                ctypes.c_uint32, ctypes.POINTER(c_void_p)])
 CHAIN_VERIFY = 1
 _consolidate = _declare("cowbackup_chain_consolidate", c_int,
                         [ctypes.POINTER(ctypes.c_char_p), ctypes.c_size_t, ctypes.c_char_p, ctypes.c_char_p])
@@ -2279,17 +2282,52 @@ def verify(manifest: Any, target: Driver, raise_on_mismatch: bool = True) -> Ver
     raise _error(ret, "cowbackup_verify")
 
 
-def chain_open(manifests: Any, verify: bool = False) -> Driver:
+def chain_open(manifests: Any, verify: bool = False, targets: Any = None) -> Driver:
     """Open the backup chain of ``manifests`` (paths, oldest first: the full backup, then
     its incrementals) as a read-only :class:`Driver` of the newest point in time. Restore:
     :func:`backup_start` with it as the source; instant access: export it with the NBD
     server. ``verify`` checks each data cluster read against its digest (a bad one fails
     the read with :class:`Corrupt`). Raises :class:`InvalidArgument` naming the link of a
-    broken chain, :class:`Corrupt` for a damaged manifest, ``FileNotFoundError`` ..."""
+    broken chain, :class:`Corrupt` for a damaged manifest, ``FileNotFoundError`` ...
+
+    Each backup's target is found from its manifest (a file relative to it, or an RBD image
+    ``rbd:POOL/IMAGE`` opened read-only with librados's default conf search, ``$CEPH_CONF``
+    first, and the spec's ``:id=``; :class:`CowbackupError` ENOTSUP for one when the library
+    was built without librbd), unless ``targets`` is given: a
+    list of :class:`Driver` objects, one per manifest in the same order, each holding its
+    backup (``cowbackup_chain_open_drivers``) -- for backups in RBD images
+    (:meth:`Driver.rbd_open`, read-only is enough), NBD exports, devices, or files moved
+    away from their manifests. The chain keeps its own references to them: closing a
+    target's :class:`Driver` afterwards does not close the chain's. Raises
+    :class:`InvalidArgument` when the number of targets is not the number of manifests or
+    a target's size is not its manifest's, ``TypeError`` for a target that is not a
+    :class:`Driver`."""
     paths = [_path_arg(m) for m in manifests]
     arr = (ctypes.c_char_p * len(paths))(*paths)
     flags = CHAIN_VERIFY if verify else 0
-    return Driver(_out_handle(_chain_open, "cowbackup_chain_open", arr, len(paths), flags), "chain")
+    if targets is None:
+        return Driver(_out_handle(_chain_open, "cowbackup_chain_open", arr, len(paths), flags), "chain")
+    if isinstance(targets, (str, bytes, Driver)) or not hasattr(targets, "__iter__"):
+        raise TypeError("targets must be a list of cowbackup.Driver objects, one per manifest")
+    drivers = list(targets)
+    for i, t in enumerate(drivers):
+        if not isinstance(t, Driver):
+            raise TypeError(f"targets[{i}] must be a cowbackup.Driver, not {type(t).__name__}")
+    if len(drivers) != len(paths):
+        raise InvalidArgument(_errno.EINVAL, f"chain_open: {len(paths)} manifests need as many targets, "
+                                             f"{len(drivers)} given")
+    acquired: List[Driver] = []
+    try:
+        ptrs = []
+        for t in drivers:
+            ptrs.append(t._h.acquire())
+            acquired.append(t)
+        targs = (c_void_p * len(ptrs))(*ptrs)
+        handle = _out_handle(_chain_open_drivers, "cowbackup_chain_open_drivers", arr, targs, len(paths), flags)
+    finally:
+        for t in acquired:
+            t._h.release()
+    return Driver(handle, "chain")
 
 
 def consolidate(manifests: Any, target: Any, manifest: Any) -> None:

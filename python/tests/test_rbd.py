@@ -138,3 +138,55 @@ def test_backup_into_rbd_and_back(cluster, tmp_path):
     assert out.read(0, size) == data
     for h in (back, out, src):
         h.close()
+
+
+def test_chain_of_backups_in_rbd_images(cluster, tmp_path, monkeypatch):
+    """A full backup and an incremental into RBD images with manifests: the manifests name
+    the images; the chain opens with the images given (chain_open targets=) and by itself
+    (CEPH_CONF); each restores the incremental's point in time."""
+    import json
+
+    from cowbackup import Bitmap, chain_open
+    size = 16 * MiB
+    src = Driver.memory(size)
+    src.write(0, os.urandom(size // 2))
+    bm = Bitmap.new(size, 64 * 1024)
+    manifests = []
+    pits = []
+    for n in range(2):
+        if n:
+            for off in (0, 5 * MiB + 4096, 12 * MiB):  # host writes between the backups
+                src.write(off, os.urandom(8192))
+                bm.mark(off, 8192)
+        pits.append(bytes(src.read(0, size)))
+        cluster["rbd"]("create", "--size", "16M", f"rbd/pychain{n}")
+        target = Driver.rbd_open(f"rbd:rbd/pychain{n}", conf=cluster["conf"], write=True)
+        manifests.append(str(tmp_path / f"pychain{n}.manifest"))
+        job = backup_start(src, target, sync="bitmap" if n else "full", bitmap=bm, manifest=manifests[-1],
+                           disk_id="py-rbd")
+        job.wait(timeout=300)
+        job.close()
+        target.close()
+        with open(manifests[-1], "rb") as f:
+            assert json.loads(f.readline())["target"] == f"rbd:rbd/pychain{n}"
+
+    def restore(chain: Driver, name: str) -> bytes:
+        out = Driver.create(tmp_path / name, size)
+        job = backup_start(chain, out)
+        job.wait(timeout=300)
+        job.close()
+        data = bytes(out.read(0, size))
+        out.close()
+        return data
+
+    targets = [Driver.rbd_open(f"rbd:rbd/pychain{n}", conf=cluster["conf"]) for n in range(2)]
+    chain = chain_open(manifests, verify=True, targets=targets)
+    for t in targets:
+        t.close()
+    assert restore(chain, "given.img") == pits[1]
+    chain.close()
+    monkeypatch.setenv("CEPH_CONF", cluster["conf"])
+    chain = chain_open(manifests, verify=True)
+    assert restore(chain, "named.img") == pits[1]
+    chain.close()
+    src.close()

@@ -258,6 +258,8 @@ pub struct RbdDriver {
     image: sys::rbd_image_t,
     /// `rbd:POOL/IMAGE` for messages.
     name: String,
+    /// The cephx client id the spec gave (`:id=NAME`), for [`BlockDriver::target_spec`].
+    id: Option<String>,
     size: u64,
     write: bool,
     /// [`RbdOptions::timeout`]: bounds the close in `Drop`.
@@ -411,6 +413,7 @@ impl RbdDriver {
             ioctx: h.ioctx,
             image: h.image,
             name,
+            id: parsed.id.clone(),
             size,
             write: opts.write,
             timeout: opts.timeout,
@@ -676,6 +679,16 @@ impl BlockDriver for RbdDriver {
 
     /// The same image (or snapshot) of the same cluster gives the same identity through any
     /// handle, so a job refuses an RBD image as both its source and its target.
+    /// `rbd:POOL[/NAMESPACE]/IMAGE[@SNAPSHOT]`, with `:id=NAME` when the spec it was opened
+    /// with gave one: a job's manifest records it as the backup's target, and
+    /// [`crate::repo::Chain::open`] opens it again (read-only, the default conf search).
+    fn target_spec(&self) -> Option<String> {
+        Some(match &self.id {
+            Some(id) => format!("{}:id={id}", self.name),
+            None => self.name.clone(),
+        })
+    }
+
     fn storage_id(&self) -> Option<(u64, u64)> {
         self.identity
     }

@@ -1,5 +1,6 @@
 //! Manifests, verify and backup chains in C: `cowbackup_options_set_manifest`,
-//! `cowbackup_options_set_disk_id`, `cowbackup_verify`, `cowbackup_chain_open`.
+//! `cowbackup_options_set_disk_id`, `cowbackup_verify`, `cowbackup_chain_open`,
+//! `cowbackup_chain_open_drivers`, `cowbackup_chain_consolidate`.
 
 use std::ffi::{CStr, OsStr};
 use std::os::raw::{c_char, c_int, c_void};
@@ -30,7 +31,8 @@ unsafe fn path_buf(p: *const c_char) -> PathBuf {
 /// Written atomically (temporary file, fsync, rename that never replaces, fsync of the
 /// directory), mode 0600. `cowbackup_backup_start` fails with -EEXIST when `path` exists,
 /// and with -EINVAL under `COWBACKUP_SYNC_NONE`. A file target is named in the manifest
-/// relative to the manifest's directory. NULL `path`: no manifest (the default).
+/// relative to the manifest's directory, an RBD image (`cowbackup_rbd_open`) by its spec
+/// `rbd:POOL/IMAGE` (with `:id=NAME` when opened with one). NULL `path`: no manifest (the default).
 /// Errors: -EINVAL (NULL `o`, empty path).
 ///
 /// # Safety
@@ -166,8 +168,12 @@ pub unsafe extern "C" fn cowbackup_verify(
 /// Open the backup chain of the `n` manifests at `manifest_paths` (oldest first: the full
 /// backup, then its incrementals) as a read-only driver of the newest point in time: each
 /// cluster from the newest backup that holds it, zeroes where none does; block_status says
-/// DATA or ZERO; writes fail with -EROFS. Each backup's target file is found from its
-/// manifest (relative to the manifest's directory). `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
+/// DATA or ZERO; writes fail with -EROFS. Each backup's target is found from its
+/// manifest: a file (relative to the manifest's directory), or an RBD image (`rbd:` spec)
+/// opened read-only with librados's default conf search (`$CEPH_CONF`, `/etc/ceph/ceph.conf`,
+/// ...) and the spec's client id (default `admin`); -ENOTSUP for an RBD image when the
+/// library was built without the RBD driver. A manifest naming no target, or targets
+/// opened otherwise: `cowbackup_chain_open_drivers`. `flags`: 0 or `COWBACKUP_CHAIN_VERIFY`.
 /// Restore = a backup job with this driver as the source; instant access = export it with
 /// `cowbackup_nbd_server_add`. On success `*out` is a new handle (free with
 /// `cowbackup_driver_free`).
@@ -208,6 +214,69 @@ pub unsafe extern "C" fn cowbackup_chain_open(
             // SAFETY: `out` checked non-NULL; valid for writes (caller's guarantee).
             Ok(c) => unsafe { new_handle(Arc::new(c), out) },
             Err(e) => fail("cowbackup_chain_open", &e),
+        }
+    })
+}
+
+/// Open the backup chain of the `n` manifests at `manifest_paths` (oldest first, as
+/// `cowbackup_chain_open`) reading each backup from the driver the caller gives:
+/// `targets[i]` holds the backup of `manifest_paths[i]` (one target per manifest, in the
+/// same order). For backups whose targets a manifest cannot name as a file: RBD images
+/// (`cowbackup_rbd_open`, read-only is enough), NBD exports, devices, or files moved away
+/// from their manifests. The manifests' `target` fields are not looked at.
+///
+/// The same link checks as `cowbackup_chain_open`; each target must have its manifest's
+/// size. Ownership as `cowbackup_backup_start`: the targets are borrowed for the call and
+/// the chain takes its own references, so the caller may free its handles at once (a target
+/// stays open until the chain's handle is freed). The chain only reads them. `flags`: 0 or
+/// `COWBACKUP_CHAIN_VERIFY`. On success `*out` is a new read-only driver handle (free with
+/// `cowbackup_driver_free`); on error `*out` is not written and nothing is kept.
+///
+/// Errors: -EINVAL for NULL `manifest_paths`, `targets` or `out`, a NULL element of either
+/// array, `n` = 0, unknown flags, a target of another size than its manifest says, and a
+/// broken chain (the message names the link); -EBADMSG for a damaged manifest; -ENOENT (or
+/// another -errno) for a missing manifest. Thread-safe; the driver may be read from many
+/// threads.
+///
+/// # Safety
+/// `manifest_paths` points to `n` NUL-terminated strings (or NULLs); `targets` points to `n`
+/// live driver handles (or NULLs); `out` is NULL or valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn cowbackup_chain_open_drivers(
+    manifest_paths: *const *const c_char,
+    targets: *const *mut cowbackup_driver,
+    n: usize,
+    flags: u32,
+    out: *mut *mut cowbackup_driver,
+) -> c_int {
+    ffi_panic_boundary!("cowbackup_chain_open_drivers", {
+        check_out!(out, "cowbackup_chain_open_drivers", "out");
+        if manifest_paths.is_null() || targets.is_null() || n == 0 {
+            return invalid("cowbackup_chain_open_drivers: manifest_paths or targets is NULL, or n is 0");
+        }
+        if flags & !COWBACKUP_CHAIN_VERIFY != 0 {
+            return invalid(format!("cowbackup_chain_open_drivers: unknown flags {flags:#x}"));
+        }
+        let mut paths = Vec::with_capacity(n);
+        let mut drivers: Vec<Arc<dyn crate::BlockDriver>> = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: both arrays have `n` elements (caller's guarantee).
+            let (p, t) = unsafe { (*manifest_paths.add(i), *targets.add(i)) };
+            if p.is_null() {
+                return invalid(format!("cowbackup_chain_open_drivers: manifest_paths[{i}] is NULL"));
+            }
+            if t.is_null() {
+                return invalid(format!("cowbackup_chain_open_drivers: targets[{i}] is NULL"));
+            }
+            // SAFETY: not NULL; NUL-terminated (caller's guarantee).
+            paths.push(unsafe { path_buf(p) });
+            // SAFETY: not NULL; a live driver handle for the call (caller's guarantee).
+            drivers.push(unsafe { &*t }.inner.clone());
+        }
+        match Chain::open_drivers(&paths, drivers, flags & COWBACKUP_CHAIN_VERIFY != 0) {
+            // SAFETY: `out` checked non-NULL; valid for writes (caller's guarantee).
+            Ok(c) => unsafe { new_handle(Arc::new(c), out) },
+            Err(e) => fail("cowbackup_chain_open_drivers", &e),
         }
     })
 }

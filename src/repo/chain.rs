@@ -3,6 +3,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::digest::{digest, hex};
 use super::format::Manifest;
@@ -14,7 +15,7 @@ struct Link {
     path: PathBuf,
     manifest: Manifest,
     index: Vec<u64>,
-    target: FileDriver,
+    target: Arc<dyn BlockDriver>,
 }
 
 /// Where a cluster of the chain comes from.
@@ -50,7 +51,12 @@ fn link_error(i: usize, path: &Path, msg: impl std::fmt::Display) -> Error {
 
 impl Chain {
     /// Open the chain of the manifests at `manifests`, oldest (the full backup) first,
-    /// and each backup's target image (named in its manifest, relative to the manifest).
+    /// and each backup's target image named in its manifest, read-only: a file (relative to
+    /// the manifest's directory), or an RBD image (`rbd:POOL/IMAGE[:id=NAME]`, with the
+    /// cargo feature `rbd`): opened with librados's default conf search (`$CEPH_CONF`,
+    /// `/etc/ceph/ceph.conf`, `~/.ceph/config`, `./ceph.conf`), the spec's client id
+    /// (`client.admin` without `:id=`) and the default timeout. For another conf file or
+    /// user, targets the manifest does not name, or moved files: [`Chain::open_drivers`].
     ///
     /// Checks every link: the first backup is a full one (`full` or `top`), each later
     /// one an incremental of the same size, cluster size and disk id, whose bitmap (same
@@ -59,18 +65,58 @@ impl Chain {
     ///
     /// Errors: `InvalidInput` (EINVAL) naming the link and what is wrong (missing or
     /// reordered link, foreign disk, other size, an empty list); the manifest's errors
-    /// (`EBADMSG` for a damaged one); opening a target (`ENOENT`, ...), or a target of
-    /// another size (EINVAL).
+    /// (`EBADMSG` for a damaged one); opening a target (`ENOENT`, ..., librados's and
+    /// librbd's errno for an RBD image), a manifest naming no target or a target of another
+    /// size (EINVAL), an RBD image without the RBD driver built in (`ENOTSUP`).
     pub fn open<P: AsRef<Path>>(manifests: &[P], verify_on_read: bool) -> Result<Chain> {
-        Chain::open_part(manifests, verify_on_read, false)
+        Chain::open_part(manifests, None, verify_on_read, false)
     }
 
-    /// [`Chain::open`], with `part`: the first link may be an incremental (a part of a
-    /// chain, for [`crate::repo::consolidate`]).
-    pub(crate) fn open_part<P: AsRef<Path>>(manifests: &[P], verify_on_read: bool, part: bool) -> Result<Chain> {
+    /// Open the chain of the manifests at `manifests` (oldest first, as [`Chain::open`])
+    /// reading each backup from the driver the caller gives: `targets[i]` holds the backup
+    /// of `manifests[i]` (one target per manifest, in the same order). For backups whose
+    /// targets are not files the manifest can name, an RBD image (`RbdDriver`, open
+    /// read-only), an NBD export, a device the host opened itself; or files moved away
+    /// from their manifests. The manifest's `target` field is not looked at.
+    ///
+    /// The same link checks as [`Chain::open`]; each target must have the manifest's size.
+    /// The chain keeps its `Arc`s of the targets (the caller may keep using or drop its
+    /// own); it only reads them.
+    ///
+    /// Errors: `InvalidInput` (EINVAL) when the number of targets is not the number of
+    /// manifests (nothing is loaded then), for a broken link (as [`Chain::open`]) and for a
+    /// target of another size than its manifest says (the message names the link);
+    /// the manifest's errors (`EBADMSG` for a damaged one, `ENOENT`...).
+    pub fn open_drivers<P: AsRef<Path>>(
+        manifests: &[P],
+        targets: Vec<Arc<dyn BlockDriver>>,
+        verify_on_read: bool,
+    ) -> Result<Chain> {
+        if targets.len() != manifests.len() {
+            return Err(Error::invalid(format!(
+                "a backup chain of {} manifests needs as many targets, {} given",
+                manifests.len(),
+                targets.len()
+            )));
+        }
+        Chain::open_part(manifests, Some(targets), verify_on_read, false)
+    }
+
+    /// [`Chain::open`] or, with `targets`, [`Chain::open_drivers`]; with `part`: the first
+    /// link may be an incremental (a part of a chain, for [`crate::repo::consolidate`]).
+    pub(crate) fn open_part<P: AsRef<Path>>(
+        manifests: &[P],
+        targets: Option<Vec<Arc<dyn BlockDriver>>>,
+        verify_on_read: bool,
+        part: bool,
+    ) -> Result<Chain> {
         if manifests.is_empty() {
             return Err(Error::invalid("a backup chain needs at least one manifest"));
         }
+        if targets.as_ref().is_some_and(|t| t.len() != manifests.len()) {
+            return Err(Error::invalid("a backup chain needs one target per manifest"));
+        }
+        let mut supplied = targets.map(Vec::into_iter);
         let mut links: Vec<Link> = Vec::with_capacity(manifests.len());
         for (i, p) in manifests.iter().enumerate() {
             let path = p.as_ref().to_path_buf();
@@ -87,21 +133,15 @@ impl Chain {
                 }
                 Some(prev) => check_link(i, &path, &m, prev)?,
             }
-            let tp = m.target_path(&path).ok_or_else(|| {
-                link_error(i, &path, "the manifest names no target file (the backup went to a device)")
-            })?;
-            let target = FileDriver::open(&tp, OpenFlags::empty()).map_err(|e| {
-                Error::new(
-                    ErrorKind::Io,
-                    e.raw_os_error().unwrap_or(libc::EIO),
-                    format!("backup chain link {i} ({}): target {}: {e}", path.display(), tp.display()),
-                )
-            })?;
+            let (target, name) = match supplied.as_mut() {
+                Some(t) => (t.next().expect("counted above"), format!("{i} given")),
+                None => open_target(i, &path, &m)?,
+            };
             if target.size() != m.size {
                 return Err(link_error(
                     i,
                     &path,
-                    format!("target {} has {} bytes, the manifest says {}", tp.display(), target.size(), m.size),
+                    format!("target {name} has {} bytes, the manifest says {}", target.size(), m.size),
                 ));
             }
             let index = m.digest_index();
@@ -168,6 +208,52 @@ impl Chain {
         }
         Ok(())
     }
+}
+
+/// Open the target the manifest of link `i` (at `path`) names, read-only: its file,
+/// relative to the manifest's directory, or its RBD image (cargo feature `rbd`). Returns
+/// the driver and its name for messages.
+fn open_target(i: usize, path: &Path, m: &Manifest) -> Result<(Arc<dyn BlockDriver>, String)> {
+    let target_error = |name: &dyn std::fmt::Display, e: io::Error| {
+        Error::new(
+            ErrorKind::Io,
+            crate::errno_of(&e),
+            format!("backup chain link {i} ({}): target {name}: {e}", path.display()),
+        )
+    };
+    if let Some(spec) = m.target_rbd() {
+        return open_rbd_target(spec).map(|d| (d, spec.to_string())).map_err(|e| target_error(&spec, e));
+    }
+    let tp = m.target_path(path).ok_or_else(|| {
+        link_error(
+            i,
+            path,
+            "the manifest names no target file (the backup went to a device, an NBD export or another driver): \
+             open the chain with the targets given (Chain::open_drivers, cowbackup_chain_open_drivers)",
+        )
+    })?;
+    let target = FileDriver::open(&tp, OpenFlags::empty()).map_err(|e| target_error(&tp.display(), e))?;
+    Ok((Arc::new(target), tp.display().to_string()))
+}
+
+/// The RBD image `spec` of a manifest, opened read-only with librados's default conf
+/// search (`$CEPH_CONF`, `/etc/ceph/ceph.conf`, `~/.ceph/config`, `./ceph.conf`), the spec's
+/// client id (`client.admin` without `:id=`) and the default timeout.
+#[cfg(feature = "rbd")]
+fn open_rbd_target(spec: &str) -> io::Result<Arc<dyn BlockDriver>> {
+    Ok(Arc::new(crate::RbdDriver::open(spec, None, false)?))
+}
+
+/// Without the RBD driver: `ENOTSUP`, saying what to do instead.
+#[cfg(not(feature = "rbd"))]
+fn open_rbd_target(_spec: &str) -> io::Result<Arc<dyn BlockDriver>> {
+    Err(io::Error::from(Error::new(
+        ErrorKind::InvalidInput,
+        libc::ENOTSUP,
+        "an RBD image, and this library was built without the RBD driver (cargo feature \"rbd\"): open the \
+         images another way (e.g. qemu-nbd rbd:POOL/IMAGE and an NbdDriver) and give them to Chain::open_drivers \
+         (C cowbackup_chain_open_drivers)",
+    )))
 }
 
 /// Check that `m` (link `i` at `path`) follows `prev`.

@@ -3,10 +3,11 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::chain::Chain;
 use super::format::{BitmapRef, Manifest, Run};
-use super::record::{io_err, relative_to};
+use super::record::{file_target_name, io_err, relative_to};
 use crate::error::{Error, ErrorKind, Result};
 use crate::BlockDriver;
 
@@ -45,13 +46,44 @@ pub fn consolidate<P: AsRef<Path>>(
     target_path: impl AsRef<Path>,
     manifest_path: impl AsRef<Path>,
 ) -> Result<Manifest> {
-    let (target_path, manifest_path) = (target_path.as_ref(), manifest_path.as_ref());
+    merge(manifests, None, target_path.as_ref(), manifest_path.as_ref())
+}
+
+/// [`consolidate`] of backups whose targets the caller gives: `targets[i]` holds the backup
+/// of `manifests[i]` (as [`Chain::open_drivers`]; for backups in RBD images, NBD exports,
+/// devices). The new backup is still the file `target_path` with its manifest
+/// `manifest_path`, written the same crash-safe way.
+///
+/// Errors: as [`consolidate`], and `InvalidInput` (EINVAL) when the number of targets is
+/// not the number of manifests or a target's size is not its manifest's.
+pub fn consolidate_drivers<P: AsRef<Path>>(
+    manifests: &[P],
+    targets: Vec<Arc<dyn BlockDriver>>,
+    target_path: impl AsRef<Path>,
+    manifest_path: impl AsRef<Path>,
+) -> Result<Manifest> {
+    if targets.len() != manifests.len() {
+        return Err(Error::invalid(format!(
+            "consolidate: {} manifests need as many targets, {} given",
+            manifests.len(),
+            targets.len()
+        )));
+    }
+    merge(manifests, Some(targets), target_path.as_ref(), manifest_path.as_ref())
+}
+
+fn merge<P: AsRef<Path>>(
+    manifests: &[P],
+    targets: Option<Vec<Arc<dyn BlockDriver>>>,
+    target_path: &Path,
+    manifest_path: &Path,
+) -> Result<Manifest> {
     for (what, p) in [("target", target_path), ("manifest", manifest_path)] {
         if std::fs::symlink_metadata(p).is_ok() {
             return Err(exists_error(what, p));
         }
     }
-    let chain = Chain::open_part(manifests, true, true)?;
+    let chain = Chain::open_part(manifests, targets, true, true)?;
     let ms = chain.manifest_list();
     let (first, last) = (ms[0], ms[ms.len() - 1]);
     let (size, cs) = (first.size, first.cluster_size);
@@ -111,7 +143,7 @@ pub fn consolidate<P: AsRef<Path>>(
         bitmap,
         parent_root: first.parent_root,
         replaces_root: Some(last.root),
-        target: Some(relative_to(&t, &dir).to_string_lossy().into_owned()),
+        target: Some(file_target_name(&relative_to(&t, &dir))),
         started_ms: first.started_ms,
         ended_ms: last.ended_ms,
         bytes_copied,

@@ -20,6 +20,8 @@ use crate::error::{Error, ErrorKind, Result};
 /// The format version this library writes and reads.
 pub const MANIFEST_VERSION: u32 = 1;
 const MAGIC: [u8; 4] = *b"CBMF";
+/// A manifest's `target` that starts with this names an RBD image, not a file.
+pub(crate) const RBD_TARGET_PREFIX: &str = "rbd:";
 const DATA_BIT: u64 = 1 << 63;
 const BODY_CONTEXT: &str = "cowbackup manifest v1 body";
 const ROOT_CONTEXT: &str = "cowbackup manifest v1 root";
@@ -69,8 +71,10 @@ pub struct Manifest {
     /// A consolidated backup ([`crate::repo::consolidate`]): the root digest of the newest
     /// backup it merged, so the incremental that followed that one still links to it.
     pub replaces_root: Option<[u8; 32]>,
-    /// The target image file: relative paths are relative to the manifest's directory.
-    /// `None` when the target was not a file.
+    /// The target: an image file (relative paths are relative to the manifest's directory),
+    /// or an RBD image's spec `rbd:POOL[/NAMESPACE]/IMAGE[:id=NAME]` (a relative file path
+    /// that would start with `rbd:` is written `./rbd:...`). `None` when the target was
+    /// neither (a device of the host's, an NBD export, memory).
     pub target: Option<String>,
     /// When the job started and ended, milliseconds since the Unix epoch.
     pub started_ms: u64,
@@ -354,9 +358,19 @@ impl Manifest {
     }
 
     /// The target image's path: `target` resolved against the directory of `manifest_path`.
+    /// `None` when the manifest names no target, or an RBD image ([`Manifest::target_rbd`]).
     pub fn target_path(&self, manifest_path: &Path) -> Option<PathBuf> {
+        if self.target_rbd().is_some() {
+            return None;
+        }
         let t = Path::new(self.target.as_deref()?);
         Some(if t.is_absolute() { t.to_path_buf() } else { manifest_path.parent().unwrap_or(Path::new("")).join(t) })
+    }
+
+    /// The target when it is an RBD image: its spec, `rbd:POOL[/NAMESPACE]/IMAGE[:id=NAME]`
+    /// (a `target` that starts with `rbd:`; a file target never does, see docs/manifest.md).
+    pub fn target_rbd(&self) -> Option<&str> {
+        self.target.as_deref().filter(|t| t.starts_with(RBD_TARGET_PREFIX))
     }
 
     /// Where cluster `c` is in the copy set: `Some(Some(digest))` data, `Some(None)` zero,

@@ -8,6 +8,8 @@
 //! - [`Chain`]: a full backup and its incrementals as one read-only `BlockDriver`;
 //!   restore is a backup job with it as the source, instant access its NBD export.
 //! - [`consolidate()`]: merge part of a chain into one backup, crash-safe.
+//!   [`Chain::open_drivers`] and [`consolidate_drivers()`] take the backups' targets from
+//!   the caller (RBD images, NBD exports, devices: targets a manifest cannot name).
 
 mod chain;
 mod consolidate;
@@ -17,7 +19,7 @@ mod record;
 mod verify;
 
 pub use chain::Chain;
-pub use consolidate::consolidate;
+pub use consolidate::{consolidate, consolidate_drivers};
 pub use format::{BitmapRef, Manifest, Run, MANIFEST_VERSION};
 pub(crate) use record::{ManifestPlan, Recorder};
 pub use verify::{verify, verify_report, verify_with, VerifyReport};

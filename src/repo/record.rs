@@ -91,6 +91,18 @@ pub(crate) fn relative_to(path: &Path, dir: &Path) -> PathBuf {
     }
 }
 
+/// The manifest's `target` text for a file at `rel` (relative to the manifest's directory,
+/// or absolute): a relative path that starts with `rbd:` gets `./` in front, so it is never
+/// read as an RBD image's spec.
+pub(crate) fn file_target_name(rel: &Path) -> String {
+    let s = rel.to_string_lossy().into_owned();
+    if s.starts_with(super::format::RBD_TARGET_PREFIX) {
+        format!("./{s}")
+    } else {
+        s
+    }
+}
+
 /// A job's manifest: where it goes and what it will say besides the copy set.
 pub(crate) struct ManifestPlan {
     path: PathBuf,
@@ -140,9 +152,11 @@ impl ManifestPlan {
         let target_name = match target.as_file_driver() {
             Some(f) => {
                 let t = f.path().canonicalize().map_err(|e| io_err("target", f.path(), e))?;
-                Some(relative_to(&t, &dir).to_string_lossy().into_owned())
+                Some(file_target_name(&relative_to(&t, &dir)))
             }
-            None => None,
+            // An RBD image: its `rbd:` spec (docs/manifest.md). Other names are not
+            // recorded: a reader would take them for file paths.
+            None => target.target_spec().filter(|s| s.starts_with(super::format::RBD_TARGET_PREFIX)),
         };
         let bitmap = opts.bitmap.as_ref().map(|b| (b.clone(), b.uuid(), b.generation()));
         let parent_root = match &opts.parent_manifest {
