@@ -103,7 +103,7 @@ fn run(src: &Arc<FileDriver>, n: usize, speed: u64, pool: Option<usize>) -> Resu
             Ok(j) => jobs.push(j),
             Err(e) => {
                 for j in &jobs {
-                    let _ = j.cancel();
+                    j.cancel();
                 }
                 return Err(format!("job {} of {n}: {e}", jobs.len()));
             }
@@ -122,7 +122,7 @@ fn run(src: &Arc<FileDriver>, n: usize, speed: u64, pool: Option<usize>) -> Resu
     let rss = status("VmRSS:");
     let t = Instant::now();
     for j in &jobs {
-        let _ = j.cancel();
+        j.cancel();
     }
     drop(jobs);
     drop(pool);
