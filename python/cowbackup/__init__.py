@@ -117,6 +117,7 @@ __all__ = [
     "backup_start_group",
     "CHAIN_VERIFY",
     "VerifyReport",
+    "WorkerPool",
     "chain_open",
     "consolidate",
     "library_path",
@@ -509,6 +510,9 @@ _opt_trace = _declare("cowbackup_options_set_trace", c_int, [_P, _TRACE_FN, c_vo
 _opt_bitmap = _declare("cowbackup_options_set_bitmap", c_int, [_P, _P, c_uint32])
 _opt_discard_source = _declare("cowbackup_options_set_discard_source", c_int, [_P, c_uint32])
 _opt_cow_buffer = _declare("cowbackup_options_set_cow_buffer", c_int, [_P, c_uint64])
+_opt_pool = _declare("cowbackup_options_set_pool", c_int, [_P, _P])
+_pool_new = _declare("cowbackup_pool_new", c_int, [c_uint32, c_uint32, POINTER(_P)])
+_pool_free = _declare("cowbackup_pool_free", None, [_P], tracked=False)
 _opt_manifest = _declare("cowbackup_options_set_manifest", c_int, [_P, ctypes.c_char_p])
 _opt_disk_id = _declare("cowbackup_options_set_disk_id", c_int, [_P, ctypes.c_char_p])
 _driver_block_status = _declare("cowbackup_driver_block_status", c_int,
@@ -1883,6 +1887,81 @@ class Job:
         return f"<cowbackup.Job {self._id} {i.state.name if isinstance(i.state, JobState) else i.state} {i.progress:.0%}>"
 
 
+_live_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+class WorkerPool:
+    """Background copy threads shared by many jobs: one pool per program (or per storage
+    tier) instead of ``workers`` threads of each job's own, for programs that run many jobs at
+    once (1 000 jobs with their own workers hold 3 000 threads and 2 GiB of copy buffers;
+    sharing a pool of 2 threads they hold the pool's 2 threads and a sleeping job thread each).
+
+    ::
+
+        with cowbackup.WorkerPool(2) as pool:
+            jobs = [cowbackup.backup_start(s, t, pool=pool, speed=16 << 20) for s, t in disks]
+
+    ``threads``: 1 to 256, named ``cowbackup-p<P>-<n>``; ``priority``: their CPU and I/O
+    priority, ``"normal"`` (default), ``"low"`` or ``"idle"`` (as ``worker_priority`` of
+    :func:`backup_start`). Each thread goes round the jobs and copies one chunk of the first
+    that can go: jobs of ``worker_priority`` ``"normal"`` before ``"low"`` before ``"idle"``,
+    jobs of one priority in turn; a paused or speed-limited job is passed over. The jobs'
+    Python drivers are called from these threads for background copies. A request that hangs
+    holds its thread; the other jobs share the rest.
+
+    A reference-counted handle: each job started with the pool holds its own reference, so the
+    pool may be closed while jobs use it (its threads end once the last of them is closed).
+    A context manager. Raises TypeError/ValueError for bad arguments,
+    :class:`InvalidArgument` for a thread count out of range.
+    """
+
+    __slots__ = ("_h", "_threads", "__weakref__")
+
+    def __init__(self, threads: int = 2, priority: str = "normal") -> None:
+        n = _u64(threads, "threads")
+        if n > 0xFFFFFFFF:
+            raise ValueError(f"threads out of range (got {n})")
+        prio = _choice(priority, _WORKER_PRIORITY, "priority")
+        self._h = _Handle(_out_handle(_pool_new, "cowbackup_pool_new", n, prio), "cowbackup.WorkerPool")
+        self._threads = n
+        _live_pools.add(self)
+
+    @property
+    def threads(self) -> int:
+        """The number of threads."""
+        return self._threads
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._h.closed
+
+    def close(self) -> None:
+        """Drop this handle (jobs started with the pool keep it running until they are
+        closed). Idempotent."""
+        ptr = self._h.begin_close()
+        if ptr is None:
+            return
+        self._h.drain()
+        _live_pools.discard(self)
+        _pool_free(ptr)
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"WorkerPool(threads={self._threads}{', closed' if self.closed else ''})"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     """The options of one job, checked in Python: nothing allocated yet."""
@@ -1906,6 +1985,7 @@ class _Spec:
     cow_buffer: int = 0
     manifest: Optional[bytes] = None
     disk_id: Optional[bytes] = None
+    pool: Optional["WorkerPool"] = None
 
 
 def _job_spec(
@@ -1929,6 +2009,7 @@ def _job_spec(
     cow_buffer: int = 0,
     manifest: Any = None,
     disk_id: Optional[str] = None,
+    pool: Optional["WorkerPool"] = None,
 ) -> _Spec:
     """Check the options of :func:`backup_start` (TypeError/ValueError); the library checks
     the rest (ranges of values, combinations) when the job starts."""
@@ -1970,8 +2051,10 @@ def _job_spec(
     if disk_id is not None and not isinstance(disk_id, str):
         raise TypeError("disk_id must be a str or None")
     did = None if disk_id is None else disk_id.encode()
+    if pool is not None and not isinstance(pool, WorkerPool):
+        raise TypeError(f"pool must be a cowbackup.WorkerPool or None, not {type(pool).__name__}")
     return _Spec(cs, sync_v, speed_v, wk, mc, src_act, tgt_act, cbw_act, timeout_ms, target_is_zero,
-                 bitmap, mode_v, on_complete, trace, discard_source, prio, cow_buf, man, did)
+                 bitmap, mode_v, on_complete, trace, discard_source, prio, cow_buf, man, did, pool)
 
 
 class _Options:
@@ -2027,6 +2110,13 @@ class _Options:
             _check(_opt_manifest(opts, spec.manifest), "cowbackup_options_set_manifest")
         if spec.disk_id is not None:
             _check(_opt_disk_id(opts, spec.disk_id), "cowbackup_options_set_disk_id")
+        if spec.pool is not None:
+            # The options take their own reference to the pool: the handle is needed only now.
+            pp = spec.pool._h.acquire()
+            try:
+                _check(_opt_pool(opts, pp), "cowbackup_options_set_pool")
+            finally:
+                spec.pool._h.release()
         _check(_opt_completion(opts, _c_completion, self.key), "cowbackup_options_set_completion")
         if spec.trace is not None:
             _check(_opt_trace(opts, _c_trace, self.key), "cowbackup_options_set_trace")
@@ -2120,6 +2210,7 @@ def backup_start(
     cow_buffer: int = 0,
     manifest: Any = None,
     disk_id: Optional[str] = None,
+    pool: Optional["WorkerPool"] = None,
 ) -> Job:
     """Start a point-in-time backup of ``source`` into ``target`` (same size).
 
@@ -2173,6 +2264,13 @@ def backup_start(
     - ``disk_id``: the host's identity of the source disk (1 to 128 bytes). A bitmap without
       one adopts it (durably, persistent bitmaps); a bitmap of another disk id fails the
       start with :class:`InvalidArgument`.
+    - ``pool``: a :class:`WorkerPool` whose threads copy in the background for this job,
+      shared with the other jobs started with it, instead of threads of the job's own (for
+      programs running many jobs at once). Then ``workers`` is the most pool threads that copy
+      for this job at once, ``worker_priority`` orders the jobs inside the pool
+      (``"normal"`` before ``"low"`` before ``"idle"``; the threads run at the pool's
+      priority), ``speed`` and the error policies hold as without a pool, and ``cow_buffer``
+      has no second set of workers. The job holds its own reference to the pool.
     - ``on_source_error`` / ``on_target_error``: ``"report"`` (the job fails), ``"ignore"``
       (skip the clusters, copy the rest, end FAILED with ``bytes_failed``), ``"stop"``
       (pause with ``info().error``; :meth:`Job.resume` retries), ``"enospc"`` (stop on
@@ -2211,7 +2309,7 @@ def backup_start(
                      cbw_timeout=cbw_timeout, target_is_zero=target_is_zero, bitmap=bitmap,
                      bitmap_mode=bitmap_mode, on_complete=on_complete, trace=trace,
                      discard_source=discard_source, worker_priority=worker_priority,
-                     cow_buffer=cow_buffer, manifest=manifest, disk_id=disk_id)
+                     cow_buffer=cow_buffer, manifest=manifest, disk_id=disk_id, pool=pool)
     return _start([(source, target, spec)], group=False)[0]
 
 
@@ -2643,4 +2741,9 @@ def _shutdown() -> None:
             bm.close()
         except Exception:  # pragma: no cover
             log.exception("cowbackup: closing a bitmap at exit")
+    for pool in list(_live_pools):
+        try:
+            pool.close()
+        except Exception:  # pragma: no cover
+            log.exception("cowbackup: closing a worker pool at exit")
     _shutting_down = True
