@@ -463,20 +463,24 @@ impl FileDriver {
     /// memory already), opened without [`OpenFlags::DIRECT`] (whose reads skip the page
     /// cache that read-ahead fills). `false` when `fstatfs` fails.
     pub(crate) fn reads_from_a_device(&self) -> bool {
+        self.direct.is_none() && !self.in_memory().unwrap_or(true)
+    }
+
+    /// Whether the file is on tmpfs or ramfs (its pages are memory: reading a hole costs a
+    /// zero page, and `SEEK_HOLE`/`SEEK_DATA` walk the page cache page by page); `None`
+    /// when `fstatfs` fails. Never for a block device.
+    pub(crate) fn in_memory(&self) -> Option<bool> {
         const IN_MEMORY: [u32; 2] = [0x0102_1994 /* tmpfs */, 0x8584_58f6 /* ramfs */];
-        if self.direct.is_some() {
-            return false;
-        }
         if self.is_blockdev {
-            return true;
+            return Some(false);
         }
         // SAFETY: a zeroed statfs is a valid value of this plain C struct.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: fstatfs on a descriptor we own, writing into a local of the right type.
         if unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut st) } < 0 {
-            return false;
+            return None;
         }
-        !IN_MEMORY.contains(&(st.f_type as u32))
+        Some(IN_MEMORY.contains(&(st.f_type as u32)))
     }
 
     /// Ask the kernel to start reading `len` bytes at `offset` into the page cache

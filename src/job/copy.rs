@@ -41,13 +41,25 @@ pub(crate) struct Copier<'a> {
     /// A job writing a manifest: each run put in the target is recorded (its digests
     /// computed from the buffer already read; zero runs as zeroes).
     pub record: Option<&'a crate::repo::Recorder>,
+    /// Copy offload pays between the source and target files
+    /// ([`FileDriver::copy_offload_pays`], asked once per job: an `fstatfs` per chunk cost
+    /// a syscall per isolated cluster of an incremental).
+    pub offload_pays: bool,
+}
+
+/// Whether copy offload pays from `source` to `target` (both files; see [`Copier`]).
+pub(crate) fn offload_pays(source: &dyn BlockDriver, target: &dyn BlockDriver) -> bool {
+    match (source.as_file_driver(), target.as_file_driver()) {
+        (Some(s), Some(t)) => s.copy_offload_pays(t),
+        _ => false,
+    }
 }
 
 impl Copier<'_> {
     /// Copy clusters `clusters` (a claim held by the caller) from source to target.
     pub fn copy(&self, clusters: Range<u64>, buf: &mut AlignedBuf) -> Result<Copied> {
         let offload = match (self.source.as_file_driver(), self.target.as_file_driver()) {
-            (Some(s), Some(t)) if s.copy_offload_pays(t) => Some((s, t)),
+            (Some(s), Some(t)) if self.offload_pays => Some((s, t)),
             _ => None,
         };
         self.copy_via(clusters, buf, offload)
@@ -203,7 +215,16 @@ mod tests {
                     std::fs::write(&p, vec![0xeeu8; src.size() as usize]).unwrap();
                 }
                 let dst = FileDriver::open(&p, OpenFlags::WRITE).unwrap();
-                let c = Copier { source: &src, target: &dst, geo: &g, target_zero, trace: None, job: 1, record: None };
+                let c = Copier {
+                    source: &src,
+                    target: &dst,
+                    geo: &g,
+                    target_zero,
+                    trace: None,
+                    job: 1,
+                    record: None,
+                    offload_pays: offload_pays(&src, &dst),
+                };
                 let mut buf = AlignedBuf::new();
                 let mut got = Copied::default();
                 for run in [0..5, 5..6, 6..16] {
@@ -228,7 +249,16 @@ mod tests {
         let p = dir.path().join("dst");
         FileDriver::create(&p, src.size()).unwrap();
         let ro = FileDriver::open(&p, OpenFlags::empty()).unwrap();
-        let c = Copier { source: &src, target: &ro, geo: &g, target_zero: true, trace: None, job: 1, record: None };
+        let c = Copier {
+            source: &src,
+            target: &ro,
+            geo: &g,
+            target_zero: true,
+            trace: None,
+            job: 1,
+            record: None,
+            offload_pays: false,
+        };
         let e = c.copy_via(0..1, &mut AlignedBuf::new(), Some((&src, &ro))).unwrap_err();
         let ctx = e.context().unwrap();
         assert_eq!((ctx.side, ctx.op, ctx.offset), (Side::Target, Op::Write, 0));

@@ -197,6 +197,8 @@ pub(crate) struct JobShared {
     control_cv: Condvar,
     /// Hook calls copying now: workers start no new chunk meanwhile (see priority.rs).
     hook_gate: HookGate,
+    /// Copy offload pays from the source to the target (copy.rs), asked once at start.
+    offload_pays: bool,
     /// Read-ahead of a sparse copy set's next runs (prefetch.rs).
     prefetch: prefetch::Prefetch,
     /// The pool whose threads copy for this job instead of its own workers (pool.rs).
@@ -340,6 +342,7 @@ impl JobShared {
             trace: self.trace.as_ref(),
             job: self.id,
             record: self.manifest.as_ref().map(|m| &m.rec),
+            offload_pays: self.offload_pays,
         }
     }
 

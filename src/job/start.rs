@@ -273,6 +273,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
     };
     let dirty = thaw.0.take();
     let prefetch = super::prefetch::Prefetch::new(source.as_file_driver());
+    let offload_pays = super::copy::offload_pays(&*source, &*target);
 
     Ok(Prepared(Some(Arc::new(JobShared {
         id,
@@ -293,6 +294,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         control_cv: Condvar::new(),
         hook_gate: HookGate::default(),
         prefetch,
+        offload_pays,
         pool: opts.pool.clone(),
         attachment: Mutex::new(Default::default()),
         bufs: Mutex::new(Vec::new()),
@@ -355,6 +357,13 @@ impl Scan<'_> {
         let (geo, sync, target_zero) = (self.geo, self.sync, self.target_zero);
         let mut zero_target = Vec::new();
         if sync != SyncMode::Top && !target_zero {
+            return Ok(zero_target);
+        }
+        // An incremental from a file in memory: the scan would cost more than it saves. Its
+        // dirty clusters are rarely holes, a hole reads as a zero page, the copy finds zero
+        // clusters in the buffer anyway, and SEEK_HOLE walks the page cache to the next
+        // hole (15 ms per 2 GiB of data on tmpfs, a quarter of a 1 % incremental).
+        if sync == SyncMode::Bitmap && source.as_file_driver().and_then(|f| f.in_memory()) == Some(true) {
             return Ok(zero_target);
         }
         let mut c = 0;
