@@ -319,6 +319,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if argv.get(1).map(String::as_str) == Some("__jobs") {
+        return match jobs::child_jobs(&argv[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench __jobs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if argv.get(1).map(String::as_str) == Some("__backup") {
         return match child_backup(&argv[2..]) {
             Ok(()) => ExitCode::SUCCESS,

@@ -795,3 +795,56 @@ fn rbd_targets_in_the_manifest_and_files_named_rbd() {
     assert_eq!(m.target_path(&fm), Some(dir.path().join("./rbd:pool/t.img")));
     assert_same("file named rbd:", &contents(&Chain::open(&[&fm], true).unwrap()), &data);
 }
+
+/// Verify reads and hashes with several threads: on a 32 MiB backup damaged in ten places
+/// (adjacent clusters among them), the report lists the bad ranges in offset order, merged,
+/// the callback gets them in that order on the calling thread, and a callback that says
+/// stop ends the check after the first range.
+#[test]
+fn verify_reports_every_bad_range_in_order_with_several_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32u64 << 20;
+    let src = Arc::new(MemDriver::from_bytes(&common::Rng::new(5).bytes(size as usize)).unwrap());
+    let tp = dir.path().join("t.img");
+    let mp = dir.path().join("t.manifest");
+    let job = cowbackup::backup_start(
+        src,
+        Arc::new(FileDriver::create(&tp, size).unwrap()),
+        cowbackup::BackupOptions { manifest: Some(mp.clone()), ..Default::default() },
+    )
+    .unwrap();
+    job.wait().unwrap();
+    let t = FileDriver::open(&tp, OpenFlags::WRITE).unwrap();
+    // Clusters 3, 4 (one range), 40, 170, 171, 172 (one range), 300, 333, 400, 511.
+    let bad = [3u64, 4, 40, 170, 171, 172, 300, 333, 400, 511];
+    for &c in &bad {
+        let mut b = [0u8; 1];
+        t.read_at(&mut b, c * CS + 7).unwrap();
+        t.write_at(&[b[0] ^ 1], c * CS + 7).unwrap();
+    }
+    let want: Vec<(u64, u64)> = [(3, 2), (40, 1), (170, 3), (300, 1), (333, 1), (400, 1), (511, 1)]
+        .iter()
+        .map(|&(c, n)| (c * CS, n * CS))
+        .collect();
+    let me = std::thread::current().id();
+    let mut seen = Vec::new();
+    let r = cowbackup::repo::verify_with(&mp, &t, &mut |o, l| {
+        assert_eq!(std::thread::current().id(), me, "the callback runs on the calling thread");
+        seen.push((o, l));
+        true
+    })
+    .unwrap();
+    assert_eq!(r.mismatches, want);
+    assert_eq!(seen, want);
+    assert_eq!(r.mismatched_clusters, bad.len() as u64);
+    assert_eq!((r.clusters_checked, r.bytes_checked), (size / CS, size));
+    let mut first = Vec::new();
+    let r = cowbackup::repo::verify_with(&mp, &t, &mut |o, l| {
+        first.push((o, l));
+        false
+    })
+    .unwrap();
+    assert_eq!(first, want[..1]);
+    assert_eq!(r.mismatches, want[..1]);
+    assert!(r.clusters_checked < size / CS, "stopped early: {r:?}");
+}

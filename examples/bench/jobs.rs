@@ -138,13 +138,59 @@ fn run(src: &Arc<FileDriver>, n: usize, speed: u64, pool: Option<usize>) -> Resu
     })
 }
 
-/// `--only jobs`: 64 jobs at 16 MiB/s and 1 000 jobs at 1 MiB/s, each in this process,
+/// The hidden subcommand `__jobs SRC N SPEED POOL`: [`run`] in a fresh process (so the
+/// memory of one configuration is not counted in the next: freed memory stays with the
+/// allocator), `POOL` 0 for the jobs' own workers. Prints the costs on one line.
+pub fn child_jobs(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let [src, n, speed, pool] = args else { return Err("bad __jobs arguments".into()) };
+    let src = Arc::new(FileDriver::open(src, OpenFlags::empty())?);
+    let pool: usize = pool.parse()?;
+    let c = run(&src, n.parse()?, speed.parse()?, (pool > 0).then_some(pool))?;
+    println!(
+        "{} {} {} {} {} {} {}",
+        c.threads, c.rss_kib, c.rss_growth_kib, c.cpu, c.switches, c.teardown, c.speed_share
+    );
+    Ok(())
+}
+
+/// [`run`] in a child process (`__jobs`).
+fn run_child(src: &std::path::Path, n: usize, speed: u64, pool: Option<usize>) -> Result<Cost, String> {
+    let exe = std::env::current_exe().map_err(err)?;
+    let out = std::process::Command::new(exe)
+        .arg("__jobs")
+        .arg(src)
+        .arg(n.to_string())
+        .arg(speed.to_string())
+        .arg(pool.unwrap_or(0).to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(err)?;
+    if !out.status.success() {
+        return Err(format!("__jobs child failed: {}", out.status));
+    }
+    let s = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<f64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let [threads, rss, growth, cpu, switches, teardown, share] = v[..] else {
+        return Err(format!("bad __jobs output {s:?}"));
+    };
+    Ok(Cost {
+        threads: threads as u64,
+        rss_kib: rss as u64,
+        rss_growth_kib: growth as u64,
+        cpu,
+        switches: switches as u64,
+        teardown,
+        speed_share: share,
+    })
+}
+
+/// `--only jobs`: 64 jobs at 16 MiB/s and 1 000 jobs at 1 MiB/s, each set in a process of its own,
 /// with their own workers (the defaults) and sharing one `WorkerPool` of 2 threads.
 pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     let path = a.shm_dir.join("bench-jobs-src.img");
     make_image(&path, 64 * MIB, Data::Random).map_err(err)?;
-    let src = Arc::new(FileDriver::open(&path, OpenFlags::empty()).map_err(err)?);
-    let before = status("Threads:");
+    // The child's main thread is its only thread before the jobs.
+    let before = 1;
     let workers = BackupOptions::default().workers;
     let mut res = Vec::new();
     let pool_threads = 2;
@@ -157,7 +203,7 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         eprint!("jobs: {n} jobs at {}/s{} ", fmt_bytes(speed), if pool.is_some() { ", pool" } else { "" });
         let mut runs = Vec::new();
         for _ in 0..a.runs {
-            match run(&src, n, speed, pool) {
+            match run_child(&path, n, speed, pool) {
                 Ok(c) => runs.push(c),
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
@@ -187,7 +233,7 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         let share = med(&|c| c.speed_share * 100.0);
         let per_job = (threads.median - before as f64) / *n as f64;
         println!(
-            "  {n:>4} jobs at {:>7}/s, {how}: {:.0} threads ({per_job:.1} per job), RSS {:.0} MiB (+{:.0} MiB, {:.2} MiB per job), \
+            "  {n:>4} jobs at {:>7}/s, {how}: {:.0} threads ({per_job:.1} per job), RSS {:.0} MiB (+{:.0} MiB for the jobs, {:.2} MiB per job), \
              CPU {:.0} %, {:.0} switches/s, copying at {:.0} % of the limits, cancel + free all {:.2} s",
             fmt_bytes(*speed),
             threads.median,
@@ -215,7 +261,7 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
                 sw.median,
                 share.median
             ),
-            baseline: format!("{before} threads before the jobs"),
+            baseline: format!("{before} thread before the jobs (a process of its own per run)"),
             ratio: format!("cancel + free all: {}", fmt_secs(down)),
             target: String::new(),
         });

@@ -483,6 +483,42 @@ impl FileDriver {
         Some(IN_MEMORY.contains(&(st.f_type as u32)))
     }
 
+    /// A second, read-only descriptor of the same file for a job's own reads, with the
+    /// kernel's readahead off (`POSIX_FADV_RANDOM`), or `None` where reads do not wait for
+    /// a device ([`FileDriver::reads_from_a_device`]) or the reopen fails. Reopened through
+    /// `/proc/self/fd`, so it is the same file (checked: same device and inode) whatever
+    /// happened to the path.
+    ///
+    /// Why: a job reads exactly what it copies, and readahead on a descriptor read in
+    /// 1 MiB chunks queues up to `read_ahead_kb` (8 MiB on a virtio disk) ahead of the
+    /// device, so the hook's cold read of old data waits behind tens of milliseconds of
+    /// background reads (PERFORMANCE.md, issue 26). The job's reads are exact instead; a
+    /// sparse copy set is read ahead explicitly (prefetch.rs). The host's own reads
+    /// through this driver keep their readahead.
+    pub(crate) fn exact_reader(&self) -> Option<FileDriver> {
+        if !self.reads_from_a_device() {
+            return None;
+        }
+        let proc = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&proc).ok()?;
+        let meta = file.metadata().ok()?;
+        let id = if self.is_blockdev { (u64::MAX, meta.rdev()) } else { (meta.dev(), meta.ino()) };
+        if id != self.storage_id {
+            return None;
+        }
+        // SAFETY: posix_fadvise on the descriptor just opened; it reads no memory of ours.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        Some(FileDriver {
+            file,
+            direct: None,
+            size: self.size,
+            is_blockdev: self.is_blockdev,
+            writable: false,
+            storage_id: self.storage_id,
+            path: self.path.clone(),
+        })
+    }
+
     /// Ask the kernel to start reading `len` bytes at `offset` into the page cache
     /// (`posix_fadvise(POSIX_FADV_WILLNEED)`): it queues the reads and returns. Advisory:
     /// an error changes nothing but the speed, so none is reported.

@@ -45,7 +45,19 @@ pub(crate) struct Copier<'a> {
     /// ([`FileDriver::copy_offload_pays`], asked once per job: an `fstatfs` per chunk cost
     /// a syscall per isolated cluster of an incremental).
     pub offload_pays: bool,
+    /// Where the source's old data is read: a descriptor of the source file without
+    /// readahead ([`FileDriver::exact_reader`]), or `None`: the source driver itself.
+    pub reader: Option<&'a FileDriver>,
+    /// The job's pacing: while the host writes clusters not yet copied, reads from a disk
+    /// ([`Copier::reader`]) go in pieces of [`HOST_READ_PIECE`] (see there).
+    pub pace: Option<&'a super::priority::HostPace>,
 }
+
+/// While the host writes clusters not yet copied, the job reads a disk in pieces of this
+/// size: a hook's read of old data then waits behind at most one piece per worker at the
+/// device, not a whole chunk per worker (a 1 MiB read is ~2.5 ms of a 400 MiB/s disk, so
+/// two of them put the hook's p99 at 3.4x the idle disk's; PERFORMANCE.md, issue 26).
+pub(crate) const HOST_READ_PIECE: usize = 256 << 10;
 
 /// Whether copy offload pays from `source` to `target` (both files; see [`Copier`]).
 pub(crate) fn offload_pays(source: &dyn BlockDriver, target: &dyn BlockDriver) -> bool {
@@ -84,7 +96,15 @@ impl Copier<'_> {
     pub fn read(&self, clusters: Range<u64>, buf: &mut AlignedBuf) -> Result<()> {
         let (off, len) = self.geo.byte_range(clusters);
         let data = buf.slice_mut(len as usize);
-        self.source.read_at(data, off).map_err(|e| Error::io(Side::Source, Op::Read, off, len, &e))
+        let r = match self.reader {
+            Some(f) if data.len() > HOST_READ_PIECE && self.pace.is_some_and(|p| p.host_active()) => data
+                .chunks_mut(HOST_READ_PIECE)
+                .enumerate()
+                .try_for_each(|(i, piece)| f.read_at(piece, off + (i * HOST_READ_PIECE) as u64)),
+            Some(f) => f.read_at(data, off),
+            None => self.source.read_at(data, off),
+        };
+        r.map_err(|e| Error::io(Side::Source, Op::Read, off, len, &e))
     }
 
     /// Write `data`, the old data of `clusters` read before, to the target: zero
@@ -205,6 +225,7 @@ mod tests {
     fn zero_clusters_found_exactly_with_and_without_offload() {
         let dir = tempfile::tempdir().unwrap();
         let (src, img, want) = source(dir.path());
+        let exact = src.exact_reader();
         let g = geo(src.size());
         for offload in [false, true] {
             for target_zero in [true, false] {
@@ -224,6 +245,9 @@ mod tests {
                     job: 1,
                     record: None,
                     offload_pays: offload_pays(&src, &dst),
+                    // The job's own descriptor of the source where it has one (a disk).
+                    reader: exact.as_ref(),
+                    pace: None,
                 };
                 let mut buf = AlignedBuf::new();
                 let mut got = Copied::default();
@@ -258,6 +282,8 @@ mod tests {
             job: 1,
             record: None,
             offload_pays: false,
+            reader: None,
+            pace: None,
         };
         let e = c.copy_via(0..1, &mut AlignedBuf::new(), Some((&src, &ro))).unwrap_err();
         let ctx = e.context().unwrap();

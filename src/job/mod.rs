@@ -197,6 +197,8 @@ pub(crate) struct JobShared {
     control_cv: Condvar,
     /// Hook calls copying now: workers start no new chunk meanwhile (see priority.rs).
     hook_gate: HookGate,
+    /// The source file without readahead, for the job's reads (copy.rs).
+    exact_reader: Option<crate::FileDriver>,
     /// Copy offload pays from the source to the target (copy.rs), asked once at start.
     offload_pays: bool,
     /// Read-ahead of a sparse copy set's next runs (prefetch.rs).
@@ -343,6 +345,8 @@ impl JobShared {
             job: self.id,
             record: self.manifest.as_ref().map(|m| &m.rec),
             offload_pays: self.offload_pays,
+            reader: self.exact_reader.as_ref(),
+            pace: Some(&self.pace),
         }
     }
 

@@ -166,6 +166,11 @@ impl HostPace {
         self.night_workers
     }
 
+    /// The host needed the hook's slow path in the last [`HOST_ACTIVE`].
+    pub fn host_active(&self) -> bool {
+        self.within(&self.last, HOST_ACTIVE)
+    }
+
     /// A hook takes its slow path (one clock read; never on the fast path).
     pub fn host_wrote(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64 + 1;

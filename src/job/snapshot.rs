@@ -185,11 +185,15 @@ impl BlockDriver for SnapshotView {
             r?;
             c = e;
         }
-        drop(hold);
-        // The job ended while we read: the hook may have let a host write through.
+        // The job ended while we read: the hook may have let a host write through. Asked
+        // before the hold goes: while it is there the job cannot complete (the dirty
+        // clusters held keep their bits), so a job that ends right after (the host's
+        // write to these clusters was waiting for this read) does not make a read that was
+        // served in time stale.
         if self.ended() {
             return Err(self.stale());
         }
+        drop(hold);
         Ok(())
     }
 
@@ -221,10 +225,10 @@ impl BlockDriver for SnapshotView {
         if let Some(saved) = job.cowbuf.find(clusters.start) {
             // Old data in memory (cowbuf.rs): reported as data.
             let (roff, rlen) = job.geo.byte_range(clusters.start..saved.clusters.end.min(clusters.end));
-            drop(hold);
             if self.ended() {
                 return Err(self.stale());
             }
+            drop(hold);
             return Ok(BlockStatus { len: (roff + rlen).min(end) - offset, flags: StatusFlags::DATA });
         }
         let next_saved = job.cowbuf.next_start(clusters.start, clusters.end);
@@ -236,10 +240,11 @@ impl BlockDriver for SnapshotView {
         } else {
             job.target.block_status(offset, run_end - offset)?
         };
-        drop(hold);
+        // Asked before the hold goes, as in read_at.
         if self.ended() {
             return Err(self.stale());
         }
+        drop(hold);
         Ok(BlockStatus { len: st.len.clamp(1, run_end - offset), flags: st.flags })
     }
 

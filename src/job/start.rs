@@ -274,6 +274,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
     let dirty = thaw.0.take();
     let prefetch = super::prefetch::Prefetch::new(source.as_file_driver());
     let offload_pays = super::copy::offload_pays(&*source, &*target);
+    let exact_reader = source.as_file_driver().and_then(crate::FileDriver::exact_reader);
 
     Ok(Prepared(Some(Arc::new(JobShared {
         id,
@@ -295,6 +296,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         hook_gate: HookGate::default(),
         prefetch,
         offload_pays,
+        exact_reader,
         pool: opts.pool.clone(),
         attachment: Mutex::new(Default::default()),
         bufs: Mutex::new(Vec::new()),
