@@ -96,7 +96,7 @@ pub fn manifest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         });
         // 3. A chain: full + 3 incrementals, each after rewriting ~10 % of the clusters.
         if have("qemu-img") {
-            restore(a, &dir, &src, where_, rows)?;
+            restore(a, &dir, &src, where_, where_ == "disk", rows)?;
         }
         for e in std::fs::read_dir(&dir).map_err(err)? {
             let e = e.map_err(err)?;
@@ -109,7 +109,8 @@ pub fn manifest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     Ok(())
 }
 
-fn restore(a: &Args, dir: &Path, src: &Path, where_: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+/// `disk`: the page cache is dropped before each restore (both read their chain cold).
+fn restore(a: &Args, dir: &Path, src: &Path, where_: &str, disk: bool, rows: &mut Vec<Row>) -> Result<(), String> {
     let p = |n: &str| dir.join(format!("bench-manifest-{n}"));
     let source = Arc::new(FileDriver::open(src, OpenFlags::WRITE).map_err(err)?);
     let size = a.size;
@@ -150,6 +151,9 @@ fn restore(a: &Args, dir: &Path, src: &Path, where_: &str, rows: &mut Vec<Row>) 
     for _ in 0..a.runs {
         let out = p("restored.img");
         let _ = std::fs::remove_file(&out);
+        if disk {
+            drop_caches();
+        }
         let t = Instant::now();
         let chain = Arc::new(Chain::open(&manifests, false).map_err(err)?);
         let dst = Arc::new(FileDriver::create(&out, size).map_err(err)?);
@@ -160,11 +164,17 @@ fn restore(a: &Args, dir: &Path, src: &Path, where_: &str, rows: &mut Vec<Row>) 
         }
         let qout = p("qrestored.img");
         let _ = std::fs::remove_file(&qout);
+        if disk {
+            drop_caches();
+        }
         let t = Instant::now();
         run(Command::new("qemu-img")
             .args(["convert", "-f", "qcow2", "-O", "raw"])
             .arg(qcow.last().expect("4 overlays"))
             .arg(&qout))?;
+        // qemu-img's target cache mode is `unsafe` (no flush): flush it as cowbackup's job
+        // flushes its target before it completes, so both times end with the data durable.
+        std::fs::File::open(&qout).and_then(|f| f.sync_data()).map_err(err)?;
         qemu.push(t.elapsed().as_secs_f64());
         eprint!(".");
     }

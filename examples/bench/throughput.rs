@@ -241,6 +241,20 @@ pub fn throughput(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
                             _ => {}
                         }
                     }
+                    // Issue 26's table (its ratios to dd and qemu-img, defaults, preallocated
+                    // targets): the regression check compares ratios, not absolute times.
+                    let base = match (disk, data) {
+                        (false, Data::Random) => Some((1.30, 1.17)),
+                        (false, Data::Zero50) => Some((1.43, 2.82)),
+                        (true, Data::Random) => Some((1.00, 1.04)),
+                        _ => None,
+                    };
+                    if let (0, Target::Prealloc, Some((bd, bq))) = (i, target, base) {
+                        checks.push(check(
+                            vs_dd >= 0.9 * bd && vs_qemu >= 0.9 * bq,
+                            format!("no regression: ≥ 90 % of issue 26's {bd:.2}× dd, {bq:.2}× qemu-img"),
+                        ));
+                    }
                     checks.push(check(c.rss <= 64 * MIB, format!("peak RSS {} MiB", c.rss.div_ceil(MIB))));
                     let alloc = |c: &Contender| format!("(allocated {} MiB)", c.alloc / MIB);
                     rows.push(Row {

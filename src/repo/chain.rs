@@ -151,6 +151,37 @@ impl Chain {
         Ok(Chain { links, size, cluster_size, verify: verify_on_read })
     }
 
+    /// A read of `offset..end` that takes pieces from several backups: ask the kernel to
+    /// start reading every piece held in a file at once (`posix_fadvise(WILLNEED)`), so
+    /// the scattered clusters of the incrementals are read in parallel from a cold disk,
+    /// not one after another (a restore of full + 3 incrementals of 2 GiB from ext4: the
+    /// pieces of an incremental are isolated clusters). Advisory.
+    fn read_ahead(&self, offset: u64, end: u64) {
+        let cs = self.cluster_size;
+        let mut pieces: Vec<(usize, u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let c = pos / cs;
+            let src = self.source(c);
+            let mut run_end = ((c + 1) * cs).min(end);
+            while run_end < end && self.source(run_end / cs) == src {
+                run_end = (run_end + cs).min(end);
+            }
+            if let Source::Data(i) = src {
+                pieces.push((i, pos, run_end - pos));
+            }
+            pos = run_end;
+        }
+        if pieces.len() < 2 {
+            return; // one sequential read: the kernel's own readahead serves it
+        }
+        for (i, at, len) in pieces {
+            if let Some(f) = self.links[i].target.as_file_driver() {
+                f.advise_willneed(at, len);
+            }
+        }
+    }
+
     /// The manifests' paths, oldest first.
     pub fn manifests(&self) -> Vec<PathBuf> {
         self.links.iter().map(|l| l.path.clone()).collect()
@@ -336,6 +367,7 @@ impl BlockDriver for Chain {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let cs = self.cluster_size;
         let end = offset + buf.len() as u64;
+        self.read_ahead(offset, end);
         let mut pos = offset;
         let mut tmp = Vec::new();
         while pos < end {
