@@ -301,38 +301,19 @@ fn scale(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("__incr") {
-        return match incremental::child_incr(&argv[2..]) {
+    // The hidden subcommands: one measurement in a child process of its own.
+    type Child = fn(&[String]) -> Result<(), Box<dyn std::error::Error>>;
+    let children: [(&str, Child); 4] = [
+        ("__incr", incremental::child_incr),
+        ("__qincr", qemu_incremental::child_qincr),
+        ("__jobs", jobs::child_jobs),
+        ("__backup", child_backup),
+    ];
+    if let Some((name, child)) = children.iter().find(|c| argv.get(1).map(String::as_str) == Some(c.0)) {
+        return match child(&argv[2..]) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("bench __incr: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if argv.get(1).map(String::as_str) == Some("__qincr") {
-        return match qemu_incremental::child_qincr(&argv[2..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bench __qincr: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if argv.get(1).map(String::as_str) == Some("__jobs") {
-        return match jobs::child_jobs(&argv[2..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bench __jobs: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if argv.get(1).map(String::as_str) == Some("__backup") {
-        return match child_backup(&argv[2..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bench __backup: {e}");
+                eprintln!("bench {name}: {e}");
                 ExitCode::FAILURE
             }
         };

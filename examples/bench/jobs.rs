@@ -232,35 +232,24 @@ pub fn jobs(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         let down = med(&|c| c.teardown);
         let share = med(&|c| c.speed_share * 100.0);
         let per_job = (threads.median - before as f64) / *n as f64;
-        println!(
-            "  {n:>4} jobs at {:>7}/s, {how}: {:.0} threads ({per_job:.1} per job), RSS {:.0} MiB (+{:.0} MiB for the jobs, {:.2} MiB per job), \
-             CPU {:.0} %, {:.0} switches/s, copying at {:.0} % of the limits, cancel + free all {:.2} s",
-            fmt_bytes(*speed),
+        let costs = format!(
+            "{:.0} threads ({per_job:.1} per job), RSS {:.0} MiB (+{:.0} MiB for the jobs, {:.2} MiB per job), \
+             CPU {:.0} % of one core, {:.0} switches/s, copying at {:.0} % of the sum of the limits",
             threads.median,
             rss.median,
             growth.median,
             growth.median / *n as f64,
             cpu.median,
             sw.median,
-            share.median,
-            down.median
+            share.median
         );
+        println!("  {n:>4} jobs at {:>7}/s, {how}: {costs}, cancel + free all {:.2} s", fmt_bytes(*speed), down.median);
         rows.push(Row {
             scenario: format!(
                 "{n} concurrent jobs in one process, each at {}/s (64 MiB tmpfs source, discarding targets), {how}",
                 fmt_bytes(*speed)
             ),
-            cowbackup: format!(
-                "{:.0} threads ({per_job:.1} per job); RSS {:.0} MiB (+{:.0} MiB: {:.2} MiB per job); CPU {:.0} % of one \
-                 core; {:.0} context switches/s; copying at {:.0} % of the sum of the limits",
-                threads.median,
-                rss.median,
-                growth.median,
-                growth.median / *n as f64,
-                cpu.median,
-                sw.median,
-                share.median
-            ),
+            cowbackup: costs,
             baseline: format!("{before} thread before the jobs (a process of its own per run)"),
             ratio: format!("cancel + free all: {}", fmt_secs(down)),
             target: String::new(),
