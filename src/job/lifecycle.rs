@@ -283,28 +283,24 @@ impl JobShared {
         let _waiting = super::Waiting::new(&self.waiting_workers);
         let mut c = self.lock();
         loop {
-            if self.stop.load(Ordering::Acquire) {
-                return Next::Stop;
-            }
-            if c.pause_error.is_none() && self.cowbuf.pending() {
-                return Next::Saved;
-            }
-            if c.paused {
-                c = self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            let d = self.ratelimit.delay();
-            if d.is_zero() {
-                return Next::Chunk;
-            }
-            c = self.control_cv.wait_timeout(c, d).unwrap_or_else(|e| e.into_inner()).0;
+            c = match self.runnable(&c) {
+                Ok(next) => return next,
+                Err(None) => self.control_cv.wait(c).unwrap_or_else(|e| e.into_inner()),
+                Err(Some(d)) => self.control_cv.wait_timeout(c, d).unwrap_or_else(|e| e.into_inner()).0,
+            };
         }
     }
 
     /// For a pool thread: what [`JobShared::wait_runnable`] would return now, without
     /// waiting: `Err(Some(d))` over the speed limit for `d` more, `Err(None)` paused.
     pub(super) fn runnable_now(&self) -> std::result::Result<Next, Option<std::time::Duration>> {
-        let c = self.lock();
+        self.runnable(&self.lock())
+    }
+
+    /// What a worker does next, decided under the control lock `c` (the rule of
+    /// [`JobShared::wait_runnable`]): `Err(None)` paused, `Err(Some(d))` over the speed
+    /// limit for `d` more.
+    fn runnable(&self, c: &ControlState) -> std::result::Result<Next, Option<std::time::Duration>> {
         if self.stop.load(Ordering::Acquire) {
             return Ok(Next::Stop);
         }

@@ -217,7 +217,7 @@ impl PoolInner {
                         worked = true;
                         break;
                     }
-                    Step::Wait(d) => soonest = min_some(soonest, d),
+                    Step::Wait(d) => soonest = soonest.into_iter().chain(d).min(),
                     Step::Finished => {}
                 }
             }
@@ -272,13 +272,5 @@ impl PoolInner {
             return Step::Wait(None);
         }
         step
-    }
-}
-
-fn min_some(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, None) => a,
-        (None, b) => b,
     }
 }

@@ -56,13 +56,7 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
             job.pace.rest(night);
             continue;
         }
-        // Hook copies first: no new chunk while one is copying (bounded, see priority.rs).
-        // With a cow buffer hooks only read (they write the target only when the buffer
-        // is full): a short yield, as the full 2 ms per chunk under a host writing all the
-        // time cut the backup to a quarter (PERFORMANCE.md).
-        let most = if job.cowbuf.enabled() { super::priority::MAX_YIELD_BUFFERED } else { super::priority::MAX_YIELD };
-        job.hook_gate.yield_to_hooks(most);
-        let Some(claim) = job.claims.claim_next(job.cursor.load(Ordering::Relaxed), job.geo.max_run) else {
+        let Some(claim) = next_claim(job) else {
             if job.claims.dirty() == 0 {
                 return Ok(());
             }
@@ -81,19 +75,44 @@ fn work(job: &JobShared, night: bool, buf: &mut AlignedBuf) -> Result<()> {
             drop(claim);
             continue;
         }
-        job.cursor.store(claim.range().end, Ordering::Relaxed);
-        job.prefetch.ahead(&job.claims, job.source.as_file_driver(), claim.range(), job.geo.shift, job.geo.clusters);
         let start = delay.as_ref().map(|d| (std::time::Instant::now(), d.read()));
-        match copier.copy(claim.range(), buf) {
-            Ok(done) => {
-                finish(job, claim, done);
-                if let (Some(d), Some((t, waited))) = (&delay, start) {
-                    let waited = d.read().saturating_sub(waited);
-                    job.pace.night_worked(super::priority::starved(waited, t.elapsed()));
-                }
+        if copy_claim(job, &copier, claim, buf, epoch)? {
+            if let (Some(d), Some((t, waited))) = (&delay, start) {
+                let waited = d.read().saturating_sub(waited);
+                job.pace.night_worked(super::priority::starved(waited, t.elapsed()));
             }
-            Err(e) => on_error(job, &copier, claim, e, buf, epoch)?,
         }
+    }
+}
+
+/// Hook copies first: no new chunk while one is copying (bounded, see priority.rs); then
+/// the next run of dirty clusters from the cursor. With a cow buffer hooks only read (they
+/// write the target only when the buffer is full): a short yield, as the full 2 ms per
+/// chunk under a host writing all the time cut the backup to a quarter (PERFORMANCE.md).
+fn next_claim(job: &JobShared) -> Option<Claim<'_>> {
+    let most = if job.cowbuf.enabled() { super::priority::MAX_YIELD_BUFFERED } else { super::priority::MAX_YIELD };
+    job.hook_gate.yield_to_hooks(most);
+    job.claims.claim_next(job.cursor.load(Ordering::Relaxed), job.geo.max_run)
+}
+
+/// Copy `claim` (taken while the job was not paused, at resume count `epoch`) into `buf`:
+/// move the search cursor past it, read the copy set ahead (prefetch.rs), copy, and
+/// release it, or apply the error policy. `Ok(true)`: copied; `Err` fails the job.
+fn copy_claim(
+    job: &JobShared,
+    copier: &Copier<'_>,
+    claim: Claim<'_>,
+    buf: &mut AlignedBuf,
+    epoch: u64,
+) -> Result<bool> {
+    job.cursor.store(claim.range().end, Ordering::Relaxed);
+    job.prefetch.ahead(&job.claims, job.source.as_file_driver(), claim.range(), job.geo.shift, job.geo.clusters);
+    match copier.copy(claim.range(), buf) {
+        Ok(done) => {
+            finish(job, claim, done);
+            Ok(true)
+        }
+        Err(e) => on_error(job, copier, claim, e, buf, epoch).map(|()| false),
     }
 }
 
@@ -138,9 +157,7 @@ fn step_inner(job: &JobShared, buf: &mut AlignedBuf) -> Result<Step> {
         Ok(Next::Chunk) => {}
         Err(wait) => return Ok(Step::Wait(wait)),
     }
-    let most = if job.cowbuf.enabled() { super::priority::MAX_YIELD_BUFFERED } else { super::priority::MAX_YIELD };
-    job.hook_gate.yield_to_hooks(most);
-    let Some(claim) = job.claims.claim_next(job.cursor.load(Ordering::Relaxed), job.geo.max_run) else {
+    let Some(claim) = next_claim(job) else {
         return Ok(if job.claims.dirty() == 0 { Step::Finished } else { Step::Wait(None) });
     };
     let epoch = job.resume_epoch();
@@ -157,12 +174,7 @@ fn step_inner(job: &JobShared, buf: &mut AlignedBuf) -> Result<Step> {
             format!("pool thread: cannot allocate a copy buffer of {len} bytes"),
         ));
     }
-    job.cursor.store(claim.range().end, Ordering::Relaxed);
-    job.prefetch.ahead(&job.claims, job.source.as_file_driver(), claim.range(), job.geo.shift, job.geo.clusters);
-    match copier.copy(claim.range(), buf) {
-        Ok(done) => finish(job, claim, done),
-        Err(e) => on_error(job, &copier, claim, e, buf, epoch)?,
-    }
+    copy_claim(job, &copier, claim, buf, epoch)?;
     Ok(Step::Worked)
 }
 
