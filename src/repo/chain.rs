@@ -157,29 +157,31 @@ impl Chain {
     /// not one after another (a restore of full + 3 incrementals of 2 GiB from ext4: the
     /// pieces of an incremental are isolated clusters). Advisory.
     fn read_ahead(&self, offset: u64, end: u64) {
-        let cs = self.cluster_size;
-        let mut pieces: Vec<(usize, u64, u64)> = Vec::new();
+        if self.run_end(offset, end) >= end {
+            return; // one piece, read sequentially: the kernel's own readahead serves it
+        }
         let mut pos = offset;
         while pos < end {
-            let c = pos / cs;
-            let src = self.source(c);
-            let mut run_end = ((c + 1) * cs).min(end);
-            while run_end < end && self.source(run_end / cs) == src {
-                run_end = (run_end + cs).min(end);
-            }
-            if let Source::Data(i) = src {
-                pieces.push((i, pos, run_end - pos));
+            let run_end = self.run_end(pos, end);
+            if let Source::Data(i) = self.source(pos / self.cluster_size) {
+                if let Some(f) = self.links[i].target.as_file_driver() {
+                    f.advise_willneed(pos, run_end - pos);
+                }
             }
             pos = run_end;
         }
-        if pieces.len() < 2 {
-            return; // one sequential read: the kernel's own readahead serves it
+    }
+
+    /// Where the run of clusters from `pos` (up to `end`) that all come from the same
+    /// place ends.
+    fn run_end(&self, pos: u64, end: u64) -> u64 {
+        let cs = self.cluster_size;
+        let src = self.source(pos / cs);
+        let mut run_end = ((pos / cs + 1) * cs).min(end);
+        while run_end < end && self.source(run_end / cs) == src {
+            run_end = (run_end + cs).min(end);
         }
-        for (i, at, len) in pieces {
-            if let Some(f) = self.links[i].target.as_file_driver() {
-                f.advise_willneed(at, len);
-            }
-        }
+        run_end
     }
 
     /// The manifests' paths, oldest first.
@@ -375,12 +377,11 @@ impl BlockDriver for Chain {
             let src = self.source(c);
             // Extend over following clusters from the same source (not when verifying:
             // each cluster is checked whole).
-            let mut run_end = ((c + 1) * cs).min(end);
-            if !(self.verify && matches!(src, Source::Data(_))) {
-                while run_end < end && self.source(run_end / cs) == src {
-                    run_end = (run_end + cs).min(end);
-                }
-            }
+            let run_end = if self.verify && matches!(src, Source::Data(_)) {
+                ((c + 1) * cs).min(end)
+            } else {
+                self.run_end(pos, end)
+            };
             let out = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
             match src {
                 Source::Zero => out.fill(0),
