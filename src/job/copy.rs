@@ -128,21 +128,18 @@ impl Copier<'_> {
             }
             let at = off + pos as u64;
             let n = (end - pos) as u64;
-            let first = at >> self.geo.shift;
             if zero {
                 self.zero_run(at, n, &mut out)?;
-                if let Some(rec) = self.record {
-                    rec.zero(first..self.geo.clusters_of(at, at + n).end);
-                }
             } else {
-                // Hashed before the write, while the run is still in the CPU's cache from
-                // the zero check and the read (after the write, the target's copy has
-                // pushed it out); recorded only once it is in the target.
-                let digests = self.record.map(|_| crate::repo::digests(&data[pos..end], cs));
                 self.write_data(&data[pos..end], at, offload)?;
                 out.data += n;
-                if let (Some(rec), Some(d)) = (self.record, digests) {
-                    rec.data(first, d);
+            }
+            if let Some(rec) = self.record {
+                let first = at >> self.geo.shift;
+                if zero {
+                    rec.zero(first..self.geo.clusters_of(at, at + n).end);
+                } else {
+                    rec.data(first, &data[pos..end]);
                 }
             }
             pos = end;

@@ -21,5 +21,5 @@ mod verify;
 pub use chain::Chain;
 pub use consolidate::{consolidate, consolidate_drivers};
 pub use format::{BitmapRef, Manifest, Run, MANIFEST_VERSION};
-pub(crate) use record::{digests, ManifestPlan, Recorder};
+pub(crate) use record::{ManifestPlan, Recorder};
 pub use verify::{verify, verify_report, verify_with, VerifyReport};

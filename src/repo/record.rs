@@ -23,11 +23,12 @@ enum Piece {
 /// after an error) holds the same point-in-time data both times; the first is kept.
 pub(crate) struct Recorder {
     pieces: Mutex<Vec<(u64, Piece)>>,
+    cluster_size: usize,
 }
 
 impl Recorder {
-    fn new() -> Recorder {
-        Recorder { pieces: Mutex::new(Vec::new()) }
+    fn new(cluster_size: u64) -> Recorder {
+        Recorder { pieces: Mutex::new(Vec::new()), cluster_size: cluster_size as usize }
     }
 
     /// Clusters `c` are in the target as zeroes.
@@ -37,9 +38,9 @@ impl Recorder {
         }
     }
 
-    /// The clusters from `first` on, whose point-in-time bytes have the digests `d`
-    /// ([`digests`]), are in the target.
-    pub(crate) fn data(&self, first: u64, d: Vec<Digest>) {
+    /// `data`, the point-in-time bytes of the clusters from `first` on, is in the target.
+    pub(crate) fn data(&self, first: u64, data: &[u8]) {
+        let d: Vec<Digest> = data.chunks(self.cluster_size).map(digest).collect();
         self.pieces.lock().unwrap_or_else(|e| e.into_inner()).push((first, Piece::Data(d)));
     }
 
@@ -70,11 +71,6 @@ impl Recorder {
         }
         (runs, digests)
     }
-}
-
-/// The digest of each `cluster_size` piece of `data` (the last may be shorter).
-pub(crate) fn digests(data: &[u8], cluster_size: usize) -> Vec<Digest> {
-    data.chunks(cluster_size).map(digest).collect()
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -189,7 +185,7 @@ impl ManifestPlan {
         };
         Ok(Some(ManifestPlan {
             path: path.clone(),
-            rec: Recorder::new(),
+            rec: Recorder::new(opts.cluster_size),
             size,
             cluster_size: opts.cluster_size,
             sync,
