@@ -3,9 +3,10 @@
 use std::io::Write;
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
-use cowbackup::nbd::Server;
+use cowbackup::nbd::{Server, ServerOptions, ServerTls};
 use cowbackup::DirtyBitmap;
 use serde_json::json;
 
@@ -27,12 +28,33 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Listen on TCP HOST:PORT (port 0: any free port). Only loopback addresses unless
-    /// --insecure: NBD without TLS is readable by anyone on the network.
+    /// TLS (--tls-cert) or --insecure: NBD without TLS is readable by anyone on the network.
     #[arg(long, value_name = "HOST:PORT")]
     pub tcp: Option<String>,
-    /// Allow a TCP address that is not loopback.
+    /// Allow a TCP address that is not loopback without TLS.
     #[arg(long)]
     pub insecure: bool,
+    /// Serve over TLS (NBD STARTTLS, TLS 1.3/1.2) with this certificate (PEM), with
+    /// --tls-key. Clients that do not start TLS learn no export name or size. A TCP
+    /// address that is not loopback is then allowed without --insecure.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by this CA (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-ca, admit only clients whose certificate is this identity: a subject DN
+    /// ("CN=alice,O=Example") or "sha256:HEX" (the certificate's fingerprint). Repeatable.
+    #[arg(long, value_name = "IDENTITY", requires = "tls_ca")]
+    pub allow: Vec<String>,
+    /// Most clients connected at once; a further client is disconnected at once.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_connections: u32,
+    /// Disconnect a client that sends no whole request for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: u64,
     /// Export name.
     #[arg(long, default_value = "")]
     pub export: String,
@@ -60,14 +82,36 @@ fn uri_escape(s: &str) -> String {
     out
 }
 
-/// The NBD URI of `export` on a server bound at `address` ("unix:PATH" / "tcp:IP:PORT").
-pub fn uri_of(address: &str, export: &str) -> String {
+/// The NBD URI of `export` on a server bound at `address` ("unix:PATH" / "tcp:IP:PORT");
+/// `nbds` schemes with `tls` (a client adds its `tls-certificates=DIR`).
+pub fn uri_of(address: &str, export: &str, tls: bool) -> String {
+    let s = if tls { "s" } else { "" };
     if let Some(path) = address.strip_prefix("unix:") {
-        format!("nbd+unix:///{}?socket={}", uri_escape(export), uri_escape(path))
+        format!("nbd{s}+unix:///{}?socket={}", uri_escape(export), uri_escape(path))
     } else {
         let hp = address.strip_prefix("tcp:").unwrap_or(address);
-        format!("nbd://{hp}/{}", uri_escape(export))
+        format!("nbd{s}://{hp}/{}", uri_escape(export))
     }
+}
+
+/// The server's options from the arguments: TLS (certificate, key, CA, allow-list) and
+/// the limits.
+fn server_options(a: &ServeArgs) -> CliResult<ServerOptions> {
+    let mut o = ServerOptions {
+        max_connections: a.max_connections as usize,
+        idle_timeout: Duration::from_secs(a.idle_timeout),
+        insecure: a.insecure,
+        ..ServerOptions::default()
+    };
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        let mut tls =
+            ServerTls::from_pem_files(cert, key, a.tls_ca.as_deref()).map_err(|e| usage(format!("TLS: {e}")))?;
+        for id in &a.allow {
+            tls.allow(id).map_err(|e| usage(format!("--allow {id:?}: {e}")))?;
+        }
+        o.tls = Some(tls);
+    }
+    Ok(o)
 }
 
 /// Run `serve`.
@@ -83,15 +127,19 @@ pub fn run(a: ServeArgs) -> CliResult<()> {
                 IpAddr::V4(ip) => !ip.is_loopback(),
                 IpAddr::V6(ip) => !ip.is_loopback(),
             });
-            if remote && !a.insecure {
+            if remote && !a.insecure && a.tls_cert.is_none() {
                 return Err(usage(format!(
-                    "--tcp {hp} is not a loopback address: NBD without TLS is open to the network; pass --insecure to allow it"
+                    "--tcp {hp} is not a loopback address: NBD without TLS is open to the network; \
+                     give --tls-cert and --tls-key, or pass --insecure to allow it"
                 )));
             }
             format!("tcp:{hp}")
         }
         _ => return Err(usage("give exactly one of --socket and --tcp")),
     };
+    // Checked before the image is opened: bad TLS files change nothing.
+    let options = server_options(&a)?;
+    let tls = options.tls.is_some();
     let driver: std::sync::Arc<dyn cowbackup::BlockDriver> = match &a.image {
         Some(image) => open_source(image, false)?,
         None => std::sync::Arc::new(
@@ -102,12 +150,12 @@ pub fn run(a: ServeArgs) -> CliResult<()> {
         Some(p) => Some(DirtyBitmap::open(p).map_err(|e| failed(format!("bitmap {}: {e}", p.display())))?),
         None => None,
     };
-    let server = Server::start(&address).map_err(|e| failed(e.to_string()))?;
+    let server = Server::start_with(&address, options).map_err(|e| failed(e.to_string()))?;
     server.add(&a.export, driver, false).map_err(|e| failed(e.to_string()))?;
     if let Some(bm) = bitmap {
         server.add_bitmap(&a.export, &a.bitmap_name, bm).map_err(|e| failed(e.to_string()))?;
     }
-    let uri = uri_of(server.address(), &a.export);
+    let uri = uri_of(server.address(), &a.export, tls);
     if a.json {
         // One line, like the bare URI: a script reads the first line and goes on.
         let v = json!({"uri": uri, "address": server.address(), "export": a.export});
@@ -129,9 +177,11 @@ mod tests {
 
     #[test]
     fn uris() {
-        assert_eq!(uri_of("unix:/tmp/a b.sock", "disk"), "nbd+unix:///disk?socket=/tmp/a%20b.sock");
-        assert_eq!(uri_of("unix:/tmp/s", ""), "nbd+unix:///?socket=/tmp/s");
-        assert_eq!(uri_of("tcp:127.0.0.1:10809", "d"), "nbd://127.0.0.1:10809/d");
-        assert_eq!(uri_of("tcp:[::1]:10809", "d"), "nbd://[::1]:10809/d");
+        assert_eq!(uri_of("unix:/tmp/a b.sock", "disk", false), "nbd+unix:///disk?socket=/tmp/a%20b.sock");
+        assert_eq!(uri_of("unix:/tmp/s", "", false), "nbd+unix:///?socket=/tmp/s");
+        assert_eq!(uri_of("tcp:127.0.0.1:10809", "d", false), "nbd://127.0.0.1:10809/d");
+        assert_eq!(uri_of("tcp:[::1]:10809", "d", false), "nbd://[::1]:10809/d");
+        assert_eq!(uri_of("unix:/tmp/s", "d", true), "nbds+unix:///d?socket=/tmp/s");
+        assert_eq!(uri_of("tcp:127.0.0.1:10809", "", true), "nbds://127.0.0.1:10809/");
     }
 }

@@ -474,6 +474,155 @@ fn serve_tcp_loopback_and_a_bitmap_that_peers_read() {
     assert!(wait_child(&mut child, "serve").success());
 }
 
+/// `openssl` in `dir`: a CA, a server certificate for localhost / 127.0.0.1, and client
+/// certificates CN=alice and CN=bob, each also laid out as libnbd's `tls-certificates`
+/// directory (`DIR/NAME/{ca-cert,client-cert,client-key}.pem`).
+fn make_pki(dir: &Path) {
+    let ossl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend(["-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=test CA"]);
+    a.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
+    ossl(&a);
+    let sign = |name: &str, subj: &str, ext: &str| {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        let mut a = vec!["req"];
+        a.extend(ec);
+        let (key, csr, cert) = (format!("{name}-key.pem"), format!("{name}.csr"), format!("{name}-cert.pem"));
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
+        ossl(&a);
+        let ext = format!("{name}.ext");
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    };
+    sign("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
+    for who in ["alice", "bob"] {
+        sign(who, &format!("/CN={who}"), "extendedKeyUsage=clientAuth\n");
+        let d = dir.join(who);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::copy(dir.join("ca-cert.pem"), d.join("ca-cert.pem")).unwrap();
+        std::fs::copy(dir.join(format!("{who}-cert.pem")), d.join("client-cert.pem")).unwrap();
+        std::fs::copy(dir.join(format!("{who}-key.pem")), d.join("client-key.pem")).unwrap();
+    }
+}
+
+#[test]
+fn serve_over_tls_with_an_allow_list() {
+    need!("openssl");
+    let dir = tempdir();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    make_pki(&pki);
+    let f = |n: &str| pki.join(n).to_str().unwrap().to_owned();
+    let img = dir.path().join("img");
+    let data = make_image(&img, 2 * MIB, 11);
+    // Bad TLS arguments: usage errors before anything listens or opens the image.
+    fails(&["serve", p(&img), "--tcp", "127.0.0.1:0", "--tls-cert", &f("server-cert.pem")], 2, "--tls-key");
+    fails(&["serve", p(&img), "--tcp", "127.0.0.1:0", "--allow", "CN=alice"], 2, "--tls-ca");
+    let missing = dir.path().join("missing.pem");
+    fails(
+        &["serve", p(&img), "--tcp", "127.0.0.1:0", "--tls-cert", &f("server-cert.pem"), "--tls-key", p(&missing)],
+        2,
+        "TLS",
+    );
+    fails(
+        &[
+            "serve",
+            p(&img),
+            "--tcp",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &f("server-cert.pem"),
+            "--tls-key",
+            &f("server-key.pem"),
+            "--tls-ca",
+            &f("ca-cert.pem"),
+            "--allow",
+            "not an identity",
+        ],
+        2,
+        "--allow",
+    );
+    // With TLS an address that is not loopback needs no --insecure.
+    let (mut child, line) = serve(&[
+        p(&img),
+        "--tcp",
+        "0.0.0.0:0",
+        "--tls-cert",
+        &f("server-cert.pem"),
+        "--tls-key",
+        &f("server-key.pem"),
+        "--tls-ca",
+        &f("ca-cert.pem"),
+        "--allow",
+        "CN=alice",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(&line).unwrap();
+    let uri = v["uri"].as_str().unwrap().to_owned();
+    assert!(uri.starts_with("nbds://0.0.0.0:") && uri.ends_with('/'), "{uri}");
+    let uri = uri.replace("0.0.0.0", "127.0.0.1");
+    let client = |who: &str| cowbackup::NbdOptions {
+        write: false,
+        tls: Some(cowbackup::nbd::ClientTls {
+            ca_pem: Some(pki.join("ca-cert.pem")),
+            cert_pem: Some(pki.join(format!("{who}-cert.pem"))),
+            key_pem: Some(pki.join(format!("{who}-key.pem"))),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // alice is on the allow-list and reads the image.
+    let nbd = NbdDriver::connect_with(&uri, &client("alice")).unwrap();
+    let mut got = vec![0u8; data.len()];
+    nbd.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, data);
+    drop(nbd);
+    // bob's certificate is signed by the same CA but not allowed; a plaintext client
+    // is refused before it learns anything.
+    assert!(NbdDriver::connect_with(&uri, &client("bob")).is_err(), "bob got in");
+    assert!(NbdDriver::connect(&uri.replace("nbds://", "nbd://")).is_err(), "a plaintext client got in");
+    if have("nbdcopy") {
+        let copy = dir.path().join("copy.img");
+        let st =
+            Command::new("nbdcopy").arg(format!("{uri}?tls-certificates={}", f("alice"))).arg(&copy).status().unwrap();
+        assert!(st.success());
+        assert_eq!(std::fs::read(&copy).unwrap(), data);
+        let out = Command::new("nbdcopy")
+            .arg(format!("{uri}?tls-certificates={}", f("bob")))
+            .arg(dir.path().join("bob.img"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "nbdcopy with bob's certificate got in");
+    }
+    // A backup by URI, as a client names its certificates (libnbd's directory layout).
+    let copy = dir.path().join("backup.img");
+    ok(&["backup", &format!("{uri}?tls-certificates={}", f("alice")), p(&copy)]);
+    assert_eq!(std::fs::read(&copy).unwrap(), data);
+    kill(&child, libc::SIGTERM);
+    assert!(wait_child(&mut child, "serve").success());
+    assert_eq!(std::fs::read(&img).unwrap(), data, "serving changed the image");
+}
+
 #[test]
 fn sigint_cancels_a_backup_and_fails() {
     let dir = tempdir();
