@@ -544,39 +544,18 @@ fn serve_over_tls_with_an_allow_list() {
         2,
         "TLS",
     );
-    fails(
-        &[
-            "serve",
-            p(&img),
-            "--tcp",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &f("server-cert.pem"),
-            "--tls-key",
-            &f("server-key.pem"),
-            "--tls-ca",
-            &f("ca-cert.pem"),
-            "--allow",
-            "not an identity",
-        ],
-        2,
-        "--allow",
-    );
+    // The server's TLS arguments, with client certificates and alice allowed.
+    let (cert, key, ca) = (f("server-cert.pem"), f("server-key.pem"), f("ca-cert.pem"));
+    let tls_args = |allow: &'static str| -> Vec<&str> {
+        vec!["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca, "--allow", allow]
+    };
+    let mut args = vec!["serve", p(&img), "--tcp", "127.0.0.1:0"];
+    args.extend(tls_args("not an identity"));
+    fails(&args, 2, "--allow");
     // With TLS an address that is not loopback needs no --insecure.
-    let (mut child, line) = serve(&[
-        p(&img),
-        "--tcp",
-        "0.0.0.0:0",
-        "--tls-cert",
-        &f("server-cert.pem"),
-        "--tls-key",
-        &f("server-key.pem"),
-        "--tls-ca",
-        &f("ca-cert.pem"),
-        "--allow",
-        "CN=alice",
-        "--json",
-    ]);
+    let mut args = vec![p(&img), "--tcp", "0.0.0.0:0", "--json"];
+    args.extend(tls_args("CN=alice"));
+    let (mut child, line) = serve(&args);
     let v: Value = serde_json::from_str(&line).unwrap();
     let uri = v["uri"].as_str().unwrap().to_owned();
     assert!(uri.starts_with("nbds://0.0.0.0:") && uri.ends_with('/'), "{uri}");
