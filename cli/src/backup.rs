@@ -35,12 +35,14 @@ pub enum Mode {
 /// Arguments of `backup`.
 #[derive(Debug, Args)]
 pub struct BackupArgs {
-    /// The source: an image file, a block device, or an NBD URI
-    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH). Nobody may write it
-    /// during the backup (back up a snapshot of a disk in use).
+    /// The source: an image file, a block device, an NBD URI
+    /// (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH), or an RBD image
+    /// rbd:POOL/IMAGE[@SNAP] (built with the feature rbd). Nobody may write it during the
+    /// backup (back up a snapshot of a disk in use).
     pub src: String,
-    /// The target: a new file (created sparse), a block device of the source's size, or
-    /// a writable NBD URI. An existing file is not replaced unless --overwrite.
+    /// The target: a new file (created sparse), a block device of the source's size, a
+    /// writable NBD URI, or an existing RBD image of the source's size (rbd:POOL/IMAGE,
+    /// feature rbd). An existing file is not replaced unless --overwrite.
     pub dst: String,
     /// Persistent dirty bitmap file of the source. With --incremental: copy only what it
     /// marks. Without: a full backup that starts a new chain (the file is created, with

@@ -11,7 +11,7 @@ use cowbackup::{backup_start, BackupOptions, BlockDriver, FileDriver, NbdDriver,
 use serde_json::json;
 
 use crate::progress::{run_to_end, ProgressArg};
-use crate::util::{failed, is_nbd_uri, open_target, print_json, CliResult};
+use crate::util::{failed, is_nbd_uri, open_rbd, open_target, print_json, CliResult};
 
 /// Arguments of `verify`.
 #[derive(Debug, Args)]
@@ -33,23 +33,9 @@ fn open_readonly(what: &str, s: &str) -> CliResult<Arc<dyn BlockDriver>> {
         return Ok(Arc::new(NbdDriver::connect_with(s, &opts).map_err(|e| failed(format!("{what} {s}: {e}")))?));
     }
     if s.starts_with("rbd:") {
-        return open_rbd(what, s);
+        return open_rbd(what, s, false);
     }
     Ok(Arc::new(FileDriver::open(s, OpenFlags::empty()).map_err(|e| failed(format!("{what}: {e}")))?))
-}
-
-/// The RBD image `spec`, read-only, with librados's default conf search (`$CEPH_CONF`,
-/// `/etc/ceph/ceph.conf`, ...) and the spec's `:id=` (default `admin`).
-#[cfg(feature = "rbd")]
-fn open_rbd(what: &str, spec: &str) -> CliResult<Arc<dyn BlockDriver>> {
-    Ok(Arc::new(cowbackup::RbdDriver::open(spec, None, false).map_err(|e| failed(format!("{what}: {e}")))?))
-}
-
-#[cfg(not(feature = "rbd"))]
-fn open_rbd(what: &str, spec: &str) -> CliResult<Arc<dyn BlockDriver>> {
-    Err(failed(format!(
-        "{what} {spec}: this cowbackup was built without RBD support (cargo build --features rbd, needs librbd-dev)"
-    )))
 }
 
 /// Run `verify`.

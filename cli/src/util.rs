@@ -79,13 +79,30 @@ pub fn is_nbd_uri(s: &str) -> bool {
     ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+tcp://", "nbds+tcp://"].iter().any(|p| s.starts_with(p))
 }
 
-/// Open a source: an NBD URI (read-only connection) or an image file / block device
-/// (read-only).
+/// The RBD image `spec` (`rbd:POOL/IMAGE[@SNAP][:id=NAME]`), with librados's default conf
+/// search (`$CEPH_CONF`, `/etc/ceph/ceph.conf`, ...); `what` names it in errors.
+#[cfg(feature = "rbd")]
+pub fn open_rbd(what: &str, spec: &str, write: bool) -> CliResult<Arc<dyn BlockDriver>> {
+    Ok(Arc::new(cowbackup::RbdDriver::open(spec, None, write).map_err(|e| failed(format!("{what} {spec}: {e}")))?))
+}
+
+#[cfg(not(feature = "rbd"))]
+pub fn open_rbd(what: &str, spec: &str, _write: bool) -> CliResult<Arc<dyn BlockDriver>> {
+    Err(failed(format!(
+        "{what} {spec}: this cowbackup was built without RBD support (cargo build --features rbd, needs librbd-dev)"
+    )))
+}
+
+/// Open a source: an NBD URI (read-only connection), an RBD image `rbd:POOL/IMAGE` (built
+/// with the feature `rbd`), or an image file / block device (read-only).
 pub fn open_source(src: &str, direct: bool) -> CliResult<Arc<dyn BlockDriver>> {
     if is_nbd_uri(src) {
         let opts = NbdOptions { write: false, ..NbdOptions::default() };
         let d = NbdDriver::connect_with(src, &opts).map_err(|e| failed(format!("source {src}: {e}")))?;
         return Ok(Arc::new(d));
+    }
+    if src.starts_with("rbd:") {
+        return open_rbd("source", src, false);
     }
     let flags = if direct { OpenFlags::DIRECT } else { OpenFlags::empty() };
     let d = FileDriver::open(src, flags).map_err(|e| failed(format!("source: {e}")))?;
@@ -101,6 +118,8 @@ pub enum TargetKind {
     BlockDevice,
     /// An NBD export.
     Nbd,
+    /// An existing RBD image.
+    Rbd,
 }
 
 impl TargetKind {
@@ -110,12 +129,14 @@ impl TargetKind {
             TargetKind::NewFile => "file",
             TargetKind::BlockDevice => "block-device",
             TargetKind::Nbd => "nbd",
+            TargetKind::Rbd => "rbd",
         }
     }
 }
 
-/// Open a target of `size` bytes: an NBD URI (writable export), an existing block device,
-/// or a new sparse file. An existing file is never replaced unless `overwrite`.
+/// Open a target of `size` bytes: an NBD URI (writable export), an existing RBD image
+/// `rbd:POOL/IMAGE` of that size (feature `rbd`), an existing block device, or a new sparse
+/// file. An existing file is never replaced unless `overwrite`.
 pub fn open_target(
     dst: &str,
     size: u64,
@@ -128,6 +149,16 @@ pub fn open_target(
             return Err(failed(format!("target {dst}: the NBD export is read-only")));
         }
         return Ok((Arc::new(d), TargetKind::Nbd));
+    }
+    if dst.starts_with("rbd:") {
+        let d = open_rbd("target", dst, true)?;
+        if d.size() != size {
+            return Err(failed(format!(
+                "target {dst}: the RBD image has {} bytes, the source {size}: they must be equal (rbd resize)",
+                d.size()
+            )));
+        }
+        return Ok((d, TargetKind::Rbd));
     }
     let path = Path::new(dst);
     let direct_flag = if direct { OpenFlags::DIRECT } else { OpenFlags::empty() };
