@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The `cowbackup` command built with the feature rbd, against a real throw-away Ceph cluster
 # (scripts/ceph-up.sh): a full backup of a file into an RBD image with a manifest, verify
-# of the backup in the cluster, restore of it into a file, a backup from the RBD image,
-# and the refusals (an image of another size, an image that does not exist) that change
-# nothing. Checked with Ceph's own `rbd export` and with cmp. Called by scripts/test-rbd.sh
+# of the backup in the cluster, restore of it into a file and into another RBD image, a
+# backup from the RBD image, and the refusals (an image of another size, an image that does
+# not exist) that change nothing. Checked with Ceph's own `rbd export` and with cmp. Called by scripts/test-rbd.sh
 # (which skips, saying why, without librbd-dev or the Ceph packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,12 @@ echo "--- verify MANIFEST (re-reads the image the manifest names, in the cluster
 echo "--- restore MANIFEST FILE"
 "$B" restore "$D/full.manifest" "$D/restored.img"
 cmp "$D/src.img" "$D/restored.img" || fail "restore differs from the source"
+
+echo "--- restore MANIFEST rbd:rbd/restored (into an existing RBD image)"
+rbd_ create --size 64M rbd/restored
+"$B" restore "$D/full.manifest" rbd:rbd/restored
+rbd_ export rbd/restored "$D/restored-rbd.img" >/dev/null 2>&1
+cmp "$D/src.img" "$D/restored-rbd.img" || fail "restore into RBD differs from the source"
 
 echo "--- backup rbd:rbd/full FILE (an RBD image as the source)"
 "$B" backup rbd:rbd/full "$D/from-rbd.img"

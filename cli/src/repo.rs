@@ -100,8 +100,9 @@ pub struct RestoreArgs {
     /// with the feature `rbd`; conf from $CEPH_CONF or /etc/ceph/ceph.conf).
     #[arg(required = true, num_args = 1.., value_name = "MANIFEST")]
     pub manifests: Vec<PathBuf>,
-    /// The destination: a new file, a block device of the chain's size, or a writable NBD
-    /// URI. An existing file is not replaced unless --overwrite.
+    /// The destination: a new file, a block device of the chain's size, a writable NBD
+    /// URI, or an existing RBD image of the chain's size (rbd:POOL/IMAGE, feature rbd). An
+    /// existing file is not replaced unless --overwrite.
     #[arg(required = true)]
     pub dst: String,
     /// Replace an existing destination file.
