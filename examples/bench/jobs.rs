@@ -68,12 +68,8 @@ fn status(field: &str) -> u64 {
 
 /// CPU seconds used by the process so far, and its voluntary + involuntary switches.
 fn usage() -> (f64, u64) {
-    // SAFETY: getrusage writes one rusage into a zeroed local.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    (secs(ru.ru_utime) + secs(ru.ru_stime), (ru.ru_nvcsw + ru.ru_nivcsw) as u64)
+    let ru = rusage(libc::RUSAGE_SELF);
+    (cpu_secs(&ru), (ru.ru_nvcsw + ru.ru_nivcsw) as u64)
 }
 
 struct Cost {

@@ -96,7 +96,7 @@ pub fn manifest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         });
         // 3. A chain: full + 3 incrementals, each after rewriting ~10 % of the clusters.
         if have("qemu-img") {
-            restore(a, &dir, &src, where_, where_ == "disk", rows)?;
+            restore(a, &dir, &src, where_, rows)?;
         }
         for e in std::fs::read_dir(&dir).map_err(err)? {
             let e = e.map_err(err)?;
@@ -109,8 +109,9 @@ pub fn manifest(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     Ok(())
 }
 
-/// `disk`: the page cache is dropped before each restore (both read their chain cold).
-fn restore(a: &Args, dir: &Path, src: &Path, where_: &str, disk: bool, rows: &mut Vec<Row>) -> Result<(), String> {
+/// On disk the page cache is dropped before each restore (both read their chain cold).
+fn restore(a: &Args, dir: &Path, src: &Path, where_: &str, rows: &mut Vec<Row>) -> Result<(), String> {
+    let disk = where_ == "disk";
     let p = |n: &str| dir.join(format!("bench-manifest-{n}"));
     let source = Arc::new(FileDriver::open(src, OpenFlags::WRITE).map_err(err)?);
     let size = a.size;
@@ -145,7 +146,7 @@ fn restore(a: &Args, dir: &Path, src: &Path, where_: &str, disk: bool, rows: &mu
         let q = p(&format!("q{n}.qcow2"));
         match qcow.last() {
             None => run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(src).arg(&q))?,
-            Some(prev) => qcow2_overlay(dir, prev, &q, &source, &mut changed)?,
+            Some(prev) => qcow2_overlay(dir, prev, &q, &source, changed)?,
         }
         qcow.push(q);
     }
@@ -203,7 +204,7 @@ fn qcow2_overlay(
     backing: &Path,
     q: &Path,
     source: &FileDriver,
-    changed: &mut Vec<u64>,
+    mut changed: Vec<u64>,
 ) -> Result<(), String> {
     let size = source.size();
     run(Command::new("qemu-img")
@@ -219,7 +220,7 @@ fn qcow2_overlay(
     changed.sort_unstable();
     changed.dedup();
     let mut buf = vec![0u8; 65536];
-    for &c in changed.iter() {
+    for c in changed {
         source.read_at(&mut buf, c * 65536).map_err(err)?;
         nbd.write_at(&buf, c * 65536).map_err(err)?;
     }

@@ -359,11 +359,11 @@ pub fn tls(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
         let mut cpu: [Vec<(f64, f64)>; 2] = Default::default();
         for _ in 0..a.runs {
             for (i, uri) in uris.iter().enumerate() {
-                let before = (rusage_secs(libc::RUSAGE_CHILDREN), rusage_secs(libc::RUSAGE_SELF));
+                let before = (cpu_secs(&rusage(libc::RUSAGE_CHILDREN)), cpu_secs(&rusage(libc::RUSAGE_SELF)));
                 times[i].push(nbdcopy(uri, &dst, a.size)?);
                 if i < 2 {
-                    let c = rusage_secs(libc::RUSAGE_CHILDREN) - before.0;
-                    cpu[i].push((c, rusage_secs(libc::RUSAGE_SELF) - before.1));
+                    let c = cpu_secs(&rusage(libc::RUSAGE_CHILDREN)) - before.0;
+                    cpu[i].push((c, cpu_secs(&rusage(libc::RUSAGE_SELF)) - before.1));
                 }
                 if let Some(at) = first_difference(&src, &dst).map_err(err)? {
                     return Err(format!("VERIFY FAILED: nbdcopy from {uri} differs at {at}"));
@@ -412,15 +412,4 @@ pub fn tls(a: &Args, rows: &mut Vec<Row>) -> Result<(), String> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     res
-}
-
-/// User + system CPU seconds of `who` (`RUSAGE_SELF`: this process, every thread;
-/// `RUSAGE_CHILDREN`: its reaped children).
-fn rusage_secs(who: libc::c_int) -> f64 {
-    // SAFETY: getrusage writes one rusage into a zeroed local.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; `who` is RUSAGE_SELF or RUSAGE_CHILDREN.
-    unsafe { libc::getrusage(who, &mut ru) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(ru.ru_utime) + t(ru.ru_stime)
 }

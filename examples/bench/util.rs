@@ -141,6 +141,22 @@ pub fn first_difference(a: &Path, b: &Path) -> io::Result<Option<u64>> {
 }
 
 /// Drop the page cache (needs root). False when not permitted.
+/// `getrusage(who)`: `RUSAGE_SELF` (this process, every thread) or `RUSAGE_CHILDREN` (its
+/// reaped children).
+pub fn rusage(who: libc::c_int) -> libc::rusage {
+    // SAFETY: getrusage writes one rusage into a zeroed local.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `who` is RUSAGE_SELF or RUSAGE_CHILDREN.
+    unsafe { libc::getrusage(who, &mut ru) };
+    ru
+}
+
+/// User + system CPU seconds of a [`rusage`].
+pub fn cpu_secs(ru: &libc::rusage) -> f64 {
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 pub fn drop_caches() -> bool {
     // SAFETY: sync() takes no arguments and cannot fail.
     unsafe { libc::sync() };
