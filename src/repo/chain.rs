@@ -157,9 +157,6 @@ impl Chain {
     /// not one after another (a restore of full + 3 incrementals of 2 GiB from ext4: the
     /// pieces of an incremental are isolated clusters). Advisory.
     fn read_ahead(&self, offset: u64, end: u64) {
-        if self.run_end(offset, end) >= end {
-            return; // one piece, read sequentially: the kernel's own readahead serves it
-        }
         let mut pos = offset;
         while pos < end {
             let run_end = self.run_end(pos, end);
@@ -369,7 +366,11 @@ impl BlockDriver for Chain {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let cs = self.cluster_size;
         let end = offset + buf.len() as u64;
-        self.read_ahead(offset, end);
+        let first_end = self.run_end(offset, end);
+        // A read of one piece is read sequentially: the kernel's own readahead serves it.
+        if first_end < end {
+            self.read_ahead(offset, end);
+        }
         let mut pos = offset;
         let mut tmp = Vec::new();
         while pos < end {
@@ -379,6 +380,8 @@ impl BlockDriver for Chain {
             // each cluster is checked whole).
             let run_end = if self.verify && matches!(src, Source::Data(_)) {
                 ((c + 1) * cs).min(end)
+            } else if pos == offset {
+                first_end
             } else {
                 self.run_end(pos, end)
             };
