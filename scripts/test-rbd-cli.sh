@@ -26,10 +26,8 @@ dd if=/dev/zero of="$D/src.img" bs=64K seek=700 count=3 conv=notrunc status=none
 
 echo "--- backup FILE rbd:rbd/full --manifest"
 "$B" backup "$D/src.img" rbd:rbd/full --manifest "$D/full.manifest" --json > "$D/backup.json"
-grep -q '"result":"completed"' "$D/backup.json" || grep -q '"result": "completed"' "$D/backup.json" \
-    || fail "backup did not complete: $(cat "$D/backup.json")"
-grep -q '"target_kind":"rbd"' "$D/backup.json" || grep -q '"target_kind": "rbd"' "$D/backup.json" \
-    || fail "target kind is not rbd: $(cat "$D/backup.json")"
+grep -Eq '"result": ?"completed"' "$D/backup.json" || fail "backup did not complete: $(cat "$D/backup.json")"
+grep -Eq '"target_kind": ?"rbd"' "$D/backup.json" || fail "target kind is not rbd: $(cat "$D/backup.json")"
 rbd_ export rbd/full "$D/exported.img" >/dev/null 2>&1
 cmp "$D/src.img" "$D/exported.img" || fail "rbd export of the backup differs from the source"
 
