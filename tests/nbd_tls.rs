@@ -7,6 +7,8 @@
 #![cfg(feature = "tls")]
 
 mod common;
+#[path = "support/pki.rs"]
+mod pki;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -67,90 +69,7 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ossl = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        ossl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=cowbackup test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        let leaf = |name: &str, subj: &str, ext: &str| {
-            std::fs::write(d.join(format!("{name}.ext")), ext).unwrap();
-            ossl(&[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}-key.pem"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                subj,
-            ]);
-            ossl(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}-cert.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                &format!("{name}.ext"),
-            ]);
-        };
-        leaf(
-            "server",
-            "/O=cowbackup/CN=localhost",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n\
-             keyUsage=critical,digitalSignature,keyEncipherment\n",
-        );
-        for who in ["alice", "bob"] {
-            leaf(
-                who,
-                &format!("/O=cowbackup/CN={who}"),
-                // QEMU wants keyEncipherment in a client certificate's key usage.
-                "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
-            );
-        }
-        for sub in ["server", "alice", "bob", "anon"] {
-            std::fs::create_dir(d.join(sub)).unwrap();
-            std::fs::copy(d.join("ca-cert.pem"), d.join(sub).join("ca-cert.pem")).unwrap();
-        }
-        std::fs::copy(d.join("server-cert.pem"), d.join("server/server-cert.pem")).unwrap();
-        std::fs::copy(d.join("server-key.pem"), d.join("server/server-key.pem")).unwrap();
-        for who in ["alice", "bob"] {
-            std::fs::copy(d.join(format!("{who}-cert.pem")), d.join(who).join("client-cert.pem")).unwrap();
-            std::fs::copy(d.join(format!("{who}-key.pem")), d.join(who).join("client-key.pem")).unwrap();
-        }
+        pki::make(dir.path());
         Pki { dir }
     }
     fn p(&self, name: &str) -> PathBuf {

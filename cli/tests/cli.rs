@@ -8,6 +8,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cowbackup::{BlockDriver, DirtyBitmap, NbdDriver};
+
+#[path = "../../tests/support/pki.rs"]
+mod pki;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cowbackup");
@@ -474,64 +477,13 @@ fn serve_tcp_loopback_and_a_bitmap_that_peers_read() {
     assert!(wait_child(&mut child, "serve").success());
 }
 
-/// `openssl` in `dir`: a CA, a server certificate for localhost / 127.0.0.1, and client
-/// certificates CN=alice and CN=bob, each also laid out as libnbd's `tls-certificates`
-/// directory (`DIR/NAME/{ca-cert,client-cert,client-key}.pem`).
-fn make_pki(dir: &Path) {
-    let ossl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend(["-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=test CA"]);
-    a.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
-    ossl(&a);
-    let sign = |name: &str, subj: &str, ext: &str| {
-        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        let mut a = vec!["req"];
-        a.extend(ec);
-        let (key, csr, cert) = (format!("{name}-key.pem"), format!("{name}.csr"), format!("{name}-cert.pem"));
-        a.extend(["-keyout", &key, "-out", &csr, "-subj", subj]);
-        ossl(&a);
-        let ext = format!("{name}.ext");
-        ossl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-out",
-            &cert,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ]);
-    };
-    sign("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
-    for who in ["alice", "bob"] {
-        sign(who, &format!("/CN={who}"), "extendedKeyUsage=clientAuth\n");
-        let d = dir.join(who);
-        std::fs::create_dir(&d).unwrap();
-        std::fs::copy(dir.join("ca-cert.pem"), d.join("ca-cert.pem")).unwrap();
-        std::fs::copy(dir.join(format!("{who}-cert.pem")), d.join("client-cert.pem")).unwrap();
-        std::fs::copy(dir.join(format!("{who}-key.pem")), d.join("client-key.pem")).unwrap();
-    }
-}
-
 #[test]
 fn serve_over_tls_with_an_allow_list() {
     need!("openssl");
     let dir = tempdir();
     let pki = dir.path().join("pki");
     std::fs::create_dir(&pki).unwrap();
-    make_pki(&pki);
+    pki::make(&pki);
     let f = |n: &str| pki.join(n).to_str().unwrap().to_owned();
     let img = dir.path().join("img");
     let data = make_image(&img, 2 * MIB, 11);
@@ -554,7 +506,7 @@ fn serve_over_tls_with_an_allow_list() {
     fails(&args, 2, "--allow");
     // With TLS an address that is not loopback needs no --insecure.
     let mut args = vec![p(&img), "--tcp", "0.0.0.0:0", "--json"];
-    args.extend(tls_args("CN=alice"));
+    args.extend(tls_args("CN=alice,O=cowbackup"));
     let (mut child, line) = serve(&args);
     let v: Value = serde_json::from_str(&line).unwrap();
     let uri = v["uri"].as_str().unwrap().to_owned();
