@@ -534,6 +534,52 @@ impl FileDriver {
         };
     }
 
+    /// Read `buf` at `offset` as [`BlockDriver::read_at`] does, and say whether every byte
+    /// came from the page cache without waiting for the device: `preadv2(RWF_NOWAIT)`
+    /// first, then an ordinary read of whatever it left (a page not cached, or a kernel
+    /// or filesystem without `RWF_NOWAIT`). Always `false` with [`OpenFlags::DIRECT`].
+    pub(crate) fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.check(offset, buf.len() as u64)?;
+        if self.direct.is_some() {
+            return self.read_at(buf, offset).map(|()| false);
+        }
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: one iovec over `buf`, memory we borrow mutably for the call; the
+        // descriptor is ours.
+        let r = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        // Short: a page was not cached (the kernel stops there); negative: none was
+        // (EAGAIN), or no RWF_NOWAIT here, or an error the ordinary read reports.
+        let done = if r > 0 { r as usize } else { 0 };
+        if done == buf.len() {
+            return Ok(true);
+        }
+        self.file.read_exact_at(&mut buf[done..], offset + done as u64)?;
+        Ok(false)
+    }
+
+    /// Whether writes to this file go through the page cache to a device, so starting
+    /// their writeback early can pay (job/writeback.rs): writable, not
+    /// [`OpenFlags::DIRECT`], not on tmpfs or ramfs.
+    pub(crate) fn writes_through_page_cache(&self) -> bool {
+        self.writable && self.direct.is_none() && self.in_memory() == Some(false)
+    }
+
+    /// Start writing back the dirty pages of `len` bytes at `offset`
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: queued, not waited for; no durability
+    /// promise, the job's final flush is still what makes the target durable). Advisory:
+    /// an error changes nothing but when the pages are written, so none is reported.
+    pub(crate) fn start_writeback(&self, offset: u64, len: u64) {
+        // SAFETY: sync_file_range on a descriptor we own; it reads no memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+
     fn lseek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
         // SAFETY: lseek on an fd we own; all I/O is positional so moving the offset is harmless.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
@@ -897,5 +943,34 @@ mod tests {
         let mut back = vec![0u8; 8];
         d.read_at(&mut back, 4094).unwrap();
         assert_eq!(back, [0, 0, 0xab, 1, 2, 3, 0xab, 0xab]);
+    }
+
+    /// `read_at_cached` reads the same bytes as `read_at` and says `true` only when all of
+    /// them were in the page cache: a page dropped from it makes the read `false`.
+    #[test]
+    #[cfg_attr(miri, ignore = "real files: preadv2, posix_fadvise and fstatfs are not supported by Miri")]
+    fn read_at_cached_tells_page_cache_hits_from_device_reads() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let p = dir.path().join("img");
+        let img: Vec<u8> = (0..4u32 << 18).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        std::fs::write(&p, &img).unwrap();
+        let d = FileDriver::open(&p, OpenFlags::empty()).unwrap();
+        if d.in_memory() != Some(false) {
+            eprintln!("skipped: the checkout is on tmpfs, whose pages cannot be dropped");
+            return;
+        }
+        let mut buf = vec![0u8; 256 << 10];
+        assert!(d.read_at_cached(&mut buf, 64 << 10).unwrap(), "just written: in the page cache");
+        assert!(buf[..] == img[64 << 10..320 << 10]);
+        // Written back and dropped: the pages of the range are no longer cached.
+        d.file.sync_all().unwrap();
+        // SAFETY: posix_fadvise on a descriptor the driver owns; it reads no memory of ours.
+        unsafe { libc::posix_fadvise(d.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        buf.fill(0);
+        assert!(!d.read_at_cached(&mut buf, 64 << 10).unwrap(), "dropped pages are read from the device");
+        assert!(buf[..] == img[64 << 10..320 << 10], "the bytes are the file's either way");
+        // Out of range: the same error as read_at, nothing read.
+        let e = d.read_at_cached(&mut buf, (1 << 20) - 4096).unwrap_err();
+        assert_eq!(e.raw_os_error(), d.read_at(&mut buf, (1 << 20) - 4096).unwrap_err().raw_os_error());
     }
 }

@@ -12,6 +12,7 @@
 
 use std::ops::Range;
 
+use super::writeback::Writeback;
 use crate::buf::AlignedBuf;
 use crate::error::{Error, Op, Result, Side};
 use crate::job::Geometry;
@@ -26,6 +27,8 @@ pub(crate) struct Copied {
     pub data: u64,
     /// Clusters that read as zero.
     pub zero: u64,
+    /// Start the target's writeback of the run now (writeback.rs).
+    pub write_back: bool,
 }
 
 /// The source, target and geometry a copy needs.
@@ -51,6 +54,8 @@ pub(crate) struct Copier<'a> {
     /// The job's pacing: while the host writes clusters not yet copied, reads from a disk
     /// ([`Copier::reader`]) go in pieces of [`HOST_READ_PIECE`] (see there).
     pub pace: Option<&'a super::priority::HostPace>,
+    /// Which runs have their target's writeback started at once (writeback.rs).
+    pub writeback: super::writeback::Writeback,
 }
 
 /// While the host writes clusters not yet copied, the job reads a disk in pieces of this
@@ -86,23 +91,33 @@ impl Copier<'_> {
         buf: &mut AlignedBuf,
         offload: Option<(&FileDriver, &FileDriver)>,
     ) -> Result<Copied> {
-        self.read(clusters.clone(), buf)?;
+        let cached = self.read(clusters.clone(), buf)?;
         let (_, len) = self.geo.byte_range(clusters.clone());
-        self.put(clusters, buf.slice_mut(len as usize), offload)
+        let mut done = self.put(clusters, buf.slice_mut(len as usize), offload)?;
+        done.write_back = done.data > 0
+            && match self.writeback {
+                Writeback::Never => false,
+                Writeback::WhenCached => cached,
+                Writeback::Always => true,
+            };
+        Ok(done)
     }
 
     /// Read the old data of `clusters` from the source into `buf` (the first half of a
-    /// copy; a hook saving into memory stops here, cowbuf.rs).
-    pub fn read(&self, clusters: Range<u64>, buf: &mut AlignedBuf) -> Result<()> {
+    /// copy; a hook saving into memory stops here, cowbuf.rs). `true` when the job's
+    /// writeback rule asks and every byte came from the page cache (writeback.rs).
+    pub fn read(&self, clusters: Range<u64>, buf: &mut AlignedBuf) -> Result<bool> {
         let (off, len) = self.geo.byte_range(clusters);
         let data = buf.slice_mut(len as usize);
         let r = match self.reader {
             Some(f) if data.len() > HOST_READ_PIECE && self.pace.is_some_and(|p| p.host_active()) => data
                 .chunks_mut(HOST_READ_PIECE)
                 .enumerate()
-                .try_for_each(|(i, piece)| f.read_at(piece, off + (i * HOST_READ_PIECE) as u64)),
-            Some(f) => f.read_at(data, off),
-            None => self.source.read_at(data, off),
+                .try_for_each(|(i, piece)| f.read_at(piece, off + (i * HOST_READ_PIECE) as u64))
+                .map(|()| false),
+            Some(f) if self.writeback == Writeback::WhenCached => f.read_at_cached(data, off),
+            Some(f) => f.read_at(data, off).map(|()| false),
+            None => self.source.read_at(data, off).map(|()| false),
         };
         r.map_err(|e| Error::io(Side::Source, Op::Read, off, len, &e))
     }
@@ -248,6 +263,7 @@ mod tests {
                     // The job's own descriptor of the source where it has one (a disk).
                     reader: exact.as_ref(),
                     pace: None,
+                    writeback: Writeback::for_job(&src, &dst),
                 };
                 let mut buf = AlignedBuf::new();
                 let mut got = Copied::default();
@@ -283,6 +299,7 @@ mod tests {
             record: None,
             offload_pays: false,
             reader: None,
+            writeback: Writeback::Never,
             pace: None,
         };
         let e = c.copy_via(0..1, &mut AlignedBuf::new(), Some((&src, &ro))).unwrap_err();

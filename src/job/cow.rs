@@ -173,7 +173,7 @@ impl JobShared {
             return Ok(None);
         };
         match copier.read(r.clone(), &mut buf) {
-            Ok(()) => Ok(Some(Saved { clusters: r, buf, len })),
+            Ok(_) => Ok(Some(Saved { clusters: r, buf, len })),
             Err(e) => {
                 self.cowbuf.unreserve(len);
                 self.put_buf(buf);

@@ -26,6 +26,7 @@ mod reentry;
 mod snapshot;
 mod start;
 mod worker;
+mod writeback;
 
 pub use snapshot::SnapshotView;
 
@@ -201,6 +202,8 @@ pub(crate) struct JobShared {
     exact_reader: Option<crate::FileDriver>,
     /// Copy offload pays from the source to the target (copy.rs), asked once at start.
     offload_pays: bool,
+    /// Which copied runs have their target's writeback started at once (writeback.rs).
+    writeback: writeback::Writeback,
     /// Read-ahead of a sparse copy set's next runs (prefetch.rs).
     prefetch: prefetch::Prefetch,
     /// The pool whose threads copy for this job instead of its own workers (pool.rs).
@@ -347,6 +350,7 @@ impl JobShared {
             offload_pays: self.offload_pays,
             reader: self.exact_reader.as_ref(),
             pace: Some(&self.pace),
+            writeback: self.writeback,
         }
     }
 

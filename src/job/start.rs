@@ -275,6 +275,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
     let prefetch = super::prefetch::Prefetch::new(source.as_file_driver());
     let offload_pays = super::copy::offload_pays(&*source, &*target);
     let exact_reader = source.as_file_driver().and_then(crate::FileDriver::exact_reader);
+    let writeback = super::writeback::Writeback::for_job(&*source, &*target);
 
     Ok(Prepared(Some(Arc::new(JobShared {
         id,
@@ -297,6 +298,7 @@ fn prepare(source: Arc<dyn BlockDriver>, target: Arc<dyn BlockDriver>, opts: Bac
         prefetch,
         offload_pays,
         exact_reader,
+        writeback,
         pool: opts.pool.clone(),
         attachment: Mutex::new(Default::default()),
         bufs: Mutex::new(Vec::new()),

@@ -182,6 +182,9 @@ fn step_inner(job: &JobShared, buf: &mut AlignedBuf) -> Result<Step> {
 fn finish(job: &JobShared, claim: Claim<'_>, done: Copied) {
     let (off, len) = job.geo.byte_range(claim.range());
     claim.done();
+    if done.write_back {
+        super::writeback::start(&*job.target, off, len);
+    }
     if job.discard_source {
         // Advisory: a failure costs space, not correctness.
         let _ = job.source.discard(off, len);
