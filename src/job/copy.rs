@@ -94,12 +94,7 @@ impl Copier<'_> {
         let cached = self.read(clusters.clone(), buf)?;
         let (_, len) = self.geo.byte_range(clusters.clone());
         let mut done = self.put(clusters, buf.slice_mut(len as usize), offload)?;
-        done.write_back = done.data > 0
-            && match self.writeback {
-                Writeback::Never => false,
-                Writeback::WhenCached => cached,
-                Writeback::Always => true,
-            };
+        done.write_back = done.data > 0 && self.writeback.for_run(cached);
         Ok(done)
     }
 

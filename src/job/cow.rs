@@ -116,7 +116,9 @@ impl JobShared {
     /// Copy (or wait for) every dirty cluster of `clusters`; returns the bytes this call
     /// copied (or saved in the cow buffer).
     fn cow_copy(&self, clusters: Range<u64>) -> Result<u64> {
-        let copier = self.copier();
+        // The hook starts no writeback (writeback.rs: a worker's business), so its reads
+        // skip the page-cache probe that only that rule needs.
+        let copier = Copier { writeback: super::writeback::Writeback::Never, ..self.copier() };
         let run = (self.geo.max_run * self.geo.cluster_size).min(self.geo.size);
         let (first, last) = (clusters.start << self.geo.shift, clusters.end.saturating_mul(self.geo.cluster_size));
         let mut buf = self.take_buf(run.min(last - first))?;

@@ -15,7 +15,8 @@
 //! the writeback starts early only for runs whose source bytes came from memory: a source
 //! on tmpfs/ramfs, or a run read entirely from the page cache (`preadv2(RWF_NOWAIT)`
 //! succeeded, `FileDriver::read_at_cached`). Sources that are not files (NBD, RBD,
-//! a chain of backups) never: where their reads go is not known.
+//! a chain of backups) never: where their reads go is not known. Only the workers start
+//! writeback; a hook's copies are left to the final flush, and its reads skip the probe.
 
 use crate::BlockDriver;
 
@@ -44,6 +45,16 @@ impl Writeback {
             Some(true) => Writeback::Always,
             Some(false) if s.reads_from_a_device() => Writeback::WhenCached,
             _ => Writeback::Never,
+        }
+    }
+
+    /// Whether a copied run whose source bytes all came from the page cache (`cached`)
+    /// has its writeback started now.
+    pub(crate) fn for_run(self, cached: bool) -> bool {
+        match self {
+            Writeback::Never => false,
+            Writeback::WhenCached => cached,
+            Writeback::Always => true,
         }
     }
 }
