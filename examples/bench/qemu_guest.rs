@@ -12,7 +12,16 @@
 //! Configurations: QEMU's defaults (64 block-copy workers), QEMU with `x-perf:
 //! {max-workers: 1}`, cowbackup's defaults, cowbackup with `cow_buffer` 16 MiB. Writer
 //! counts from `BENCH_GUEST_THREADS` (default "1,4"); `BENCH_QSD` names the
-//! `qemu-storage-daemon` binary (default: found in `PATH`).
+//! `qemu-storage-daemon` binary (default: found in `PATH`). To explore:
+//! `BENCH_QEMU_GUEST_ONLY` (`qemu`, `cowbackup`, or `cow_buffer`: that configuration
+//! alone), `BENCH_GUEST_WORKERS` and `BENCH_GUEST_CLUSTER` (cowbackup's `workers` and
+//! `cluster_size`).
+//!
+//! `qemu-guest-disk` adds two references measured in the same run with the same
+//! writers: the disk's floor (each write after a cold read of its old data, no backup)
+//! and the **loaded floor** (the same while a plain copier, no copy-before-write, copies
+//! the source at half of cowbackup `cow_buffer`'s unloaded speed): what a backup at the
+//! speed the goal asks costs the guest whatever engine runs it.
 //!
 //! The QEMU daemon runs with the source (`file` + `raw`, node `src`), a target created
 //! beforehand at full size (`file` + `raw`, node `tgt`), an NBD server on a Unix socket
@@ -279,6 +288,9 @@ fn qemu_loaded(p: &Place, max_workers: Option<u32>, n: usize, seed: u64) -> Resu
 /// the environment (to explore, as in the guest step).
 fn cow_opts(cow_buffer: u64) -> BackupOptions {
     let mut o = BackupOptions { cow_buffer, ..Default::default() };
+    if let Some(c) = std::env::var("BENCH_GUEST_CLUSTER").ok().and_then(|v| v.parse().ok()) {
+        o.cluster_size = c;
+    }
     if let Some(w) = std::env::var("BENCH_GUEST_WORKERS").ok().and_then(|v| v.parse().ok()) {
         o.workers = w;
     }
@@ -338,14 +350,29 @@ fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample,
 /// The floor's server side: the source, each write (and zeroing) preceded by a `pread`
 /// of the old data at its offset and of its length (64 KiB for the guest's writes), as a
 /// copy-before-write hook must do before the host's write can go on, but with no backup.
+/// The old data is read as the hook reads it: through a descriptor without read-ahead
+/// (`POSIX_FADV_RANDOM`). With read-ahead, a read just past pages a copy has cached
+/// grows into a large context read-ahead: the same writes while a plain copier reads the
+/// source had a p99 of 4.5-5.8 ms, against 0.9-1.0 ms without (PERFORMANCE.md).
 struct ReadFirst {
     file: Arc<FileDriver>,
+    reader: File,
 }
 
 impl ReadFirst {
+    fn new(path: &Path) -> Result<ReadFirst, String> {
+        use std::os::unix::io::AsRawFd;
+        let file = Arc::new(FileDriver::open(path, OpenFlags::WRITE).map_err(err)?);
+        let reader = File::open(path).map_err(err)?;
+        // SAFETY: posix_fadvise on a descriptor we own; it reads no memory of ours.
+        unsafe { libc::posix_fadvise(reader.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        Ok(ReadFirst { file, reader })
+    }
+
     fn read_old(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let mut old = vec![0u8; len.min(4 * MIB) as usize];
-        self.file.read_at(&mut old, offset)
+        self.reader.read_exact_at(&mut old, offset)
     }
 }
 
@@ -381,17 +408,86 @@ impl BlockDriver for ReadFirst {
 /// no backup running. Their write times, ns: a cold QD1 64 KiB read plus the write on the
 /// idle disk, what a copy-before-write hook cannot avoid.
 fn floor_sample(p: &Place, n: usize, seed: u64) -> Result<Vec<u64>, String> {
-    let file = Arc::new(FileDriver::open(p.src, OpenFlags::WRITE).map_err(err)?);
+    let rf = ReadFirst::new(p.src)?;
     let sock = p.sockdir.join("floor-nbd.sock");
     let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
     let r = (|| {
-        server.add("src", Arc::new(ReadFirst { file }), true).map_err(err)?;
+        server.add("src", Arc::new(rf), true).map_err(err)?;
         let devs = connect(&format!("nbd+unix:///src?socket={}", sock.display()), n)?;
         p.cold();
         let (ns, ()) = writers(&devs, seed, || thread::sleep(IDLE))?;
         Ok(ns)
     })();
     server.stop();
+    r
+}
+
+/// Request size of [`loaded_floor_sample`]'s plain copier.
+const PLAIN_PIECE: usize = 128 << 10;
+
+/// The floor with the disk busy: the same [`ReadFirst`] server, writers and cadence as
+/// [`floor_sample`], while a plain copier (no copy-before-write, no engine) copies the
+/// source into the target file at `rate` bytes/s (half of cowbackup's unloaded speed in
+/// this run: the speed the goal asks of a backup). The copier is the gentlest found on
+/// these VMs (PERFORMANCE.md, "Guest writes on disk: what the disk gives"): QD1 128 KiB
+/// requests, `pread` through the page cache without read-ahead (reading a file the guest
+/// writes with `O_DIRECT` stalls the guest's buffered writes on ext4), `O_DIRECT`
+/// `pwrite` into the target. What a backup at that speed costs the guest whatever
+/// engine runs it: if this is above 3× the idle floor, so is every backup's.
+/// Returns the writers' times (ns) and the copier's speed (bytes/s).
+fn loaded_floor_sample(p: &Place, n: usize, seed: u64, rate: f64) -> Result<(Vec<u64>, f64), String> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let rf = ReadFirst::new(p.src)?;
+    let reader = File::open(p.src).map_err(err)?;
+    // SAFETY: posix_fadvise on a descriptor we own; it reads no memory of ours.
+    unsafe { libc::posix_fadvise(reader.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    let _ = std::fs::remove_file(p.dst);
+    let target = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(p.dst)
+        .map_err(|e| format!("{} (O_DIRECT): {e}", p.dst.display()))?;
+    target.set_len(p.size).map_err(err)?;
+    let sock = p.sockdir.join("floor-nbd.sock");
+    let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
+    let stop = AtomicBool::new(false);
+    let r = (|| {
+        server.add("src", Arc::new(rf), true).map_err(err)?;
+        let devs = connect(&format!("nbd+unix:///src?socket={}", sock.display()), n)?;
+        p.cold();
+        thread::scope(|s| {
+            let copier = s.spawn(|| -> io::Result<f64> {
+                let mut buf = cowbackup::AlignedBuf::with_len(PLAIN_PIECE);
+                let t = Instant::now();
+                let (mut off, mut copied) = (0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    if off + PLAIN_PIECE as u64 > p.size {
+                        off = 0;
+                    }
+                    let b = buf.slice_mut(PLAIN_PIECE);
+                    reader.read_exact_at(b, off)?;
+                    target.write_all_at(b, off)?;
+                    off += PLAIN_PIECE as u64;
+                    copied += PLAIN_PIECE as u64;
+                    let due = Duration::from_secs_f64(copied as f64 / rate);
+                    if let Some(wait) = due.checked_sub(t.elapsed()) {
+                        thread::sleep(wait);
+                    }
+                }
+                Ok(copied as f64 / t.elapsed().as_secs_f64())
+            });
+            let w = writers(&devs, seed, || thread::sleep(IDLE));
+            stop.store(true, Ordering::Relaxed);
+            let speed = copier.join().map_err(|_| "plain copier panicked".to_string())?.map_err(err)?;
+            let (ns, ()) = w?;
+            Ok((ns, speed))
+        })
+    })();
+    stop.store(true, Ordering::Relaxed);
+    server.stop();
+    let _ = std::fs::remove_file(p.dst);
     r
 }
 
@@ -402,6 +498,7 @@ fn floor_sample(p: &Place, n: usize, seed: u64) -> Result<Vec<u64>, String> {
 #[allow(clippy::too_many_arguments)]
 fn floor_report(
     floor: &Lat,
+    loaded: &(Lat, Vec<f64>),
     n: usize,
     where_: &str,
     size: u64,
@@ -417,6 +514,29 @@ fn floor_report(
         fmt_ns(f),
         floor.fmt()
     );
+    let (busy, speeds) = loaded;
+    if !speeds.is_empty() {
+        let rate = fmt_rate(size, summary(&speeds.iter().map(|b| size as f64 / b).collect::<Vec<_>>()));
+        println!(
+            "  loaded floor (the same, while a plain copier copies the source at half of cowbackup cow_buffer's \
+             unloaded speed: QD1 {} KiB pread without read-ahead + O_DIRECT pwrite; {rate}) p99 {} = {:.2}× floor: {}",
+            PLAIN_PIECE >> 10,
+            fmt_ns(busy.p99()),
+            busy.p99() / f,
+            busy.fmt()
+        );
+        rows.push(Row {
+            scenario: format!(
+                "qemu-guest-disk: {n} writer(s), the floor while a plain copier (no copy-before-write) copies the \
+                 source at half of cowbackup cow_buffer's unloaded speed ({where_}, {})",
+                fmt_bytes(size)
+            ),
+            cowbackup: format!("p99 {}; copier {rate}", fmt_ns(busy.p99())),
+            baseline: format!("floor (idle disk): {}", floor.fmt()),
+            ratio: format!("{:.2}× floor", busy.p99() / f),
+            target: "(reference: what a backup at that speed costs the guest, whatever the engine)".into(),
+        });
+    }
     let p99 = |e: Engine| res.iter().find(|r| r.engine == e && r.skipped.is_none()).map(|r| r.per_n[k].busy.p99());
     let cows: Vec<&PerEngine> = res.iter().filter(|r| matches!(r.engine, Engine::Cow(_))).collect();
     for c in &cows {
@@ -425,8 +545,13 @@ fn floor_report(
         let (x, speed) = (pn.busy.p99() / f, ta.median / tl.median);
         let checks =
             format!("{}; {}", check(x <= 3.0, "p99 ≤ 3× floor"), check(speed >= 0.5, "backup ≥ 50 % of unloaded"));
+        // Against the disk busy with a plain copy at half speed (when measured).
+        let vs_loaded = match speeds.is_empty() {
+            true => String::new(),
+            false => format!(", {:.2}× the loaded floor", pn.busy.p99() / busy.p99()),
+        };
         println!(
-            "  {}: p99 {} = {x:.2}× floor, backup at {:.0} % of its unloaded speed: {checks}",
+            "  {}: p99 {} = {x:.2}× floor{vs_loaded}, backup at {:.0} % of its unloaded speed: {checks}",
             c.engine.short(),
             fmt_ns(pn.busy.p99()),
             speed * 100.0
@@ -446,7 +571,7 @@ fn floor_report(
                 fmt_rate(size, ta)
             ),
             ratio: format!(
-                "{x:.2}× floor; {:.0} % speed; QEMU defaults p99 / ours {}, QEMU max-workers 1 p99 / ours {}",
+                "{x:.2}× floor{vs_loaded}; {:.0} % speed; QEMU defaults p99 / ours {}, QEMU max-workers 1 p99 / ours {}",
                 speed * 100.0,
                 vs(Engine::Qemu(None)),
                 vs(Engine::Qemu(Some(1)))
@@ -571,10 +696,11 @@ fn place(
     let qemu = qemu_name(version);
     let counts = thread_counts();
     let mut engines = vec![Engine::Qemu(None), Engine::Qemu(Some(1)), Engine::Cow(0), Engine::Cow(16 << 20)];
-    // `BENCH_QEMU_GUEST_ONLY=cowbackup` or `=qemu`: one side only (to explore).
+    // `BENCH_QEMU_GUEST_ONLY=cowbackup`, `=qemu` or `=cow_buffer`: one side only (to explore).
     match std::env::var("BENCH_QEMU_GUEST_ONLY").as_deref() {
         Ok("cowbackup") => engines.retain(|e| matches!(e, Engine::Cow(_))),
         Ok("qemu") => engines.retain(|e| matches!(e, Engine::Qemu(_))),
+        Ok("cow_buffer") => engines.retain(|e| matches!(e, Engine::Cow(b) if *b > 0)),
         _ => {}
     }
     let mut res: Vec<PerEngine> = engines
@@ -587,6 +713,8 @@ fn place(
         })
         .collect();
     let mut floor: Vec<Lat> = counts.iter().map(|_| Lat::new()).collect();
+    // The floor under a plain copier at half of cowbackup's unloaded speed, and its speeds.
+    let mut loaded: Vec<(Lat, Vec<f64>)> = counts.iter().map(|_| (Lat::new(), Vec::new())).collect();
     eprint!("qemu-guest: {where_}, {} random source, {counts:?} writers, {version} ", fmt_bytes(a.size));
     if disk && !drop_caches() {
         where_ = format!("{where_}, WARM cache");
@@ -632,6 +760,18 @@ fn place(
                     pn.busy.add(s.busy);
                     pn.t_loaded.push(s.secs);
                     eprint!(".");
+                }
+            }
+            // The floor with the disk busy, at half of what the cowbackup configuration of
+            // the goal (`cow_buffer`) copies alone in this invocation.
+            let cow_alone = res.iter().find(|e| e.engine == Engine::Cow(16 << 20)).map(|e| &e.t_alone);
+            if let (true, Some(t)) = (with_floor, cow_alone.filter(|t| !t.is_empty())) {
+                let rate = 0.5 * a.size as f64 / summary(t).median;
+                for (k, &n) in counts.iter().enumerate() {
+                    let (ns, speed) = loaded_floor_sample(&p, n, (run * 100 + n) as u64 + 11, rate)?;
+                    loaded[k].0.add(ns);
+                    loaded[k].1.push(speed);
+                    eprint!("l");
                 }
             }
         }
@@ -732,7 +872,7 @@ fn place(
             target: String::new(),
         });
         if with_floor {
-            floor_report(&floor[k], n, &where_, size, &res, k, &qemu, rows);
+            floor_report(&floor[k], &loaded[k], n, &where_, size, &res, k, &qemu, rows);
         }
     }
     Ok(())
