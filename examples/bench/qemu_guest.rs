@@ -429,7 +429,7 @@ const PLAIN_PIECE: usize = 128 << 10;
 /// [`floor_sample`], while a plain copier (no copy-before-write, no engine) copies the
 /// source into the target file at `rate` bytes/s (half of cowbackup's unloaded speed in
 /// this run: the speed the goal asks of a backup). The copier is the gentlest found on
-/// these VMs (PERFORMANCE.md, "Guest writes on disk: what the disk gives"): QD1 128 KiB
+/// these VMs (PERFORMANCE.md, "The loaded floor: what the disk gives under a copy"): QD1 128 KiB
 /// requests, `pread` through the page cache without read-ahead (reading a file the guest
 /// writes with `O_DIRECT` stalls the guest's buffered writes on ext4), `O_DIRECT`
 /// `pwrite` into the target. What a backup at that speed costs the guest whatever
@@ -443,12 +443,17 @@ fn loaded_floor_sample(p: &Place, n: usize, seed: u64, rate: f64) -> Result<(Vec
     // SAFETY: posix_fadvise on a descriptor we own; it reads no memory of ours.
     unsafe { libc::posix_fadvise(reader.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
     let _ = std::fs::remove_file(p.dst);
-    let target = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(p.dst)
-        .map_err(|e| format!("{} (O_DIRECT): {e}", p.dst.display()))?;
+    // O_DIRECT where the filesystem takes it (a filesystem refusing it gets page cache writes).
+    let create = |flags| std::fs::OpenOptions::new().write(true).create_new(true).custom_flags(flags).open(p.dst);
+    let target = match create(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // The open may have created the file before refusing the flag.
+            let _ = std::fs::remove_file(p.dst);
+            create(0)
+        }
+        r => r,
+    }
+    .map_err(|e| format!("{}: {e}", p.dst.display()))?;
     target.set_len(p.size).map_err(err)?;
     let sock = p.sockdir.join("floor-nbd.sock");
     let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
