@@ -46,7 +46,9 @@ use crate::error::{errno_of, Error, ErrorKind, Result};
 
 use super::bits::AtomicBits;
 use super::file::BitmapFile;
-use super::format::{self, corrupt, encode_page, Geometry, Header, HEADER_RECORDING, SECTOR, WORDS_PER_PAGE};
+use super::format::{
+    self, corrupt, encode_page, Geometry, Header, HEADER_RECORDING, MAX_COUNTER, SECTOR, WORDS_PER_PAGE,
+};
 use super::owner::{self, OwnerGuard};
 use super::{busy_error, lock, uuid, DirtyBitmap, State};
 
@@ -152,6 +154,41 @@ struct Plan {
     /// Dirty pages taken (given back when the pages are not written).
     taken: Vec<u64>,
     header: Option<(u8, Header)>,
+}
+
+/// The error for a plan whose header or pages would carry a counter at or past
+/// [`MAX_COUNTER`]: only a file crafted or damaged to hold a counter just below it gets
+/// there (one switch per count, from 0), and the open that follows would refuse the file.
+fn exhausted(plan: &Plan) -> Option<Error> {
+    let seq = plan.header.as_ref().map_or(0, |(_, h)| h.seq);
+    (seq >= MAX_COUNTER || plan.epoch >= MAX_COUNTER).then(|| {
+        Error::new(
+            ErrorKind::Io,
+            libc::EOVERFLOW,
+            format!(
+                "dirty bitmap file: its sequence number or epoch is exhausted ({seq}, {}); \
+                 nothing was written: recreate the bitmap",
+                plan.epoch
+            ),
+        )
+    })
+}
+
+/// The error of [`exhausted`] for a switch not begun yet (its header takes the next
+/// sequence number, its pages the next epoch), so a clear can refuse before it changes
+/// anything.
+fn no_room_for_switch(d: &DiskState) -> Option<Error> {
+    (d.header.seq + 1 >= MAX_COUNTER || d.max_epoch + 1 >= MAX_COUNTER).then(|| {
+        Error::new(
+            ErrorKind::Io,
+            libc::EOVERFLOW,
+            format!(
+                "dirty bitmap file: its sequence number or epoch is exhausted ({}, {}); \
+                 nothing was changed: recreate the bitmap",
+                d.header.seq, d.max_epoch
+            ),
+        )
+    })
 }
 
 /// Which step of a commit failed.
@@ -403,6 +440,13 @@ impl DirtyBitmap {
                 return (st, Err(e));
             }
             let plan = self.prepare(&mut st);
+            if let Some(e) = exhausted(&plan) {
+                // Written, this header would be refused by the next open (format.rs):
+                // refuse the commit instead, before anything is written.
+                self.finish(&mut st, &plan, Err(Failed::Pages(e)));
+                self.committed.notify_all();
+                continue;
+            }
             Self::disk(&mut st).running = true;
             drop(st);
             let mut guard = Running { bm: self, plan: Some(&plan) };
@@ -492,6 +536,8 @@ impl DirtyBitmap {
                 return Ok(());
             }
         } else {
+            // Refused before anything changes when the switch could never be written.
+            no_room_for_switch(d).map_or(Ok(()), Err)?;
             d.image.clear_all();
             d.dirty.clear();
             d.switch = Some(Switch { pages_done: None });
@@ -515,6 +561,10 @@ impl DirtyBitmap {
         if !st.busy {
             // Another unfreeze ran while the pending switch was completed.
             return Err(Error::invalid("dirty bitmap: unfreeze of a bitmap that is not frozen"));
+        }
+        if let Some(e) = no_room_for_switch(Self::disk(&mut st)) {
+            self.merge_back(&mut st);
+            return Err(e);
         }
         let g = match AtomicBits::new(self.geo.nbits) {
             Ok(g) => g,

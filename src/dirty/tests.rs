@@ -448,3 +448,41 @@ fn dirty_a_panicking_driver_poisons_the_bitmap_not_the_file() {
     assert_eq!(granules(&bm), vec![1]);
     bm.mark(6 * G, 1).unwrap();
 }
+
+/// A file whose header's sequence number is one below the format's limit (only a crafted or
+/// damaged file gets there: one per switch, from 0) opens, but a clear, whose header would
+/// carry the limit and so could never be opened again, is refused with `EOVERFLOW` before
+/// anything changes, in memory or in the file (found by fuzz/bitmap_file: the clear used to
+/// write that header, and the reopen refused the file).
+#[test]
+fn dirty_a_switch_past_the_counter_limit_is_refused_and_changes_nothing() {
+    use super::format::{Header, MAX_COUNTER, SECTOR};
+    let size = 1u64 << 30;
+    let d: Arc<dyn BlockDriver> = Arc::new(MemDriver::new(DirtyBitmap::file_size(size, G).unwrap()).unwrap());
+    let bm = DirtyBitmap::create_on(d.clone(), size, G).unwrap();
+    mark_all(&bm, &[1, 2, 100_000]);
+    drop(bm);
+    // Move the newer header slot's sequence number to the last one the format accepts.
+    let mut hb = [0u8; 2 * SECTOR];
+    d.read_at(&mut hb, 0).unwrap();
+    let h: Vec<Header> =
+        (0..2).map(|s| Header::decode(hb[s * SECTOR..][..SECTOR].try_into().unwrap(), s as u8).unwrap()).collect();
+    let newer = usize::from(h[1].seq > h[0].seq);
+    let crafted = Header { seq: MAX_COUNTER - 1, ..h[newer] }.encode();
+    d.write_at(&crafted, (newer * SECTOR) as u64).unwrap();
+
+    let bm = DirtyBitmap::open_on(d.clone()).unwrap();
+    assert_eq!(granules(&bm), vec![1, 2, 100_000]);
+    let generation = bm.generation();
+    let e = bm.clear().unwrap_err();
+    assert_eq!(e.errno(), libc::EOVERFLOW, "{e}");
+    assert!(e.to_string().contains("exhausted"), "{e}");
+    assert_eq!(granules(&bm), vec![1, 2, 100_000], "a refused clear cleared the bitmap");
+    assert_eq!(bm.generation(), generation);
+    // Marks go on: they write pages under the same header.
+    mark_all(&bm, &[3]);
+    drop(bm);
+    let bm = DirtyBitmap::open_on(d).expect("the file still opens");
+    assert_eq!(granules(&bm), vec![1, 2, 3, 100_000]);
+    assert_eq!(bm.generation(), generation);
+}
