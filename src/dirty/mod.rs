@@ -361,8 +361,10 @@ impl DirtyBitmap {
     /// On an I/O error the bitmap is clear in memory and the file still holds the old bits
     /// (more, never fewer); the file is rewritten by the next mark or update.
     ///
-    /// Errors: `Busy` (EBUSY) while a job uses the bitmap (nothing changes); for a persistent
-    /// bitmap, the I/O error of the switch. Thread-safe.
+    /// Errors: `Busy` (EBUSY) while a job uses the bitmap (nothing changes); `Io` with errno
+    /// EOVERFLOW when the file's switch counter is exhausted (only a damaged or crafted file
+    /// gets there; nothing changes: recreate the bitmap); for a persistent bitmap, the I/O
+    /// error of the switch. Thread-safe.
     pub fn clear(&self) -> Result<()> {
         if self.store.is_some() {
             return self.persist_clear();

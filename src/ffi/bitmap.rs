@@ -217,9 +217,11 @@ pub unsafe extern "C" fn cowbackup_bitmap_mark(bm: *mut cowbackup_bitmap, offset
 /// Remove every dirty granule; the generation is bumped when there was any. A persistent
 /// bitmap switches atomically in the file (after a crash: all old bits or none).
 ///
-/// Errors: -EINVAL (NULL `bm`); -EBUSY (a job uses the bitmap; nothing changes); for a
-/// persistent bitmap, the -errno of writing the file (the bitmap is then clear in memory and
-/// the file is rewritten by the next write; until then it holds the old bits). Thread-safe.
+/// Errors: -EINVAL (NULL `bm`); -EBUSY (a job uses the bitmap; nothing changes);
+/// -EOVERFLOW (the file's switch counter is exhausted, which only a damaged or crafted file
+/// reaches; nothing changes: recreate the bitmap); for a persistent bitmap, the -errno of
+/// writing the file (the bitmap is then clear in memory and the file is rewritten by the
+/// next write; until then it holds the old bits). Thread-safe.
 ///
 /// # Safety
 /// `bm` is NULL or a live bitmap handle.
