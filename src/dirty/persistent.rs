@@ -156,39 +156,32 @@ struct Plan {
     header: Option<(u8, Header)>,
 }
 
-/// The error for a plan whose header or pages would carry a counter at or past
-/// [`MAX_COUNTER`]: only a file crafted or damaged to hold a counter just below it gets
-/// there (one switch per count, from 0), and the open that follows would refuse the file.
-fn exhausted(plan: &Plan) -> Option<Error> {
-    let seq = plan.header.as_ref().map_or(0, |(_, h)| h.seq);
-    (seq >= MAX_COUNTER || plan.epoch >= MAX_COUNTER).then(|| {
-        Error::new(
-            ErrorKind::Io,
-            libc::EOVERFLOW,
-            format!(
-                "dirty bitmap file: its sequence number or epoch is exhausted ({seq}, {}); \
-                 nothing was written: recreate the bitmap",
-                plan.epoch
-            ),
-        )
-    })
+/// The refusal of a write whose header sequence number `seq` or epoch `epoch` would be at
+/// or past [`MAX_COUNTER`]: the open that follows would refuse the file. Only a file
+/// crafted or damaged to hold a counter just below it gets there (one per switch, from 0).
+fn counter_exhausted(seq: u64, epoch: u64) -> Result<()> {
+    if seq < MAX_COUNTER && epoch < MAX_COUNTER {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Io,
+        libc::EOVERFLOW,
+        format!(
+            "dirty bitmap file: its sequence number or epoch is exhausted ({seq}, {epoch}); \
+             the file was not written: recreate the bitmap"
+        ),
+    ))
 }
 
-/// The error of [`exhausted`] for a switch not begun yet (its header takes the next
-/// sequence number, its pages the next epoch), so a clear can refuse before it changes
-/// anything.
-fn no_room_for_switch(d: &DiskState) -> Option<Error> {
-    (d.header.seq + 1 >= MAX_COUNTER || d.max_epoch + 1 >= MAX_COUNTER).then(|| {
-        Error::new(
-            ErrorKind::Io,
-            libc::EOVERFLOW,
-            format!(
-                "dirty bitmap file: its sequence number or epoch is exhausted ({}, {}); \
-                 nothing was changed: recreate the bitmap",
-                d.header.seq, d.max_epoch
-            ),
-        )
-    })
+/// [`counter_exhausted`] for a plan, before it is written.
+fn plan_fits(plan: &Plan) -> Result<()> {
+    counter_exhausted(plan.header.as_ref().map_or(0, |(_, h)| h.seq), plan.epoch)
+}
+
+/// [`counter_exhausted`] for a switch not begun yet (its header takes the next sequence
+/// number, its pages the next epoch), so a clear can refuse before it changes anything.
+fn switch_fits(d: &DiskState) -> Result<()> {
+    counter_exhausted(d.header.seq + 1, d.max_epoch + 1)
 }
 
 /// Which step of a commit failed.
@@ -440,7 +433,7 @@ impl DirtyBitmap {
                 return (st, Err(e));
             }
             let plan = self.prepare(&mut st);
-            if let Some(e) = exhausted(&plan) {
+            if let Err(e) = plan_fits(&plan) {
                 // Written, this header would be refused by the next open (format.rs):
                 // refuse the commit instead, before anything is written.
                 self.finish(&mut st, &plan, Err(Failed::Pages(e)));
@@ -537,7 +530,7 @@ impl DirtyBitmap {
             }
         } else {
             // Refused before anything changes when the switch could never be written.
-            no_room_for_switch(d).map_or(Ok(()), Err)?;
+            switch_fits(d)?;
             d.image.clear_all();
             d.dirty.clear();
             d.switch = Some(Switch { pages_done: None });
@@ -562,7 +555,7 @@ impl DirtyBitmap {
             // Another unfreeze ran while the pending switch was completed.
             return Err(Error::invalid("dirty bitmap: unfreeze of a bitmap that is not frozen"));
         }
-        if let Some(e) = no_room_for_switch(Self::disk(&mut st)) {
+        if let Err(e) = switch_fits(Self::disk(&mut st)) {
             self.merge_back(&mut st);
             return Err(e);
         }
