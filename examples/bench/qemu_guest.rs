@@ -361,12 +361,8 @@ struct ReadFirst {
 
 impl ReadFirst {
     fn new(path: &Path) -> Result<ReadFirst, String> {
-        use std::os::unix::io::AsRawFd;
         let file = Arc::new(FileDriver::open(path, OpenFlags::WRITE).map_err(err)?);
-        let reader = File::open(path).map_err(err)?;
-        // SAFETY: posix_fadvise on a descriptor we own; it reads no memory of ours.
-        unsafe { libc::posix_fadvise(reader.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
-        Ok(ReadFirst { file, reader })
+        Ok(ReadFirst { file, reader: open_without_readahead(path)? })
     }
 
     fn read_old(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -402,12 +398,23 @@ impl BlockDriver for ReadFirst {
     }
 }
 
-/// The disk's floor for `n` writers: the source exported by `nbd::Server` through
-/// [`ReadFirst`], the page cache dropped, then `n` writers (the same client and cadence
-/// as the engines': QD1 64 KiB at random 4 KiB-aligned offsets every 2 ms) for 3 s with
-/// no backup running. Their write times, ns: a cold QD1 64 KiB read plus the write on the
-/// idle disk, what a copy-before-write hook cannot avoid.
-fn floor_sample(p: &Place, n: usize, seed: u64) -> Result<Vec<u64>, String> {
+/// `path` opened for reading through a descriptor without read-ahead (`POSIX_FADV_RANDOM`).
+fn open_without_readahead(path: &Path) -> Result<File, String> {
+    use std::os::unix::io::AsRawFd;
+    let f = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: posix_fadvise on a descriptor we own; it reads no memory of ours.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    Ok(f)
+}
+
+/// The source exported by `nbd::Server` through [`ReadFirst`], `n` writers connected to
+/// it, the page cache dropped: `body` runs with the writers' connections, then the server
+/// stops.
+fn with_floor_server<T>(
+    p: &Place,
+    n: usize,
+    body: impl FnOnce(&[NbdDriver]) -> Result<T, String>,
+) -> Result<T, String> {
     let rf = ReadFirst::new(p.src)?;
     let sock = p.sockdir.join("floor-nbd.sock");
     let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
@@ -415,18 +422,25 @@ fn floor_sample(p: &Place, n: usize, seed: u64) -> Result<Vec<u64>, String> {
         server.add("src", Arc::new(rf), true).map_err(err)?;
         let devs = connect(&format!("nbd+unix:///src?socket={}", sock.display()), n)?;
         p.cold();
-        let (ns, ()) = writers(&devs, seed, || thread::sleep(IDLE))?;
-        Ok(ns)
+        body(&devs)
     })();
     server.stop();
     r
 }
 
+/// The disk's floor for `n` writers ([`with_floor_server`]; the same client and cadence
+/// as the engines': QD1 64 KiB at random 4 KiB-aligned offsets every 2 ms) for 3 s with
+/// no backup running. Their write times, ns: a cold QD1 64 KiB read plus the write on the
+/// idle disk, what a copy-before-write hook cannot avoid.
+fn floor_sample(p: &Place, n: usize, seed: u64) -> Result<Vec<u64>, String> {
+    with_floor_server(p, n, |devs| Ok(writers(devs, seed, || thread::sleep(IDLE))?.0))
+}
+
 /// Request size of [`loaded_floor_sample`]'s plain copier.
 const PLAIN_PIECE: usize = 128 << 10;
 
-/// The floor with the disk busy: the same [`ReadFirst`] server, writers and cadence as
-/// [`floor_sample`], while a plain copier (no copy-before-write, no engine) copies the
+/// The floor with the disk busy: the same server, writers and cadence as
+/// [`floor_sample`] ([`with_floor_server`]), while a plain copier (no copy-before-write, no engine) copies the
 /// source into the target file at `rate` bytes/s (half of cowbackup's unloaded speed in
 /// this run: the speed the goal asks of a backup). The copier is the gentlest found on
 /// these VMs (PERFORMANCE.md, "The loaded floor: what the disk gives under a copy"): QD1 128 KiB
@@ -437,11 +451,7 @@ const PLAIN_PIECE: usize = 128 << 10;
 /// Returns the writers' times (ns) and the copier's speed (bytes/s).
 fn loaded_floor_sample(p: &Place, n: usize, seed: u64, rate: f64) -> Result<(Vec<u64>, f64), String> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    use std::os::unix::io::AsRawFd;
-    let rf = ReadFirst::new(p.src)?;
-    let reader = File::open(p.src).map_err(err)?;
-    // SAFETY: posix_fadvise on a descriptor we own; it reads no memory of ours.
-    unsafe { libc::posix_fadvise(reader.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    let reader = open_without_readahead(p.src)?;
     let _ = std::fs::remove_file(p.dst);
     // O_DIRECT where the filesystem takes it (a filesystem refusing it gets page cache writes).
     let create = |flags| std::fs::OpenOptions::new().write(true).create_new(true).custom_flags(flags).open(p.dst);
@@ -455,13 +465,8 @@ fn loaded_floor_sample(p: &Place, n: usize, seed: u64, rate: f64) -> Result<(Vec
     }
     .map_err(|e| format!("{}: {e}", p.dst.display()))?;
     target.set_len(p.size).map_err(err)?;
-    let sock = p.sockdir.join("floor-nbd.sock");
-    let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
     let stop = AtomicBool::new(false);
-    let r = (|| {
-        server.add("src", Arc::new(rf), true).map_err(err)?;
-        let devs = connect(&format!("nbd+unix:///src?socket={}", sock.display()), n)?;
-        p.cold();
+    let r = with_floor_server(p, n, |devs| {
         thread::scope(|s| {
             let copier = s.spawn(|| -> io::Result<f64> {
                 let mut buf = cowbackup::AlignedBuf::with_len(PLAIN_PIECE);
@@ -483,15 +488,13 @@ fn loaded_floor_sample(p: &Place, n: usize, seed: u64, rate: f64) -> Result<(Vec
                 }
                 Ok(copied as f64 / t.elapsed().as_secs_f64())
             });
-            let w = writers(&devs, seed, || thread::sleep(IDLE));
+            let w = writers(devs, seed, || thread::sleep(IDLE));
             stop.store(true, Ordering::Relaxed);
             let speed = copier.join().map_err(|_| "plain copier panicked".to_string())?.map_err(err)?;
             let (ns, ()) = w?;
             Ok((ns, speed))
         })
-    })();
-    stop.store(true, Ordering::Relaxed);
-    server.stop();
+    });
     let _ = std::fs::remove_file(p.dst);
     r
 }
