@@ -92,7 +92,8 @@ fn usage() -> &'static str {
      \x20           64 KiB writes over NBD, each after a cold pread of the old 64 KiB, no backup): cowbackup's\n\
      \x20           p99 / floor (goal <= 3x), speed (>= 50 %), and `ratio vs QEMU: X.XX` lines; and the\n\
      \x20           loaded floor: the same writes while a plain copier (no copy-before-write) copies the\n\
-     \x20           source at half of cowbackup cow_buffer's unloaded speed\n\
+     \x20           source at half of cowbackup cow_buffer's unloaded speed; BENCH_FLOOR_ALIGN=65536: both floors\n\
+     \x20           read the 64 KiB clusters a write touches (what the hook reads) instead of its 64 KiB\n\
      qemu-incremental: sync=bitmap incrementals (1 % and 10 % scattered, 10 % in 1 MiB runs of 64 KiB\n\
      \x20           granules) into preallocated targets on disk (cold) and tmpfs: QEMU (qemu-storage-daemon,\n\
      \x20           bitmap dirtied over NBD), cowbackup (BENCH_INCR_WORKERS: a second row) and pread+pwrite\n\

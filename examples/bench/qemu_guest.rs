@@ -15,13 +15,15 @@
 //! `qemu-storage-daemon` binary (default: found in `PATH`). To explore:
 //! `BENCH_QEMU_GUEST_ONLY` (`qemu`, `cowbackup`, or `cow_buffer`: that configuration
 //! alone), `BENCH_GUEST_WORKERS` and `BENCH_GUEST_CLUSTER` (cowbackup's `workers` and
-//! `cluster_size`).
+//! `cluster_size`), `BENCH_FLOOR_ALIGN` (see [`ReadFirst`]).
 //!
 //! `qemu-guest-disk` adds two references measured in the same run with the same
 //! writers: the disk's floor (each write after a cold read of its old data, no backup)
 //! and the **loaded floor** (the same while a plain copier, no copy-before-write, copies
 //! the source at half of cowbackup `cow_buffer`'s unloaded speed): what a backup at the
-//! speed the goal asks costs the guest whatever engine runs it.
+//! speed the goal asks costs the guest whatever engine runs it. Each cowbackup line also
+//! says how many hook calls waited for a CPU ([`CpuWaits`]): the rest of the hook's time
+//! is its read of old data (and, without `cow_buffer`, its write to the target).
 //!
 //! The QEMU daemon runs with the source (`file` + `raw`, node `src`), a target created
 //! beforehand at full size (`file` + `raw`, node `tgt`), an NBD server on a Unix socket
@@ -124,6 +126,59 @@ struct Hooked {
     /// How long each hook call took inside the server, ns (the guest's write time less
     /// this is NBD and the file write).
     hook_ns: Mutex<Vec<u64>>,
+    /// Of the calls, how many waited at least [`CPU_WAIT`] for a CPU (runnable, not
+    /// running: the second field of `/proc/thread-self/schedstat`), and how many of those
+    /// were among the calls over 1 ms. The disk's latency swings with other tenants of
+    /// the host; this part of the hook's time is the backup's CPU use, whatever the disk.
+    cpu_waits: Mutex<CpuWaits>,
+}
+
+/// A hook call that waited this long for a CPU is counted in [`CpuWaits`].
+const CPU_WAIT: Duration = Duration::from_micros(100);
+
+/// See [`Hooked::cpu_waits`].
+#[derive(Default, Clone, Copy)]
+struct CpuWaits {
+    calls: usize,
+    waited: usize,
+    slow: usize,
+    slow_waited: usize,
+}
+
+impl CpuWaits {
+    fn add(&mut self, o: CpuWaits) {
+        self.calls += o.calls;
+        self.waited += o.waited;
+        self.slow += o.slow;
+        self.slow_waited += o.slow_waited;
+    }
+
+    fn fmt(&self) -> String {
+        format!(
+            "{} of {} hook calls ({:.1} %), {} of the {} over 1 ms",
+            self.waited,
+            self.calls,
+            100.0 * self.waited as f64 / self.calls.max(1) as f64,
+            self.slow_waited,
+            self.slow
+        )
+    }
+}
+
+thread_local! {
+    /// This thread's `/proc/thread-self/schedstat`, opened once per thread.
+    static SCHEDSTAT: Option<File> = File::open("/proc/thread-self/schedstat").ok();
+}
+
+/// Nanoseconds the calling thread has waited for a CPU so far (0 without schedstat).
+fn cpu_waited_ns() -> u64 {
+    use std::os::unix::fs::FileExt;
+    SCHEDSTAT.with(|f| {
+        let Some(f) = f else { return 0 };
+        let mut b = [0u8; 96];
+        let n = f.read_at(&mut b, 0).unwrap_or(0);
+        std::str::from_utf8(&b[..n]).ok().and_then(|s| s.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+    })
 }
 
 impl Hooked {
@@ -134,9 +189,18 @@ impl Hooked {
         let job = self.job.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match job {
             Some(j) => {
+                let w0 = cpu_waited_ns();
                 let t = Instant::now();
                 let r = j.cow_before_write(offset, len).map_err(io::Error::from);
-                self.hook_ns.lock().unwrap_or_else(|e| e.into_inner()).push(t.elapsed().as_nanos() as u64);
+                let took = t.elapsed();
+                let waited = Duration::from_nanos(cpu_waited_ns().saturating_sub(w0)) >= CPU_WAIT;
+                self.hook_ns.lock().unwrap_or_else(|e| e.into_inner()).push(took.as_nanos() as u64);
+                let mut c = self.cpu_waits.lock().unwrap_or_else(|e| e.into_inner());
+                let slow = took > Duration::from_millis(1);
+                c.calls += 1;
+                c.waited += usize::from(waited);
+                c.slow += usize::from(slow);
+                c.slow_waited += usize::from(slow && waited);
                 r
             }
             None => Ok(()),
@@ -227,6 +291,8 @@ struct Sample {
     idle: Vec<u64>,
     busy: Vec<u64>,
     secs: f64,
+    /// cowbackup's hook calls and their waits for a CPU (none for QEMU).
+    cpu: CpuWaits,
 }
 
 /// Where one place's files are.
@@ -281,7 +347,7 @@ fn qemu_loaded(p: &Place, max_workers: Option<u32>, n: usize, seed: u64) -> Resu
     drop(devs);
     d.stop()?;
     verify(p.refp, p.dst, "QEMU")?;
-    Ok(Sample { idle, busy, secs })
+    Ok(Sample { idle, busy, secs, cpu: CpuWaits::default() })
 }
 
 /// cowbackup's options: the defaults with `cow_buffer`, and `BENCH_GUEST_WORKERS` from
@@ -313,7 +379,12 @@ fn cow_alone(p: &Place, cow_buffer: u64) -> Result<f64, String> {
 /// 3 s, then during a backup; the target verified.
 fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample, String> {
     let source = Arc::new(FileDriver::open(p.src, OpenFlags::WRITE).map_err(err)?);
-    let hooked = Arc::new(Hooked { file: source.clone(), job: Mutex::new(None), hook_ns: Mutex::new(Vec::new()) });
+    let hooked = Arc::new(Hooked {
+        file: source.clone(),
+        job: Mutex::new(None),
+        hook_ns: Mutex::new(Vec::new()),
+        cpu_waits: Mutex::default(),
+    });
     let sock = p.sockdir.join("cow-nbd.sock");
     let server = cowbackup::nbd::Server::start(&format!("unix:{}", sock.display())).map_err(err)?;
     server.add("src", hooked.clone(), true).map_err(err)?;
@@ -338,13 +409,15 @@ fn cow_loaded(p: &Place, cow_buffer: u64, n: usize, seed: u64) -> Result<Sample,
     drop(job);
     let mut h = std::mem::take(&mut *hooked.hook_ns.lock().unwrap_or_else(|e| e.into_inner()));
     h.sort_unstable();
+    let cpu = *hooked.cpu_waits.lock().unwrap_or_else(|e| e.into_inner());
     eprint!(
-        "[cow_buffer {cow_buffer}: hook in the server: p99 {}, max {}]",
+        "[cow_buffer {cow_buffer}: hook in the server: p99 {}, max {}; waited for a CPU: {}]",
         fmt_ns(quantile(&h, 0.99) as f64),
-        fmt_ns(*h.last().unwrap_or(&0) as f64)
+        fmt_ns(*h.last().unwrap_or(&0) as f64),
+        cpu.fmt()
     );
     verify(p.refp, p.dst, "cowbackup")?;
-    Ok(Sample { idle, busy, secs })
+    Ok(Sample { idle, busy, secs, cpu })
 }
 
 /// The floor's server side: the source, each write (and zeroing) preceded by a `pread`
@@ -367,7 +440,9 @@ impl ReadFirst {
 
     fn read_old(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let mut old = vec![0u8; len.min(4 * MIB) as usize];
+        let a = floor_align();
+        let (offset, end) = (offset / a * a, (offset + len).div_ceil(a) * a);
+        let mut old = vec![0u8; (end - offset).min(4 * MIB) as usize];
         self.reader.read_exact_at(&mut old, offset)
     }
 }
@@ -396,6 +471,14 @@ impl BlockDriver for ReadFirst {
     fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         self.file.block_status(offset, len)
     }
+}
+
+/// What the floor reads before each write: the write's own range (the goal's floor), or
+/// with `BENCH_FLOOR_ALIGN=65536` the 64 KiB clusters it touches, which is what the hook
+/// reads with the default cluster size (two clusters for a 64 KiB write at a 4 KiB-aligned
+/// offset). To explore; the default is the goal's.
+fn floor_align() -> u64 {
+    std::env::var("BENCH_FLOOR_ALIGN").ok().and_then(|v| v.parse().ok()).filter(|&a: &u64| a > 0).unwrap_or(1)
 }
 
 /// `path` opened for reading through a descriptor without read-ahead (`POSIX_FADV_RANDOM`).
@@ -516,8 +599,13 @@ fn floor_report(
     rows: &mut Vec<Row>,
 ) {
     let f = floor.p99();
+    // What the floor reads before each write (see `floor_align`).
+    let read = match floor_align() {
+        1 => "64 KiB".to_string(),
+        a => format!("{}-aligned", fmt_bytes(a)),
+    };
     println!(
-        "qemu-guest-disk, {where_}, {n} writer(s): floor (cold QD1 64 KiB pread of the old data + the write, idle \
+        "qemu-guest-disk, {where_}, {n} writer(s): floor (cold QD1 {read} pread of the old data + the write, idle \
          disk, no backup, same client and cadence) p99 {}: {}",
         fmt_ns(f),
         floor.fmt()
@@ -564,6 +652,7 @@ fn floor_report(
             fmt_ns(pn.busy.p99()),
             speed * 100.0
         );
+        println!("    the hook waited ≥ {} µs for a CPU in {}", CPU_WAIT.as_micros(), pn.cpu.fmt());
         let vs = |e: Engine| p99(e).map(|q| format!("{:.2}×", q / pn.busy.p99())).unwrap_or_else(|| "n/a".into());
         rows.push(Row {
             scenario: format!(
@@ -572,9 +661,15 @@ fn floor_report(
                 fmt_bytes(size),
                 c.engine.label(qemu)
             ),
-            cowbackup: format!("p99 {}; backup {}", fmt_ns(pn.busy.p99()), fmt_rate(size, tl)),
+            cowbackup: format!(
+                "p99 {}; backup {}; the hook waited ≥ {} µs for a CPU in {}",
+                fmt_ns(pn.busy.p99()),
+                fmt_rate(size, tl),
+                CPU_WAIT.as_micros(),
+                pn.cpu.fmt()
+            ),
             baseline: format!(
-                "floor (cold 64 KiB pread + the write, idle disk): {}; backup alone {}",
+                "floor (cold {read} pread + the write, idle disk): {}; backup alone {}",
                 floor.fmt(),
                 fmt_rate(size, ta)
             ),
@@ -613,6 +708,7 @@ struct PerN {
     idle: Lat,
     busy: Lat,
     t_loaded: Vec<f64>,
+    cpu: CpuWaits,
 }
 
 /// Results of one engine.
@@ -767,6 +863,7 @@ fn place(
                     pn.idle.add(s.idle);
                     pn.busy.add(s.busy);
                     pn.t_loaded.push(s.secs);
+                    pn.cpu.add(s.cpu);
                     eprint!(".");
                 }
             }

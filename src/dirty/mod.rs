@@ -333,7 +333,9 @@ impl DirtyBitmap {
     ///
     /// Errors: `InvalidInput` (EINVAL) for a range past the end or overflowing (nothing is
     /// recorded); for a persistent bitmap, the I/O error of writing the page (the write must
-    /// then not go ahead: the mark is not durable). Thread-safe: call it from every writer.
+    /// then not go ahead: the mark is not durable), or `EOVERFLOW` when the file's switch
+    /// counter is exhausted (only a damaged or crafted file; see [`DirtyBitmap::clear`]).
+    /// Thread-safe: call it from every writer.
     #[inline]
     pub fn mark(&self, offset: u64, len: u64) -> Result<()> {
         let g = self.granules("mark", offset, len)?;

@@ -481,6 +481,14 @@ fn dirty_a_switch_past_the_counter_limit_is_refused_and_changes_nothing() {
     assert_eq!(bm.generation(), generation);
     // Marks go on: they write pages under the same header.
     mark_all(&bm, &[3]);
+    // Disable and enable write a header: refused the same way. The header stays due, so
+    // the next mark that writes (a clean granule) is refused too, and the file is not
+    // written: a host failing that guest write is the right answer.
+    assert_eq!(bm.disable().unwrap_err().errno(), libc::EOVERFLOW);
+    assert_eq!(bm.enable().unwrap_err().errno(), libc::EOVERFLOW);
+    let e = bm.mark(7 * G, 1).unwrap_err();
+    assert_eq!(e.errno(), libc::EOVERFLOW, "{e}");
+    bm.mark(3 * G, 1).expect("a granule dirty and durable already costs no write");
     drop(bm);
     let bm = DirtyBitmap::open_on(d).expect("the file still opens");
     assert_eq!(granules(&bm), vec![1, 2, 3, 100_000]);

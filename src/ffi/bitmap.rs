@@ -201,8 +201,10 @@ pub unsafe extern "C" fn cowbackup_bitmap_open(path: *const c_char, out: *mut *m
 /// the bitmap, marks go to its successor.
 ///
 /// Errors: -EINVAL (NULL `bm`, range past the end of the device or overflowing; nothing is
-/// recorded); for a persistent bitmap, the -errno of writing the file (-EIO, -ENOSPC): the
-/// mark is not durable, fail the guest write. Thread-safe: call it from every writing thread.
+/// recorded); for a persistent bitmap, the -errno of writing the file (-EIO, -ENOSPC; or
+/// -EOVERFLOW when the file's switch counter is exhausted, which only a damaged or crafted
+/// file reaches, after an enable or disable of it was refused the same way): the mark is not
+/// durable, fail the guest write. Thread-safe: call it from every writing thread.
 ///
 /// # Safety
 /// `bm` is NULL or a live bitmap handle.
