@@ -8,11 +8,20 @@
 //! does not go on right after its claim, and only from a source file whose reads
 //! can wait for a device (not tmpfs or ramfs: their pages are already in memory).
 //! Advisory only: what the kernel does not read ahead is read by the copy as before.
+//!
+//! Never while the host writes clusters not yet copied ([`HostPace::host_active`]). Each
+//! hook copy leaves a gap in a full backup's copy set, so the workers
+//! would read ahead all the way (up to [`AHEAD_BYTES`] at a time, in requests of
+//! megabytes), and the next hook's cold read of old data waits behind that at the device.
+//! While the host writes, the job's reads go in small pieces instead (copy.rs,
+//! `HOST_READ_PIECE`). Measured in PERFORMANCE.md (issue 26, "The read-ahead past the
+//! hooks' gaps").
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::claims::Claims;
+use super::priority::HostPace;
 use crate::FileDriver;
 
 /// How many runs of the copy set past a worker's claim are being read ahead: the queue
@@ -37,9 +46,19 @@ impl Prefetch {
 
     /// A worker claimed `claim`: advise the runs of the copy set that follow it (up to
     /// [`AHEAD_RUNS`] runs or [`AHEAD_BYTES`] of clusters of `shift` bits) and were not
-    /// advised yet, unless the copy set goes on right after the claim (sequential).
-    pub fn ahead(&self, claims: &Claims, source: Option<&FileDriver>, claim: Range<u64>, shift: u32, clusters: u64) {
-        let Some(src) = source.filter(|_| self.enabled) else { return };
+    /// advised yet, unless the copy set goes on right after the claim (sequential) or the
+    /// host is writing clusters not yet copied (`pace`; those runs are advised by a later
+    /// claim when it is quiet again).
+    pub fn ahead(
+        &self,
+        claims: &Claims,
+        source: Option<&FileDriver>,
+        claim: Range<u64>,
+        shift: u32,
+        clusters: u64,
+        pace: &HostPace,
+    ) {
+        let Some(src) = source.filter(|_| self.enabled && !pace.host_active()) else { return };
         if claim.end >= clusters || claims.run_from(claim.end, clusters).0 {
             return;
         }
@@ -90,7 +109,8 @@ mod tests {
 
     /// On a disk filesystem, a claim followed by a gap has the copy set's next runs (and
     /// only them) read into the page cache, up to AHEAD_RUNS runs; a claim the copy set
-    /// goes on after (sequential) reads nothing ahead; a file on tmpfs never does.
+    /// goes on after (sequential) reads nothing ahead, nor does any while the host writes
+    /// clusters not yet copied; a file on tmpfs never does.
     #[test]
     #[cfg_attr(miri, ignore = "real files: posix_fadvise, mmap and mincore are not supported by Miri")]
     fn the_next_scattered_runs_are_read_ahead_and_nothing_else() {
@@ -123,13 +143,21 @@ mod tests {
             assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
         };
         let p = Prefetch::new(Some(&src));
+        let quiet = HostPace::new(true);
         evict();
         // Claim 0..1: the copy set goes on at 1, nothing to read ahead.
-        p.ahead(&claims, Some(&src), 0..1, shift, n);
+        p.ahead(&claims, Some(&src), 0..1, shift, n, &quiet);
         std::thread::sleep(Duration::from_millis(200));
         assert!(resident(&f, n).iter().all(|r| !r), "nothing read ahead after a sequential claim");
-        // Claim 0..2: a gap follows; the next AHEAD_RUNS runs are read ahead.
-        p.ahead(&claims, Some(&src), 0..2, shift, n);
+        // Claim 0..2 while the host writes: nothing is read ahead, and nothing is taken as
+        // advised.
+        let writing = HostPace::new(true);
+        writing.host_wrote();
+        p.ahead(&claims, Some(&src), 0..2, shift, n, &writing);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(resident(&f, n).iter().all(|r| !r), "nothing read ahead while the host writes");
+        // Claim 0..2, the host quiet: a gap follows; the next AHEAD_RUNS runs are read ahead.
+        p.ahead(&claims, Some(&src), 0..2, shift, n, &quiet);
         let want: Vec<u64> = set.iter().copied().take(AHEAD_RUNS as usize).collect();
         let t = Instant::now();
         loop {
@@ -144,7 +172,7 @@ mod tests {
         }
         // The same claim again: those runs were advised already, nothing more is read.
         evict();
-        p.ahead(&claims, Some(&src), 0..2, shift, n);
+        p.ahead(&claims, Some(&src), 0..2, shift, n, &quiet);
         std::thread::sleep(Duration::from_millis(200));
         assert!(resident(&f, n).iter().all(|r| !r), "runs advised once are not advised again");
         // tmpfs: never.

@@ -106,7 +106,8 @@ fn copy_claim(
     epoch: u64,
 ) -> Result<bool> {
     job.cursor.store(claim.range().end, Ordering::Relaxed);
-    job.prefetch.ahead(&job.claims, job.source.as_file_driver(), claim.range(), job.geo.shift, job.geo.clusters);
+    let geo = &job.geo;
+    job.prefetch.ahead(&job.claims, job.source.as_file_driver(), claim.range(), geo.shift, geo.clusters, &job.pace);
     match copier.copy(claim.range(), buf) {
         Ok(done) => {
             finish(job, claim, done);
