@@ -463,7 +463,13 @@ impl FileDriver {
     /// memory already), opened without [`OpenFlags::DIRECT`] (whose reads skip the page
     /// cache that read-ahead fills). `false` when `fstatfs` fails.
     pub(crate) fn reads_from_a_device(&self) -> bool {
-        self.direct.is_none() && !self.in_memory().unwrap_or(true)
+        self.uses_page_cache() && !self.in_memory().unwrap_or(true)
+    }
+
+    /// Whether reads and writes of this file go through the page cache: opened without
+    /// [`OpenFlags::DIRECT`].
+    pub(crate) fn uses_page_cache(&self) -> bool {
+        self.direct.is_none()
     }
 
     /// Whether the file is on tmpfs or ramfs (its pages are memory: reading a hole costs a
@@ -561,7 +567,7 @@ impl FileDriver {
     /// their writeback early can pay (job/writeback.rs): writable, not
     /// [`OpenFlags::DIRECT`], not on tmpfs or ramfs.
     pub(crate) fn writes_through_page_cache(&self) -> bool {
-        self.writable && self.direct.is_none() && self.in_memory() == Some(false)
+        self.writable && self.uses_page_cache() && self.in_memory() == Some(false)
     }
 
     /// Start writing back the dirty pages of `len` bytes at `offset`

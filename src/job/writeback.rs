@@ -43,7 +43,9 @@ impl Writeback {
         }
         match s.in_memory() {
             Some(true) => Writeback::Always,
-            Some(false) if s.reads_from_a_device() => Writeback::WhenCached,
+            // Not in memory: its reads wait for a device unless they skip the page cache
+            // (`reads_from_a_device`, without asking `fstatfs` a second time).
+            Some(false) if s.uses_page_cache() => Writeback::WhenCached,
             _ => Writeback::Never,
         }
     }
