@@ -62,15 +62,6 @@ pub(crate) struct Copier<'a> {
 /// size: a hook's read of old data then waits behind at most one piece per worker at the
 /// device, not a whole chunk per worker (a 1 MiB read is ~2.5 ms of a 400 MiB/s disk, so
 /// two of them put the hook's p99 at 3.4x the idle disk's; PERFORMANCE.md, issue 26).
-///
-/// While hook calls overlap ([`super::priority::HostPace::host_writes_overlap`]: several
-/// host writes in flight), each piece's successor is read ahead (`posix_fadvise(WILLNEED)`
-/// before the piece is read): the host's own reads then queue behind each other anyway,
-/// and its threads take the CPUs, so a worker reading one piece at a time left the disk
-/// idle while it waited for a CPU (4 writers on 2 CPUs: the backup at 29-56 % of its
-/// speed alone, 44-93 % reading one piece ahead). Never for a host writing one request at
-/// a time: a second piece in front of its read doubled its p99 (PERFORMANCE.md, issue 26,
-/// "One piece ahead").
 pub(crate) const HOST_READ_PIECE: usize = 256 << 10;
 
 /// Whether copy offload pays from `source` to `target` (both files; see [`Copier`]).
@@ -114,21 +105,11 @@ impl Copier<'_> {
         let (off, len) = self.geo.byte_range(clusters);
         let data = buf.slice_mut(len as usize);
         let r = match self.reader {
-            Some(f) if data.len() > HOST_READ_PIECE && self.pace.is_some_and(|p| p.host_active()) => {
-                let ahead = self.pace.is_some_and(|p| p.host_writes_overlap());
-                let end = off + len;
-                data.chunks_mut(HOST_READ_PIECE)
-                    .enumerate()
-                    .try_for_each(|(i, piece)| {
-                        let at = off + (i * HOST_READ_PIECE) as u64;
-                        let next = at + piece.len() as u64;
-                        if ahead && next < end {
-                            f.advise_willneed(next, (end - next).min(HOST_READ_PIECE as u64));
-                        }
-                        f.read_at(piece, at)
-                    })
-                    .map(|()| false)
-            }
+            Some(f) if data.len() > HOST_READ_PIECE && self.pace.is_some_and(|p| p.host_active()) => data
+                .chunks_mut(HOST_READ_PIECE)
+                .enumerate()
+                .try_for_each(|(i, piece)| f.read_at(piece, off + (i * HOST_READ_PIECE) as u64))
+                .map(|()| false),
             Some(f) if self.writeback == Writeback::WhenCached => f.read_at_cached(data, off),
             Some(f) => f.read_at(data, off).map(|()| false),
             None => self.source.read_at(data, off).map(|()| false),
@@ -350,12 +331,11 @@ mod tests {
         }
     }
 
-    /// While the host writes, a worker reads a disk in pieces, each piece's successor read
-    /// ahead while host writes overlap: the buffer holds exactly the source either way.
+    /// While the host writes, a worker reads a disk in pieces of HOST_READ_PIECE: the
+    /// buffer holds exactly the source, the last piece short.
     #[test]
     #[cfg_attr(miri, ignore = "real files: posix_fadvise and pread are not supported by Miri")]
     fn piece_reads_while_the_host_writes_read_exactly_the_run() {
-        use super::super::priority::HostPace;
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let path = dir.path().join("src");
         let size = 3 * HOST_READ_PIECE as u64 + 5 * CS; // 4 pieces, the last one short
@@ -367,34 +347,28 @@ mod tests {
             return;
         };
         let g = Geometry { max_run: size / CS, ..geo(size) };
-        for overlap in [false, true] {
-            let pace = HostPace::new(true);
-            let first = pace.host_wrote();
-            if overlap {
-                drop(pace.host_wrote());
-            }
-            drop(first);
-            assert_eq!(pace.host_writes_overlap(), overlap);
-            let evict = std::fs::File::open(&path).unwrap();
-            // SAFETY: posix_fadvise on a descriptor we own: the source leaves the page cache.
-            unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&evict), 0, 0, libc::POSIX_FADV_DONTNEED) };
-            let c = Copier {
-                source: &src,
-                target: &src,
-                geo: &g,
-                target_zero: false,
-                trace: None,
-                job: 1,
-                record: None,
-                offload_pays: false,
-                reader: Some(&reader),
-                writeback: Writeback::Never,
-                pace: Some(&pace),
-            };
-            let mut buf = AlignedBuf::new();
-            buf.try_reserve(size as usize).unwrap();
-            assert!(!c.read(0..g.clusters, &mut buf).unwrap());
-            assert!(buf.slice_mut(size as usize) == &img[..], "read ahead: {overlap}");
-        }
+        let pace = super::super::priority::HostPace::new(true);
+        pace.host_wrote();
+        assert!(pace.host_active());
+        let evict = std::fs::File::open(&path).unwrap();
+        // SAFETY: posix_fadvise on a descriptor we own: the source leaves the page cache.
+        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&evict), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let c = Copier {
+            source: &src,
+            target: &src,
+            geo: &g,
+            target_zero: false,
+            trace: None,
+            job: 1,
+            record: None,
+            offload_pays: false,
+            reader: Some(&reader),
+            writeback: Writeback::Never,
+            pace: Some(&pace),
+        };
+        let mut buf = AlignedBuf::new();
+        buf.try_reserve(size as usize).unwrap();
+        assert!(!c.read(0..g.clusters, &mut buf).unwrap());
+        assert!(buf.slice_mut(size as usize) == &img[..]);
     }
 }

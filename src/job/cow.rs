@@ -75,7 +75,7 @@ impl JobShared {
             return Err(reentry::deadlock(self.id, "cow_before_write of uncopied clusters"));
         }
         let _inside = reentry::enter(self.id);
-        let _writing = self.pace.host_wrote();
+        self.pace.host_wrote();
         let start = Instant::now();
         self.trace(|| TraceEvent::HookBegin { job: self.id, offset, len });
         let result = match self.cbw_timeout {

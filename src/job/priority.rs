@@ -127,11 +127,6 @@ pub(crate) struct HostPace {
     epoch: std::time::Instant,
     /// Nanoseconds after `epoch` of the last hook slow path, + 1 (0: never).
     last: CachePadded<std::sync::atomic::AtomicU64>,
-    /// Hook calls in their slow path now ([`HostPace::host_wrote`]'s guards).
-    writing: CachePadded<std::sync::atomic::AtomicUsize>,
-    /// The same as `last` for the last slow path that began while another was in its own
-    /// (0: never).
-    overlap: std::sync::atomic::AtomicU64,
     /// The same for the night shift's last chunk not starved of CPU (0: none since the
     /// last starved one).
     night: CachePadded<std::sync::atomic::AtomicU64>,
@@ -160,8 +155,6 @@ impl HostPace {
         HostPace {
             epoch: std::time::Instant::now(),
             last: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
-            writing: CachePadded::new(std::sync::atomic::AtomicUsize::new(0)),
-            overlap: std::sync::atomic::AtomicU64::new(0),
             night: CachePadded::new(std::sync::atomic::AtomicU64::new(0)),
             starved: std::sync::atomic::AtomicU64::new(0),
             night_workers,
@@ -178,22 +171,10 @@ impl HostPace {
         self.within(&self.last, HOST_ACTIVE)
     }
 
-    /// A hook takes its slow path (one clock read; never on the fast path), until the
-    /// returned guard is dropped.
-    pub fn host_wrote(&self) -> HostWriting<'_> {
+    /// A hook takes its slow path (one clock read; never on the fast path).
+    pub fn host_wrote(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64 + 1;
         self.last.store(now, std::sync::atomic::Ordering::Relaxed);
-        if self.writing.fetch_add(1, std::sync::atomic::Ordering::AcqRel) > 0 {
-            self.overlap.store(now, std::sync::atomic::Ordering::Relaxed);
-        }
-        HostWriting(self)
-    }
-
-    /// Hook slow paths overlapped in the last [`HOST_ACTIVE`]: the host has several
-    /// writes in flight, whose reads of old data already queue behind each other (a
-    /// guest writing at queue depth 1 never does).
-    pub fn host_writes_overlap(&self) -> bool {
-        self.within(&self.overlap, HOST_ACTIVE)
     }
 
     /// A night-shift worker finished a chunk; `starved`: it waited for a CPU more than
@@ -237,15 +218,6 @@ impl HostPace {
             (last + HOST_ACTIVE).saturating_sub(self.epoch.elapsed())
         };
         std::thread::sleep(left.clamp(Duration::from_millis(1), MAX_REST));
-    }
-}
-
-/// A hook call in its slow path ([`HostPace::host_wrote`]); dropped when it leaves.
-pub(crate) struct HostWriting<'a>(&'a HostPace);
-
-impl Drop for HostWriting<'_> {
-    fn drop(&mut self) {
-        self.0.writing.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -349,24 +321,6 @@ mod tests {
         assert!(!off.should_rest(false), "one shift: it always copies");
         std::thread::sleep(HOST_ACTIVE + Duration::from_millis(50));
         assert!(!p.should_rest(false) && p.should_rest(true), "the host went quiet: the day shift copies");
-    }
-
-    /// Hook slow paths one after the other (a guest at queue depth 1) never overlap; two
-    /// at once do, and that is remembered for HOST_ACTIVE.
-    #[test]
-    fn overlapping_host_writes_are_noted_and_sequential_ones_are_not() {
-        let p = HostPace::new(true);
-        for _ in 0..3 {
-            let _w = p.host_wrote();
-        }
-        assert!(p.host_active() && !p.host_writes_overlap(), "one hook at a time");
-        let a = p.host_wrote();
-        let b = p.host_wrote();
-        drop((a, b));
-        assert!(p.host_writes_overlap(), "two hooks at once");
-        assert_eq!(p.writing.load(std::sync::atomic::Ordering::Relaxed), 0, "both left");
-        std::thread::sleep(HOST_ACTIVE + Duration::from_millis(50));
-        assert!(!p.host_writes_overlap(), "not for ever");
     }
 
     #[test]
