@@ -350,9 +350,13 @@ mod tests {
         let pace = super::super::priority::HostPace::new(true);
         pace.host_wrote();
         assert!(pace.host_active());
+        // Written back first: dirty pages are not dropped from the page cache.
         let evict = std::fs::File::open(&path).unwrap();
+        evict.sync_all().unwrap();
         // SAFETY: posix_fadvise on a descriptor we own: the source leaves the page cache.
-        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&evict), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let dropped =
+            unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&evict), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(dropped, 0);
         let c = Copier {
             source: &src,
             target: &src,
